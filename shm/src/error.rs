@@ -1,0 +1,119 @@
+//! The one error type of `shmexec-shm`.
+//!
+//! Every way a transport call can fail is a variant here, with a message that says what to do
+//! about it. Nothing in this crate panics on data that another process controls: a corrupt
+//! header or index in shared memory is a [`Error::Corrupt`], never an out-of-bounds read.
+
+use std::io;
+use std::time::Duration;
+
+/// Errors of the transport layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A segment or ring of zero (or too few) bytes was asked for.
+    #[error("invalid size: {what}")]
+    InvalidSize {
+        /// What was wrong with the size.
+        what: String,
+    },
+
+    /// The machine cannot back a segment of this size. Reported at creation, so the process
+    /// never meets a SIGBUS later when it touches a page that could not be allocated.
+    #[error(
+        "not enough memory for a shared segment of {requested} bytes ({available} bytes available); \
+         use smaller rings or fewer workers"
+    )]
+    OutOfMemory {
+        /// Bytes asked for.
+        requested: u64,
+        /// Bytes the kernel reported as available when asked.
+        available: u64,
+    },
+
+    /// A system call failed.
+    #[error("{op} failed: {source}")]
+    Os {
+        /// The call that failed.
+        op: &'static str,
+        /// The error the kernel returned.
+        #[source]
+        source: io::Error,
+    },
+
+    /// A frame can never fit in this ring, however long the producer waits.
+    #[error(
+        "frame of {len} bytes is larger than the ring can hold (at most {max} payload bytes per frame); \
+         make the ring larger or the chunk smaller"
+    )]
+    FrameTooLarge {
+        /// The payload length that was asked for.
+        len: usize,
+        /// The largest payload this ring can take.
+        max: usize,
+    },
+
+    /// A deadline passed before the ring had what the caller waited for.
+    #[error("timed out after {waited:?} waiting for the peer")]
+    Timeout {
+        /// How long the call waited.
+        waited: Duration,
+    },
+
+    /// The process on the other end of the ring died (or its liveness check failed) while this
+    /// side waited. Frames it published before dying are still delivered first.
+    #[error("the peer process is gone{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    PeerGone {
+        /// The peer's pid, where it was watched by pid.
+        pid: Option<i32>,
+    },
+
+    /// The other end dropped its handle: no more frames will come, or none will be read.
+    #[error("the other end closed the ring")]
+    Closed,
+
+    /// Shared memory holds something the protocol forbids: a header or index that a buggy or
+    /// hostile peer (or a stray write) produced. The ring cannot be used further.
+    #[error("corrupt ring: {what}")]
+    Corrupt {
+        /// What was found, with the offending values.
+        what: String,
+    },
+
+    /// The producer or consumer side of a ring was already taken by a live handle.
+    #[error("the ring already has a {role} (pid {pid}); a ring has exactly one of each")]
+    AlreadyClaimed {
+        /// `"producer"` or `"consumer"`.
+        role: &'static str,
+        /// The process holding it.
+        pid: i32,
+    },
+
+    /// `fork` was refused because other threads exist in this process: a lock one of them held
+    /// at the time of the fork would stay locked forever in the child.
+    #[error(
+        "refusing to fork: this process has {threads} threads, and a child forked now could \
+         inherit a lock held by one of them; fork before starting threads"
+    )]
+    MultiThreaded {
+        /// Threads counted in `/proc/self/task`.
+        threads: usize,
+    },
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps an OS error with the name of the call that returned it.
+    pub(crate) fn os(op: &'static str, source: impl Into<io::Error>) -> Self {
+        Error::Os {
+            op,
+            source: source.into(),
+        }
+    }
+
+    pub(crate) fn corrupt(what: impl Into<String>) -> Self {
+        Error::Corrupt { what: what.into() }
+    }
+}

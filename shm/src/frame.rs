@@ -1,0 +1,140 @@
+//! The frame format: a 64-byte header slot, then the payload, padded to 64 bytes.
+//!
+//! ```text
+//! offset 0        24                64                64 + len    64 + round_up(len, 64)
+//!        | header | (unused)        | payload ...     | padding    |
+//! ```
+//!
+//! Every frame starts on a 64-byte boundary of the ring, so every payload is 64-byte aligned: a
+//! cache line, enough for rkyv's 8-byte types and for 32/64-byte SIMD loads in place.
+//!
+//! The header carries the payload length, a sequence number, a kind, and a check word derived
+//! from the other three. The consumer copies the header out of shared memory once and validates
+//! the copy, so a corrupt or hostile header is an error and never an out-of-bounds read.
+
+use crate::error::{Error, Result};
+
+/// Frame (and payload) alignment in bytes.
+pub const FRAME_ALIGN: usize = 64;
+/// Bytes taken by the header slot in front of each payload.
+pub const HEADER_LEN: usize = 64;
+
+/// What a frame means to the layers above. The transport delivers all three alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[repr(u32)]
+pub enum FrameKind {
+    /// A payload.
+    #[default]
+    Data = 1,
+    /// A payload that describes a failure (for example a task's error message).
+    Error = 2,
+    /// The sender will send nothing more (the payload may carry a summary).
+    End = 3,
+}
+
+/// The kind word of a padding frame: fills the end of the ring when the next frame would not
+/// fit contiguously before the wrap. Consumers skip it without showing it to their caller.
+pub(crate) const KIND_PAD: u32 = 0x5041_4421;
+
+const CHECK_SALT: u32 = 0x9E37_79B9;
+
+/// The header as it lies in the ring.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FrameHeader {
+    kind: u32,
+    check: u32,
+    len: u64,
+    seq: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<FrameHeader>() <= HEADER_LEN);
+
+/// A header that passed validation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Decoded {
+    Pad { len: u64 },
+    Frame { kind: FrameKind, len: u64, seq: u64 },
+}
+
+impl FrameHeader {
+    pub(crate) fn new(kind: u32, len: u64, seq: u64) -> FrameHeader {
+        FrameHeader {
+            kind,
+            check: check_word(kind, len, seq),
+            len,
+            seq,
+        }
+    }
+
+    pub(crate) fn decode(&self, at: u64) -> Result<Decoded> {
+        if self.check != check_word(self.kind, self.len, self.seq) {
+            return Err(Error::corrupt(format!(
+                "frame header at ring position {at} fails its check (kind {:#x}, len {}, seq {})",
+                self.kind, self.len, self.seq
+            )));
+        }
+        let kind = match self.kind {
+            KIND_PAD => return Ok(Decoded::Pad { len: self.len }),
+            1 => FrameKind::Data,
+            2 => FrameKind::Error,
+            3 => FrameKind::End,
+            other => {
+                return Err(Error::corrupt(format!(
+                    "frame header at ring position {at} has unknown kind {other:#x}"
+                )));
+            }
+        };
+        Ok(Decoded::Frame {
+            kind,
+            len: self.len,
+            seq: self.seq,
+        })
+    }
+}
+
+fn check_word(kind: u32, len: u64, seq: u64) -> u32 {
+    let mixed =
+        (len ^ seq.rotate_left(17) ^ (u64::from(kind) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    ((mixed >> 32) as u32) ^ CHECK_SALT
+}
+
+/// Ring bytes taken by a frame with `len` payload bytes, or `None` if that overflows.
+pub(crate) fn frame_bytes(len: u64) -> Option<u64> {
+    let align = FRAME_ALIGN as u64;
+    len.checked_add(align - 1)
+        .map(|l| l & !(align - 1))
+        .and_then(|l| l.checked_add(HEADER_LEN as u64))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trip_and_corruption() {
+        let h = FrameHeader::new(FrameKind::End as u32, 1234, 99);
+        assert_eq!(
+            h.decode(0).unwrap(),
+            Decoded::Frame {
+                kind: FrameKind::End,
+                len: 1234,
+                seq: 99
+            }
+        );
+        let mut bad = h;
+        bad.len = 1 << 40;
+        assert!(matches!(bad.decode(0), Err(Error::Corrupt { .. })));
+        let unknown = FrameHeader::new(77, 0, 0);
+        assert!(matches!(unknown.decode(0), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(frame_bytes(0), Some(64));
+        assert_eq!(frame_bytes(1), Some(128));
+        assert_eq!(frame_bytes(64), Some(128));
+        assert_eq!(frame_bytes(65), Some(192));
+        assert_eq!(frame_bytes(u64::MAX), None);
+    }
+}

@@ -1,0 +1,216 @@
+//! Forked child processes that cannot outlive their parent or their handle.
+//!
+//! A [`ChildProcess`] is watched through a pidfd, killed with SIGKILL and reaped when its handle
+//! drops, and dies by itself (`PR_SET_PDEATHSIG`) if the parent dies first. Tests, examples and
+//! benchmarks use it so that no child ever outlives them.
+//!
+//! `fork` copies only the calling thread. A lock that another thread held at that moment stays
+//! locked forever in the child, so [`fork`] refuses to run in a multi-threaded process, and
+//! [`fork_unchecked`] (unsafe) is for callers that know their other threads hold nothing the
+//! child needs.
+
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
+
+use crate::error::{Error, Result};
+use crate::peer::Peer;
+
+/// How a child ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exited(i32),
+    /// A signal (this number) killed it.
+    Signaled(i32),
+}
+
+impl ExitStatus {
+    /// Exited with code 0.
+    pub fn success(self) -> bool {
+        self == ExitStatus::Exited(0)
+    }
+}
+
+/// A forked child. Dropping the handle kills (SIGKILL) and reaps the child if it still runs.
+#[derive(Debug)]
+pub struct ChildProcess {
+    pid: i32,
+    pidfd: OwnedFd,
+    status: Option<ExitStatus>,
+}
+
+/// Forks a child that runs `child` and exits with its return value (101 if it panics), without
+/// running the parent's destructors or `atexit` handlers.
+///
+/// Fails with [`Error::MultiThreaded`] if this process has more than one thread.
+///
+/// ```no_run
+/// let mut child = shmexec_shm::fork(|| 7)?;
+/// assert_eq!(child.wait()?, shmexec_shm::ExitStatus::Exited(7));
+/// # Ok::<(), shmexec_shm::Error>(())
+/// ```
+pub fn fork(child: impl FnOnce() -> i32) -> Result<ChildProcess> {
+    let threads = thread_count();
+    if threads > 1 {
+        return Err(Error::MultiThreaded { threads });
+    }
+    // SAFETY: this process has one thread, so no other thread can hold a lock at the fork.
+    unsafe { fork_unchecked(child) }
+}
+
+/// [`fork`] without the single-thread check.
+///
+/// # Safety
+/// Every other thread of this process must, at the moment of the call, hold no lock (of the
+/// allocator excepted, which glibc re-initialises in the child) that `child` could take: for
+/// example all other threads are blocked waiting on a lock or channel that the calling thread
+/// owns, or are parked by a test harness.
+pub unsafe fn fork_unchecked(child: impl FnOnce() -> i32) -> Result<ChildProcess> {
+    let parent = rustix::process::getpid();
+    // SAFETY: the caller guarantees no other thread holds a lock the child needs; the child
+    // only runs `child` and then `_exit`s, never returning into the caller's stack frames.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(Error::os("fork", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = run_child(parent, child);
+        // SAFETY: `_exit` ends the process at once; skipping destructors and atexit handlers is
+        // the point (they belong to the parent's state).
+        unsafe { libc::_exit(code) }
+    }
+    let raw = Pid::from_raw(pid).ok_or_else(|| Error::os("fork", rustix::io::Errno::INVAL))?;
+    // The child cannot have been reaped yet (only we can reap it), so the pid is still its own.
+    let pidfd = match rustix::process::pidfd_open(raw, PidfdFlags::empty()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            let _ = rustix::process::kill_process(raw, Signal::KILL);
+            let _ = rustix::process::waitpid(Some(raw), WaitOptions::empty());
+            return Err(Error::os("pidfd_open", e));
+        }
+    };
+    Ok(ChildProcess {
+        pid,
+        pidfd,
+        status: None,
+    })
+}
+
+fn run_child(parent: Pid, child: impl FnOnce() -> i32) -> i32 {
+    // Die with the parent; and if it already died before the request took effect, go now.
+    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    if rustix::process::getppid() != Some(parent) {
+        return 102;
+    }
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101)
+}
+
+/// Threads in this process, from `/proc/self/task` (1 if it cannot be read).
+pub fn thread_count() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|d| d.count())
+        .unwrap_or(1)
+        .max(1)
+}
+
+impl ChildProcess {
+    /// The child's pid.
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// A [`Peer`] watching this child, for the ring handles of the parent.
+    pub fn peer(&self) -> Result<Peer> {
+        Peer::process(self.pid)
+    }
+
+    /// Whether the child is still running (a zombie counts as dead).
+    pub fn is_alive(&self) -> bool {
+        self.status.is_none() && !self.exited_within(Duration::ZERO)
+    }
+
+    /// Sends SIGKILL (a no-op if the child was already reaped).
+    pub fn kill(&self) -> Result<()> {
+        if self.status.is_some() {
+            return Ok(());
+        }
+        rustix::process::pidfd_send_signal(&self.pidfd, Signal::KILL)
+            .or_else(|e| {
+                if e == rustix::io::Errno::SRCH {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(|e| Error::os("pidfd_send_signal", e))
+    }
+
+    /// Waits for the child to exit and reaps it.
+    pub fn wait(&mut self) -> Result<ExitStatus> {
+        loop {
+            if let Some(status) = self.wait_timeout(Duration::from_secs(3600))? {
+                return Ok(status);
+            }
+        }
+    }
+
+    /// Waits at most `timeout` for the child to exit; reaps it if it did.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        if let Some(status) = self.status {
+            return Ok(Some(status));
+        }
+        if !self.exited_within(timeout) {
+            return Ok(None);
+        }
+        self.reap().map(Some)
+    }
+
+    fn exited_within(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let ts = rustix::time::Timespec {
+                tv_sec: left.as_secs() as i64,
+                tv_nsec: left.subsec_nanos() as _,
+            };
+            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+            match rustix::event::poll(&mut fds, Some(&ts)) {
+                Ok(n) => return n > 0,
+                Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+                Err(_) => return false,
+            }
+        }
+    }
+
+    fn reap(&mut self) -> Result<ExitStatus> {
+        let pid = Pid::from_raw(self.pid)
+            .ok_or_else(|| Error::os("waitpid", rustix::io::Errno::INVAL))?;
+        let status = loop {
+            match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
+                Ok(Some((_, st))) => break st,
+                Ok(None) => continue,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(Error::os("waitpid", e)),
+            }
+        };
+        let status = match (status.exit_status(), status.terminating_signal()) {
+            (Some(code), _) => ExitStatus::Exited(code),
+            (None, Some(sig)) => ExitStatus::Signaled(sig),
+            (None, None) => ExitStatus::Signaled(0),
+        };
+        self.status = Some(status);
+        Ok(status)
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.kill();
+            let _ = self.reap();
+        }
+    }
+}

@@ -1,0 +1,1001 @@
+//! A single-producer single-consumer ring of variable-length frames in shared memory.
+//!
+//! ```
+//! use shmexec_shm::{FrameKind, Peer, Ring};
+//!
+//! let ring = Ring::create(1 << 16)?;
+//! let mut tx = ring.producer(Peer::unwatched())?;
+//! let mut rx = ring.consumer(Peer::unwatched())?;
+//!
+//! let mut slot = tx.reserve(5)?;          // 5 bytes inside the shared mapping
+//! slot.copy_from_slice(b"hello");
+//! slot.commit();                          // now the consumer may see it
+//!
+//! let frame = rx.peek()?;                 // borrowed from the mapping, no copy
+//! assert_eq!(&*frame, b"hello");
+//! assert_eq!(frame.kind(), FrameKind::Data);
+//! frame.release();                        // the producer may reuse the bytes
+//! # Ok::<(), shmexec_shm::Error>(())
+//! ```
+//!
+//! In real use the two handles live in two processes: create the ring, `fork`, claim the
+//! producer in one process and the consumer in the other, each watching the other's pid.
+//!
+//! # Layout
+//!
+//! ```text
+//! offset 0          CONTROL_LEN (4096)                            CONTROL_LEN + capacity
+//!        | control  | frame | frame | ... | pad |                |
+//!          magic, capacity, pids, closed flags,
+//!          head  (own cache line, written by the producer only)
+//!          tail  (own cache line, written by the consumer only)
+//!          data_ready / space_ready signals (own cache lines)
+//! ```
+//!
+//! `head` and `tail` are byte positions that only grow; a position's place in the data area is
+//! `pos % capacity`. The bytes in `[tail, head)` hold published frames; `[head, tail +
+//! capacity)` is free for the producer. A frame never wraps: when the next one would cross the
+//! end, the producer publishes a padding frame up to the end and starts again at 0. Because the
+//! padding is published (and consumed) on its own, a frame of up to `capacity - 64` payload bytes
+//! always fits eventually, whatever the offset; bigger ones are [`Error::FrameTooLarge`] at once.
+//!
+//! Memory ordering, and why no wake-up is lost, are argued in [`crate::signal`].
+//!
+//! # Trust
+//!
+//! Neither side trusts what the other wrote. Each handle caches the capacity once (checked
+//! against the segment size) and never re-reads it; `head`, `tail` and every header are checked
+//! before use. A violation is [`Error::Corrupt`]. A hostile peer can still scribble over payload
+//! bytes that it shares with us; it cannot make this process read or write outside the mapping.
+
+use std::ops::{Deref, DerefMut};
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_utils::CachePadded;
+
+use crate::error::{Error, Result};
+use crate::frame::{
+    Decoded, FRAME_ALIGN, FrameHeader, FrameKind, HEADER_LEN, KIND_PAD, frame_bytes,
+};
+use crate::peer::Peer;
+use crate::segment::Segment;
+use crate::signal::Signal;
+use crate::wait::{WaitStrategy, Waiter};
+
+/// Bytes in front of the data area: the control block, padded to a page.
+pub const CONTROL_LEN: usize = 4096;
+
+const MAGIC: u64 = u64::from_le_bytes(*b"shmxring");
+const PRODUCER_CLOSED: u32 = 1;
+const CONSUMER_CLOSED: u32 = 2;
+/// Smallest data area: one empty frame plus room to pad.
+const MIN_CAPACITY: usize = 2 * FRAME_ALIGN;
+
+/// The shared control block. All fields are atomics, so any bit pattern a peer writes is a valid
+/// value, and all-zero is "uninitialised" (no magic).
+#[repr(C)]
+struct Control {
+    magic: AtomicU64,
+    capacity: AtomicU64,
+    producer_pid: AtomicU32,
+    consumer_pid: AtomicU32,
+    closed: AtomicU32,
+    head: CachePadded<AtomicU64>,
+    tail: CachePadded<AtomicU64>,
+    data_ready: CachePadded<Signal>,
+    space_ready: CachePadded<Signal>,
+}
+
+const _: () = assert!(std::mem::size_of::<Control>() <= CONTROL_LEN);
+const _: () = assert!(CONTROL_LEN % std::mem::align_of::<Control>() == 0);
+
+/// This process's view of one ring: the segment kept alive, the two base pointers, and the
+/// capacity as checked at attach time. Every raw-pointer access of the ring goes through here.
+#[derive(Clone)]
+struct View {
+    seg: Arc<Segment>,
+    ctl: NonNull<Control>,
+    data: NonNull<u8>,
+    cap: u64,
+}
+
+// SAFETY: the pointers point into `seg`, which the `Arc` keeps mapped for as long as any `View`
+// exists; the control block is only accessed through atomics, and the data area only through the
+// SPSC protocol, which gives each byte range one owner at a time across all threads and
+// processes.
+unsafe impl Send for View {}
+// SAFETY: as above; a shared `&View` only reads the pointers.
+unsafe impl Sync for View {}
+
+impl View {
+    /// Checks that `[offset, offset + CONTROL_LEN + cap)` lies in `seg` and builds the view.
+    fn new(seg: Arc<Segment>, offset: usize, cap: u64) -> Result<View> {
+        let cap_usize =
+            usize::try_from(cap).map_err(|_| Error::corrupt(format!("capacity {cap}")))?;
+        let end = offset
+            .checked_add(CONTROL_LEN)
+            .and_then(|o| o.checked_add(cap_usize));
+        if offset % CONTROL_LEN != 0 || end.is_none_or(|e| e > seg.len()) {
+            return Err(Error::InvalidSize {
+                what: format!(
+                    "a ring of capacity {cap} at offset {offset} does not fit a segment of {} bytes \
+                     (offset must be a multiple of {CONTROL_LEN})",
+                    seg.len()
+                ),
+            });
+        }
+        // SAFETY: offset + CONTROL_LEN + cap <= seg.len() (checked above), so both pointers stay
+        // inside the mapping; the mapping base is page-aligned and offset a multiple of 4096, so
+        // `ctl` is aligned for `Control`.
+        let (ctl, data) = unsafe {
+            let base = seg.as_ptr().add(offset);
+            (base.cast::<Control>(), base.add(CONTROL_LEN))
+        };
+        Ok(View {
+            ctl: NonNull::new(ctl).ok_or_else(|| Error::corrupt("null mapping"))?,
+            data: NonNull::new(data).ok_or_else(|| Error::corrupt("null mapping"))?,
+            seg,
+            cap,
+        })
+    }
+
+    fn ctl(&self) -> &Control {
+        // SAFETY: `ctl` is in bounds and aligned (see `View::new`) and the segment outlives
+        // `self`. `Control` is all atomics: any bytes (zero-filled at creation, or written by a
+        // peer) are a valid value, and shared access needs no exclusivity.
+        unsafe { self.ctl.as_ref() }
+    }
+
+    /// Copies the header at data offset `off` out of shared memory.
+    fn read_header(&self, off: u64) -> FrameHeader {
+        debug_assert!(off % FRAME_ALIGN as u64 == 0 && off + HEADER_LEN as u64 <= self.cap);
+        // SAFETY: callers pass `off < cap`, a multiple of 64, and `cap` is a multiple of 64, so
+        // the 64-byte header slot is inside the data area; it is 64-aligned, hence aligned for
+        // `FrameHeader`. A volatile read copies it exactly once, so validating the copy cannot be
+        // raced by a peer rewriting the slot.
+        unsafe {
+            std::ptr::read_volatile(self.data.as_ptr().add(off as usize).cast::<FrameHeader>())
+        }
+    }
+
+    fn write_header(&self, off: u64, header: FrameHeader) {
+        debug_assert!(off % FRAME_ALIGN as u64 == 0 && off + HEADER_LEN as u64 <= self.cap);
+        // SAFETY: as in `read_header` for bounds and alignment; the slot lies in the free part of
+        // the ring, owned by the (single) producer until it publishes `head` past it.
+        unsafe {
+            std::ptr::write_volatile(
+                self.data.as_ptr().add(off as usize).cast::<FrameHeader>(),
+                header,
+            )
+        }
+    }
+
+    /// The payload area of the frame whose header is at data offset `off`.
+    fn payload_ptr(&self, off: u64) -> *mut u8 {
+        // SAFETY: off + HEADER_LEN <= cap (frames are validated or sized to fit before the end).
+        unsafe { self.data.as_ptr().add(off as usize + HEADER_LEN) }
+    }
+
+    fn closed(&self, flag: u32) -> bool {
+        self.ctl().closed.load(Ordering::Acquire) & flag != 0
+    }
+}
+
+/// A ring in shared memory. Cloning (or forking) gives another view of the same ring; the
+/// producer and consumer roles are claimed separately with [`Ring::producer`] and
+/// [`Ring::consumer`], at most one live handle each.
+#[derive(Clone)]
+pub struct Ring {
+    view: View,
+}
+
+impl std::fmt::Debug for Ring {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ring")
+            .field("capacity", &self.view.cap)
+            .field("head", &self.view.ctl().head.load(Ordering::Relaxed))
+            .field("tail", &self.view.ctl().tail.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+impl Ring {
+    /// Bytes of segment a ring of `capacity` data bytes needs (control block included), after
+    /// rounding `capacity` up to 64.
+    pub fn footprint(capacity: usize) -> usize {
+        CONTROL_LEN + capacity.next_multiple_of(FRAME_ALIGN)
+    }
+
+    /// Creates a ring with `capacity` data bytes (rounded up to a multiple of 64) in a segment
+    /// of its own.
+    pub fn create(capacity: usize) -> Result<Ring> {
+        let seg = Arc::new(Segment::new(Self::footprint(capacity))?);
+        Self::init_in(seg, 0, capacity)
+    }
+
+    /// Initialises a ring at `offset` (a multiple of [`CONTROL_LEN`]) of `seg`, overwriting
+    /// whatever was there. No other ring may use that range.
+    pub fn init_in(seg: Arc<Segment>, offset: usize, capacity: usize) -> Result<Ring> {
+        if capacity < MIN_CAPACITY {
+            return Err(Error::InvalidSize {
+                what: format!(
+                    "ring capacity {capacity} is below the minimum of {MIN_CAPACITY} bytes"
+                ),
+            });
+        }
+        let cap = capacity.next_multiple_of(FRAME_ALIGN) as u64;
+        let view = View::new(seg, offset, cap)?;
+        let ctl = view.ctl();
+        ctl.magic.store(0, Ordering::Relaxed);
+        ctl.capacity.store(cap, Ordering::Relaxed);
+        ctl.producer_pid.store(0, Ordering::Relaxed);
+        ctl.consumer_pid.store(0, Ordering::Relaxed);
+        ctl.closed.store(0, Ordering::Relaxed);
+        ctl.head.store(0, Ordering::Relaxed);
+        ctl.tail.store(0, Ordering::Relaxed);
+        // SYNC POINT with the magic load in `attach`: an attacher that sees the magic sees the
+        // fields above.
+        ctl.magic.store(MAGIC, Ordering::Release);
+        Ok(Ring { view })
+    }
+
+    /// Opens a ring that another process initialised at `offset` of `seg` (for example a
+    /// segment received with [`Segment::from_fd`]). Checks the magic and that the recorded
+    /// capacity fits the segment.
+    pub fn attach(seg: Arc<Segment>, offset: usize) -> Result<Ring> {
+        let probe = View::new(seg, offset, 0)?;
+        let ctl = probe.ctl();
+        if ctl.magic.load(Ordering::Acquire) != MAGIC {
+            return Err(Error::corrupt(format!(
+                "no ring at offset {offset} (bad magic)"
+            )));
+        }
+        let cap = ctl.capacity.load(Ordering::Relaxed);
+        if cap < MIN_CAPACITY as u64 || cap % FRAME_ALIGN as u64 != 0 {
+            return Err(Error::corrupt(format!(
+                "ring at offset {offset} has capacity {cap}"
+            )));
+        }
+        Ok(Ring {
+            view: View::new(probe.seg, offset, cap)?,
+        })
+    }
+
+    /// Data bytes in the ring.
+    pub fn capacity(&self) -> usize {
+        self.view.cap as usize
+    }
+
+    /// The largest payload one frame can carry.
+    pub fn max_payload(&self) -> usize {
+        self.capacity() - HEADER_LEN
+    }
+
+    /// The segment holding the ring (to pass its descriptor to a re-executed process).
+    pub fn segment(&self) -> &Arc<Segment> {
+        &self.view.seg
+    }
+
+    /// Claims the producer side for this process; `peer` is the consumer's process, watched by
+    /// every blocking call. Fails with [`Error::AlreadyClaimed`] while another live handle holds
+    /// it; a holder that died without dropping its handle is replaced.
+    pub fn producer(&self, peer: Peer) -> Result<Producer> {
+        let ctl = self.view.ctl();
+        let pid = claim(&ctl.producer_pid, "producer")?;
+        ctl.closed.fetch_and(!PRODUCER_CLOSED, Ordering::AcqRel);
+        let head = ctl.head.load(Ordering::Acquire);
+        let mut producer = Producer {
+            view: self.view.clone(),
+            head,
+            tail_seen: 0,
+            next_seq: 0,
+            waiter: Waiter::default(),
+            peer,
+            pid,
+        };
+        producer.tail_seen = head.saturating_sub(producer.view.cap);
+        load_tail(&producer.view, producer.head, &mut producer.tail_seen)?;
+        if head % FRAME_ALIGN as u64 != 0 {
+            return Err(Error::corrupt(format!(
+                "ring head {head} is not frame aligned"
+            )));
+        }
+        Ok(producer)
+    }
+
+    /// Claims the consumer side for this process; `peer` is the producer's process. See
+    /// [`Ring::producer`].
+    pub fn consumer(&self, peer: Peer) -> Result<Consumer> {
+        let ctl = self.view.ctl();
+        let pid = claim(&ctl.consumer_pid, "consumer")?;
+        ctl.closed.fetch_and(!CONSUMER_CLOSED, Ordering::AcqRel);
+        let tail = ctl.tail.load(Ordering::Acquire);
+        if tail % FRAME_ALIGN as u64 != 0 {
+            return Err(Error::corrupt(format!(
+                "ring tail {tail} is not frame aligned"
+            )));
+        }
+        Ok(Consumer {
+            view: self.view.clone(),
+            tail,
+            head_seen: tail,
+            waiter: Waiter::default(),
+            peer,
+            pid,
+        })
+    }
+}
+
+/// Takes a role slot for this process: free (0), or held by a process that no longer exists.
+fn claim(slot: &AtomicU32, role: &'static str) -> Result<u32> {
+    let me = rustix::process::getpid().as_raw_nonzero().get() as u32;
+    let mut expected = 0;
+    loop {
+        match slot.compare_exchange(expected, me, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Ok(me),
+            Err(holder) if holder != me && holder != 0 && !process_exists(holder) => {
+                expected = holder
+            }
+            Err(0) => expected = 0,
+            Err(holder) => {
+                return Err(Error::AlreadyClaimed {
+                    role,
+                    pid: holder as i32,
+                });
+            }
+        }
+    }
+}
+
+fn process_exists(pid: u32) -> bool {
+    match rustix::process::Pid::from_raw(pid as i32) {
+        Some(p) => !matches!(
+            rustix::process::test_kill_process(p),
+            Err(rustix::io::Errno::SRCH)
+        ),
+        None => false,
+    }
+}
+
+fn this_pid() -> u32 {
+    rustix::process::getpid().as_raw_nonzero().get() as u32
+}
+
+/// Reads `tail` and checks it against what the producer knows: it may only grow, may not pass
+/// `head`, and stays frame aligned.
+fn load_tail(view: &View, head: u64, tail_seen: &mut u64) -> Result<()> {
+    // SYNC POINT with the consumer's `tail.store(Release)` in `Frame::release`: once we see the
+    // new tail, the consumer is done reading the bytes below it and we may overwrite them.
+    let t = view.ctl().tail.load(Ordering::Acquire);
+    if t < *tail_seen || t > head || t % FRAME_ALIGN as u64 != 0 {
+        return Err(Error::corrupt(format!(
+            "ring tail {t} is impossible (last seen {}, head {head})",
+            *tail_seen
+        )));
+    }
+    *tail_seen = t;
+    Ok(())
+}
+
+/// Reads `head` and checks it against what the consumer knows: it may only grow, may not run
+/// more than a capacity ahead of `tail`, and stays frame aligned.
+fn load_head(view: &View, tail: u64, head_seen: &mut u64) -> Result<()> {
+    // SYNC POINT with the producer's `head.store(Release)` in `Producer::publish`: every byte of
+    // every frame below the new head (header and payload) is visible after this load.
+    let h = view.ctl().head.load(Ordering::Acquire);
+    if h < *head_seen || h - tail > view.cap || h % FRAME_ALIGN as u64 != 0 {
+        return Err(Error::corrupt(format!(
+            "ring head {h} is impossible (last seen {}, tail {tail}, capacity {})",
+            *head_seen, view.cap
+        )));
+    }
+    *head_seen = h;
+    Ok(())
+}
+
+fn deadline_after(timeout: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(timeout)
+        .unwrap_or(now + Duration::from_secs(86_400 * 365))
+}
+
+/// The writing end of a ring. Not `Clone`: a ring has one producer.
+pub struct Producer {
+    view: View,
+    /// Our own index; we are its only writer, so the shared copy is only ever stored.
+    head: u64,
+    /// The last `tail` we loaded; free space is at least `cap - (head - tail_seen)`.
+    tail_seen: u64,
+    next_seq: u64,
+    waiter: Waiter,
+    peer: Peer,
+    pid: u32,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer")
+            .field("capacity", &self.view.cap)
+            .field("head", &self.head)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+impl Producer {
+    /// Reserves a frame of `len` payload bytes, waiting for space as long as the consumer
+    /// lives. Ends with [`Error::PeerGone`] if the consumer dies and [`Error::Closed`] if it
+    /// drops its handle; [`Error::FrameTooLarge`] at once if the frame can never fit.
+    pub fn reserve(&mut self, len: usize) -> Result<Grant<'_>> {
+        self.reserve_inner(len, None, true).map(|off| {
+            self.grant(
+                off.expect("a blocking reserve returns a slot or an error"),
+                len,
+            )
+        })
+    }
+
+    /// [`Producer::reserve`] that gives up with [`Error::Timeout`] at `deadline`.
+    pub fn reserve_until(&mut self, len: usize, deadline: Instant) -> Result<Grant<'_>> {
+        self.reserve_inner(len, Some(deadline), true).map(|off| {
+            self.grant(
+                off.expect("a blocking reserve returns a slot or an error"),
+                len,
+            )
+        })
+    }
+
+    /// [`Producer::reserve`] that gives up with [`Error::Timeout`] after `timeout`.
+    pub fn reserve_timeout(&mut self, len: usize, timeout: Duration) -> Result<Grant<'_>> {
+        self.reserve_until(len, deadline_after(timeout))
+    }
+
+    /// Reserves without waiting: `Ok(None)` when the ring is too full right now.
+    pub fn try_reserve(&mut self, len: usize) -> Result<Option<Grant<'_>>> {
+        match self.reserve_inner(len, None, false)? {
+            Some(off) => Ok(Some(self.grant(off, len))),
+            None => Ok(None),
+        }
+    }
+
+    /// Copies `payload` into a new data frame and publishes it; returns its sequence number.
+    pub fn send(&mut self, payload: &[u8]) -> Result<u64> {
+        let mut grant = self.reserve(payload.len())?;
+        grant.copy_from_slice(payload);
+        Ok(grant.commit())
+    }
+
+    /// Publishes an empty [`FrameKind::End`] frame: the consumer sees it in order after every
+    /// frame before it.
+    pub fn send_end(&mut self) -> Result<u64> {
+        let mut grant = self.reserve(0)?;
+        grant.set_kind(FrameKind::End);
+        Ok(grant.commit())
+    }
+
+    /// Data bytes in the ring.
+    pub fn capacity(&self) -> usize {
+        self.view.cap as usize
+    }
+
+    /// The largest payload one frame can carry.
+    pub fn max_payload(&self) -> usize {
+        self.capacity() - HEADER_LEN
+    }
+
+    /// Sets how blocking calls wait (default [`WaitStrategy::Adaptive`]).
+    pub fn set_wait_strategy(&mut self, strategy: WaitStrategy) {
+        self.waiter = Waiter::new(strategy);
+    }
+
+    /// Replaces the peer that blocking calls watch.
+    pub fn set_peer(&mut self, peer: Peer) {
+        self.peer = peer;
+    }
+
+    /// The sequence number the next commit gets unless [`Grant::set_seq`] says otherwise.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    fn grant(&mut self, off: u64, len: usize) -> Grant<'_> {
+        let seq = self.next_seq;
+        Grant {
+            producer: self,
+            off,
+            len,
+            kind: FrameKind::Data,
+            seq,
+        }
+    }
+
+    /// Returns the data offset of a slot of `len` payload bytes, or `None` (non-blocking only)
+    /// if there is no room yet.
+    fn reserve_inner(
+        &mut self,
+        len: usize,
+        deadline: Option<Instant>,
+        block: bool,
+    ) -> Result<Option<u64>> {
+        let cap = self.view.cap;
+        let need = frame_bytes(len as u64)
+            .filter(|&n| n <= cap)
+            .ok_or(Error::FrameTooLarge {
+                len,
+                max: cap as usize - HEADER_LEN,
+            })?;
+        if self.view.closed(CONSUMER_CLOSED) {
+            return Err(Error::Closed);
+        }
+        let off = self.head % cap;
+        if off + need > cap {
+            // The frame would cross the end: pad to the end first, as a frame of its own.
+            let pad = cap - off;
+            if !self.wait_space(pad, deadline, block)? {
+                return Ok(None);
+            }
+            self.view
+                .write_header(off, FrameHeader::new(KIND_PAD, pad - HEADER_LEN as u64, 0));
+            self.publish(self.head + pad);
+        }
+        if !self.wait_space(need, deadline, block)? {
+            return Ok(None);
+        }
+        Ok(Some(self.head % cap))
+    }
+
+    /// Makes sure `need` bytes after `head` are free; `Ok(false)` if not and `block` is false.
+    fn wait_space(&mut self, need: u64, deadline: Option<Instant>, block: bool) -> Result<bool> {
+        let cap = self.view.cap;
+        if cap - (self.head - self.tail_seen) >= need {
+            return Ok(true);
+        }
+        load_tail(&self.view, self.head, &mut self.tail_seen)?;
+        if cap - (self.head - self.tail_seen) >= need {
+            return Ok(true);
+        }
+        if self.view.closed(CONSUMER_CLOSED) {
+            return Err(Error::Closed);
+        }
+        if !block {
+            return Ok(false);
+        }
+        let (view, head, tail_seen) = (&self.view, self.head, &mut self.tail_seen);
+        view.ctl()
+            .space_ready
+            .wait_until(&mut self.waiter, &self.peer, deadline, || {
+                load_tail(view, head, tail_seen)?;
+                if cap - (head - *tail_seen) >= need {
+                    Ok(true)
+                } else if view.closed(CONSUMER_CLOSED) {
+                    Err(Error::Closed)
+                } else {
+                    Ok(false)
+                }
+            })?;
+        Ok(true)
+    }
+
+    fn publish(&mut self, new_head: u64) {
+        self.head = new_head;
+        let ctl = self.view.ctl();
+        // SYNC POINT with `load_head` in the consumer: the header and payload stores above
+        // happen-before any read the consumer makes after it sees this head.
+        ctl.head.store(new_head, Ordering::Release);
+        ctl.data_ready.notify();
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        // A forked child inherits a copy of the parent's handle; only the claimant may close.
+        if this_pid() != self.pid {
+            return;
+        }
+        let ctl = self.view.ctl();
+        ctl.closed.fetch_or(PRODUCER_CLOSED, Ordering::AcqRel);
+        let _ = ctl
+            .producer_pid
+            .compare_exchange(self.pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+        ctl.data_ready.notify();
+    }
+}
+
+/// A reserved, unpublished frame: a `&mut [u8]` of exactly the reserved length inside the
+/// shared mapping. Write into it, then [`commit`](Grant::commit). Dropping it without a commit
+/// publishes nothing.
+pub struct Grant<'a> {
+    producer: &'a mut Producer,
+    off: u64,
+    len: usize,
+    kind: FrameKind,
+    seq: u64,
+}
+
+impl Grant<'_> {
+    /// Sets the frame's kind (default [`FrameKind::Data`]).
+    pub fn set_kind(&mut self, kind: FrameKind) -> &mut Self {
+        self.kind = kind;
+        self
+    }
+
+    /// Sets the frame's sequence number (default: one more than the last committed).
+    pub fn set_seq(&mut self, seq: u64) -> &mut Self {
+        self.seq = seq;
+        self
+    }
+
+    /// Shortens the frame to `len` bytes (for a writer that reserved an upper bound). Lengths
+    /// above the reserved one are ignored.
+    pub fn truncate(&mut self, len: usize) -> &mut Self {
+        self.len = self.len.min(len);
+        self
+    }
+
+    /// Publishes the frame; returns its sequence number.
+    pub fn commit(self) -> u64 {
+        let Grant {
+            producer,
+            off,
+            len,
+            kind,
+            seq,
+        } = self;
+        producer
+            .view
+            .write_header(off, FrameHeader::new(kind as u32, len as u64, seq));
+        let total = frame_bytes(len as u64).expect("reserved frames fit the ring");
+        producer.next_seq = seq.wrapping_add(1);
+        producer.publish(producer.head + total);
+        seq
+    }
+}
+
+impl Deref for Grant<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `reserve_inner` made sure `[off, off + frame_bytes(len))` is free ring space
+        // inside the data area; the consumer reads none of it before we publish, and the
+        // `&mut Producer` we hold rules out a second grant. u8 has no invalid bit patterns.
+        unsafe { std::slice::from_raw_parts(self.producer.view.payload_ptr(self.off), self.len) }
+    }
+}
+
+impl DerefMut for Grant<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as in `deref`; `&mut self` makes this the only reference into the slot.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.producer.view.payload_ptr(self.off), self.len)
+        }
+    }
+}
+
+/// The reading end of a ring. Not `Clone`: a ring has one consumer.
+pub struct Consumer {
+    view: View,
+    /// Our own index; we are its only writer.
+    tail: u64,
+    /// The last `head` we loaded; frames in `[tail, head_seen)` are published.
+    head_seen: u64,
+    waiter: Waiter,
+    peer: Peer,
+    pid: u32,
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("capacity", &self.view.cap)
+            .field("tail", &self.tail)
+            .field("peer", &self.peer)
+            .finish()
+    }
+}
+
+/// Where a validated frame lies.
+#[derive(Clone, Copy)]
+struct Located {
+    off: u64,
+    len: usize,
+    seq: u64,
+    kind: FrameKind,
+    total: u64,
+}
+
+impl Consumer {
+    /// The oldest unreleased frame, waiting for one as long as the producer lives. Ends with
+    /// [`Error::Closed`] once the producer dropped its handle and every frame was read, and
+    /// with [`Error::PeerGone`] if it died (after every frame it published was read).
+    pub fn peek(&mut self) -> Result<Frame<'_>> {
+        let at = self
+            .next_frame(None, true)?
+            .expect("a blocking peek returns a frame or an error");
+        Ok(Frame { consumer: self, at })
+    }
+
+    /// [`Consumer::peek`] that gives up with [`Error::Timeout`] at `deadline`.
+    pub fn peek_until(&mut self, deadline: Instant) -> Result<Frame<'_>> {
+        let at = self
+            .next_frame(Some(deadline), true)?
+            .expect("a blocking peek returns a frame or an error");
+        Ok(Frame { consumer: self, at })
+    }
+
+    /// [`Consumer::peek`] that gives up with [`Error::Timeout`] after `timeout`.
+    pub fn peek_timeout(&mut self, timeout: Duration) -> Result<Frame<'_>> {
+        self.peek_until(deadline_after(timeout))
+    }
+
+    /// The oldest frame if one is published, without waiting.
+    pub fn try_peek(&mut self) -> Result<Option<Frame<'_>>> {
+        Ok(self
+            .next_frame(None, false)?
+            .map(|at| Frame { consumer: self, at }))
+    }
+
+    /// Data bytes in the ring.
+    pub fn capacity(&self) -> usize {
+        self.view.cap as usize
+    }
+
+    /// Sets how blocking calls wait (default [`WaitStrategy::Adaptive`]).
+    pub fn set_wait_strategy(&mut self, strategy: WaitStrategy) {
+        self.waiter = Waiter::new(strategy);
+    }
+
+    /// Replaces the peer that blocking calls watch.
+    pub fn set_peer(&mut self, peer: Peer) {
+        self.peer = peer;
+    }
+
+    fn next_frame(&mut self, deadline: Option<Instant>, block: bool) -> Result<Option<Located>> {
+        let cap = self.view.cap;
+        loop {
+            if self.head_seen == self.tail && !self.wait_data(deadline, block)? {
+                return Ok(None);
+            }
+            let off = self.tail % cap;
+            let room = cap - off;
+            match self.view.read_header(off).decode(self.tail)? {
+                Decoded::Pad { len } => {
+                    let total = len.checked_add(HEADER_LEN as u64);
+                    if total != Some(room) || self.tail + room > self.head_seen {
+                        return Err(Error::corrupt(format!(
+                            "padding of {len} bytes at ring position {} does not end at the wrap",
+                            self.tail
+                        )));
+                    }
+                    self.advance(room);
+                }
+                Decoded::Frame { kind, len, seq } => {
+                    let total =
+                        frame_bytes(len).filter(|&t| t <= room && self.tail + t <= self.head_seen);
+                    let (Some(total), Ok(len)) = (total, usize::try_from(len)) else {
+                        return Err(Error::corrupt(format!(
+                            "frame of {len} bytes at ring position {} runs past the published data or the ring end",
+                            self.tail
+                        )));
+                    };
+                    return Ok(Some(Located {
+                        off,
+                        len,
+                        seq,
+                        kind,
+                        total,
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Waits until `head` moves past `tail`; `Ok(false)` if it has not and `block` is false.
+    fn wait_data(&mut self, deadline: Option<Instant>, block: bool) -> Result<bool> {
+        let (view, tail, head_seen) = (&self.view, self.tail, &mut self.head_seen);
+        let mut ready = || -> Result<bool> {
+            load_head(view, tail, head_seen)?;
+            if *head_seen > tail {
+                return Ok(true);
+            }
+            if view.closed(PRODUCER_CLOSED) {
+                // The producer's last head store came before its closed flag: look once more.
+                load_head(view, tail, head_seen)?;
+                return if *head_seen > tail {
+                    Ok(true)
+                } else {
+                    Err(Error::Closed)
+                };
+            }
+            Ok(false)
+        };
+        if ready()? {
+            return Ok(true);
+        }
+        if !block {
+            return Ok(false);
+        }
+        view.ctl()
+            .data_ready
+            .wait_until(&mut self.waiter, &self.peer, deadline, ready)?;
+        Ok(true)
+    }
+
+    /// Frees `total` bytes at the tail for the producer.
+    fn advance(&mut self, total: u64) {
+        self.tail += total;
+        let ctl = self.view.ctl();
+        // SYNC POINT with `load_tail` in the producer: our reads of the released bytes happen
+        // before it may overwrite them.
+        ctl.tail.store(self.tail, Ordering::Release);
+        ctl.space_ready.notify();
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if this_pid() != self.pid {
+            return;
+        }
+        let ctl = self.view.ctl();
+        ctl.closed.fetch_or(CONSUMER_CLOSED, Ordering::AcqRel);
+        let _ = ctl
+            .consumer_pid
+            .compare_exchange(self.pid, 0, Ordering::AcqRel, Ordering::Relaxed);
+        ctl.space_ready.notify();
+    }
+}
+
+/// A published frame, read in place. Derefs to the payload. [`release`](Frame::release) frees
+/// its bytes for the producer; dropping it without a release leaves it at the head, so the next
+/// peek returns it again.
+pub struct Frame<'a> {
+    consumer: &'a mut Consumer,
+    at: Located,
+}
+
+impl Frame<'_> {
+    /// The kind the producer gave the frame.
+    pub fn kind(&self) -> FrameKind {
+        self.at.kind
+    }
+
+    /// The sequence number the producer gave the frame.
+    pub fn seq(&self) -> u64 {
+        self.at.seq
+    }
+
+    /// Frees the frame's bytes for the producer.
+    pub fn release(self) {
+        let total = self.at.total;
+        self.consumer.advance(total);
+    }
+}
+
+impl Deref for Frame<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        // SAFETY: `next_frame` checked that the frame lies inside the data area and below the
+        // published head, so the producer wrote it before its Release store of head, which we
+        // loaded with Acquire, and it will not touch these bytes until we store a tail past
+        // them (which needs `release(self)`, ending this borrow).
+        unsafe {
+            std::slice::from_raw_parts(self.consumer.view.payload_ptr(self.at.off), self.at.len)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair(cap: usize) -> (Producer, Consumer) {
+        let ring = Ring::create(cap).unwrap();
+        (
+            ring.producer(Peer::unwatched()).unwrap(),
+            ring.consumer(Peer::unwatched()).unwrap(),
+        )
+    }
+
+    #[test]
+    fn frames_wrap_with_padding_and_keep_order() {
+        let (mut tx, mut rx) = pair(1024);
+        let mut expect = 0u64;
+        for round in 0..200u64 {
+            let len = (round as usize * 37) % 700;
+            if tx.try_reserve(len).unwrap().is_none() {
+                // The wrap padding was published but the frame does not fit beside it until
+                // the consumer skips the padding (which `try_peek` does, returning no frame).
+                assert!(rx.try_peek().unwrap().is_none());
+            }
+            let mut g = tx
+                .try_reserve(len)
+                .unwrap()
+                .expect("ring drained each round");
+            g.fill(round as u8);
+            assert_eq!(g.commit(), round);
+            let f = rx.try_peek().unwrap().unwrap();
+            assert_eq!(f.seq(), expect);
+            assert_eq!(f.len(), len);
+            assert!(f.iter().all(|&b| b == round as u8));
+            assert_eq!(f.as_ptr() as usize % FRAME_ALIGN, 0);
+            f.release();
+            expect += 1;
+        }
+        assert!(rx.try_peek().unwrap().is_none());
+    }
+
+    #[test]
+    fn full_ring_and_too_large() {
+        let (mut tx, mut rx) = pair(512);
+        assert!(matches!(
+            tx.try_reserve(512 - 63),
+            Err(Error::FrameTooLarge { max: 448, .. })
+        ));
+        tx.try_reserve(448).unwrap().unwrap().commit();
+        assert!(tx.try_reserve(0).unwrap().is_none());
+        assert!(matches!(
+            tx.reserve_timeout(0, Duration::from_millis(20)),
+            Err(Error::Timeout { .. })
+        ));
+        rx.try_peek().unwrap().unwrap().release();
+        assert!(tx.try_reserve(448).unwrap().is_some());
+    }
+
+    #[test]
+    fn unreleased_frame_is_peeked_again_and_roles_are_exclusive() {
+        let ring = Ring::create(4096).unwrap();
+        let mut tx = ring.producer(Peer::unwatched()).unwrap();
+        assert!(matches!(
+            ring.producer(Peer::unwatched()),
+            Err(Error::AlreadyClaimed {
+                role: "producer",
+                ..
+            })
+        ));
+        let mut rx = ring.consumer(Peer::unwatched()).unwrap();
+        tx.send(b"abc").unwrap();
+        assert_eq!(&*rx.try_peek().unwrap().unwrap(), b"abc");
+        assert_eq!(&*rx.try_peek().unwrap().unwrap(), b"abc");
+        drop(tx);
+        rx.peek().unwrap().release();
+        assert!(matches!(rx.peek(), Err(Error::Closed)));
+    }
+
+    #[test]
+    fn corrupt_indices_and_headers_are_errors() {
+        let ring = Ring::create(1024).unwrap();
+        let mut tx = ring.producer(Peer::unwatched()).unwrap();
+        let mut rx = ring.consumer(Peer::unwatched()).unwrap();
+        tx.send(b"x").unwrap();
+        // A header whose length runs past the ring end.
+        ring.view.write_header(0, FrameHeader::new(1, 1 << 40, 0));
+        assert!(matches!(rx.try_peek(), Err(Error::Corrupt { .. })));
+        // A garbage header.
+        ring.view.write_header(0, FrameHeader::new(0xdead, 1, 0));
+        assert!(matches!(rx.try_peek(), Err(Error::Corrupt { .. })));
+        // A head far beyond the tail.
+        ring.view.ctl().head.store(1 << 50, Ordering::Release);
+        let mut rx2 = {
+            drop(rx);
+            ring.consumer(Peer::unwatched()).unwrap()
+        };
+        assert!(matches!(rx2.try_peek(), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn attach_checks_the_magic() {
+        let seg = Arc::new(Segment::new(8192).unwrap());
+        assert!(matches!(
+            Ring::attach(seg.clone(), 0),
+            Err(Error::Corrupt { .. })
+        ));
+        Ring::init_in(seg.clone(), 0, 4096).unwrap();
+        assert_eq!(Ring::attach(seg.clone(), 0).unwrap().capacity(), 4096);
+        assert!(matches!(
+            Ring::init_in(seg, 0, 8192),
+            Err(Error::InvalidSize { .. })
+        ));
+    }
+}

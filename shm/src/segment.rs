@@ -1,0 +1,189 @@
+//! Anonymous shared memory: one `memfd`, allocated up front, mapped `MAP_SHARED`.
+//!
+//! Guarantees:
+//! - **No name anywhere.** The memory comes from `memfd_create`, so nothing appears in
+//!   `/dev/shm`: there is no file to leak after `kill -9`, to collide with, or to fill a small
+//!   `/dev/shm` (a container's 64 MB default). The memory is freed when the last descriptor and
+//!   the last mapping are gone, in whatever order the processes die.
+//! - **Allocated at creation.** The pages are reserved with `fallocate`, so a machine without the
+//!   memory says so with [`Error::OutOfMemory`] here instead of a SIGBUS on first touch later.
+//! - **Shared across `fork`.** The mapping is `MAP_SHARED`; a forked child sees the same bytes.
+//!   For a re-executed child (`spawn`), pass [`Segment::fd`] across with CLOEXEC cleared and
+//!   re-open it with [`Segment::from_fd`].
+//!
+//! Assumes: Linux (`memfd_create`, `fallocate` on shmem).
+
+use std::ffi::c_void;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::ptr::NonNull;
+
+use rustix::fs::{FallocateFlags, MemfdFlags};
+use rustix::io::FdFlags;
+use rustix::mm::{MapFlags, ProtFlags};
+
+use crate::error::{Error, Result};
+
+/// A block of shared memory, mapped into this process.
+///
+/// ```
+/// use shmexec_shm::Segment;
+/// let seg = Segment::new(1 << 20)?;
+/// assert_eq!(seg.len(), 1 << 20);
+/// # Ok::<(), shmexec_shm::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct Segment {
+    fd: OwnedFd,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: `Segment` only hands out a raw base pointer; the bytes behind it are shared memory
+// that any process may touch, so no Rust-level aliasing rule depends on which thread holds the
+// `Segment`. The users of the pointer (the ring) synchronise through atomics.
+unsafe impl Send for Segment {}
+// SAFETY: as above: `&Segment` exposes nothing but the pointer, the length and the fd.
+unsafe impl Sync for Segment {}
+
+impl Segment {
+    /// Creates a segment of `len` bytes, zero-filled, with every page allocated now.
+    ///
+    /// The descriptor is close-on-exec; see [`Segment::set_inheritable`].
+    pub fn new(len: usize) -> Result<Segment> {
+        if len == 0 {
+            return Err(Error::InvalidSize {
+                what: "a segment must have at least one byte".into(),
+            });
+        }
+        check_memory_available(len as u64)?;
+        let fd = rustix::fs::memfd_create("shmexec", MemfdFlags::CLOEXEC)
+            .map_err(|e| Error::os("memfd_create", e))?;
+        // fallocate reserves every page now: ENOSPC/ENOMEM here instead of SIGBUS on first touch.
+        if let Err(e) = rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, len as u64) {
+            return Err(match e {
+                rustix::io::Errno::NOSPC | rustix::io::Errno::NOMEM | rustix::io::Errno::FBIG => {
+                    Error::OutOfMemory {
+                        requested: len as u64,
+                        available: available_memory(),
+                    }
+                }
+                e => Error::os("fallocate", e),
+            });
+        }
+        Self::map(fd, len)
+    }
+
+    /// Maps a segment received from another process (for example a descriptor inherited across
+    /// `exec`). Its length is the file's size.
+    pub fn from_fd(fd: OwnedFd) -> Result<Segment> {
+        let stat = rustix::fs::fstat(&fd).map_err(|e| Error::os("fstat", e))?;
+        let len = usize::try_from(stat.st_size).map_err(|_| Error::InvalidSize {
+            what: format!("descriptor reports size {}", stat.st_size),
+        })?;
+        if len == 0 {
+            return Err(Error::InvalidSize {
+                what: "descriptor has size 0; not a shmexec segment".into(),
+            });
+        }
+        Self::map(fd, len)
+    }
+
+    fn map(fd: OwnedFd, len: usize) -> Result<Segment> {
+        // SAFETY: a fresh mapping (null hint, no MAP_FIXED) replaces nothing in this address
+        // space; `fd` is at least `len` bytes long (we sized it, or fstat said so).
+        let ptr = unsafe {
+            rustix::mm::mmap(
+                std::ptr::null_mut(),
+                len,
+                ProtFlags::READ | ProtFlags::WRITE,
+                MapFlags::SHARED | MapFlags::POPULATE,
+                &fd,
+                0,
+            )
+        }
+        .map_err(|e| Error::os("mmap", e))?;
+        let ptr = NonNull::new(ptr.cast::<u8>())
+            .ok_or_else(|| Error::os("mmap", rustix::io::Errno::INVAL))?;
+        Ok(Segment { fd, ptr, len })
+    }
+
+    /// Base address of the mapping in this process (page aligned).
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always `false`: a segment has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The memfd behind the mapping, for passing to a process that will call
+    /// [`Segment::from_fd`].
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Clears (`true`) or sets (`false`) close-on-exec on the descriptor, so that a child started
+    /// with `exec` inherits it. Segments start close-on-exec so that unrelated programs this
+    /// process runs never hold the memory alive.
+    pub fn set_inheritable(&self, inheritable: bool) -> Result<()> {
+        let flags = if inheritable {
+            FdFlags::empty()
+        } else {
+            FdFlags::CLOEXEC
+        };
+        rustix::io::fcntl_setfd(&self.fd, flags).map_err(|e| Error::os("fcntl(F_SETFD)", e))
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `map`, and every borrow handed out
+        // from it (rings, frames) holds an `Arc<Segment>`, so nothing in this process uses the
+        // range after this point.
+        unsafe {
+            let _ = rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len);
+        }
+    }
+}
+
+/// Refuses sizes the machine could never back.
+///
+/// `fallocate` on the kernel's internal shmem mount has no size limit of its own: asked for more
+/// than the machine has, it would push the system into reclaim and wake the OOM killer before it
+/// failed. Comparing against `MemAvailable` first turns that into a clean error.
+fn check_memory_available(len: u64) -> Result<()> {
+    let available = available_memory();
+    if len > available {
+        return Err(Error::OutOfMemory {
+            requested: len,
+            available,
+        });
+    }
+    Ok(())
+}
+
+/// `MemAvailable` from `/proc/meminfo`, or free RAM from `sysinfo` where that file is unreadable.
+fn available_memory() -> u64 {
+    let from_meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("MemAvailable:"))
+            .and_then(|rest| {
+                rest.trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kb| kb * 1024)
+    });
+    from_meminfo.unwrap_or_else(|| {
+        let info = rustix::system::sysinfo();
+        (info.freeram as u64).saturating_mul(u64::from(info.mem_unit))
+    })
+}
