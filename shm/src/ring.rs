@@ -615,6 +615,16 @@ pub struct Grant<'a> {
     seq: u64,
 }
 
+impl std::fmt::Debug for Grant<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("len", &self.len)
+            .field("kind", &self.kind)
+            .field("seq", &self.seq)
+            .finish()
+    }
+}
+
 impl Grant<'_> {
     /// Sets the frame's kind (default [`FrameKind::Data`]).
     pub fn set_kind(&mut self, kind: FrameKind) -> &mut Self {
@@ -853,6 +863,16 @@ impl Drop for Consumer {
 pub struct Frame<'a> {
     consumer: &'a mut Consumer,
     at: Located,
+}
+
+impl std::fmt::Debug for Frame<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame")
+            .field("len", &self.at.len)
+            .field("kind", &self.at.kind)
+            .field("seq", &self.at.seq)
+            .finish()
+    }
 }
 
 impl Frame<'_> {
