@@ -8,9 +8,12 @@
 //! Every frame starts on a 64-byte boundary of the ring, so every payload is 64-byte aligned: a
 //! cache line, enough for rkyv's 8-byte types and for 32/64-byte SIMD loads in place.
 //!
-//! The header carries the payload length, a sequence number, a kind, and a check word derived
-//! from the other three. The consumer copies the header out of shared memory once and validates
-//! the copy, so a corrupt or hostile header is an error and never an out-of-bounds read.
+//! The header slot starts with the frame's **stamp**, an `AtomicU64` holding the frame's ring
+//! position plus one: the producer stores it last (`Release`), and the consumer polls it
+//! (`Acquire`) to learn that the frame is published. Then come the payload length, a sequence
+//! number, a kind, and a check word derived from all four. The consumer copies the fields out of
+//! shared memory once and validates the copy, so a corrupt or hostile header is an error and
+//! never an out-of-bounds read.
 
 use crate::error::{Error, Result};
 
@@ -38,7 +41,10 @@ pub(crate) const KIND_PAD: u32 = 0x5041_4421;
 
 const CHECK_SALT: u32 = 0x9E37_79B9;
 
-/// The header as it lies in the ring.
+/// Byte offset of the fields behind the stamp in the header slot.
+pub(crate) const FIELDS_AT: usize = 8;
+
+/// The header fields as they lie in the ring, after the 8-byte stamp.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct FrameHeader {
@@ -48,7 +54,7 @@ pub(crate) struct FrameHeader {
     seq: u64,
 }
 
-const _: () = assert!(std::mem::size_of::<FrameHeader>() <= HEADER_LEN);
+const _: () = assert!(FIELDS_AT + std::mem::size_of::<FrameHeader>() <= HEADER_LEN);
 
 /// A header that passed validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,17 +64,19 @@ pub(crate) enum Decoded {
 }
 
 impl FrameHeader {
-    pub(crate) fn new(kind: u32, len: u64, seq: u64) -> FrameHeader {
+    /// The fields of a frame at ring position `at`.
+    pub(crate) fn new(at: u64, kind: u32, len: u64, seq: u64) -> FrameHeader {
         FrameHeader {
             kind,
-            check: check_word(kind, len, seq),
+            check: check_word(stamp(at), kind, len, seq),
             len,
             seq,
         }
     }
 
+    /// Validates fields read at ring position `at` (whose stamp matched).
     pub(crate) fn decode(&self, at: u64) -> Result<Decoded> {
-        if self.check != check_word(self.kind, self.len, self.seq) {
+        if self.check != check_word(stamp(at), self.kind, self.len, self.seq) {
             return Err(Error::corrupt(format!(
                 "frame header at ring position {at} fails its check (kind {:#x}, len {}, seq {})",
                 self.kind, self.len, self.seq
@@ -93,9 +101,15 @@ impl FrameHeader {
     }
 }
 
-fn check_word(kind: u32, len: u64, seq: u64) -> u32 {
-    let mixed =
-        (len ^ seq.rotate_left(17) ^ (u64::from(kind) << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+/// The stamp of a frame published at ring position `at`. Positions are multiples of 64, so a
+/// stamp is never 0, the value that marks "no frame here yet".
+pub(crate) fn stamp(at: u64) -> u64 {
+    at.wrapping_add(1)
+}
+
+fn check_word(stamp: u64, kind: u32, len: u64, seq: u64) -> u32 {
+    let mixed = (len ^ seq.rotate_left(17) ^ stamp.rotate_left(41) ^ (u64::from(kind) << 32))
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
     ((mixed >> 32) as u32) ^ CHECK_SALT
 }
 
@@ -113,9 +127,11 @@ mod tests {
 
     #[test]
     fn header_round_trip_and_corruption() {
-        let h = FrameHeader::new(FrameKind::End as u32, 1234, 99);
+        let h = FrameHeader::new(128, FrameKind::End as u32, 1234, 99);
+        // The same fields read at another position (a stale header of an earlier lap) fail.
+        assert!(matches!(h.decode(128 + 4096), Err(Error::Corrupt { .. })));
         assert_eq!(
-            h.decode(0).unwrap(),
+            h.decode(128).unwrap(),
             Decoded::Frame {
                 kind: FrameKind::End,
                 len: 1234,
@@ -124,8 +140,8 @@ mod tests {
         );
         let mut bad = h;
         bad.len = 1 << 40;
-        assert!(matches!(bad.decode(0), Err(Error::Corrupt { .. })));
-        let unknown = FrameHeader::new(77, 0, 0);
+        assert!(matches!(bad.decode(128), Err(Error::Corrupt { .. })));
+        let unknown = FrameHeader::new(0, 77, 0, 0);
         assert!(matches!(unknown.decode(0), Err(Error::Corrupt { .. })));
     }
 

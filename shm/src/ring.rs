@@ -58,7 +58,8 @@ use crossbeam_utils::CachePadded;
 
 use crate::error::{Error, Result};
 use crate::frame::{
-    Decoded, FRAME_ALIGN, FrameHeader, FrameKind, HEADER_LEN, KIND_PAD, frame_bytes,
+    Decoded, FIELDS_AT, FRAME_ALIGN, FrameHeader, FrameKind, HEADER_LEN, KIND_PAD, frame_bytes,
+    stamp,
 };
 use crate::peer::Peer;
 use crate::segment::Segment;
@@ -149,28 +150,50 @@ impl View {
         unsafe { self.ctl.as_ref() }
     }
 
-    /// Copies the header at data offset `off` out of shared memory.
-    fn read_header(&self, off: u64) -> FrameHeader {
+    /// The stamp word at the start of the header slot at data offset `off`.
+    fn stamp(&self, off: u64) -> &AtomicU64 {
         debug_assert!(off % FRAME_ALIGN as u64 == 0 && off + HEADER_LEN as u64 <= self.cap);
         // SAFETY: callers pass `off < cap`, a multiple of 64, and `cap` is a multiple of 64, so
-        // the 64-byte header slot is inside the data area; it is 64-aligned, hence aligned for
-        // `FrameHeader`. A volatile read copies it exactly once, so validating the copy cannot be
-        // raced by a peer rewriting the slot.
+        // the 64-byte slot is inside the data area and 64-aligned (enough for AtomicU64). Any
+        // 8 bytes are a valid AtomicU64, and the borrow ends before the segment can be unmapped
+        // (`self` holds it).
+        unsafe { &*self.data.as_ptr().add(off as usize).cast::<AtomicU64>() }
+    }
+
+    /// Copies the header fields of the slot at data offset `off` out of shared memory.
+    fn read_fields(&self, off: u64) -> FrameHeader {
+        debug_assert!(off % FRAME_ALIGN as u64 == 0 && off + HEADER_LEN as u64 <= self.cap);
+        // SAFETY: the slot is in bounds and 64-aligned (see `stamp`), so the fields at +8 are in
+        // bounds and 8-aligned for `FrameHeader`. A volatile read copies them exactly once, so
+        // validating the copy cannot be raced by a peer rewriting the slot.
         unsafe {
-            std::ptr::read_volatile(self.data.as_ptr().add(off as usize).cast::<FrameHeader>())
+            std::ptr::read_volatile(
+                self.data
+                    .as_ptr()
+                    .add(off as usize + FIELDS_AT)
+                    .cast::<FrameHeader>(),
+            )
         }
     }
 
-    fn write_header(&self, off: u64, header: FrameHeader) {
+    /// Writes a frame's header fields, then its stamp: the frame is published by this call.
+    fn publish_header(&self, pos: u64, fields: FrameHeader) {
+        let off = pos % self.cap;
         debug_assert!(off % FRAME_ALIGN as u64 == 0 && off + HEADER_LEN as u64 <= self.cap);
-        // SAFETY: as in `read_header` for bounds and alignment; the slot lies in the free part of
-        // the ring, owned by the (single) producer until it publishes `head` past it.
+        // SAFETY: as in `read_fields` for bounds and alignment; the slot lies in the free part of
+        // the ring, owned by the (single) producer until the stamp store below.
         unsafe {
             std::ptr::write_volatile(
-                self.data.as_ptr().add(off as usize).cast::<FrameHeader>(),
-                header,
+                self.data
+                    .as_ptr()
+                    .add(off as usize + FIELDS_AT)
+                    .cast::<FrameHeader>(),
+                fields,
             )
         }
+        // SYNC POINT with the consumer's stamp load in `Consumer::wait_data`: the payload and
+        // the fields written before this store are visible to it once it sees the stamp.
+        self.stamp(off).store(stamp(pos), Ordering::Release);
     }
 
     /// The payload area of the frame whose header is at data offset `off`.
@@ -321,7 +344,6 @@ impl Ring {
         Ok(Consumer {
             view: self.view.clone(),
             tail,
-            head_seen: tail,
             waiter: Waiter::default(),
             peer,
             pid,
@@ -377,22 +399,6 @@ fn load_tail(view: &View, head: u64, tail_seen: &mut u64) -> Result<()> {
         )));
     }
     *tail_seen = t;
-    Ok(())
-}
-
-/// Reads `head` and checks it against what the consumer knows: it may only grow, may not run
-/// more than a capacity ahead of `tail`, and stays frame aligned.
-fn load_head(view: &View, tail: u64, head_seen: &mut u64) -> Result<()> {
-    // SYNC POINT with the producer's `head.store(Release)` in `Producer::publish`: every byte of
-    // every frame below the new head (header and payload) is visible after this load.
-    let h = view.ctl().head.load(Ordering::Acquire);
-    if h < *head_seen || h - tail > view.cap || h % FRAME_ALIGN as u64 != 0 {
-        return Err(Error::corrupt(format!(
-            "ring head {h} is impossible (last seen {}, tail {tail}, capacity {})",
-            *head_seen, view.cap
-        )));
-    }
-    *head_seen = h;
     Ok(())
 }
 
@@ -537,9 +543,7 @@ impl Producer {
             if !self.wait_space(pad, deadline, block)? {
                 return Ok(None);
             }
-            self.view
-                .write_header(off, FrameHeader::new(KIND_PAD, pad - HEADER_LEN as u64, 0));
-            self.publish(self.head + pad);
+            self.publish(pad, KIND_PAD, pad - HEADER_LEN as u64, 0);
         }
         if !self.wait_space(need, deadline, block)? {
             return Ok(None);
@@ -579,12 +583,25 @@ impl Producer {
         Ok(true)
     }
 
-    fn publish(&mut self, new_head: u64) {
-        self.head = new_head;
+    /// Publishes the frame of `total` ring bytes at `head`, whose payload is already written.
+    fn publish(&mut self, total: u64, kind: u32, len: u64, seq: u64) {
+        let (pos, cap) = (self.head, self.view.cap);
+        let next = pos + total;
+        // The consumer will poll the slot at `next` once it has read this frame. Old payload
+        // bytes there must never pass for a stamp, so clear it while it is ours (free space).
+        // If the ring is exactly full, the slot is not ours, but then it holds the real header
+        // of the frame at `tail_seen` (tails only stop at frame starts), whose stamp names the
+        // previous lap and cannot match.
+        if next < self.tail_seen + cap {
+            self.view.stamp(next % cap).store(0, Ordering::Relaxed);
+        }
+        self.view
+            .publish_header(pos, FrameHeader::new(pos, kind, len, seq));
+        self.head = next;
         let ctl = self.view.ctl();
-        // SYNC POINT with `load_head` in the consumer: the header and payload stores above
-        // happen-before any read the consumer makes after it sees this head.
-        ctl.head.store(new_head, Ordering::Release);
+        // The shared head is for a producer that takes over after this one died; the consumer
+        // never reads it (it polls stamps), so this store stays in our own cache line.
+        ctl.head.store(next, Ordering::Release);
         ctl.data_ready.notify();
     }
 }
@@ -649,17 +666,14 @@ impl Grant<'_> {
     pub fn commit(self) -> u64 {
         let Grant {
             producer,
-            off,
+            off: _,
             len,
             kind,
             seq,
         } = self;
-        producer
-            .view
-            .write_header(off, FrameHeader::new(kind as u32, len as u64, seq));
         let total = frame_bytes(len as u64).expect("reserved frames fit the ring");
         producer.next_seq = seq.wrapping_add(1);
-        producer.publish(producer.head + total);
+        producer.publish(total, kind as u32, len as u64, seq);
         seq
     }
 }
@@ -688,8 +702,6 @@ pub struct Consumer {
     view: View,
     /// Our own index; we are its only writer.
     tail: u64,
-    /// The last `head` we loaded; frames in `[tail, head_seen)` are published.
-    head_seen: u64,
     waiter: Waiter,
     peer: Peer,
     pid: u32,
@@ -764,15 +776,14 @@ impl Consumer {
     fn next_frame(&mut self, deadline: Option<Instant>, block: bool) -> Result<Option<Located>> {
         let cap = self.view.cap;
         loop {
-            if self.head_seen == self.tail && !self.wait_data(deadline, block)? {
+            if !self.wait_data(deadline, block)? {
                 return Ok(None);
             }
             let off = self.tail % cap;
             let room = cap - off;
-            match self.view.read_header(off).decode(self.tail)? {
+            match self.view.read_fields(off).decode(self.tail)? {
                 Decoded::Pad { len } => {
-                    let total = len.checked_add(HEADER_LEN as u64);
-                    if total != Some(room) || self.tail + room > self.head_seen {
+                    if len.checked_add(HEADER_LEN as u64) != Some(room) {
                         return Err(Error::corrupt(format!(
                             "padding of {len} bytes at ring position {} does not end at the wrap",
                             self.tail
@@ -781,11 +792,10 @@ impl Consumer {
                     self.advance(room);
                 }
                 Decoded::Frame { kind, len, seq } => {
-                    let total =
-                        frame_bytes(len).filter(|&t| t <= room && self.tail + t <= self.head_seen);
+                    let total = frame_bytes(len).filter(|&t| t <= room);
                     let (Some(total), Ok(len)) = (total, usize::try_from(len)) else {
                         return Err(Error::corrupt(format!(
-                            "frame of {len} bytes at ring position {} runs past the published data or the ring end",
+                            "frame of {len} bytes at ring position {} runs past the ring end",
                             self.tail
                         )));
                     };
@@ -801,18 +811,21 @@ impl Consumer {
         }
     }
 
-    /// Waits until `head` moves past `tail`; `Ok(false)` if it has not and `block` is false.
+    /// Waits until the frame at `tail` is published; `Ok(false)` if it is not and `block` is
+    /// false.
     fn wait_data(&mut self, deadline: Option<Instant>, block: bool) -> Result<bool> {
-        let (view, tail, head_seen) = (&self.view, self.tail, &mut self.head_seen);
-        let mut ready = || -> Result<bool> {
-            load_head(view, tail, head_seen)?;
-            if *head_seen > tail {
+        let (view, tail) = (&self.view, self.tail);
+        let slot = view.stamp(tail % view.cap);
+        // SYNC POINT with the stamp store in `View::publish_header`: seeing the stamp makes the
+        // frame's fields and payload visible.
+        let published = || slot.load(Ordering::Acquire) == stamp(tail);
+        let ready = || -> Result<bool> {
+            if published() {
                 return Ok(true);
             }
             if view.closed(PRODUCER_CLOSED) {
-                // The producer's last head store came before its closed flag: look once more.
-                load_head(view, tail, head_seen)?;
-                return if *head_seen > tail {
+                // The producer's last stamp store came before its closed flag: look once more.
+                return if published() {
                     Ok(true)
                 } else {
                     Err(Error::Closed)
@@ -820,11 +833,11 @@ impl Consumer {
             }
             Ok(false)
         };
-        if ready()? {
+        if published() {
             return Ok(true);
         }
         if !block {
-            return Ok(false);
+            return ready();
         }
         view.ctl()
             .data_ready
@@ -921,7 +934,6 @@ mod tests {
     #[test]
     fn frames_wrap_with_padding_and_keep_order() {
         let (mut tx, mut rx) = pair(1024);
-        let mut expect = 0u64;
         for round in 0..200u64 {
             let len = (round as usize * 37) % 700;
             if tx.try_reserve(len).unwrap().is_none() {
@@ -936,12 +948,11 @@ mod tests {
             g.fill(round as u8);
             assert_eq!(g.commit(), round);
             let f = rx.try_peek().unwrap().unwrap();
-            assert_eq!(f.seq(), expect);
+            assert_eq!(f.seq(), round);
             assert_eq!(f.len(), len);
             assert!(f.iter().all(|&b| b == round as u8));
             assert_eq!(f.as_ptr() as usize % FRAME_ALIGN, 0);
             f.release();
-            expect += 1;
         }
         assert!(rx.try_peek().unwrap().is_none());
     }
@@ -989,19 +1000,45 @@ mod tests {
         let mut tx = ring.producer(Peer::unwatched()).unwrap();
         let mut rx = ring.consumer(Peer::unwatched()).unwrap();
         tx.send(b"x").unwrap();
-        // A header whose length runs past the ring end.
-        ring.view.write_header(0, FrameHeader::new(1, 1 << 40, 0));
+        // A published header whose length runs past the ring end.
+        ring.view
+            .publish_header(0, FrameHeader::new(0, 1, 1 << 40, 0));
         assert!(matches!(rx.try_peek(), Err(Error::Corrupt { .. })));
-        // A garbage header.
-        ring.view.write_header(0, FrameHeader::new(0xdead, 1, 0));
+        // A garbage kind.
+        ring.view
+            .publish_header(0, FrameHeader::new(0, 0xdead, 1, 0));
         assert!(matches!(rx.try_peek(), Err(Error::Corrupt { .. })));
-        // A head far beyond the tail.
-        ring.view.ctl().head.store(1 << 50, Ordering::Release);
-        let mut rx2 = {
-            drop(rx);
-            ring.consumer(Peer::unwatched()).unwrap()
-        };
-        assert!(matches!(rx2.try_peek(), Err(Error::Corrupt { .. })));
+        // Fields that do not match the stamp (a stale header, or random bytes).
+        ring.view.publish_header(0, FrameHeader::new(4096, 1, 1, 0));
+        assert!(matches!(rx.try_peek(), Err(Error::Corrupt { .. })));
+        // A tail beyond the head, as a hostile consumer could write it.
+        ring.view.ctl().tail.store(1 << 50, Ordering::Release);
+        assert!(matches!(tx.reserve(900), Err(Error::Corrupt { .. })));
+    }
+
+    #[test]
+    fn stale_payload_never_passes_for_a_frame() {
+        // Every payload line holds the stamp that a frame starting at the same place one lap
+        // later would carry: without the producer clearing the next slot, the consumer would
+        // find a "published" stamp in stale bytes (and then fail on its check word).
+        let (mut tx, mut rx) = pair(1024);
+        for round in 0..200u64 {
+            let len = 64 * (1 + (round as usize * 7) % 9);
+            if tx.try_reserve(len).unwrap().is_none() {
+                assert!(rx.try_peek().unwrap().is_none()); // skips the wrap padding
+            }
+            let at = tx.head + HEADER_LEN as u64;
+            let mut g = tx.try_reserve(len).unwrap().expect("drained every round");
+            for (i, line) in g.chunks_exact_mut(64).enumerate() {
+                let future = stamp(at + 64 * i as u64 + 1024);
+                line[..8].copy_from_slice(&future.to_ne_bytes());
+            }
+            g.commit();
+            let f = rx.try_peek().unwrap().unwrap();
+            assert_eq!(f.len(), len);
+            f.release();
+            assert!(rx.try_peek().unwrap().is_none(), "round {round}");
+        }
     }
 
     #[test]

@@ -125,13 +125,15 @@ fn full_ring_blocks_the_producer_until_the_consumer_drains_it() {
 
     flags.get(GO).store(1, Ordering::Release);
     // Blocks until the consumer frees a frame, then succeeds.
-    let g = tx.reserve_timeout(FRAME, LONG).unwrap();
+    let seq = tx.next_seq();
+    let mut g = tx.reserve_timeout(FRAME, LONG).unwrap();
     assert_eq!(
         flags.get(DRAINING).load(Ordering::Acquire),
         1,
         "space appeared before the consumer started draining"
     );
-    drop(g);
+    g.fill(seq as u8);
+    g.commit();
     tx.send_end().unwrap();
     assert_eq!(
         child.wait_timeout(LONG).unwrap(),
