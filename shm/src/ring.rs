@@ -27,7 +27,8 @@
 //! offset 0          CONTROL_LEN (4096)                            CONTROL_LEN + capacity
 //!        | control  | frame | frame | ... | pad |                |
 //!          magic, capacity, pids, closed flags,
-//!          head  (own cache line, written by the producer only)
+//!          head  (own cache line, written by the producer only; read only by a successor
+//!                 producer after a crash)
 //!          tail  (own cache line, written by the consumer only)
 //!          data_ready / space_ready signals (own cache lines)
 //! ```
@@ -39,13 +40,16 @@
 //! padding is published (and consumed) on its own, a frame of up to `capacity - 64` payload bytes
 //! always fits eventually, whatever the offset; bigger ones are [`Error::FrameTooLarge`] at once.
 //!
-//! Memory ordering, and why no wake-up is lost, are argued in [`crate::signal`].
+//! A frame is published by the stamp in its header slot (see [`crate::frame`]), not by `head`:
+//! the consumer polls the one cache line the frame arrives in, so a hand-over costs one line
+//! transfer less. Memory ordering, why a stale stamp never passes for a frame, and why no
+//! wake-up is lost are argued in [`crate::signal`].
 //!
 //! # Trust
 //!
 //! Neither side trusts what the other wrote. Each handle caches the capacity once (checked
-//! against the segment size) and never re-reads it; `head`, `tail` and every header are checked
-//! before use. A violation is [`Error::Corrupt`]. A hostile peer can still scribble over payload
+//! against the segment size) and never re-reads it; `head`, `tail` and every header (its check
+//! word, kind, and that it ends inside the ring) are checked before use. A violation is [`Error::Corrupt`]. A hostile peer can still scribble over payload
 //! bytes that it shares with us; it cannot make this process read or write outside the mapping.
 
 use std::ops::{Deref, DerefMut};
