@@ -225,10 +225,7 @@ impl Words {
         }
     }
     fn get(&self, i: usize) -> &AtomicU32 {
-        assert!(i < 2);
-        // SAFETY: a page-aligned, zero-filled 8192-byte segment kept alive by `self`: offsets 0
-        // and 4096 hold aligned, initialised u32s; AtomicU32 has u32's layout.
-        unsafe { &*self.seg.as_ptr().add(4096 * i).cast::<AtomicU32>() }
+        self.seg.atomic_u32(4096 * i).expect("word 0 or 1")
     }
 }
 

@@ -16,6 +16,7 @@
 use std::ffi::c_void;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
+use std::sync::atomic::AtomicU32;
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::io::FdFlags;
@@ -120,6 +121,30 @@ impl Segment {
     /// Always `false`: a segment has at least one byte.
     pub fn is_empty(&self) -> bool {
         false
+    }
+
+    /// The 32-bit atomic at byte `offset`: a flag or counter shared between the processes that
+    /// map this segment (a futex word, for example). `None` if `offset` is out of bounds or not
+    /// 4-byte aligned.
+    ///
+    /// ```
+    /// use std::sync::atomic::Ordering;
+    /// let seg = shmexec_shm::Segment::new(4096)?;
+    /// seg.atomic_u32(64).unwrap().store(7, Ordering::Release);
+    /// assert_eq!(seg.atomic_u32(64).unwrap().load(Ordering::Acquire), 7);
+    /// assert!(seg.atomic_u32(4094).is_none());
+    /// # Ok::<(), shmexec_shm::Error>(())
+    /// ```
+    pub fn atomic_u32(&self, offset: usize) -> Option<&AtomicU32> {
+        let fits = offset.checked_add(4).is_some_and(|end| end <= self.len);
+        if !fits || offset % std::mem::align_of::<AtomicU32>() != 0 {
+            return None;
+        }
+        // SAFETY: `offset + 4 <= len` and the base is page aligned, so the 4 bytes are inside
+        // the mapping and aligned for AtomicU32, which has u32's layout and accepts any bits
+        // (the memory starts zeroed and is always initialised). The borrow is tied to `&self`,
+        // and the mapping lives as long as `self`. Other processes access it only atomically.
+        Some(unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU32>() })
     }
 
     /// The memfd behind the mapping, for passing to a process that will call

@@ -27,10 +27,9 @@ impl Flags {
     }
 
     fn get(&self, i: usize) -> &AtomicU32 {
-        assert!(i < 1024);
-        // SAFETY: the segment is 4096 bytes, page aligned and zero-filled: slot i < 1024 is an
-        // aligned, initialised u32 that lives as long as `self`. AtomicU32 has u32's layout.
-        unsafe { &*self.seg.as_ptr().cast::<AtomicU32>().add(i) }
+        self.seg
+            .atomic_u32(4 * i)
+            .expect("flag index inside the segment")
     }
 
     /// Waits (sleeping) until flag `i` is non-zero; false after `timeout`.
