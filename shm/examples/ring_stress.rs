@@ -12,6 +12,7 @@
 #[path = "../tests/support/stream.rs"]
 mod stream;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 fn parse_args() -> Result<(u64, usize, u64), String> {
@@ -52,14 +53,17 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let tty = std::io::stderr().is_terminal();
     let progress = |seq: u64| {
-        if seq > 0 {
+        if tty && seq > 0 {
             eprint!("\r{seq}/{frames} frames sent");
         }
     };
     match stream::run(frames, seed, ring_bytes, shmexec_shm::fork, progress) {
         Ok((s, elapsed)) => {
-            eprint!("\r");
+            if tty {
+                eprint!("\r");
+            }
             let secs = elapsed.as_secs_f64();
             println!(
                 "frames={} bytes={} checksum_ok={} misordered={} secs={:.3} gbps={:.2}",
