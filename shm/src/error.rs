@@ -11,10 +11,11 @@ use std::time::Duration;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A segment or ring of zero (or too few) bytes was asked for.
-    #[error("invalid size: {what}")]
-    InvalidSize {
-        /// What was wrong with the size.
+    /// An argument no call could satisfy: a segment of zero bytes, a ring too small or placed
+    /// outside its segment, a pid that is not one.
+    #[error("invalid argument: {what}")]
+    InvalidArgument {
+        /// What was wrong, with the value.
         what: String,
     },
 

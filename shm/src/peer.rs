@@ -45,7 +45,7 @@ impl Peer {
     /// (right after `fork`, or in the child for its parent) so that the pid cannot be reused
     /// in between.
     pub fn process(pid: i32) -> Result<Peer> {
-        let raw = Pid::from_raw(pid).ok_or_else(|| Error::InvalidSize {
+        let raw = Pid::from_raw(pid).ok_or_else(|| Error::InvalidArgument {
             what: format!("pid {pid} is not a valid process id"),
         })?;
         let pidfd = match rustix::process::pidfd_open(raw, PidfdFlags::empty()) {

@@ -124,7 +124,7 @@ impl View {
             .checked_add(CONTROL_LEN)
             .and_then(|o| o.checked_add(cap_usize));
         if offset % CONTROL_LEN != 0 || end.is_none_or(|e| e > seg.len()) {
-            return Err(Error::InvalidSize {
+            return Err(Error::InvalidArgument {
                 what: format!(
                     "a ring of capacity {cap} at offset {offset} does not fit a segment of {} bytes \
                      (offset must be a multiple of {CONTROL_LEN})",
@@ -247,7 +247,7 @@ impl Ring {
     /// whatever was there. No other ring may use that range.
     pub fn init_in(seg: Arc<Segment>, offset: usize, capacity: usize) -> Result<Ring> {
         if capacity < MIN_CAPACITY {
-            return Err(Error::InvalidSize {
+            return Err(Error::InvalidArgument {
                 what: format!(
                     "ring capacity {capacity} is below the minimum of {MIN_CAPACITY} bytes"
                 ),
@@ -1056,7 +1056,7 @@ mod tests {
         assert_eq!(Ring::attach(seg.clone(), 0).unwrap().capacity(), 4096);
         assert!(matches!(
             Ring::init_in(seg, 0, 8192),
-            Err(Error::InvalidSize { .. })
+            Err(Error::InvalidArgument { .. })
         ));
     }
 }

@@ -52,7 +52,7 @@ impl Segment {
     /// The descriptor is close-on-exec; see [`Segment::set_inheritable`].
     pub fn new(len: usize) -> Result<Segment> {
         if len == 0 {
-            return Err(Error::InvalidSize {
+            return Err(Error::InvalidArgument {
                 what: "a segment must have at least one byte".into(),
             });
         }
@@ -78,11 +78,11 @@ impl Segment {
     /// `exec`). Its length is the file's size.
     pub fn from_fd(fd: OwnedFd) -> Result<Segment> {
         let stat = rustix::fs::fstat(&fd).map_err(|e| Error::os("fstat", e))?;
-        let len = usize::try_from(stat.st_size).map_err(|_| Error::InvalidSize {
+        let len = usize::try_from(stat.st_size).map_err(|_| Error::InvalidArgument {
             what: format!("descriptor reports size {}", stat.st_size),
         })?;
         if len == 0 {
-            return Err(Error::InvalidSize {
+            return Err(Error::InvalidArgument {
                 what: "descriptor has size 0; not a shmexec segment".into(),
             });
         }

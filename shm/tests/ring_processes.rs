@@ -242,12 +242,18 @@ fn too_large_frames_and_impossible_segments_are_errors() {
 
     let err = Segment::new(1 << 60).unwrap_err();
     assert!(matches!(err, Error::OutOfMemory { .. }), "{err}");
-    assert!(matches!(Segment::new(0), Err(Error::InvalidSize { .. })));
+    assert!(matches!(
+        Segment::new(0),
+        Err(Error::InvalidArgument { .. })
+    ));
     assert!(matches!(
         Ring::create(1 << 60),
         Err(Error::OutOfMemory { .. })
     ));
-    assert!(matches!(Ring::create(64), Err(Error::InvalidSize { .. })));
+    assert!(matches!(
+        Ring::create(64),
+        Err(Error::InvalidArgument { .. })
+    ));
     drop(guard);
 }
 
