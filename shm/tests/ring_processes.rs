@@ -316,3 +316,69 @@ fn fork_refuses_a_multi_threaded_process() {
     t.join().unwrap().unwrap();
     assert_no_children();
 }
+
+#[test]
+fn ping_pong_crosses_processes_in_every_wait_strategy() {
+    let guard = serial();
+    for strategy in [
+        WaitStrategy::Spin,
+        WaitStrategy::Park,
+        WaitStrategy::Adaptive,
+    ] {
+        let (down, up) = (
+            Ring::create(1 << 14).unwrap(),
+            Ring::create(1 << 14).unwrap(),
+        );
+        let (d, u) = (down.clone(), up.clone());
+        let parent = std::process::id() as i32;
+        let mut child = spawn(&guard, move || {
+            let mut rx = d.consumer(Peer::process(parent).unwrap()).unwrap();
+            let mut tx = u.producer(Peer::process(parent).unwrap()).unwrap();
+            rx.set_wait_strategy(strategy);
+            tx.set_wait_strategy(strategy);
+            loop {
+                let f = match rx.peek_timeout(LONG) {
+                    Ok(f) => f,
+                    Err(Error::Closed) => return 0,
+                    Err(_) => return 20,
+                };
+                // Answer with the payload's bytes incremented, under the same sequence number.
+                let Ok(mut g) = tx.reserve_timeout(f.len(), LONG) else {
+                    return 21;
+                };
+                for (out, inp) in g.iter_mut().zip(f.iter()) {
+                    *out = inp.wrapping_add(1);
+                }
+                g.set_seq(f.seq());
+                g.commit();
+                f.release();
+            }
+        })
+        .unwrap();
+        let mut tx = down.producer(child.peer().unwrap()).unwrap();
+        let mut rx = up.consumer(child.peer().unwrap()).unwrap();
+        tx.set_wait_strategy(strategy);
+        rx.set_wait_strategy(strategy);
+        for i in 0..2000u64 {
+            let len = (i as usize * 13) % 300;
+            let mut g = tx.reserve_timeout(len, LONG).unwrap();
+            g.fill(i as u8);
+            g.commit();
+            let reply = rx.peek_timeout(LONG).unwrap();
+            assert_eq!(reply.seq(), i, "{strategy:?}");
+            assert_eq!(reply.len(), len);
+            assert!(
+                reply.iter().all(|&b| b == (i as u8).wrapping_add(1)),
+                "{strategy:?} round {i}"
+            );
+            reply.release();
+        }
+        drop(tx); // the child sees Closed and exits 0
+        assert_eq!(
+            child.wait_timeout(LONG).unwrap(),
+            Some(ExitStatus::Exited(0)),
+            "{strategy:?}"
+        );
+    }
+    assert_no_children();
+}
