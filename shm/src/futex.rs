@@ -17,7 +17,7 @@ use rustix::thread::futex;
 /// futex waits can also end spuriously.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WaitResult {
-    /// Woken by a [`wake`], or spuriously.
+    /// Woken by a [`wake_all`], or spuriously.
     Woken,
     /// The word did not hold `expected` when the kernel looked, so the caller did not sleep.
     Changed,
@@ -27,7 +27,7 @@ pub enum WaitResult {
 
 /// Sleeps while `word == expected`, for at most `timeout` (`None`: no limit).
 ///
-/// The comparison and the enqueue are atomic in the kernel: a [`wake`] that follows a store
+/// The comparison and the enqueue are atomic in the kernel: a [`wake_all`] that follows a store
 /// which changed the word cannot be missed.
 pub fn wait(word: &AtomicU32, expected: u32, timeout: Option<Duration>) -> WaitResult {
     let ts = timeout.map(|d| rustix::time::Timespec {

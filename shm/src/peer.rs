@@ -1,7 +1,7 @@
 //! Who is on the other end, and whether it is still alive.
 //!
 //! Every blocking call in this crate watches a [`Peer`]: a wait on a ring whose other process
-//! died must end with [`Error::PeerGone`](crate::Error::PeerGone), not hang. A process is watched
+//! died must end with [`Error::PeerGone`], not hang. A process is watched
 //! through a **pidfd**, which becomes readable when the process exits. Unlike `kill(pid, 0)` it
 //! sees a dead-but-unreaped child (a zombie) as dead, and it cannot be fooled by pid reuse.
 
