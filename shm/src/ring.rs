@@ -49,8 +49,9 @@
 //!
 //! Neither side trusts what the other wrote. Each handle caches the capacity once (checked
 //! against the segment size) and never re-reads it; `head`, `tail` and every header (its check
-//! word, kind, and that it ends inside the ring) are checked before use. A violation is [`Error::Corrupt`]. A hostile peer can still scribble over payload
-//! bytes that it shares with us; it cannot make this process read or write outside the mapping.
+//! word, kind, and that it ends inside the ring) are checked before use. A violation is
+//! [`Error::Corrupt`]. A hostile peer can still scribble over payload bytes that it shares with
+//! us; it cannot make this process read or write outside the mapping.
 
 use std::ops::{Deref, DerefMut};
 use std::ptr::NonNull;
@@ -440,22 +441,12 @@ impl Producer {
     /// lives. Ends with [`Error::PeerGone`] if the consumer dies and [`Error::Closed`] if it
     /// drops its handle; [`Error::FrameTooLarge`] at once if the frame can never fit.
     pub fn reserve(&mut self, len: usize) -> Result<Grant<'_>> {
-        self.reserve_inner(len, None, true).map(|off| {
-            self.grant(
-                off.expect("a blocking reserve returns a slot or an error"),
-                len,
-            )
-        })
+        self.reserve_blocking(len, None)
     }
 
     /// [`Producer::reserve`] that gives up with [`Error::Timeout`] at `deadline`.
     pub fn reserve_until(&mut self, len: usize, deadline: Instant) -> Result<Grant<'_>> {
-        self.reserve_inner(len, Some(deadline), true).map(|off| {
-            self.grant(
-                off.expect("a blocking reserve returns a slot or an error"),
-                len,
-            )
-        })
+        self.reserve_blocking(len, Some(deadline))
     }
 
     /// [`Producer::reserve`] that gives up with [`Error::Timeout`] after `timeout`.
@@ -509,6 +500,13 @@ impl Producer {
     /// The sequence number the next commit gets unless [`Grant::set_seq`] says otherwise.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
+    }
+
+    fn reserve_blocking(&mut self, len: usize, deadline: Option<Instant>) -> Result<Grant<'_>> {
+        let off = self
+            .reserve_inner(len, deadline, true)?
+            .expect("a blocking reserve returns a slot or an error");
+        Ok(self.grant(off, len))
     }
 
     fn grant(&mut self, off: u64, len: usize) -> Grant<'_> {
