@@ -15,6 +15,7 @@
 //! | [`signal`]  | the wake-up protocol, with the argument that no wake-up is lost       |
 //! | [`frame`]   | the frame header: length, sequence number, kind                        |
 //! | [`ring`]    | the SPSC ring of variable-length, 64-byte aligned frames              |
+//! | [`held`]    | frames kept after the read cursor moved on, released in any order     |
 //! | [`process`] | forked children that die with their parent and their handle           |
 //!
 //! ```
@@ -35,6 +36,7 @@
 pub mod error;
 pub mod frame;
 pub mod futex;
+pub mod held;
 pub mod peer;
 pub mod process;
 pub mod ring;
@@ -44,6 +46,7 @@ pub mod wait;
 
 pub use error::{Error, Result};
 pub use frame::{FRAME_ALIGN, FrameKind, HEADER_LEN};
+pub use held::HeldFrame;
 pub use peer::Peer;
 pub use process::{ChildProcess, ExitStatus, fork, fork_unchecked};
 pub use ring::{CONTROL_LEN, Consumer, Frame, Grant, Producer, Ring};

@@ -66,6 +66,7 @@ use crate::frame::{
     Decoded, FIELDS_AT, FRAME_ALIGN, FrameHeader, FrameKind, HEADER_LEN, KIND_PAD, frame_bytes,
     stamp,
 };
+use crate::held::{Book, HeldFrame};
 use crate::peer::Peer;
 use crate::segment::Segment;
 use crate::signal::Signal;
@@ -83,16 +84,19 @@ const MIN_CAPACITY: usize = 2 * FRAME_ALIGN;
 /// The shared control block. All fields are atomics, so any bit pattern a peer writes is a valid
 /// value, and all-zero is "uninitialised" (no magic).
 #[repr(C)]
-struct Control {
+pub(crate) struct Control {
     magic: AtomicU64,
     capacity: AtomicU64,
     producer_pid: AtomicU32,
     consumer_pid: AtomicU32,
     closed: AtomicU32,
+    /// Bytes a producer blocked in `reserve` is waiting for (0 when it is not waiting): lets a
+    /// consumer that holds frames see that only releasing them can unblock the producer.
+    producer_need: AtomicU64,
     head: CachePadded<AtomicU64>,
-    tail: CachePadded<AtomicU64>,
+    pub(crate) tail: CachePadded<AtomicU64>,
     data_ready: CachePadded<Signal>,
-    space_ready: CachePadded<Signal>,
+    pub(crate) space_ready: CachePadded<Signal>,
 }
 
 const _: () = assert!(std::mem::size_of::<Control>() <= CONTROL_LEN);
@@ -101,7 +105,7 @@ const _: () = assert!(CONTROL_LEN % std::mem::align_of::<Control>() == 0);
 /// This process's view of one ring: the segment kept alive, the two base pointers, and the
 /// capacity as checked at attach time. Every raw-pointer access of the ring goes through here.
 #[derive(Clone)]
-struct View {
+pub(crate) struct View {
     seg: Arc<Segment>,
     ctl: NonNull<Control>,
     data: NonNull<u8>,
@@ -148,7 +152,7 @@ impl View {
         })
     }
 
-    fn ctl(&self) -> &Control {
+    pub(crate) fn ctl(&self) -> &Control {
         // SAFETY: `ctl` is in bounds and aligned (see `View::new`) and the segment outlives
         // `self`. `Control` is all atomics: any bytes (zero-filled at creation, or written by a
         // peer) are a valid value, and shared access needs no exclusivity.
@@ -202,7 +206,7 @@ impl View {
     }
 
     /// The payload area of the frame whose header is at data offset `off`.
-    fn payload_ptr(&self, off: u64) -> *mut u8 {
+    pub(crate) fn payload_ptr(&self, off: u64) -> *mut u8 {
         // SAFETY: off + HEADER_LEN <= cap (frames are validated or sized to fit before the end).
         unsafe { self.data.as_ptr().add(off as usize + HEADER_LEN) }
     }
@@ -262,6 +266,7 @@ impl Ring {
         ctl.producer_pid.store(0, Ordering::Relaxed);
         ctl.consumer_pid.store(0, Ordering::Relaxed);
         ctl.closed.store(0, Ordering::Relaxed);
+        ctl.producer_need.store(0, Ordering::Relaxed);
         ctl.head.store(0, Ordering::Relaxed);
         ctl.tail.store(0, Ordering::Relaxed);
         // SYNC POINT with the magic load in `attach`: an attacher that sees the magic sees the
@@ -348,7 +353,8 @@ impl Ring {
         }
         Ok(Consumer {
             view: self.view.clone(),
-            tail,
+            read: tail,
+            book: Arc::new(Book::new(tail)),
             waiter: Waiter::default(),
             peer,
             pid,
@@ -411,6 +417,16 @@ fn deadline_after(timeout: Duration) -> Instant {
     let now = Instant::now();
     now.checked_add(timeout)
         .unwrap_or(now + Duration::from_secs(86_400 * 365))
+}
+
+/// Zeroes a word when dropped: the producer's "waiting for space" mark ends with the wait,
+/// whichever way the wait ends.
+struct ClearOnDrop<'a>(&'a AtomicU64);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(0, Ordering::SeqCst);
+    }
 }
 
 /// The writing end of a ring. Not `Clone`: a ring has one producer.
@@ -570,6 +586,9 @@ impl Producer {
             return Ok(false);
         }
         let (view, head, tail_seen) = (&self.view, self.head, &mut self.tail_seen);
+        let need_word = &view.ctl().producer_need;
+        need_word.store(need, Ordering::SeqCst);
+        let _clear = ClearOnDrop(need_word);
         view.ctl()
             .space_ready
             .wait_until(&mut self.waiter, &self.peer, deadline, || {
@@ -702,8 +721,10 @@ impl DerefMut for Grant<'_> {
 /// The reading end of a ring. Not `Clone`: a ring has one consumer.
 pub struct Consumer {
     view: View,
-    /// Our own index; we are its only writer.
-    tail: u64,
+    /// Start of the next frame to read. Equal to the shared `tail` unless frames are held.
+    read: u64,
+    /// Frames read but not yet released (see [`Frame::hold`]); it moves the shared `tail`.
+    book: Arc<Book>,
     waiter: Waiter,
     peer: Peer,
     pid: u32,
@@ -713,7 +734,7 @@ impl std::fmt::Debug for Consumer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Consumer")
             .field("capacity", &self.view.cap)
-            .field("tail", &self.tail)
+            .field("read", &self.read)
             .field("peer", &self.peer)
             .finish()
     }
@@ -781,14 +802,14 @@ impl Consumer {
             if !self.wait_data(deadline, block)? {
                 return Ok(None);
             }
-            let off = self.tail % cap;
+            let off = self.read % cap;
             let room = cap - off;
-            match self.view.read_fields(off).decode(self.tail)? {
+            match self.view.read_fields(off).decode(self.read)? {
                 Decoded::Pad { len } => {
                     if len.checked_add(HEADER_LEN as u64) != Some(room) {
                         return Err(Error::corrupt(format!(
                             "padding of {len} bytes at ring position {} does not end at the wrap",
-                            self.tail
+                            self.read
                         )));
                     }
                     self.advance(room);
@@ -798,7 +819,7 @@ impl Consumer {
                     let (Some(total), Ok(len)) = (total, usize::try_from(len)) else {
                         return Err(Error::corrupt(format!(
                             "frame of {len} bytes at ring position {} runs past the ring end",
-                            self.tail
+                            self.read
                         )));
                     };
                     return Ok(Some(Located {
@@ -816,7 +837,7 @@ impl Consumer {
     /// Waits until the frame at `tail` is published; `Ok(false)` if it is not and `block` is
     /// false.
     fn wait_data(&mut self, deadline: Option<Instant>, block: bool) -> Result<bool> {
-        let (view, tail) = (&self.view, self.tail);
+        let (view, tail) = (&self.view, self.read);
         let slot = view.stamp(tail % view.cap);
         // SYNC POINT with the stamp store in `View::publish_header`: seeing the stamp makes the
         // frame's fields and payload visible.
@@ -847,14 +868,32 @@ impl Consumer {
         Ok(true)
     }
 
-    /// Frees `total` bytes at the tail for the producer.
+    /// Releases the frame (or padding) of `total` bytes at the read cursor and moves past it.
     fn advance(&mut self, total: u64) {
-        self.tail += total;
+        let pos = self.read;
+        self.read += total;
+        // The book stores the shared tail; see its SYNC POINT in `held::publish_tail`.
+        self.book.release_read(&self.view, pos, total);
+    }
+
+    /// Frames read past with [`Frame::hold`] and not yet dropped, and the ring bytes they pin.
+    pub fn held(&self) -> (usize, usize) {
+        self.book.held()
+    }
+
+    /// True when the producer is blocked in `reserve` and only dropping held frames can make
+    /// room for it: every frame it published has been read, and the free space is less than it
+    /// needs. A consumer that holds frames and then waits for the next one would wait forever;
+    /// this lets it return an error instead.
+    pub fn blocked_by_held(&self) -> bool {
         let ctl = self.view.ctl();
-        // SYNC POINT with `load_tail` in the producer: our reads of the released bytes happen
-        // before it may overwrite them.
-        ctl.tail.store(self.tail, Ordering::Release);
-        ctl.space_ready.notify();
+        let need = ctl.producer_need.load(Ordering::SeqCst);
+        if need == 0 || self.book.held().0 == 0 {
+            return false;
+        }
+        let head = ctl.head.load(Ordering::Acquire);
+        let tail = ctl.tail.load(Ordering::Acquire);
+        head == self.read && self.view.cap.saturating_sub(head.saturating_sub(tail)) < need
     }
 }
 
@@ -906,6 +945,33 @@ impl Frame<'_> {
         let total = self.at.total;
         self.consumer.advance(total);
     }
+
+    /// Moves the read cursor past this frame but keeps its bytes: the returned [`HeldFrame`]
+    /// owns them (and keeps the mapping alive) until it is dropped, in any order and on any
+    /// thread. The producer cannot reuse them until then, so holding frames for long fills the
+    /// ring; see [`Consumer::blocked_by_held`].
+    pub fn hold(self) -> HeldFrame {
+        let Located {
+            off,
+            len,
+            seq,
+            kind,
+            total,
+        } = self.at;
+        let consumer = self.consumer;
+        let pos = consumer.read;
+        consumer.read += total;
+        HeldFrame::new(
+            consumer.view.clone(),
+            Arc::clone(&consumer.book),
+            pos,
+            total,
+            off,
+            len,
+            seq,
+            kind,
+        )
+    }
 }
 
 impl Deref for Frame<'_> {
@@ -924,6 +990,7 @@ impl Deref for Frame<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::held::HeldFrame;
 
     fn pair(cap: usize) -> (Producer, Consumer) {
         let ring = Ring::create(cap).unwrap();
@@ -931,6 +998,62 @@ mod tests {
             ring.producer(Peer::unwatched()).unwrap(),
             ring.consumer(Peer::unwatched()).unwrap(),
         )
+    }
+
+    #[test]
+    fn held_frames_release_out_of_order_and_pin_their_bytes() {
+        let (mut tx, mut rx) = pair(64 * 8);
+        for i in 0..4u8 {
+            tx.send(&[i; 10]).unwrap();
+        }
+        let held: Vec<HeldFrame> = (0..4)
+            .map(|_| rx.try_peek().unwrap().unwrap().hold())
+            .collect();
+        assert_eq!(rx.held(), (4, 4 * 128));
+        assert!(
+            tx.try_reserve(200).unwrap().is_none(),
+            "held bytes are not free"
+        );
+        let mut held: Vec<Option<HeldFrame>> = held.into_iter().map(Some).collect();
+        // Dropping the later ones frees nothing: the first still pins the tail.
+        held[3] = None;
+        held[1] = None;
+        assert_eq!(rx.held(), (2, 256));
+        assert!(tx.try_reserve(200).unwrap().is_none());
+        assert_eq!(&**held[2].as_ref().unwrap(), &[2u8; 10]);
+        held[0] = None;
+        held[2] = None;
+        assert_eq!(rx.held(), (0, 0));
+        tx.try_reserve(200).unwrap().expect("all released").commit();
+        let f = rx.try_peek().unwrap().unwrap();
+        assert_eq!(f.len(), 200);
+        f.release();
+    }
+
+    #[test]
+    fn a_producer_blocked_by_held_frames_is_reported() {
+        let ring = Ring::create(64 * 4).unwrap();
+        let mut rx = ring.consumer(Peer::unwatched()).unwrap();
+        let mut tx = ring.producer(Peer::unwatched()).unwrap();
+        tx.send(&[1; 100]).unwrap();
+        let held = rx.try_peek().unwrap().unwrap().hold();
+        assert!(!rx.blocked_by_held());
+        let t = std::thread::spawn(move || {
+            let r = tx
+                .reserve_timeout(150, Duration::from_secs(5))
+                .map(|g| g.len());
+            (tx, r)
+        });
+        let start = Instant::now();
+        // A wait for data reads past the padding the producer put before its blocked frame.
+        while rx.try_peek().unwrap().is_none() && !rx.blocked_by_held() {
+            assert!(start.elapsed() < Duration::from_secs(4), "never reported");
+            std::thread::yield_now();
+        }
+        drop(held);
+        let (_tx, r) = t.join().unwrap();
+        assert_eq!(r.unwrap(), 150);
+        assert!(!rx.blocked_by_held());
     }
 
     #[test]
