@@ -61,6 +61,7 @@ impl Route {
 
 /// A running echo process and the parent's end of the route to it. Dropping it kills and
 /// reaps the child (`ChildProcess`'s drop).
+#[allow(clippy::large_enum_variant)] // one of each per benchmark, never in a collection
 enum Echo {
     Raw {
         _child: ChildProcess,
