@@ -1,10 +1,55 @@
 //! # shmexec
 //!
-//! Runs a function over a stream of large numeric chunks on a pool of worker processes pinned to
-//! CPU cores; chunks travel as rkyv archives through shared-memory rings, so a worker reads a
-//! 64 MiB array where it lies instead of unpickling it from a pipe.
+//! Runs a function over a stream of large numeric chunks on a pool of worker processes. Chunks
+//! travel as rkyv archives through shared-memory rings (`shmexec-shm`), so a worker reads a
+//! 64 MiB array where it lies: no pickling, no pipe. Results come back in input order as
+//! [`OutputRef`]s that point into the worker's output ring.
 //!
-//! This crate is the executor (pool, workers, ordered `map`). It is being built; today it
-//! re-exports the transport it stands on, [`shm`] (crate `shmexec-shm`).
+//! ```no_run
+//! use shmexec::{Pool, Samples};
+//!
+//! // Count the samples above threshold in each chunk, on 2 worker processes.
+//! let task = shmexec::from_fn::<Vec<f32>, _, _>(|chunk| {
+//!     chunk.samples().iter().filter(|&&x| x > 1.0).count() as u64
+//! });
+//! let mut pool = Pool::builder().workers(2).build(task)?;
+//! let chunks: Vec<Vec<f32>> = (0..16).map(|i| vec![i as f32 / 8.0; 1 << 20]).collect();
+//! for count in pool.map(&chunks) {
+//!     println!("{}", count?.to_native());
+//! }
+//! # Ok::<(), shmexec::Error>(())
+//! ```
+//!
+//! | module      | holds                                                                 |
+//! |-------------|-----------------------------------------------------------------------|
+//! | [`task`]    | the [`Task`] trait and closure tasks                                  |
+//! | [`pool`]    | [`Pool`], [`Builder`]: forking, start-up, shutdown                     |
+//! | [`map`]     | one call: feeding the rings, ordered and unordered results            |
+//! | [`output`]  | [`OutputRef`], a result read in place                                 |
+//! | [`archive`] | rkyv glue: serializing into a ring slot, numeric slices in place      |
+//! | [`pin`]     | which core each worker runs on                                        |
+//! | [`stats`]   | counters per worker and per call                                      |
+//! | `protocol`  | the frames besides archives (start-up, errors, shutdown)              |
+//! | `worker`    | the loop a worker process runs                                        |
 
+pub mod archive;
+pub mod error;
+pub mod map;
+pub mod output;
+pub mod pin;
+pub mod pool;
+mod protocol;
+pub mod stats;
+pub mod task;
+mod worker;
+
+pub use archive::{Decode, Encode, Sample, Samples};
+pub use error::{BoxError, Error, Result};
+pub use map::Map;
+pub use output::OutputRef;
+pub use pin::Pinning;
+pub use pool::{Builder, Pool};
 pub use shmexec_shm as shm;
+pub use shmexec_shm::WaitStrategy;
+pub use stats::{CallStats, PoolStats, WorkerStats};
+pub use task::{FnTask, Task, TryFnTask, WorkerInfo, from_fn, try_from_fn};

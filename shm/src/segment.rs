@@ -16,7 +16,7 @@
 use std::ffi::c_void;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::ptr::NonNull;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicU32, AtomicU64};
 
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::io::FdFlags;
@@ -136,15 +136,29 @@ impl Segment {
     /// # Ok::<(), shmexec_shm::Error>(())
     /// ```
     pub fn atomic_u32(&self, offset: usize) -> Option<&AtomicU32> {
-        let fits = offset.checked_add(4).is_some_and(|end| end <= self.len);
-        if !fits || offset % std::mem::align_of::<AtomicU32>() != 0 {
+        self.atomic_at(offset)
+    }
+
+    /// [`Segment::atomic_u32`] for a 64-bit word (8-byte aligned): counters shared between the
+    /// processes, such as a worker's statistics.
+    pub fn atomic_u64(&self, offset: usize) -> Option<&AtomicU64> {
+        self.atomic_at(offset)
+    }
+
+    /// An atomic of type `A` (one of the std atomics: plain integers that accept any bits) at
+    /// `offset`, if it fits and is aligned.
+    fn atomic_at<A>(&self, offset: usize) -> Option<&A> {
+        let size = std::mem::size_of::<A>();
+        let fits = offset.checked_add(size).is_some_and(|end| end <= self.len);
+        if !fits || offset % std::mem::align_of::<A>() != 0 {
             return None;
         }
-        // SAFETY: `offset + 4 <= len` and the base is page aligned, so the 4 bytes are inside
-        // the mapping and aligned for AtomicU32, which has u32's layout and accepts any bits
-        // (the memory starts zeroed and is always initialised). The borrow is tied to `&self`,
-        // and the mapping lives as long as `self`. Other processes access it only atomically.
-        Some(unsafe { &*self.ptr.as_ptr().add(offset).cast::<AtomicU32>() })
+        // SAFETY: `offset + size <= len` and the base is page aligned, so the bytes are inside
+        // the mapping and aligned for `A`. `A` is only instantiated with AtomicU32/AtomicU64
+        // (private fn), which have their integer's layout and accept any bits (the memory starts
+        // zeroed and is always initialised). The borrow is tied to `&self`, and the mapping
+        // lives as long as `self`. Other processes access it only atomically.
+        Some(unsafe { &*self.ptr.as_ptr().add(offset).cast::<A>() })
     }
 
     /// The memfd behind the mapping, for passing to a process that will call

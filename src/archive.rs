@@ -1,0 +1,270 @@
+//! rkyv glue: serializing straight into a ring slot, reading archives in place, and numeric
+//! arrays as plain slices.
+//!
+//! Serializing into shared memory needs the exact size before the slot is reserved, so values are
+//! serialized twice: once into a [`Sink`] that only counts, then into the reserved slot. rkyv's
+//! output depends only on the values and the start position (0 both times), so the two passes
+//! agree; the second pass still checks every write against the slot's end.
+
+use std::marker::PhantomData;
+
+use rkyv::api::high::{HighSerializer, HighValidator};
+use rkyv::bytecheck::CheckBytes;
+use rkyv::rancor::{self, Fallible};
+use rkyv::ser::allocator::ArenaHandle;
+use rkyv::ser::{Positional, Writer};
+use rkyv::vec::{ArchivedVec, VecResolver};
+use rkyv::{Archive, Place, Portable, Serialize};
+
+#[cfg(not(target_endian = "little"))]
+compile_error!(
+    "shmexec reads numeric arrays in place as native slices, which needs a little-endian target"
+);
+
+/// rkyv's error type, used for every serialization and validation here.
+pub type RkyvError = rancor::Error;
+
+/// Where serialization writes: nowhere (counting bytes) or a slice of shared memory.
+pub struct Sink<'a> {
+    buf: Option<&'a mut [u8]>,
+    pos: usize,
+}
+
+impl<'a> Sink<'a> {
+    /// A sink that only counts.
+    pub(crate) fn counter() -> Sink<'a> {
+        Sink { buf: None, pos: 0 }
+    }
+
+    /// A sink writing into `buf` from offset `pos` (bytes before it are already written).
+    pub(crate) fn slice(buf: &'a mut [u8], pos: usize) -> Sink<'a> {
+        Sink {
+            buf: Some(buf),
+            pos,
+        }
+    }
+}
+
+impl Positional for Sink<'_> {
+    fn pos(&self) -> usize {
+        self.pos
+    }
+}
+
+impl<E: rancor::Source> Writer<E> for Sink<'_> {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
+        let end = self.pos + bytes.len();
+        if let Some(buf) = self.buf.as_deref_mut() {
+            let Some(dst) = buf.get_mut(self.pos..end) else {
+                return Err(E::new(SlotOverflow {
+                    need: end,
+                    have: buf.len(),
+                }));
+            };
+            dst.copy_from_slice(bytes);
+        }
+        self.pos = end;
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "serialization needs {need} bytes but the slot has {have} (the value changed between passes?)"
+)]
+struct SlotOverflow {
+    need: usize,
+    have: usize,
+}
+
+/// A type the coordinator (inputs) or a worker (outputs) can serialize into a ring slot. Every
+/// type that derives rkyv's `Archive` and `Serialize` is one.
+pub trait Encode:
+    Archive + for<'a, 'b> Serialize<HighSerializer<Sink<'b>, ArenaHandle<'a>, RkyvError>>
+{
+}
+
+impl<T> Encode for T where
+    T: Archive + for<'a, 'b> Serialize<HighSerializer<Sink<'b>, ArenaHandle<'a>, RkyvError>>
+{
+}
+
+/// An archived type that can be checked before it is read (rkyv's `bytecheck`).
+pub trait Decode: Portable + for<'a> CheckBytes<HighValidator<'a, RkyvError>> {}
+
+impl<T> Decode for T where T: Portable + for<'a> CheckBytes<HighValidator<'a, RkyvError>> {}
+
+/// Serialized size of `value`.
+pub(crate) fn encoded_len<T: Encode>(value: &T) -> Result<usize, RkyvError> {
+    Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Sink::counter())?.pos)
+}
+
+/// Serializes `value` into `buf` (sized by [`encoded_len`]); returns the bytes written.
+pub(crate) fn encode_into<T: Encode>(value: &T, buf: &mut [u8]) -> Result<usize, RkyvError> {
+    Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Sink::slice(buf, 0))?.pos)
+}
+
+/// Checks that `bytes` hold a valid archive of `A` and returns it, without copying.
+pub(crate) fn decode<A: Decode>(bytes: &[u8]) -> Result<&A, RkyvError> {
+    rkyv::access::<A, RkyvError>(bytes)
+}
+
+/// Reads an archive that [`decode`] accepted before.
+///
+/// # Safety
+///
+/// `bytes` must be the very bytes `decode::<A>` accepted, unchanged since.
+pub(crate) unsafe fn decode_trusted<A: Portable>(bytes: &[u8]) -> &A {
+    // SAFETY: the caller passes bytes that passed `decode::<A>` (validation) and have not
+    // changed; that is `access_unchecked`'s contract.
+    unsafe { rkyv::access_unchecked::<A>(bytes) }
+}
+
+/// A numeric sample type whose archived form has the native layout on this (little-endian)
+/// target, so an archived array of it can be read as `&[Self]` in place: `i16` samples from a
+/// digitizer, `f32` waveforms, `u64` timestamps...
+pub trait Sample:
+    bytemuck::Pod + Archive<Archived = <Self as Sample>::Le> + Encode + sealed::Sealed
+{
+    /// The archived (little-endian) form, same size and alignment.
+    type Le: bytemuck::Pod + Portable;
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! samples {
+    ($($t:ty => $le:ty),* $(,)?) => {$(
+        impl sealed::Sealed for $t {}
+        impl Sample for $t {
+            type Le = $le;
+        }
+        impl Samples for ArchivedVec<$le> {
+            type Item = $t;
+            fn samples(&self) -> &[$t] {
+                // Pod to Pod of equal size and alignment (checked below): never fails.
+                bytemuck::cast_slice(self.as_slice())
+            }
+        }
+        const _: () = assert!(
+            std::mem::size_of::<$t>() == std::mem::size_of::<$le>()
+                && std::mem::align_of::<$t>() == std::mem::align_of::<$le>()
+        );
+    )*};
+}
+
+samples! {
+    u8 => u8, i8 => i8,
+    u16 => rend::u16_le, i16 => rend::i16_le,
+    u32 => rend::u32_le, i32 => rend::i32_le,
+    u64 => rend::u64_le, i64 => rend::i64_le,
+    f32 => rend::f32_le, f64 => rend::f64_le,
+}
+
+/// Reads an archived `Vec` of samples as a native slice, in place.
+///
+/// ```
+/// use shmexec::Samples;
+/// let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(&vec![1.5f32, -2.0])?;
+/// let archived = rkyv::access::<rkyv::Archived<Vec<f32>>, rkyv::rancor::Error>(&bytes)?;
+/// let samples: &[f32] = archived.samples();
+/// assert_eq!(samples, &[1.5, -2.0]);
+/// # Ok::<(), rkyv::rancor::Error>(())
+/// ```
+pub trait Samples {
+    /// The native element type.
+    type Item;
+    /// The elements as a native slice, without copying.
+    fn samples(&self) -> &[Self::Item];
+}
+
+/// Stands for a `Vec<T>` whose `len` elements were already written at offset 0 of the slot:
+/// serializing it writes only the `ArchivedVec` root after them. This is how in-place input
+/// (see [`crate::Pool::map_in_place`]) becomes a valid archive of `Vec<T>` without a copy.
+pub(crate) struct Prewritten<T> {
+    len: usize,
+    _t: PhantomData<T>,
+}
+
+impl<T: Sample> Prewritten<T> {
+    pub(crate) fn new(len: usize) -> Self {
+        Prewritten {
+            len,
+            _t: PhantomData,
+        }
+    }
+
+    /// Bytes of the element area (the root follows, aligned).
+    pub(crate) fn data_len(&self) -> usize {
+        self.len * std::mem::size_of::<T>()
+    }
+
+    /// Whole archive size.
+    pub(crate) fn archive_len(&self) -> usize {
+        self.data_len()
+            .next_multiple_of(std::mem::align_of::<ArchivedVec<T::Le>>())
+            + std::mem::size_of::<ArchivedVec<T::Le>>()
+    }
+
+    /// Writes the root after the elements already in `buf[..data_len]`; returns the archive size.
+    pub(crate) fn finish(&self, buf: &mut [u8]) -> Result<usize, RkyvError> {
+        let sink = Sink::slice(buf, self.data_len());
+        Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(self, sink)?.pos)
+    }
+}
+
+impl<T: Sample> Archive for Prewritten<T> {
+    type Archived = ArchivedVec<T::Le>;
+    type Resolver = VecResolver;
+
+    fn resolve(&self, resolver: VecResolver, out: Place<Self::Archived>) {
+        ArchivedVec::<T::Le>::resolve_from_len(self.len, resolver, out);
+    }
+}
+
+impl<T: Sample, S: Fallible + ?Sized> Serialize<S> for Prewritten<T> {
+    fn serialize(&self, _: &mut S) -> Result<VecResolver, S::Error> {
+        // The elements start at position 0 of the archive.
+        Ok(VecResolver::from_pos(0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rkyv::Archived;
+
+    #[test]
+    fn two_passes_agree_with_rkyv() {
+        let v: (Vec<f32>, String, u64) = ((0..1000).map(|i| i as f32).collect(), "run7".into(), 9);
+        let len = encoded_len(&v).unwrap();
+        let reference = rkyv::to_bytes::<RkyvError>(&v).unwrap();
+        assert_eq!(len, reference.len());
+        let mut buf = rkyv::util::AlignedVec::<64>::with_capacity(len);
+        buf.resize(len, 0);
+        assert_eq!(encode_into(&v, &mut buf).unwrap(), len);
+        assert_eq!(&buf[..], &reference[..]);
+        let a = decode::<Archived<(Vec<f32>, String, u64)>>(&buf).unwrap();
+        assert_eq!(a.0.samples()[999], 999.0);
+        assert!(encode_into(&v, &mut buf[..len - 1]).is_err());
+    }
+
+    #[test]
+    fn prewritten_elements_form_a_vec_archive() {
+        for n in [0usize, 1, 3, 1000] {
+            let p = Prewritten::<i16>::new(n);
+            let mut buf = rkyv::util::AlignedVec::<64>::with_capacity(p.archive_len());
+            buf.resize(p.archive_len(), 0);
+            let data: &mut [i16] = bytemuck::cast_slice_mut(&mut buf[..p.data_len()]);
+            for (i, x) in data.iter_mut().enumerate() {
+                *x = i as i16 - 7;
+            }
+            assert_eq!(p.finish(&mut buf).unwrap(), p.archive_len());
+            let a = decode::<Archived<Vec<i16>>>(&buf).unwrap();
+            let expect: Vec<i16> = (0..n).map(|i| i as i16 - 7).collect();
+            assert_eq!(a.samples(), &expect[..]);
+            assert_eq!(&buf[..], &rkyv::to_bytes::<RkyvError>(&expect).unwrap()[..]);
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! The one error type of the executor.
+
+use std::time::Duration;
+
+/// What went wrong with one item of a call, or with the pool.
+///
+/// Item errors ([`Error::Task`], [`Error::Panic`], [`Error::InputTooLarge`], ...) are returned in
+/// that item's place and the call goes on; pool errors ([`Error::WorkerDied`], [`Error::Broken`])
+/// end the call.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The task returned `Err` for this item.
+    #[error("task failed on item {seq}: {message}")]
+    Task { seq: u64, message: String },
+
+    /// The task panicked on this item; the worker caught it and goes on.
+    #[error("task panicked on item {seq}: {message}")]
+    Panic { seq: u64, message: String },
+
+    /// The serialized input does not fit a worker's input ring.
+    #[error(
+        "input {seq} is {len} bytes serialized, larger than an input ring can carry ({max} bytes): \
+         raise Builder::ring_bytes or split the chunk"
+    )]
+    InputTooLarge { seq: u64, len: usize, max: usize },
+
+    /// The serialized output does not fit the worker's output ring.
+    #[error(
+        "output {seq} is {len} bytes serialized, larger than an output ring can carry ({max} \
+         bytes): raise Builder::ring_bytes"
+    )]
+    OutputTooLarge { seq: u64, len: usize, max: usize },
+
+    /// The input could not be serialized (or, for in-place input, the fill function failed).
+    #[error("input {seq} could not be written: {reason}")]
+    Encode { seq: u64, reason: String },
+
+    /// A worker's output frame is not a valid archive of the output type.
+    #[error("output {seq} is not a valid archive: {reason}")]
+    InvalidOutput { seq: u64, reason: String },
+
+    /// The worker could not read the input frame as an archive of the input type.
+    #[error("input {seq} is not a valid archive: {reason}")]
+    InvalidInput { seq: u64, reason: String },
+
+    /// The caller holds so many outputs of one worker that its output ring is full: the worker
+    /// cannot write the next one. Drop the held [`crate::OutputRef`]s (or keep owned copies with
+    /// [`crate::OutputRef::deserialize`]) and call `next()` again: nothing is lost.
+    #[error(
+        "worker {worker}'s output ring is full of {held} outputs ({bytes} bytes) that the caller \
+         still holds: drop them or keep deserialize()d copies, then call next() again"
+    )]
+    OutputsHeld {
+        worker: usize,
+        held: usize,
+        bytes: usize,
+    },
+
+    /// `Task::init` failed (or panicked) in a worker, so the pool was not built.
+    #[error("worker {worker} failed to start: {message}")]
+    Init { worker: usize, message: String },
+
+    /// A worker process died. The pool cannot go on (respawning is not implemented yet).
+    #[error("worker {worker} (pid {pid}) died{}: {status}", match seq { Some(s) => format!(" while item {s} was in flight"), None => String::new() })]
+    WorkerDied {
+        worker: usize,
+        pid: i32,
+        seq: Option<u64>,
+        status: String,
+    },
+
+    /// An earlier failure left the pool unusable.
+    #[error("the pool is unusable after an earlier failure: {0}")]
+    Broken(String),
+
+    /// A worker did not answer in time (start-up or shutdown).
+    #[error("worker {worker} did not {what} within {after:?}")]
+    Timeout {
+        worker: usize,
+        what: &'static str,
+        after: Duration,
+    },
+
+    /// A builder setting is impossible (no cores, an unknown core, zero workers...).
+    #[error("invalid setting: {0}")]
+    InvalidArgument(String),
+
+    /// `fork` was refused or failed; see the message for what to do.
+    #[error("cannot start workers: {0}")]
+    Start(String),
+
+    /// The shared-memory transport failed (out of memory for the rings, a corrupt frame...).
+    #[error(transparent)]
+    Transport(#[from] shmexec_shm::Error),
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The error type a task returns: anything that converts with `?` or `.into()`, including a
+/// `&str` or `String` message.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -1,0 +1,81 @@
+//! [`OutputRef`]: a result read in place from a worker's output ring.
+
+use std::marker::PhantomData;
+use std::ops::Deref;
+
+use rkyv::Archived;
+use rkyv::api::high::HighDeserializer;
+use shmexec_shm::HeldFrame;
+
+use crate::archive::{Decode, RkyvError, decode, decode_trusted};
+use crate::error::{Error, Result};
+
+/// One result, still inside the worker's output ring: it derefs to the archived output without
+/// a copy, and frees its ring bytes when dropped.
+///
+/// Holding many of them holds their worker's ring: when the ring is full of outputs the caller
+/// still holds, the worker cannot write the next one, and the call returns
+/// [`Error::OutputsHeld`] instead of waiting forever. Keep owned values with
+/// [`OutputRef::deserialize`] (or copy what you need) to collect a long stream.
+pub struct OutputRef<O> {
+    frame: HeldFrame,
+    _out: PhantomData<fn() -> O>,
+}
+
+impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
+    /// Validates the frame as an archive of `O` (every output is checked once, here).
+    pub(crate) fn new(frame: HeldFrame) -> Result<OutputRef<O>> {
+        if let Err(e) = decode::<Archived<O>>(&frame) {
+            return Err(Error::InvalidOutput {
+                seq: frame.seq(),
+                reason: e.to_string(),
+            });
+        }
+        Ok(OutputRef {
+            frame,
+            _out: PhantomData,
+        })
+    }
+
+    /// The item's sequence number: its 0-based position in the pool's input stream (all calls
+    /// of the pool count on from one another).
+    pub fn seq(&self) -> u64 {
+        self.frame.seq()
+    }
+
+    /// The archive's bytes in the ring.
+    pub fn bytes(&self) -> &[u8] {
+        &self.frame
+    }
+
+    /// An owned copy of the output, which outlives the ring slot.
+    pub fn deserialize(&self) -> Result<O>
+    where
+        Archived<O>: rkyv::Deserialize<O, HighDeserializer<RkyvError>>,
+    {
+        rkyv::deserialize::<O, RkyvError>(&**self).map_err(|e| Error::InvalidOutput {
+            seq: self.seq(),
+            reason: format!("deserialize: {e}"),
+        })
+    }
+}
+
+impl<O: rkyv::Archive<Archived: Decode>> Deref for OutputRef<O> {
+    type Target = Archived<O>;
+    fn deref(&self) -> &Archived<O> {
+        // SAFETY: `new` validated exactly these bytes as an `Archived<O>`, and they have not
+        // changed: the frame is held, so the ring protocol keeps the producer (the worker) from
+        // writing them until this `OutputRef` is dropped. (A worker that scribbles over memory
+        // it has already published is outside the model; see the README's failure model.)
+        unsafe { decode_trusted::<Archived<O>>(&self.frame) }
+    }
+}
+
+impl<O: rkyv::Archive<Archived: Decode + std::fmt::Debug>> std::fmt::Debug for OutputRef<O> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutputRef")
+            .field("seq", &self.seq())
+            .field("value", &**self)
+            .finish()
+    }
+}

@@ -1,0 +1,113 @@
+//! What travels in the frames besides archives.
+//!
+//! Input ring (coordinator -> worker): `Data` frames carry an archive of `Task::Input` with the
+//! item's sequence number; an `End` frame asks the worker to finish and exit.
+//!
+//! Output ring (worker -> coordinator): first one start-up frame (`End` = ready, `Error` = `init`
+//! failed, the payload the message); then, per input and in input order, a `Data` frame with the
+//! output archive or an `Error` frame for that sequence number; last, after `finish`, an `End`
+//! frame answering the shutdown request.
+//!
+//! An `Error` payload is one code byte, two little-endian u64 (sizes, for the size errors) and a
+//! UTF-8 message.
+
+use crate::error::Error;
+
+/// Sequence number of the start-up frame.
+pub(crate) const START_SEQ: u64 = u64::MAX;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Code {
+    Task = 1,
+    Panic = 2,
+    OutputTooLarge = 3,
+    InvalidInput = 4,
+    Encode = 5,
+    Init = 6,
+}
+
+const HEAD: usize = 1 + 8 + 8;
+
+/// An error report as the worker writes it.
+pub(crate) struct Report {
+    pub(crate) code: Code,
+    pub(crate) a: u64,
+    pub(crate) b: u64,
+    pub(crate) message: String,
+}
+
+impl Report {
+    pub(crate) fn new(code: Code, message: impl Into<String>) -> Report {
+        Report {
+            code,
+            a: 0,
+            b: 0,
+            message: message.into(),
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        HEAD + self.message.len()
+    }
+
+    /// Writes the report into `buf` (at least [`Report::len`] bytes).
+    pub(crate) fn write(&self, buf: &mut [u8]) {
+        buf[0] = self.code as u8;
+        buf[1..9].copy_from_slice(&self.a.to_le_bytes());
+        buf[9..17].copy_from_slice(&self.b.to_le_bytes());
+        buf[HEAD..self.len()].copy_from_slice(self.message.as_bytes());
+    }
+}
+
+/// Turns the payload of an `Error` frame for item `seq` of `worker` into the error it reports.
+/// The payload comes from another process, so anything is possible: a malformed one is still an
+/// error for that item, with the bytes described.
+pub(crate) fn read_report(worker: usize, seq: u64, payload: &[u8]) -> Error {
+    if payload.len() < HEAD {
+        return Error::InvalidOutput {
+            seq,
+            reason: format!("malformed error report of {} bytes", payload.len()),
+        };
+    }
+    let word = |r: std::ops::Range<usize>| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&payload[r]);
+        u64::from_le_bytes(b)
+    };
+    let (a, b) = (word(1..9), word(9..17));
+    let message = String::from_utf8_lossy(&payload[HEAD..]).into_owned();
+    match payload[0] {
+        x if x == Code::Task as u8 => Error::Task { seq, message },
+        x if x == Code::Panic as u8 => Error::Panic { seq, message },
+        x if x == Code::OutputTooLarge as u8 => Error::OutputTooLarge {
+            seq,
+            len: a as usize,
+            max: b as usize,
+        },
+        x if x == Code::InvalidInput as u8 => Error::InvalidInput {
+            seq,
+            reason: message,
+        },
+        x if x == Code::Encode as u8 => Error::InvalidOutput {
+            seq,
+            reason: format!("the worker could not serialize it: {message}"),
+        },
+        x if x == Code::Init as u8 => Error::Init { worker, message },
+        other => Error::InvalidOutput {
+            seq,
+            reason: format!("error report with unknown code {other}"),
+        },
+    }
+}
+
+/// The message of a caught panic.
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "panic with a non-string payload".to_owned()
+    }
+}

@@ -1,0 +1,120 @@
+//! Counters: per worker (kept in shared memory, written by the worker with relaxed atomic adds,
+//! so they cost a few nanoseconds per chunk and can stay on) and per call.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use shmexec_shm::Segment;
+
+use crate::error::Result;
+
+/// One cache line of counters per worker, so workers never share a line.
+const SLOT: usize = 64;
+
+#[derive(Clone, Copy)]
+#[repr(usize)]
+pub(crate) enum Field {
+    Chunks = 0,
+    BytesIn = 8,
+    BytesOut = 16,
+    BusyNs = 24,
+    Errors = 32,
+}
+
+/// The shared counters of all workers of a pool.
+#[derive(Clone)]
+pub(crate) struct StatsBlock {
+    seg: Arc<Segment>,
+}
+
+impl StatsBlock {
+    pub(crate) fn new(workers: usize) -> Result<StatsBlock> {
+        Ok(StatsBlock {
+            seg: Arc::new(Segment::new((workers * SLOT).max(SLOT))?),
+        })
+    }
+
+    fn word(&self, worker: usize, field: Field) -> Option<&AtomicU64> {
+        self.seg.atomic_u64(worker * SLOT + field as usize)
+    }
+
+    pub(crate) fn add(&self, worker: usize, field: Field, v: u64) {
+        if let Some(w) = self.word(worker, field) {
+            w.fetch_add(v, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn get(&self, worker: usize, field: Field) -> u64 {
+        self.word(worker, field)
+            .map_or(0, |w| w.load(Ordering::Relaxed))
+    }
+}
+
+/// What one worker has done since the pool started.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerStats {
+    /// The worker's index in the pool.
+    pub index: usize,
+    /// Its process id.
+    pub pid: i32,
+    /// The core it is pinned to, if any.
+    pub core: Option<usize>,
+    /// Chunks processed (including failed ones).
+    pub chunks: u64,
+    /// Input archive bytes read.
+    pub bytes_in: u64,
+    /// Output archive bytes written.
+    pub bytes_out: u64,
+    /// Time spent in `Task::process` and serializing its output.
+    pub busy: Duration,
+    /// Chunks that ended in an error (task `Err`, panic, output too large).
+    pub errors: u64,
+}
+
+/// Pool-wide figures: the workers' counters and what the coordinator moved.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolStats {
+    /// One entry per worker.
+    pub workers: Vec<WorkerStats>,
+    /// Items submitted.
+    pub items: u64,
+    /// Input bytes put into the rings.
+    pub input_bytes: u64,
+    /// Of those, bytes the coordinator copied (serialized from the caller's memory). Bytes a
+    /// source wrote in place ([`crate::Pool::map_in_place`]) are not copies.
+    pub input_bytes_copied: u64,
+    /// Output bytes handed to the caller (in place, no copy).
+    pub output_bytes: u64,
+}
+
+impl PoolStats {
+    /// Copies the coordinator made per input byte: 1 for serialized inputs, 0 for in-place ones.
+    pub fn copies_per_input_byte(&self) -> f64 {
+        if self.input_bytes == 0 {
+            0.0
+        } else {
+            self.input_bytes_copied as f64 / self.input_bytes as f64
+        }
+    }
+}
+
+/// Figures of one call (`map`, `map_unordered`, `for_each`) so far.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CallStats {
+    /// Results handed out (values and errors).
+    pub items: u64,
+    /// Input bytes put into the rings by this call.
+    pub input_bytes: u64,
+    /// Output bytes handed out.
+    pub output_bytes: u64,
+    /// Time since the call started.
+    pub elapsed: Duration,
+}
+
+impl CallStats {
+    /// Input megabytes (10^6 bytes) per second.
+    pub fn input_mbps(&self) -> f64 {
+        self.input_bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}

@@ -1,0 +1,175 @@
+//! The loop a worker process runs, from fork to exit.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::{Duration, Instant};
+
+use rkyv::Archived;
+use shmexec_shm::{FrameKind, Peer, Producer, Ring, WaitStrategy};
+
+use crate::archive::{decode, encode_into, encoded_len};
+use crate::pin;
+use crate::protocol::{Code, Report, START_SEQ, panic_message};
+use crate::stats::{Field, StatsBlock};
+use crate::task::{Task, WorkerInfo};
+
+/// Everything a worker needs, prepared by the coordinator before the fork.
+pub(crate) struct Setup<'a> {
+    pub(crate) info: WorkerInfo,
+    pub(crate) input: &'a Ring,
+    pub(crate) output: &'a Ring,
+    pub(crate) stats: &'a StatsBlock,
+    pub(crate) wait: WaitStrategy,
+}
+
+/// Exit codes (the coordinator reports them when a worker dies).
+pub(crate) const EXIT_OK: i32 = 0;
+pub(crate) const EXIT_INIT_FAILED: i32 = 1;
+pub(crate) const EXIT_COORDINATOR_GONE: i32 = 3;
+
+/// How long one wait for input lasts before the worker looks again (the coordinator's liveness
+/// is checked inside every wait, so this only bounds each futex sleep).
+const INPUT_SLICE: Duration = Duration::from_secs(1);
+
+/// Runs in the forked child; the return value is its exit code.
+pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
+    let coordinator = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    let (peer_in, peer_out) = match (Peer::process(coordinator), Peer::process(coordinator)) {
+        (Ok(a), Ok(b)) => (a, b),
+        _ => return EXIT_COORDINATOR_GONE,
+    };
+    let (Ok(mut rx), Ok(mut tx)) = (
+        setup.input.consumer(peer_in),
+        setup.output.producer(peer_out),
+    ) else {
+        return EXIT_COORDINATOR_GONE;
+    };
+    rx.set_wait_strategy(setup.wait);
+    tx.set_wait_strategy(setup.wait);
+    let info = &setup.info;
+
+    // Start-up: pin, init, then tell the coordinator how it went.
+    let started = setup
+        .info
+        .core
+        .map_or(Ok(()), pin::pin_to)
+        .map_err(|e| e.to_string())
+        .and_then(
+            |()| match catch_unwind(AssertUnwindSafe(|| task.init(info))) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("init failed: {e}")),
+                Err(p) => Err(format!("init panicked: {}", panic_message(&*p))),
+            },
+        );
+    if let Err(message) = started {
+        let _ = send_report(&mut tx, START_SEQ, Report::new(Code::Init, message));
+        return EXIT_INIT_FAILED;
+    }
+    if send_kind(&mut tx, START_SEQ, FrameKind::End).is_err() {
+        return EXIT_COORDINATOR_GONE;
+    }
+
+    loop {
+        let frame = match rx.peek_until(Instant::now() + INPUT_SLICE) {
+            Ok(f) => f,
+            Err(shmexec_shm::Error::Timeout { .. }) => continue,
+            Err(_) => return EXIT_COORDINATOR_GONE,
+        };
+        if frame.kind() == FrameKind::End {
+            frame.release();
+            break;
+        }
+        let seq = frame.seq();
+        let start = Instant::now();
+        let outcome = match decode::<Archived<T::Input>>(&frame) {
+            Err(e) => Err(Report::new(Code::InvalidInput, e.to_string())),
+            Ok(input) => match catch_unwind(AssertUnwindSafe(|| task.process(input))) {
+                Ok(Ok(out)) => Ok(out),
+                Ok(Err(e)) => Err(Report::new(Code::Task, e.to_string())),
+                Err(p) => Err(Report::new(Code::Panic, panic_message(&*p))),
+            },
+        };
+        let written = match outcome {
+            Ok(out) => send_output(&mut tx, seq, &out),
+            Err(report) => send_report(&mut tx, seq, report).map(|_| Err(())),
+        };
+        let Ok(result) = written else {
+            return EXIT_COORDINATOR_GONE;
+        };
+        // Only now, with the output published, is the input released: a worker that dies
+        // before this point leaves the chunk in its input ring for a successor.
+        let bytes_in = frame.len() as u64;
+        frame.release();
+        let w = info.index;
+        setup.stats.add(w, Field::Chunks, 1);
+        setup.stats.add(w, Field::BytesIn, bytes_in);
+        setup
+            .stats
+            .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
+        match result {
+            Ok(n) => setup.stats.add(w, Field::BytesOut, n as u64),
+            Err(()) => setup.stats.add(w, Field::Errors, 1),
+        }
+    }
+    let _ = catch_unwind(AssertUnwindSafe(|| task.finish(info)));
+    let _ = send_kind(&mut tx, 0, FrameKind::End);
+    EXIT_OK
+}
+
+/// Serializes `out` straight into the output ring. `Ok(Ok(bytes))` when sent, `Ok(Err(()))` when
+/// an error report went instead (too large, not serializable), `Err` when the ring is gone.
+fn send_output<O: crate::Encode>(
+    tx: &mut Producer,
+    seq: u64,
+    out: &O,
+) -> Result<Result<usize, ()>, shmexec_shm::Error> {
+    let len = match encoded_len(out) {
+        Ok(n) => n,
+        Err(e) => {
+            return send_report(tx, seq, Report::new(Code::Encode, e.to_string())).map(|_| Err(()));
+        }
+    };
+    let mut grant = match tx.reserve(len) {
+        Ok(g) => g,
+        Err(shmexec_shm::Error::FrameTooLarge { len, max }) => {
+            let mut r = Report::new(Code::OutputTooLarge, "");
+            (r.a, r.b) = (len as u64, max as u64);
+            return send_report(tx, seq, r).map(|_| Err(()));
+        }
+        Err(e) => return Err(e),
+    };
+    match encode_into(out, &mut grant) {
+        Ok(n) => {
+            grant.truncate(n).set_seq(seq);
+            grant.commit();
+            Ok(Ok(n))
+        }
+        Err(e) => {
+            drop(grant);
+            send_report(tx, seq, Report::new(Code::Encode, e.to_string())).map(|_| Err(()))
+        }
+    }
+}
+
+fn send_report(tx: &mut Producer, seq: u64, mut message: Report) -> Result<(), shmexec_shm::Error> {
+    // A message too long for the ring is cut, not lost.
+    let max = tx.max_payload();
+    if message.len() > max {
+        let mut cut = max.saturating_sub(message.len() - message.message.len());
+        while !message.message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.message.truncate(cut);
+    }
+    let mut grant = tx.reserve(message.len())?;
+    message.write(&mut grant);
+    grant.set_kind(FrameKind::Error).set_seq(seq);
+    grant.commit();
+    Ok(())
+}
+
+fn send_kind(tx: &mut Producer, seq: u64, kind: FrameKind) -> Result<(), shmexec_shm::Error> {
+    let mut grant = tx.reserve(0)?;
+    grant.set_kind(kind).set_seq(seq);
+    grant.commit();
+    Ok(())
+}
