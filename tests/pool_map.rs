@@ -1,0 +1,152 @@
+//! `map`, `map_unordered`, `map_in_place` and `for_each` against a sequential run, with real
+//! worker processes and real shared memory.
+
+mod support;
+
+use shmexec::{Error, Pool, Samples};
+use support::{Rng, assert_no_children, builder, open_fds, serial};
+
+/// The reference transform: per chunk, the sum and the count of samples above 1.0.
+fn reference(chunk: &[f32]) -> (f64, u64) {
+    (
+        chunk.iter().map(|&x| x as f64).sum(),
+        chunk.iter().filter(|&&x| x > 1.0).count() as u64,
+    )
+}
+
+fn chunks(rng: &mut Rng, n: usize, max_len: u64) -> Vec<Vec<f32>> {
+    (0..n)
+        .map(|i| {
+            let len = rng.below(max_len + 1) as usize;
+            (0..len)
+                .map(|j| ((i * 31 + j) % 97) as f32 / 32.0)
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn ordered_results_equal_a_sequential_run() {
+    let guard = serial();
+    let fds = open_fds();
+    {
+        let task = shmexec::from_fn::<Vec<f32>, _, _>(|c| reference(c.samples()));
+        let mut pool = builder(&guard).workers(3).build(task).unwrap();
+        let mut rng = Rng(7);
+        for n in [0usize, 1, 2, 17, 300] {
+            let input = chunks(&mut rng, n, 20_000);
+            let got: Vec<(f64, u64)> = pool
+                .map(&input)
+                .map(|r| {
+                    let r = r.unwrap();
+                    (r.0.to_native(), r.1.to_native())
+                })
+                .collect();
+            let want: Vec<(f64, u64)> = input.iter().map(|c| reference(c)).collect();
+            assert_eq!(got, want, "{n} chunks");
+        }
+        let stats = pool.stats();
+        assert_eq!(stats.items, 320);
+        assert_eq!(stats.workers.iter().map(|w| w.chunks).sum::<u64>(), 320);
+        assert_eq!(stats.copies_per_input_byte(), 1.0);
+    }
+    assert_no_children();
+    assert_eq!(open_fds(), fds, "the pool left descriptors open");
+}
+
+#[test]
+fn unordered_and_for_each_yield_the_same_multiset() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<Vec<f32>, _, _>(|c| reference(c.samples()).1);
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let input = chunks(&mut Rng(11), 200, 50_000);
+        let mut want: Vec<(u64, u64)> = input
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i as u64, reference(c).1))
+            .collect();
+        let mut got: Vec<(u64, u64)> = pool
+            .map_unordered(&input)
+            .map(|r| r.map(|o| (o.seq(), o.to_native())).unwrap())
+            .collect();
+        got.sort();
+        assert_eq!(got, want);
+        // Sequence numbers go on across calls.
+        for w in &mut want {
+            w.0 += 200;
+        }
+        let mut seen = Vec::new();
+        pool.for_each(&input, |r| {
+            let o = r.unwrap();
+            seen.push((o.seq(), o.to_native()));
+        });
+        seen.sort();
+        assert_eq!(seen, want);
+    }
+    assert_no_children();
+}
+
+#[test]
+fn in_place_input_is_zero_copy_and_correct() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<Vec<i16>, _, _>(|c| {
+            c.samples().iter().map(|&s| s as i64).sum::<i64>()
+        });
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let lens: Vec<usize> = (0..100).map(|i| (i * 977) % 40_000).collect();
+        let sample = |i: u64, j: usize| ((i as usize * 7 + j) % 2000) as i16 - 1000;
+        let got: Vec<i64> = pool
+            .map_in_place(lens.clone(), |i, s: &mut [i16]| {
+                for (j, x) in s.iter_mut().enumerate() {
+                    *x = sample(i, j);
+                }
+                Ok(())
+            })
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        let want: Vec<i64> = lens
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (0..n).map(|j| sample(i as u64, j) as i64).sum())
+            .collect();
+        assert_eq!(got, want);
+        let stats = pool.stats();
+        assert!(stats.input_bytes > 0);
+        assert_eq!(stats.input_bytes_copied, 0);
+        assert_eq!(stats.copies_per_input_byte(), 0.0);
+        // A failing fill is that item's error, in its place.
+        let r: Vec<_> = pool
+            .map_in_place([10, 10, 10], |i, _| {
+                if i == 1 {
+                    Err("no data".into())
+                } else {
+                    Ok(())
+                }
+            })
+            .collect();
+        assert!(r[0].is_ok() && r[2].is_ok());
+        assert!(matches!(&r[1], Err(Error::Encode { reason, .. }) if reason.contains("no data")));
+    }
+    assert_no_children();
+}
+
+#[test]
+fn pool_builds_with_defaults() {
+    let _guard = serial();
+    {
+        let task = shmexec::from_fn::<u64, _, _>(|&n| n.to_native() + 1);
+        // SAFETY: as in `support::builder`.
+        let mut pool = unsafe { Pool::builder().allow_threads() }
+            .build(task)
+            .unwrap();
+        assert!(pool.workers() >= 1);
+        let out: Vec<u64> = pool
+            .map(0..1000u64)
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(out, (1..1001).collect::<Vec<_>>());
+    }
+    assert_no_children();
+}

@@ -1,0 +1,62 @@
+//! Helpers for tests that build pools (and so fork).
+//!
+//! libtest runs tests on several threads, and `Builder::build` forks. A child forked while
+//! another thread holds a lock inherits it locked, so every test that builds a pool first takes
+//! [`serial`]: while one test forks, the others are blocked on that mutex and the harness's main
+//! thread waits on its channel, holding nothing a worker needs. Under nextest (one test per
+//! process) the lock is uncontended.
+
+#![allow(dead_code)]
+
+use std::sync::{Mutex, MutexGuard};
+
+use shmexec::Builder;
+
+static FORK_LOCK: Mutex<()> = Mutex::new(());
+
+/// Serialises pool-building tests within this binary. Hold the guard for the whole test.
+pub fn serial() -> MutexGuard<'static, ()> {
+    FORK_LOCK
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A builder that may fork in the test harness (which runs other threads). Small rings, so
+/// that tests also cover full rings.
+pub fn builder(_serial: &MutexGuard<'static, ()>) -> Builder {
+    // SAFETY: the caller holds FORK_LOCK: every other test thread of this binary is blocked on
+    // it, and libtest's main thread waits on its result channel, so no thread holds a lock the
+    // workers take while `build` forks.
+    unsafe { shmexec::Pool::builder().allow_threads() }.ring_bytes(1 << 20)
+}
+
+/// Asserts that this process has no child left, reaped or not. Call with [`serial`] held, at
+/// the end of the test, after the pool is dropped.
+pub fn assert_no_children() {
+    let r = rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG);
+    assert!(
+        matches!(r, Err(rustix::io::Errno::CHILD)),
+        "a child process outlived its test: waitpid says {r:?}"
+    );
+}
+
+/// Open descriptors of this process.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// Deterministic pseudo-random numbers (xorshift), so failures reproduce.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
