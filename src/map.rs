@@ -289,6 +289,13 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(None),
                 Err(shmexec_shm::Error::Timeout { .. }) => {
+                    // A slice is too short for the ring's own liveness checks: look here.
+                    if !slot.child.is_alive() && matches!(slot.rx.try_peek(), Ok(None)) {
+                        let pid = slot.child.pid();
+                        let gone = shmexec_shm::Error::PeerGone { pid: Some(pid) };
+                        let err = died(&mut slot.child, w, pid, None, &gone);
+                        return Err(self.broken(err));
+                    }
                     if slot.rx.blocked_by_held() {
                         let (held, bytes) = slot.rx.held();
                         return Err(Error::OutputsHeld {

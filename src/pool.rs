@@ -315,7 +315,8 @@ impl<T: Task> Pool<T> {
 
     /// Asks every worker to finish, waits for them (up to the shutdown timeout), kills the rest.
     fn shut_down(&mut self) {
-        for w in &mut self.workers {
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            self.stats.set(i, Field::Stop, 1);
             if let Ok(Some(mut g)) = w.tx.try_reserve(0) {
                 g.set_kind(FrameKind::End);
                 g.commit();

@@ -20,6 +20,9 @@ pub(crate) enum Field {
     BytesOut = 16,
     BusyNs = 24,
     Errors = 32,
+    /// Not a counter: non-zero asks the worker to stop before its next chunk (pool shutdown),
+    /// so dropping a pool does not wait for a full input ring to be worked off.
+    Stop = 40,
 }
 
 /// The shared counters of all workers of a pool.
@@ -42,6 +45,12 @@ impl StatsBlock {
     pub(crate) fn add(&self, worker: usize, field: Field, v: u64) {
         if let Some(w) = self.word(worker, field) {
             w.fetch_add(v, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn set(&self, worker: usize, field: Field, v: u64) {
+        if let Some(w) = self.word(worker, field) {
+            w.store(v, Ordering::Relaxed);
         }
     }
 

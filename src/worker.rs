@@ -74,7 +74,7 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
             Err(shmexec_shm::Error::Timeout { .. }) => continue,
             Err(_) => return EXIT_COORDINATOR_GONE,
         };
-        if frame.kind() == FrameKind::End {
+        if frame.kind() == FrameKind::End || setup.stats.get(info.index, Field::Stop) != 0 {
             frame.release();
             break;
         }
@@ -143,10 +143,7 @@ fn send_output<O: crate::Encode>(
             grant.commit();
             Ok(Ok(n))
         }
-        Err(e) => {
-            drop(grant);
-            send_report(tx, seq, Report::new(Code::Encode, e.to_string())).map(|_| Err(()))
-        }
+        Err(e) => send_report(tx, seq, Report::new(Code::Encode, e.to_string())).map(|_| Err(())),
     }
 }
 

@@ -1,0 +1,297 @@
+//! Errors are values: panics, task errors, oversized inputs and outputs, failing `init`, held
+//! outputs, abandoned calls and dead workers, each with real processes.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use shmexec::{BoxError, Error, Pinning, Samples, Task, WorkerInfo};
+use support::{assert_no_children, builder, open_fds, serial};
+
+#[test]
+fn panics_and_task_errors_are_item_errors_and_the_pool_goes_on() {
+    let guard = serial();
+    {
+        let task = shmexec::try_from_fn::<u64, _, _>(|&n| match n.to_native() {
+            13 => Err("unlucky".into()),
+            n if n % 50 == 7 => panic!("chunk {n} is cursed"),
+            n => Ok(n * 2),
+        });
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        for round in 0..2 {
+            let results: Vec<_> = pool.map(0..200u64).collect();
+            assert_eq!(results.len(), 200);
+            for (i, r) in results.into_iter().enumerate() {
+                let seq = 200 * round + i as u64;
+                match (i, r) {
+                    (13, Err(Error::Task { seq: s, message })) => {
+                        assert_eq!((s, message.as_str()), (seq, "unlucky"))
+                    }
+                    (i, Err(Error::Panic { seq: s, message })) if i % 50 == 7 => {
+                        assert_eq!(s, seq);
+                        assert_eq!(message, format!("chunk {i} is cursed"));
+                    }
+                    (i, Ok(o)) => assert_eq!(o.to_native(), 2 * i as u64),
+                    (i, Err(e)) => panic!("item {i}: unexpected {e}"),
+                }
+            }
+        }
+        let errors: u64 = pool.stats().workers.iter().map(|w| w.errors).sum();
+        assert_eq!(errors, 2 * 5);
+    }
+    assert_no_children();
+}
+
+#[test]
+fn inputs_and_outputs_larger_than_a_ring_are_clear_errors_in_place() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<Vec<u8>, _, _>(|c| vec![0u8; 3 * c.len()]);
+        let mut pool = builder(&guard)
+            .workers(2)
+            .ring_bytes(1 << 16)
+            .build(task)
+            .unwrap();
+        let inputs = vec![
+            vec![1u8; 100],
+            vec![2u8; 100_000],
+            vec![3u8; 30_000],
+            vec![4u8; 10],
+        ];
+        let r: Vec<_> = pool.map(&inputs).collect();
+        assert_eq!(r[0].as_ref().unwrap().len(), 300);
+        match &r[1] {
+            Err(e @ Error::InputTooLarge { seq: 1, len, max }) => {
+                assert!(*len > 100_000 && *max < 1 << 16, "{e}");
+                assert!(e.to_string().contains("ring_bytes"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(&r[2], Err(Error::OutputTooLarge { seq: 2, len, .. }) if *len >= 90_000),
+            "{:?}",
+            r[2]
+        );
+        assert_eq!(r[3].as_ref().unwrap().len(), 30);
+    }
+    assert_no_children();
+}
+
+/// Records in `init` which worker it is and counts its `init` calls.
+struct Probe {
+    inits: u32,
+    index: usize,
+}
+
+impl Task for Probe {
+    type Input = u64;
+    type Output = (u32, u64, u32, Vec<u32>);
+    fn init(&mut self, w: &WorkerInfo) -> Result<(), BoxError> {
+        self.inits += 1;
+        self.index = w.index;
+        if std::env::var("SHMEXEC_TEST_FAIL_INIT").is_ok_and(|v| v == w.index.to_string()) {
+            return Err("no detector connection".into());
+        }
+        Ok(())
+    }
+    fn process(&mut self, _: &rkyv::Archived<u64>) -> Result<Self::Output, BoxError> {
+        let set = rustix::thread::sched_getaffinity(None)?;
+        let cores = (0..rustix::thread::CpuSet::MAX_CPU as u32)
+            .filter(|&c| set.is_set(c as usize))
+            .collect();
+        Ok((std::process::id(), self.index as u64, self.inits, cores))
+    }
+}
+
+#[test]
+fn init_runs_once_per_worker_and_workers_are_pinned_where_asked() {
+    let guard = serial();
+    {
+        let allowed = shmexec::pin::allowed_cores().unwrap();
+        let cores = vec![*allowed.last().unwrap(), allowed[0]];
+        let mut pool = builder(&guard)
+            .workers(2)
+            .pinning(Pinning::Cores(cores.clone()))
+            .build(Probe { inits: 0, index: 0 })
+            .unwrap();
+        let pids = pool.pids();
+        for r in pool.map(0..400u64) {
+            let r = r.unwrap();
+            let (pid, index, inits, affinity) = (&r.0, &r.1, &r.2, &r.3);
+            let index = index.to_native() as usize;
+            assert_eq!(pids[index], pid.to_native() as i32);
+            assert_eq!(inits.to_native(), 1);
+            let affinity: Vec<usize> = affinity.iter().map(|c| c.to_native() as usize).collect();
+            assert_eq!(affinity, [cores[index]], "worker {index}");
+        }
+        let stats = pool.stats();
+        assert_eq!(stats.workers[0].core, Some(cores[0]));
+        // Unpinned workers may run anywhere allowed.
+        drop(pool);
+        let mut pool = builder(&guard)
+            .workers(2)
+            .pinning(Pinning::Off)
+            .build(Probe { inits: 0, index: 0 })
+            .unwrap();
+        let out = pool.map([0u64]).next().unwrap().unwrap();
+        assert_eq!(out.3.len(), allowed.len());
+    }
+    assert_no_children();
+}
+
+#[test]
+fn failing_init_is_an_error_from_build() {
+    let guard = serial();
+    {
+        // SAFETY of set_var: this binary's tests that build pools hold the serial lock, and no
+        // other test reads the environment.
+        unsafe { std::env::set_var("SHMEXEC_TEST_FAIL_INIT", "1") };
+        let r = builder(&guard)
+            .workers(2)
+            .build(Probe { inits: 0, index: 0 });
+        unsafe { std::env::remove_var("SHMEXEC_TEST_FAIL_INIT") };
+        match r {
+            Err(e @ Error::Init { worker: 1, .. }) => {
+                assert!(e.to_string().contains("no detector connection"), "{e}")
+            }
+            other => panic!("{other:?}"),
+        }
+        struct PanicInit;
+        impl Task for PanicInit {
+            type Input = u64;
+            type Output = u64;
+            fn init(&mut self, _: &WorkerInfo) -> Result<(), BoxError> {
+                panic!("bad config")
+            }
+            fn process(&mut self, n: &rkyv::Archived<u64>) -> Result<u64, BoxError> {
+                Ok(n.to_native())
+            }
+        }
+        let r = builder(&guard).workers(1).build(PanicInit);
+        assert!(
+            matches!(&r, Err(Error::Init { message, .. }) if message.contains("bad config")),
+            "{r:?}"
+        );
+    }
+    assert_no_children();
+}
+
+#[test]
+fn held_outputs_give_a_clear_error_and_lose_nothing() {
+    let guard = serial();
+    {
+        // 64 KiB output rings, 10 KiB outputs: a few fit.
+        let task = shmexec::from_fn::<u64, _, _>(|&n| vec![n.to_native() as u8; 10_000]);
+        let mut pool = builder(&guard)
+            .workers(2)
+            .ring_bytes(1 << 16)
+            .build(task)
+            .unwrap();
+        let it = pool.map(0..100u64);
+        let mut held = Vec::new();
+        let mut owned: Vec<Vec<u8>> = Vec::new();
+        let mut errors = 0;
+        let start = Instant::now();
+        for r in it {
+            assert!(start.elapsed() < Duration::from_secs(30), "stuck");
+            match r {
+                Ok(o) => held.push(o),
+                Err(e @ Error::OutputsHeld { .. }) => {
+                    errors += 1;
+                    assert!(e.to_string().contains("drop them"), "{e}");
+                    // Move what we hold to owned copies and go on.
+                    owned.extend(held.drain(..).map(|o| o.deserialize().unwrap()));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        owned.extend(held.drain(..).map(|o| o.deserialize().unwrap()));
+        assert!(errors > 0, "the rings never filled");
+        assert_eq!(owned.len(), 100);
+        for (i, o) in owned.iter().enumerate() {
+            assert_eq!(o, &vec![i as u8; 10_000]);
+        }
+    }
+    assert_no_children();
+}
+
+#[test]
+fn dropping_a_call_or_the_pool_midway_leaves_nothing_behind() {
+    let guard = serial();
+    let fds = open_fds();
+    {
+        let task = shmexec::from_fn::<Vec<f32>, _, _>(|c| c.samples().iter().sum::<f32>());
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let chunks: Vec<Vec<f32>> = (0..50).map(|i| vec![i as f32; 10_000]).collect();
+        // Abandon a call after 3 results: the next call still gets its own results, in order.
+        let first: Vec<f32> = pool
+            .map(&chunks)
+            .take(3)
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(first, [0.0, 10_000.0, 20_000.0]);
+        let again: Vec<f32> = pool
+            .map(&chunks[..10])
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(
+            again,
+            (0..10).map(|i| i as f32 * 10_000.0).collect::<Vec<_>>()
+        );
+        let mut it = pool.map(&chunks);
+        it.next().unwrap().unwrap();
+        drop(it);
+        drop(pool); // with the abandoned call's items still in flight
+    }
+    assert_no_children();
+    assert_eq!(open_fds(), fds);
+}
+
+#[test]
+fn a_killed_worker_ends_the_call_with_an_error_not_a_hang() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<u64, _, _>(|&n| {
+            std::thread::sleep(Duration::from_millis(2));
+            n.to_native()
+        });
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let victim = pool.pids()[1];
+        let start = Instant::now();
+        let mut it = pool.map(0..10_000u64);
+        let mut err = None;
+        for (i, r) in it.by_ref().enumerate() {
+            if i == 20 {
+                rustix::process::kill_process(
+                    rustix::process::Pid::from_raw(victim).unwrap(),
+                    rustix::process::Signal::KILL,
+                )
+                .unwrap();
+            }
+            if let Err(e) = r {
+                err = Some(e);
+                break;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(20));
+        match err {
+            Some(Error::WorkerDied {
+                worker: 1,
+                pid,
+                status,
+                ..
+            }) => {
+                assert_eq!(pid, victim);
+                assert!(status.contains("Signaled(9)"), "{status}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(it.next().is_none());
+        drop(it);
+        assert!(matches!(
+            pool.map([1u64]).next(),
+            Some(Err(Error::Broken(_)))
+        ));
+    }
+    assert_no_children();
+}
