@@ -88,27 +88,34 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
                 Err(p) => Err(Report::new(Code::Panic, panic_message(&*p))),
             },
         };
-        let written = match outcome {
-            Ok(out) => send_output(&mut tx, seq, &out),
-            Err(report) => send_report(&mut tx, seq, report).map(|_| Err(())),
-        };
-        let Ok(result) = written else {
-            return EXIT_COORDINATOR_GONE;
-        };
-        // Only now, with the output published, is the input released: a worker that dies
-        // before this point leaves the chunk in its input ring for a successor.
-        let bytes_in = frame.len() as u64;
-        frame.release();
+        // Counted before the result is published, so that a caller who has every result also
+        // sees every chunk in the stats.
         let w = info.index;
         setup.stats.add(w, Field::Chunks, 1);
-        setup.stats.add(w, Field::BytesIn, bytes_in);
-        setup
-            .stats
-            .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
-        match result {
-            Ok(n) => setup.stats.add(w, Field::BytesOut, n as u64),
-            Err(()) => setup.stats.add(w, Field::Errors, 1),
+        setup.stats.add(w, Field::BytesIn, frame.len() as u64);
+        let written = match outcome {
+            Ok(out) => send_output(&mut tx, seq, &out, |n| {
+                setup.stats.add(w, Field::BytesOut, n as u64);
+                setup
+                    .stats
+                    .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
+            }),
+            Err(report) => {
+                setup
+                    .stats
+                    .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
+                send_report(&mut tx, seq, report).map(|_| Err(()))
+            }
+        };
+        match written {
+            Err(_) => return EXIT_COORDINATOR_GONE,
+            // Output too large or not serializable: reported in its place.
+            Ok(Err(())) => setup.stats.add(w, Field::Errors, 1),
+            Ok(Ok(_)) => {}
         }
+        // Only now, with the output published, is the input released: a worker that dies
+        // before this point leaves the chunk in its input ring for a successor.
+        frame.release();
     }
     let _ = catch_unwind(AssertUnwindSafe(|| task.finish(info)));
     let _ = send_kind(&mut tx, 0, FrameKind::End);
@@ -121,6 +128,7 @@ fn send_output<O: crate::Encode>(
     tx: &mut Producer,
     seq: u64,
     out: &O,
+    before_publish: impl FnOnce(usize),
 ) -> Result<Result<usize, ()>, shmexec_shm::Error> {
     let len = match encoded_len(out) {
         Ok(n) => n,
@@ -140,6 +148,7 @@ fn send_output<O: crate::Encode>(
     match encode_into(out, &mut grant) {
         Ok(n) => {
             grant.truncate(n).set_seq(seq);
+            before_publish(n);
             grant.commit();
             Ok(Ok(n))
         }
