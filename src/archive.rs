@@ -31,9 +31,9 @@ pub struct Sink<'a> {
 }
 
 impl<'a> Sink<'a> {
-    /// A sink that only counts.
-    pub(crate) fn counter() -> Sink<'a> {
-        Sink { buf: None, pos: 0 }
+    /// A sink that only counts, starting at `pos`.
+    pub(crate) fn counter_at(pos: usize) -> Sink<'a> {
+        Sink { buf: None, pos }
     }
 
     /// A sink writing into `buf` from offset `pos` (bytes before it are already written).
@@ -96,12 +96,26 @@ impl<T> Decode for T where T: Portable + for<'a> CheckBytes<HighValidator<'a, Rk
 
 /// Serialized size of `value`.
 pub(crate) fn encoded_len<T: Encode>(value: &T) -> Result<usize, RkyvError> {
-    Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Sink::counter())?.pos)
+    encoded_len_at(value, 0)
+}
+
+/// End of the archive of `value` serialized after `pos` bytes already in place.
+pub(crate) fn encoded_len_at<T: Encode>(value: &T, pos: usize) -> Result<usize, RkyvError> {
+    Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Sink::counter_at(pos))?.pos)
 }
 
 /// Serializes `value` into `buf` (sized by [`encoded_len`]); returns the bytes written.
 pub(crate) fn encode_into<T: Encode>(value: &T, buf: &mut [u8]) -> Result<usize, RkyvError> {
-    Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Sink::slice(buf, 0))?.pos)
+    encode_into_at(value, buf, 0)
+}
+
+/// Serializes `value` into `buf` after the `pos` bytes already there; returns the archive end.
+pub(crate) fn encode_into_at<T: Encode>(
+    value: &T,
+    buf: &mut [u8],
+    pos: usize,
+) -> Result<usize, RkyvError> {
+    Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Sink::slice(buf, pos))?.pos)
 }
 
 /// Checks that `bytes` hold a valid archive of `A` and returns it, without copying.
@@ -127,7 +141,7 @@ pub trait Sample:
     bytemuck::Pod + Archive<Archived = <Self as Sample>::Le> + Encode + sealed::Sealed
 {
     /// The archived (little-endian) form, same size and alignment.
-    type Le: bytemuck::Pod + Portable;
+    type Le: bytemuck::Pod + Decode;
 }
 
 mod sealed {
@@ -209,8 +223,7 @@ impl<T: Sample> Prewritten<T> {
 
     /// Writes the root after the elements already in `buf[..data_len]`; returns the archive size.
     pub(crate) fn finish(&self, buf: &mut [u8]) -> Result<usize, RkyvError> {
-        let sink = Sink::slice(buf, self.data_len());
-        Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(self, sink)?.pos)
+        encode_into_at(self, buf, self.data_len())
     }
 }
 
@@ -227,6 +240,25 @@ impl<T: Sample, S: Fallible + ?Sized> Serialize<S> for Prewritten<T> {
     fn serialize(&self, _: &mut S) -> Result<VecResolver, S::Error> {
         // The elements start at position 0 of the archive.
         Ok(VecResolver::from_pos(0))
+    }
+}
+
+/// Serializes as the value it points to: `(Prewritten<E>, Ref<M>)` archives exactly like
+/// `(Vec<E>, M)`, with the samples already in place and `M` written after them.
+pub(crate) struct Ref<'a, M>(pub(crate) &'a M);
+
+impl<M: Archive> Archive for Ref<'_, M> {
+    type Archived = M::Archived;
+    type Resolver = M::Resolver;
+
+    fn resolve(&self, resolver: M::Resolver, out: Place<M::Archived>) {
+        self.0.resolve(resolver, out);
+    }
+}
+
+impl<M: Serialize<S>, S: Fallible + ?Sized> Serialize<S> for Ref<'_, M> {
+    fn serialize(&self, serializer: &mut S) -> Result<M::Resolver, S::Error> {
+        self.0.serialize(serializer)
     }
 }
 
@@ -248,6 +280,24 @@ mod tests {
         let a = decode::<Archived<(Vec<f32>, String, u64)>>(&buf).unwrap();
         assert_eq!(a.0.samples()[999], 999.0);
         assert!(encode_into(&v, &mut buf[..len - 1]).is_err());
+    }
+
+    #[test]
+    fn prewritten_samples_and_metadata_form_a_pair_archive() {
+        let samples: Vec<f32> = (0..777).map(|i| i as f32 * 0.25).collect();
+        let meta = (42u64, String::from("a name longer than inline"));
+        let p = Prewritten::<f32>::new(samples.len());
+        let mut buf = rkyv::util::AlignedVec::<64>::with_capacity(8192);
+        buf.resize(8192, 0);
+        bytemuck::cast_slice_mut(&mut buf[..p.data_len()]).copy_from_slice(&samples);
+        let pair = (p, Ref(&meta));
+        let end = encoded_len_at(&pair, pair.0.data_len()).unwrap();
+        assert_eq!(
+            encode_into_at(&pair, &mut buf, pair.0.data_len()).unwrap(),
+            end
+        );
+        let reference = rkyv::to_bytes::<RkyvError>(&(samples, meta)).unwrap();
+        assert_eq!(&buf[..end], &reference[..]);
     }
 
     #[test]

@@ -26,6 +26,7 @@
 //! | [`pool`]    | [`Pool`], [`Builder`]: forking, start-up, shutdown                     |
 //! | [`map`]     | one call: feeding the rings, ordered and unordered results            |
 //! | [`output`]  | [`OutputRef`], a result read in place                                 |
+//! | [`sink`]    | how a worker's result gets into its ring (serialized, or in place)    |
 //! | [`archive`] | rkyv glue: serializing into a ring slot, numeric slices in place      |
 //! | [`pin`]     | which core each worker runs on                                        |
 //! | [`stats`]   | counters per worker and per call                                      |
@@ -39,6 +40,7 @@ pub mod output;
 pub mod pin;
 pub mod pool;
 mod protocol;
+pub mod sink;
 pub mod stats;
 pub mod task;
 mod worker;
@@ -51,5 +53,6 @@ pub use pin::Pinning;
 pub use pool::{Builder, Pool};
 pub use shmexec_shm as shm;
 pub use shmexec_shm::WaitStrategy;
+pub use sink::OutputSink;
 pub use stats::{CallStats, PoolStats, WorkerStats};
-pub use task::{FnTask, Task, TryFnTask, WorkerInfo, from_fn, try_from_fn};
+pub use task::{ArrayOutput, ArrayTask, FnTask, Task, TryFnTask, WorkerInfo, from_fn, try_from_fn};

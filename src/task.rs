@@ -4,8 +4,9 @@ use std::marker::PhantomData;
 
 use rkyv::Archived;
 
-use crate::archive::{Decode, Encode};
+use crate::archive::{Decode, Encode, Sample};
 use crate::error::BoxError;
+use crate::sink::OutputSink;
 
 /// Facts about the worker a task runs in, given to [`Task::init`] and [`Task::finish`].
 #[derive(Debug, Clone)]
@@ -61,8 +62,117 @@ pub trait Task {
     /// [`crate::Error::Panic`]; the worker goes on with the next chunk.
     fn process(&mut self, input: &Archived<Self::Input>) -> Result<Self::Output, BoxError>;
 
+    /// Gets each output back after it was serialized into the ring, to reuse its buffers: a
+    /// task that returns a fresh 4 MiB `Vec` per chunk pays an allocation and page faults per
+    /// chunk, one that keeps the `Vec` here and refills it does not. The default drops it.
+    fn recycle(&mut self, _output: Self::Output) {}
+
     /// Runs once in each worker when the pool shuts down cleanly.
     fn finish(&mut self, _worker: &WorkerInfo) {}
+
+    /// How the output gets into the ring; the worker calls this, not `process`. The default
+    /// runs [`process`](Task::process), serializes its value into a slot of exactly its size
+    /// (one copy, made in the worker) and hands the value to [`recycle`](Task::recycle).
+    /// [`ArrayOutput`] overrides it to write samples straight into the ring.
+    fn produce(
+        &mut self,
+        input: &Archived<Self::Input>,
+        out: &mut OutputSink<'_>,
+    ) -> Result<(), BoxError> {
+        let value = self.process(input)?;
+        out.serialize(&value);
+        self.recycle(value);
+        Ok(())
+    }
+}
+
+/// A task whose output is an array of samples (plus a little metadata) that it writes straight
+/// into the worker's output ring: no allocation and no copy on the way out. Run it with
+/// [`ArrayOutput`]; the output arrives as a `(Vec<Sample>, Meta)` archive.
+///
+/// ```
+/// use shmexec::{ArrayOutput, ArrayTask, BoxError, Samples};
+///
+/// /// Scales a waveform by 0.5 and counts the samples above 1.0.
+/// struct Halve;
+///
+/// impl ArrayTask for Halve {
+///     type Input = Vec<f32>;
+///     type Sample = f32;
+///     type Meta = u64;
+///     fn output_len(&mut self, input: &rkyv::Archived<Vec<f32>>) -> usize {
+///         input.len()
+///     }
+///     fn process(&mut self, input: &rkyv::Archived<Vec<f32>>, out: &mut [f32]) -> Result<u64, BoxError> {
+///         let mut above = 0;
+///         for (o, &x) in out.iter_mut().zip(input.samples()) {
+///             *o = x * 0.5;
+///             above += u64::from(*o > 1.0);
+///         }
+///         Ok(above)
+///     }
+/// }
+/// let task = ArrayOutput(Halve); // a `Task` with Output = (Vec<f32>, u64)
+/// ```
+pub trait ArrayTask {
+    /// The chunk type the coordinator sends.
+    type Input: Encode<Archived: Decode>;
+    /// The output's sample type.
+    type Sample: Sample;
+    /// What goes with the samples (a count, a time range...).
+    type Meta: Encode<Archived: Decode>;
+
+    /// See [`Task::init`].
+    fn init(&mut self, _worker: &WorkerInfo) -> Result<(), BoxError> {
+        Ok(())
+    }
+
+    /// How many output samples `input` gives: the slot is reserved before `process` runs.
+    fn output_len(&mut self, input: &Archived<Self::Input>) -> usize;
+
+    /// Writes the output samples into `out` (inside the ring, `output_len` long) and returns
+    /// the metadata. An `Err` or a panic becomes that item's error; nothing is published.
+    fn process(
+        &mut self,
+        input: &Archived<Self::Input>,
+        out: &mut [Self::Sample],
+    ) -> Result<Self::Meta, BoxError>;
+
+    /// See [`Task::finish`].
+    fn finish(&mut self, _worker: &WorkerInfo) {}
+}
+
+/// Runs an [`ArrayTask`] as a [`Task`] whose output is `(Vec<Sample>, Meta)`.
+pub struct ArrayOutput<A>(pub A);
+
+impl<A: ArrayTask> Task for ArrayOutput<A> {
+    type Input = A::Input;
+    type Output = (Vec<A::Sample>, A::Meta);
+
+    fn init(&mut self, worker: &WorkerInfo) -> Result<(), BoxError> {
+        self.0.init(worker)
+    }
+
+    /// Only for direct calls: the worker uses `produce`, which writes in place.
+    fn process(&mut self, input: &Archived<A::Input>) -> Result<Self::Output, BoxError> {
+        let mut out = vec![bytemuck::Zeroable::zeroed(); self.0.output_len(input)];
+        let meta = self.0.process(input, &mut out)?;
+        Ok((out, meta))
+    }
+
+    fn produce(
+        &mut self,
+        input: &Archived<A::Input>,
+        out: &mut OutputSink<'_>,
+    ) -> Result<(), BoxError> {
+        let n = self.0.output_len(input);
+        let task = &mut self.0;
+        out.samples_then(n, |samples| task.process(input, samples))
+    }
+
+    fn finish(&mut self, worker: &WorkerInfo) {
+        self.0.finish(worker)
+    }
 }
 
 /// A task made of a closure; see [`from_fn`].

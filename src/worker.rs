@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 use rkyv::Archived;
 use shmexec_shm::{FrameKind, Peer, Producer, Ring, WaitStrategy};
 
-use crate::archive::{decode, encode_into, encoded_len};
+use crate::archive::decode;
 use crate::pin;
 use crate::protocol::{Code, Report, START_SEQ, panic_message};
+use crate::sink::{Outcome, OutputSink, send_report};
 use crate::stats::{Field, StatsBlock};
 use crate::task::{Task, WorkerInfo};
 
@@ -80,38 +81,44 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
         }
         let seq = frame.seq();
         let start = Instant::now();
-        let outcome = match decode::<Archived<T::Input>>(&frame) {
+        let w = info.index;
+        // Counted before the result is published, so that a caller who has every result also
+        // sees every chunk in the stats.
+        setup.stats.add(w, Field::Chunks, 1);
+        setup.stats.add(w, Field::BytesIn, frame.len() as u64);
+        let mut before_publish = |n: usize| {
+            setup.stats.add(w, Field::BytesOut, n as u64);
+            setup
+                .stats
+                .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
+        };
+        let mut sink = OutputSink::new(&mut tx, seq, &mut before_publish);
+        let produced = match decode::<Archived<T::Input>>(&frame) {
             Err(e) => Err(Report::new(Code::InvalidInput, e.to_string())),
-            Ok(input) => match catch_unwind(AssertUnwindSafe(|| task.process(input))) {
-                Ok(Ok(out)) => Ok(out),
+            Ok(input) => match catch_unwind(AssertUnwindSafe(|| task.produce(input, &mut sink))) {
+                Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(Report::new(Code::Task, e.to_string())),
                 Err(p) => Err(Report::new(Code::Panic, panic_message(&*p))),
             },
         };
-        // Counted before the result is published, so that a caller who has every result also
-        // sees every chunk in the stats.
-        let w = info.index;
-        setup.stats.add(w, Field::Chunks, 1);
-        setup.stats.add(w, Field::BytesIn, frame.len() as u64);
-        let written = match outcome {
-            Ok(out) => send_output(&mut tx, seq, &out, |n| {
-                setup.stats.add(w, Field::BytesOut, n as u64);
-                setup
-                    .stats
-                    .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
+        let outcome = match produced {
+            Err(report) => Outcome::Report(report),
+            Ok(()) => sink.into_outcome().unwrap_or_else(|| {
+                Outcome::Report(Report::new(Code::Task, "the task produced no output"))
             }),
-            Err(report) => {
+        };
+        match outcome {
+            Outcome::Sent => {}
+            Outcome::Gone => return EXIT_COORDINATOR_GONE,
+            Outcome::Report(report) => {
+                setup.stats.add(w, Field::Errors, 1);
                 setup
                     .stats
                     .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
-                send_report(&mut tx, seq, report).map(|_| Err(()))
+                if send_report(&mut tx, seq, report).is_err() {
+                    return EXIT_COORDINATOR_GONE;
+                }
             }
-        };
-        match written {
-            Err(_) => return EXIT_COORDINATOR_GONE,
-            // Output too large or not serializable: reported in its place.
-            Ok(Err(())) => setup.stats.add(w, Field::Errors, 1),
-            Ok(Ok(_)) => {}
         }
         // Only now, with the output published, is the input released: a worker that dies
         // before this point leaves the chunk in its input ring for a successor.
@@ -120,57 +127,6 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
     let _ = catch_unwind(AssertUnwindSafe(|| task.finish(info)));
     let _ = send_kind(&mut tx, 0, FrameKind::End);
     EXIT_OK
-}
-
-/// Serializes `out` straight into the output ring. `Ok(Ok(bytes))` when sent, `Ok(Err(()))` when
-/// an error report went instead (too large, not serializable), `Err` when the ring is gone.
-fn send_output<O: crate::Encode>(
-    tx: &mut Producer,
-    seq: u64,
-    out: &O,
-    before_publish: impl FnOnce(usize),
-) -> Result<Result<usize, ()>, shmexec_shm::Error> {
-    let len = match encoded_len(out) {
-        Ok(n) => n,
-        Err(e) => {
-            return send_report(tx, seq, Report::new(Code::Encode, e.to_string())).map(|_| Err(()));
-        }
-    };
-    let mut grant = match tx.reserve(len) {
-        Ok(g) => g,
-        Err(shmexec_shm::Error::FrameTooLarge { len, max }) => {
-            let mut r = Report::new(Code::OutputTooLarge, "");
-            (r.a, r.b) = (len as u64, max as u64);
-            return send_report(tx, seq, r).map(|_| Err(()));
-        }
-        Err(e) => return Err(e),
-    };
-    match encode_into(out, &mut grant) {
-        Ok(n) => {
-            grant.truncate(n).set_seq(seq);
-            before_publish(n);
-            grant.commit();
-            Ok(Ok(n))
-        }
-        Err(e) => send_report(tx, seq, Report::new(Code::Encode, e.to_string())).map(|_| Err(())),
-    }
-}
-
-fn send_report(tx: &mut Producer, seq: u64, mut message: Report) -> Result<(), shmexec_shm::Error> {
-    // A message too long for the ring is cut, not lost.
-    let max = tx.max_payload();
-    if message.len() > max {
-        let mut cut = max.saturating_sub(message.len() - message.message.len());
-        while !message.message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.message.truncate(cut);
-    }
-    let mut grant = tx.reserve(message.len())?;
-    message.write(&mut grant);
-    grant.set_kind(FrameKind::Error).set_seq(seq);
-    grant.commit();
-    Ok(())
 }
 
 fn send_kind(tx: &mut Producer, seq: u64, kind: FrameKind) -> Result<(), shmexec_shm::Error> {
