@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example compare -- --chunk-bytes 4MiB --total-bytes 512MiB --workers 2 \
 //!     [--input memory|generate|index] [--rounds 3] [--engines seq,rayon,...] [--ring-bytes 64MiB]
-//!     [--pinning auto|off|spread]
+//!     [--pinning auto|off|spread] [--wait adaptive|park|spin]
 //! ```
 //!
 //! The transform, per chunk of `f32`: subtract the mean of the first 64 samples, scale by 0.5,
@@ -34,7 +34,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::time::Instant;
 
 use rayon::prelude::*;
-use shmexec::{ArrayOutput, ArrayTask, BoxError, Pinning, Pool, Samples};
+use shmexec::{ArrayOutput, ArrayTask, BoxError, Pinning, Pool, Samples, WaitStrategy};
 
 const STRIDE: usize = 1024; // one checksum sample per 4 KiB of output
 
@@ -264,6 +264,7 @@ struct Args {
     engines: Option<Vec<String>>,
     ring_bytes: usize,
     pinning: Pinning,
+    wait: WaitStrategy,
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -291,6 +292,7 @@ fn parse_args() -> Result<Args, String> {
         engines: None,
         ring_bytes: 64 << 20,
         pinning: Pinning::Auto,
+        wait: WaitStrategy::Adaptive,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -318,11 +320,20 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--pinning {other}: use auto, off or spread")),
                 }
             }
+            "--wait" => {
+                a.wait = match value()?.as_str() {
+                    "adaptive" => WaitStrategy::Adaptive,
+                    "park" => WaitStrategy::Park,
+                    "spin" => WaitStrategy::Spin,
+                    other => return Err(format!("--wait {other}: use adaptive, park or spin")),
+                }
+            }
             "-h" | "--help" => {
                 return Err(
                     "usage: compare --chunk-bytes B --total-bytes T --workers W \
                             [--input memory|generate|index] [--rounds R] [--engines a,b] \
-                            [--ring-bytes B] [--pinning auto|off|spread]"
+                            [--ring-bytes B] [--pinning auto|off|spread] \
+                            [--wait adaptive|park|spin]"
                         .into(),
                 );
             }
@@ -394,6 +405,7 @@ fn run(args: Args) -> Result<(), BoxError> {
             .workers(w)
             .ring_bytes(args.ring_bytes)
             .pinning(args.pinning.clone())
+            .wait_strategy(args.wait)
     };
     let mut vec_pool = if wants("shmexec-vec") || wants("shmexec-builder") {
         Some(builder().build(ArrayOutput(Transform))?)

@@ -224,12 +224,14 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                 self.fail(seq, Error::InputTooLarge { seq, len, max });
                 continue;
             }
-            // Least-loaded first; ties go to the lower index.
-            let mut order: Vec<usize> = (0..self.pool.workers.len()).collect();
-            order.sort_by_key(|&w| self.pool.workers[w].in_flight);
+            // Least-loaded first (ties to the lower index), then any other with room.
+            let workers = self.pool.workers.len();
+            let least = (0..workers)
+                .min_by_key(|&w| self.pool.workers[w].in_flight)
+                .unwrap_or(0);
             let seq = self.pool.next_seq;
             let mut placed = None;
-            for w in order {
+            for w in std::iter::once(least).chain((0..workers).filter(|&w| w != least)) {
                 let slot = &mut self.pool.workers[w];
                 let Some(grant) = slot.tx.try_reserve(len)? else {
                     continue;
@@ -279,9 +281,11 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
     fn take_from(&mut self, w: usize, wait: Wait) -> Result<Option<Result<OutputRef<T::Output>>>> {
         loop {
             let slot = &mut self.pool.workers[w];
-            let waited = match wait {
-                Wait::Poll => slot.rx.try_peek(),
-                Wait::Slice | Wait::Block => {
+            // A result that is already there costs no clock read.
+            let ready = slot.rx.try_peek().map(|f| f.is_some());
+            let waited = match (wait, ready) {
+                (_, Ok(true)) | (Wait::Poll, _) | (_, Err(_)) => slot.rx.try_peek(),
+                (Wait::Slice | Wait::Block, Ok(false)) => {
                     slot.rx.peek_until(Instant::now() + WAIT_SLICE).map(Some)
                 }
             };
