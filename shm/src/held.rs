@@ -3,7 +3,7 @@
 //! The ring frees bytes strictly in order: `tail` only moves forward. A consumer that hands
 //! frames to someone else (the executor gives each result to the user as an `OutputRef`) needs
 //! to read on while earlier frames are still in use, and those may be dropped in any order, on
-//! any thread. The [`Book`] records every frame between the shared `tail` and the consumer's read
+//! any thread. The `Book` records every frame between the shared `tail` and the consumer's read
 //! cursor and moves `tail` over the longest released prefix.
 //!
 //! The common case, nothing held, takes no lock: the count of recorded frames is read first, and
