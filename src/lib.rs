@@ -55,4 +55,4 @@ pub use shmexec_shm as shm;
 pub use shmexec_shm::WaitStrategy;
 pub use sink::OutputSink;
 pub use stats::{CallStats, PoolStats, WorkerStats};
-pub use task::{ArrayOutput, ArrayTask, FnTask, Task, TryFnTask, WorkerInfo, from_fn, try_from_fn};
+pub use task::{ArrayOutput, ArrayTask, Task, TryFnTask, WorkerInfo, from_fn, try_from_fn};

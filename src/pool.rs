@@ -243,7 +243,7 @@ impl<T: Task> std::fmt::Debug for Pool<T> {
     }
 }
 
-impl Pool<crate::task::FnTask<(), (), fn(&())>> {
+impl Pool<crate::task::TryFnTask<(), (), fn(&()) -> Result<(), crate::BoxError>>> {
     /// Starts configuring a pool.
     pub fn builder() -> Builder {
         Builder::default()

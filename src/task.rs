@@ -175,12 +175,6 @@ impl<A: ArrayTask> Task for ArrayOutput<A> {
     }
 }
 
-/// A task made of a closure; see [`from_fn`].
-pub struct FnTask<In, Out, F> {
-    f: F,
-    _types: PhantomData<fn(In) -> Out>,
-}
-
 /// A task from a closure that cannot fail (a panic still becomes that item's error). Name the
 /// input type, the rest is inferred:
 ///
@@ -188,32 +182,18 @@ pub struct FnTask<In, Out, F> {
 /// use shmexec::Samples;
 /// let task = shmexec::from_fn::<Vec<f32>, _, _>(|chunk| chunk.samples().iter().sum::<f32>());
 /// ```
-pub fn from_fn<In, Out, F>(f: F) -> FnTask<In, Out, F>
+pub fn from_fn<In, Out, F>(
+    mut f: F,
+) -> TryFnTask<In, Out, impl FnMut(&Archived<In>) -> Result<Out, BoxError>>
 where
     In: Encode<Archived: Decode>,
     Out: Encode<Archived: Decode>,
     F: FnMut(&Archived<In>) -> Out,
 {
-    FnTask {
-        f,
-        _types: PhantomData,
-    }
+    try_from_fn(move |input: &Archived<In>| Ok(f(input)))
 }
 
-impl<In, Out, F> Task for FnTask<In, Out, F>
-where
-    In: Encode<Archived: Decode>,
-    Out: Encode<Archived: Decode>,
-    F: FnMut(&Archived<In>) -> Out,
-{
-    type Input = In;
-    type Output = Out;
-    fn process(&mut self, input: &Archived<In>) -> Result<Out, BoxError> {
-        Ok((self.f)(input))
-    }
-}
-
-/// A task from a closure that returns `Result`; see [`try_from_fn`].
+/// A task made of a closure; see [`from_fn`] and [`try_from_fn`].
 pub struct TryFnTask<In, Out, F> {
     f: F,
     _types: PhantomData<fn(In) -> Out>,
