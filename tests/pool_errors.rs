@@ -241,7 +241,17 @@ fn dropping_a_call_or_the_pool_midway_leaves_nothing_behind() {
         let mut it = pool.map(&chunks);
         it.next().unwrap().unwrap();
         drop(it);
-        drop(pool); // with the abandoned call's items still in flight
+        // With the abandoned call's items still in flight: workers stop before their queued
+        // chunks instead of working them off.
+        let start = Instant::now();
+        drop(pool);
+        // A liveness bound, not a speed check: under the 5 s shutdown timeout means the workers
+        // answered rather than being killed.
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            start.elapsed()
+        );
     }
     assert_no_children();
     assert_eq!(open_fds(), fds);

@@ -150,3 +150,74 @@ fn pool_builds_with_defaults() {
     }
     assert_no_children();
 }
+
+/// Writes `x * 2` for each input sample straight into the ring; the metadata is the sum, and a
+/// label long enough (for `long` inputs) to need more room than reserved after the samples.
+struct Doubler;
+
+impl shmexec::ArrayTask for Doubler {
+    type Input = Vec<i32>;
+    type Sample = i32;
+    type Meta = (i64, String);
+    fn output_len(&mut self, x: &rkyv::Archived<Vec<i32>>) -> usize {
+        x.len()
+    }
+    fn process(
+        &mut self,
+        x: &rkyv::Archived<Vec<i32>>,
+        out: &mut [i32],
+    ) -> Result<(i64, String), shmexec::BoxError> {
+        let x = x.samples();
+        match x.first() {
+            Some(&-1) => return Err("negative marker".into()),
+            Some(&-2) => panic!("panic marker"),
+            _ => {}
+        }
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = v * 2;
+        }
+        let label = if x.len() == 3 {
+            "x".repeat(10_000)
+        } else {
+            String::from("ok")
+        };
+        Ok((x.iter().map(|&v| v as i64).sum(), label))
+    }
+}
+
+#[test]
+fn array_outputs_are_written_in_place_and_fail_cleanly() {
+    let guard = serial();
+    {
+        let mut pool = builder(&guard)
+            .workers(2)
+            .build(shmexec::ArrayOutput(Doubler))
+            .unwrap();
+        let inputs: Vec<Vec<i32>> = vec![
+            (0..50_000).collect(),
+            vec![],
+            vec![-1, 5],
+            vec![7, 8, 9], // its metadata outgrows the room reserved after the samples
+            vec![-2],
+            (0..100).rev().collect(),
+        ];
+        let r: Vec<_> = pool.map(&inputs).collect();
+        for (i, (x, r)) in inputs.iter().zip(&r).enumerate() {
+            match x.first() {
+                Some(&-1) => assert!(matches!(r, Err(Error::Task { .. })), "{r:?}"),
+                Some(&-2) => assert!(matches!(r, Err(Error::Panic { .. })), "{r:?}"),
+                _ => {
+                    let o = r.as_ref().unwrap();
+                    let want: Vec<i32> = x.iter().map(|v| v * 2).collect();
+                    assert_eq!(o.0.samples(), &want[..], "item {i}");
+                    assert_eq!(o.1.0.to_native(), x.iter().map(|&v| v as i64).sum::<i64>());
+                    let label_len = if x.len() == 3 { 10_000 } else { 2 };
+                    assert_eq!(o.1.1.len(), label_len);
+                    let owned: (Vec<i32>, (i64, String)) = o.deserialize().unwrap();
+                    assert_eq!(owned.0, want);
+                }
+            }
+        }
+    }
+    assert_no_children();
+}
