@@ -50,6 +50,11 @@ fn main() {
         .build(ArrayOutput(Halve))
         .expect("pool");
 
+    let mut sink = Pool::builder()
+        .workers(2)
+        .build(shmexec::from_fn::<Vec<f32>, _, _>(|c| c.len() as u64))
+        .expect("pool");
+
     let mut c = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(3))
@@ -103,6 +108,32 @@ fn main() {
                     })
                     .map(|r| r.expect("item").1.to_native())
                     .sum::<u64>()
+            })
+        });
+    }
+    g.finish();
+
+    // Copy-in from sources at several offsets past a page boundary. On AMD Zen a copy of
+    // 4-256 KiB whose destination lies 1-16 bytes past its source modulo 4 KiB was seen to run
+    // at a twentieth of the usual speed (DESIGN.md). Ring payloads start 64-byte aligned, and
+    // 256 KiB frames step through every 64-byte offset of a page, so sources at 48-60 bytes
+    // past a page meet that window on some frames. The task does nothing: this is the
+    // coordinator's copy.
+    let mut g = c.benchmark_group("copy_in_256KiB");
+    let (n, chunks) = (64 << 10, 64usize);
+    let src: Vec<f32> = (0..n + 4096).map(|i| i as f32).collect();
+    let page = (src.as_ptr() as usize).next_multiple_of(4096) - src.as_ptr() as usize;
+    g.throughput(Throughput::Bytes((n * 4 * chunks) as u64));
+    for offset in [0usize, 16, 48, 60] {
+        let from = (page + offset) / 4;
+        g.bench_function(BenchmarkId::new("source_offset", offset), |b| {
+            b.iter(|| {
+                sink.map_in_place(std::iter::repeat_n(n, chunks), |_, slot| {
+                    slot.copy_from_slice(&src[from..from + n]);
+                    Ok(())
+                })
+                .map(|r| r.expect("item").to_native())
+                .sum::<u64>()
             })
         });
     }
