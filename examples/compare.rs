@@ -3,7 +3,7 @@
 //! ```text
 //! cargo run --release --example compare -- --chunk-bytes 4MiB --total-bytes 512MiB --workers 2 \
 //!     [--input memory|generate|index] [--rounds 3] [--engines seq,rayon,...] [--ring-bytes 64MiB]
-//!     [--pinning auto|off|spread] [--wait adaptive|park|spin]
+//!     [--pinning auto|off|spread|cores:LIST] [--wait adaptive|park|spin]
 //! ```
 //!
 //! The transform, per chunk of `f32`: subtract the mean of the first 64 samples, scale by 0.5,
@@ -317,7 +317,17 @@ fn parse_args() -> Result<Args, String> {
                     "auto" => Pinning::Auto,
                     "off" => Pinning::Off,
                     "spread" => Pinning::Spread,
-                    other => return Err(format!("--pinning {other}: use auto, off or spread")),
+                    list if list.starts_with("cores:") => Pinning::Cores(
+                        list["cores:".len()..]
+                            .split(',')
+                            .map(|c| c.parse().map_err(|e| format!("--pinning {list}: {e}")))
+                            .collect::<Result<_, _>>()?,
+                    ),
+                    other => {
+                        return Err(format!(
+                            "--pinning {other}: use auto, off, spread or cores:1,2,..."
+                        ));
+                    }
                 }
             }
             "--wait" => {
@@ -332,7 +342,7 @@ fn parse_args() -> Result<Args, String> {
                 return Err(
                     "usage: compare --chunk-bytes B --total-bytes T --workers W \
                             [--input memory|generate|index] [--rounds R] [--engines a,b] \
-                            [--ring-bytes B] [--pinning auto|off|spread] \
+                            [--ring-bytes B] [--pinning auto|off|spread|cores:LIST] \
                             [--wait adaptive|park|spin]"
                         .into(),
                 );
