@@ -60,7 +60,17 @@ pub enum Error {
     #[error("worker {worker} failed to start: {message}")]
     Init { worker: usize, message: String },
 
-    /// A worker process died. The pool cannot go on (respawning is not implemented yet).
+    /// This item killed its worker `crashes` times (the pool's `max_retries`), so it is given
+    /// up; the pool respawned the worker and goes on. `signal` is the signal that killed the
+    /// worker the last time, if one did.
+    #[error("item {seq} crashed its worker {crashes} times{}; given up", match signal { Some(s) => format!(" (last by signal {s})"), None => String::new() })]
+    WorkerCrashed {
+        seq: u64,
+        signal: Option<i32>,
+        crashes: u32,
+    },
+
+    /// A worker process died and could not be replaced.
     #[error("worker {worker} (pid {pid}) died{}: {status}", match seq { Some(s) => format!(" while item {s} was in flight"), None => String::new() })]
     WorkerDied {
         worker: usize,

@@ -18,8 +18,8 @@ use shmexec_shm::{FrameKind, Grant};
 use crate::archive::{Encode, Prewritten, Sample, encode_into, encoded_len};
 use crate::error::{BoxError, Error, Result};
 use crate::output::OutputRef;
-use crate::pool::{Pool, died};
-use crate::protocol::read_report;
+use crate::pool::Pool;
+use crate::protocol::{START_SEQ, read_report};
 use crate::stats::CallStats;
 use crate::task::Task;
 
@@ -187,7 +187,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
     }
 
     fn in_flight(&self) -> usize {
-        self.pool.workers.iter().map(|w| w.in_flight).sum()
+        self.pool.workers.iter().map(|w| w.live).sum()
     }
 
     fn take_seq(&mut self) -> u64 {
@@ -227,7 +227,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             // Least-loaded first (ties to the lower index), then any other with room.
             let workers = self.pool.workers.len();
             let least = (0..workers)
-                .min_by_key(|&w| self.pool.workers[w].in_flight)
+                .min_by_key(|&w| self.pool.workers[w].expect.len())
                 .unwrap_or(0);
             let seq = self.pool.next_seq;
             let mut placed = None;
@@ -246,7 +246,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             self.pool.next_seq += 1;
             match written {
                 Ok(n) => {
-                    self.pool.workers[w].in_flight += 1;
+                    self.pool.workers[w].push(seq);
                     let totals = &mut self.pool.totals;
                     totals.items += 1;
                     totals.input_bytes += n as u64;
@@ -293,13 +293,12 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(None),
                 Err(shmexec_shm::Error::Timeout { .. }) => {
-                    // A slice is too short for the ring's own liveness checks: look here.
-                    if !slot.child.is_alive() && matches!(slot.rx.try_peek(), Ok(None)) {
-                        let pid = slot.child.pid();
-                        let gone = shmexec_shm::Error::PeerGone { pid: Some(pid) };
-                        let err = died(&mut slot.child, w, pid, None, &gone);
-                        return Err(self.broken(err));
+                    // A slice is too short for the ring's own liveness checks: look here, at
+                    // every worker (a few ms apart).
+                    if let Err(e) = self.pool.check_health() {
+                        return Err(self.broken(e));
                     }
+                    let slot = &mut self.pool.workers[w];
                     if slot.rx.blocked_by_held() {
                         let (held, bytes) = slot.rx.held();
                         return Err(Error::OutputsHeld {
@@ -314,29 +313,60 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                     self.feed()?;
                     continue;
                 }
-                Err(e @ (shmexec_shm::Error::PeerGone { .. } | shmexec_shm::Error::Closed)) => {
-                    let pid = slot.child.pid();
-                    let err = died(&mut slot.child, w, pid, None, &e);
-                    return Err(self.broken(err));
+                Err(shmexec_shm::Error::PeerGone { .. } | shmexec_shm::Error::Closed) => {
+                    // Everything it published has been read: replace it and wait on.
+                    if let Err(e) = self.pool.respawn(w) {
+                        return Err(self.broken(e));
+                    }
+                    continue;
                 }
                 Err(e) => return Err(self.broken(e.into())),
             };
-            if slot.stale > 0 {
-                slot.stale -= 1;
+            let (seq, kind) = (frame.seq(), frame.kind());
+            if seq == START_SEQ {
+                // A respawned worker's start-up report.
+                let report = (kind == FrameKind::Error).then(|| read_report(w, seq, &frame));
                 frame.release();
+                match report {
+                    None => continue,
+                    Some(e) => return Err(self.broken(e)),
+                }
+            }
+            let due = slot.expect.front().map(|e| e.0);
+            match due {
+                // Published twice (its first worker died before releasing the input).
+                Some(due) if seq < due => {
+                    frame.release();
+                    continue;
+                }
+                Some(due) if seq == due => {}
+                _ => {
+                    let e =
+                        Error::Broken(format!("worker {w} returned item {seq}, expected {due:?}"));
+                    return Err(self.broken(e));
+                }
+            }
+            let (_, live) = slot.expect.pop_front().unwrap_or((seq, false));
+            if !live {
+                frame.release(); // an abandoned call's result
                 continue;
             }
-            slot.in_flight -= 1;
-            let seq = frame.seq();
-            let result = match frame.kind() {
+            slot.live -= 1;
+            let result = match kind {
                 FrameKind::Data => {
                     self.stats.output_bytes += frame.len() as u64;
                     self.pool.totals.output_bytes += frame.len() as u64;
                     OutputRef::new(frame.hold())
                 }
                 FrameKind::Error => {
-                    let e = read_report(w, seq, &frame);
+                    let mut e = read_report(w, seq, &frame);
                     frame.release();
+                    if let Error::WorkerCrashed {
+                        signal, crashes, ..
+                    } = &mut e
+                    {
+                        (*crashes, *signal) = self.pool.crash_record(seq);
+                    }
                     Err(e)
                 }
                 FrameKind::End => {
@@ -351,7 +381,8 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
     /// While inputs remain but none could be placed and nothing of this call is in flight, the
     /// rings are full of an abandoned call's items: wait a slice for them to drain.
     fn wait_for_room(&mut self) -> Result<()> {
-        match (0..self.pool.workers.len()).find(|&w| self.pool.workers[w].stale > 0) {
+        let stale = |w: &crate::pool::WorkerSlot| w.expect.len() > w.live;
+        match (0..self.pool.workers.len()).find(|&w| stale(&self.pool.workers[w])) {
             Some(w) => self.take_from(w, Wait::Slice).map(|_| ()),
             None => {
                 std::thread::sleep(WAIT_SLICE);
@@ -416,7 +447,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             // Whoever has a result ready, starting after the last one served.
             for k in 0..n {
                 let w = (self.next_poll + k) % n;
-                if self.pool.workers[w].in_flight == 0 {
+                if self.pool.workers[w].live == 0 {
                     continue;
                 }
                 match self.take_from(w, Wait::Poll) {
@@ -429,7 +460,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                 }
             }
             // Nothing ready: wait on the busiest worker, one slice at a time.
-            let w = (0..n).max_by_key(|&w| self.pool.workers[w].in_flight)?;
+            let w = (0..n).max_by_key(|&w| self.pool.workers[w].live)?;
             match self.take_from(w, Wait::Slice) {
                 Ok(Some(r)) => return Some(r),
                 Ok(None) => {}
@@ -492,8 +523,7 @@ impl<T: Task, F> Drop for Map<'_, T, F> {
     fn drop(&mut self) {
         // Results still to come belong to nobody now: the pool discards them as they arrive.
         for w in &mut self.pool.workers {
-            w.stale += w.in_flight;
-            w.in_flight = 0;
+            w.abandon();
         }
     }
 }

@@ -1,10 +1,12 @@
 //! [`Pool`] and its [`Builder`]: forking the workers, shutting them down.
 
-use std::marker::PhantomData;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use shmexec_shm::{ChildProcess, Consumer, FrameKind, Peer, Producer, Ring, Segment, WaitStrategy};
+use shmexec_shm::{
+    ChildProcess, Consumer, ExitStatus, FrameKind, Peer, Producer, Ring, Segment, WaitStrategy,
+};
 
 use crate::error::{Error, Result};
 use crate::pin::{self, Pinning};
@@ -12,6 +14,9 @@ use crate::protocol::{START_SEQ, read_report};
 use crate::stats::{Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::{Task, WorkerInfo};
 use crate::worker;
+
+/// How often the coordinator looks for dead workers while it waits.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(5);
 
 /// Default bytes of each ring (one input and one output ring per worker).
 pub const DEFAULT_RING_BYTES: usize = 64 << 20;
@@ -27,6 +32,7 @@ pub struct Builder {
     start_timeout: Duration,
     shutdown_timeout: Duration,
     check_threads: bool,
+    max_retries: u32,
 }
 
 impl Default for Builder {
@@ -40,6 +46,7 @@ impl Default for Builder {
             start_timeout: Duration::from_secs(60),
             shutdown_timeout: Duration::from_secs(5),
             check_threads: true,
+            max_retries: 2,
         }
     }
 }
@@ -98,6 +105,15 @@ impl Builder {
         self
     }
 
+    /// How many times one item may kill its worker before it is given up as
+    /// [`Error::WorkerCrashed`] (default 2). A dead worker is always replaced (same core, `init`
+    /// run again) and the items it had not finished are delivered to its successor, so one
+    /// poison chunk costs a few respawns, not the run.
+    pub fn max_retries(mut self, n: u32) -> Self {
+        self.max_retries = n;
+        self
+    }
+
     /// Lets [`Builder::build`] fork although this process runs other threads.
     ///
     /// `build` forks, and a forked child holds only the thread that forked: a lock another
@@ -144,21 +160,7 @@ impl Builder {
                 workers: n,
                 core,
             };
-            let child = {
-                let setup = worker::Setup {
-                    info,
-                    input: &input,
-                    output: &output,
-                    stats: &stats,
-                    wait: self.wait,
-                };
-                let task = &mut task;
-                // SAFETY: `fork_unchecked` requires that the child not depend on locks held by
-                // other threads: either this process has one thread (checked above) or the
-                // caller vouched for it with the unsafe `allow_threads`.
-                unsafe { shmexec_shm::fork_unchecked(move || worker::run(task, setup)) }
-                    .map_err(|e| Error::Start(format!("fork failed: {e}")))?
-            };
+            let child = fork_worker(&mut task, info, &input, &output, &stats, self.wait)?;
             let pid = child.pid();
             let mut tx = input.producer(Peer::process(pid)?)?;
             let mut rx = output.consumer(Peer::process(pid)?)?;
@@ -168,9 +170,12 @@ impl Builder {
                 child,
                 tx,
                 rx,
+                input,
+                output,
                 core,
-                in_flight: 0,
-                stale: 0,
+                expect: VecDeque::new(),
+                live: 0,
+                respawns: 0,
             });
         }
         let mut pool = Pool {
@@ -180,11 +185,39 @@ impl Builder {
             broken: None,
             totals: PoolStats::default(),
             shutdown_timeout: self.shutdown_timeout,
-            _task: PhantomData,
+            task,
+            wait: self.wait,
+            check_threads: self.check_threads,
+            max_retries: self.max_retries,
+            crashes: HashMap::new(),
+            last_health_check: Instant::now(),
         };
         pool.await_start(self.start_timeout)?;
         Ok(pool)
     }
+}
+
+/// Forks one worker running `task` (the child's copy of it) over its rings.
+fn fork_worker<T: Task>(
+    task: &mut T,
+    info: WorkerInfo,
+    input: &Ring,
+    output: &Ring,
+    stats: &StatsBlock,
+    wait: WaitStrategy,
+) -> Result<ChildProcess> {
+    let setup = worker::Setup {
+        info,
+        input,
+        output,
+        stats,
+        wait,
+    };
+    // SAFETY: `fork_unchecked` requires that the child not depend on locks held by other
+    // threads: every caller has checked that this process has one thread, or the user vouched
+    // for it with the unsafe `Builder::allow_threads`.
+    unsafe { shmexec_shm::fork_unchecked(move || worker::run(task, setup)) }
+        .map_err(|e| Error::Start(format!("fork failed: {e}")))
 }
 
 /// One worker's input and output ring, in a segment of their own.
@@ -203,11 +236,33 @@ pub(crate) struct WorkerSlot {
     pub(crate) tx: Producer,
     /// Consumer of the worker's output ring.
     pub(crate) rx: Consumer,
+    /// The rings themselves, for a successor after a crash.
+    input: Ring,
+    output: Ring,
     pub(crate) core: Option<usize>,
-    /// Items handed to this worker whose results the current call has not taken yet.
-    pub(crate) in_flight: usize,
-    /// Results of an abandoned call still to come from this worker, to be discarded.
-    pub(crate) stale: usize,
+    /// Sequence numbers handed to this worker whose results are still to come, in the order
+    /// the worker will answer them; `false` marks an abandoned call's item (its result is
+    /// discarded).
+    pub(crate) expect: VecDeque<(u64, bool)>,
+    /// The `true` entries of `expect`.
+    pub(crate) live: usize,
+    pub(crate) respawns: u64,
+}
+
+impl WorkerSlot {
+    /// Records an item handed to this worker.
+    pub(crate) fn push(&mut self, seq: u64) {
+        self.expect.push_back((seq, true));
+        self.live += 1;
+    }
+
+    /// The current call ended: results still to come are discarded when they arrive.
+    pub(crate) fn abandon(&mut self) {
+        for e in &mut self.expect {
+            e.1 = false;
+        }
+        self.live = 0;
+    }
 }
 
 /// A pool of worker processes running one [`Task`].
@@ -230,7 +285,14 @@ pub struct Pool<T: Task> {
     pub(crate) broken: Option<String>,
     pub(crate) totals: PoolStats,
     shutdown_timeout: Duration,
-    _task: PhantomData<fn(T)>,
+    /// The task as it was before any worker ran it: respawned workers fork from it.
+    task: T,
+    wait: WaitStrategy,
+    check_threads: bool,
+    max_retries: u32,
+    /// Items that crashed a worker: how often, and the last signal.
+    crashes: HashMap<u64, (u32, Option<i32>)>,
+    last_health_check: Instant,
 }
 
 impl<T: Task> std::fmt::Debug for Pool<T> {
@@ -282,9 +344,98 @@ impl<T: Task> Pool<T> {
                 bytes_out: self.stats.get(i, Field::BytesOut),
                 busy: Duration::from_nanos(self.stats.get(i, Field::BusyNs)),
                 errors: self.stats.get(i, Field::Errors),
+                respawns: w.respawns,
             })
             .collect();
         s
+    }
+
+    /// Replaces dead workers. Cheap (a pidfd poll per worker), and done at most every few
+    /// milliseconds while the coordinator waits, so a death is noticed within a few ms of it
+    /// mattering, whichever worker the coordinator was waiting on.
+    pub(crate) fn check_health(&mut self) -> Result<()> {
+        if self.last_health_check.elapsed() < HEALTH_CHECK_EVERY {
+            return Ok(());
+        }
+        self.last_health_check = Instant::now();
+        for w in 0..self.workers.len() {
+            if !self.workers[w].child.is_alive() {
+                self.respawn(w)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the dead worker `w`: reaps it, charges the item it died on, and forks a
+    /// successor on the same core over the same rings. The successor runs `init`, then takes
+    /// the input ring from its tail: the item its predecessor died on (inputs are released only
+    /// after their output is published) and everything queued behind it. Results already
+    /// published stay in the output ring; a result published twice (a death between publishing
+    /// and releasing) is dropped by sequence number when it arrives again.
+    pub(crate) fn respawn(&mut self, w: usize) -> Result<()> {
+        let slot = &mut self.workers[w];
+        let pid = slot.child.pid();
+        let status = match slot.child.wait_timeout(Duration::from_millis(200)) {
+            Ok(Some(s)) => Some(s),
+            _ => {
+                let _ = slot.child.kill();
+                slot.child.wait().ok()
+            }
+        };
+        let signal = match status {
+            Some(ExitStatus::Signaled(s)) => Some(s),
+            _ => None,
+        };
+        let current = self.stats.get(w, Field::Current);
+        self.stats.set(w, Field::Current, 0);
+        if let Some(seq) = current.checked_sub(1) {
+            let entry = self.crashes.entry(seq).or_insert((0, None));
+            entry.0 += 1;
+            entry.1 = signal;
+            if entry.0 >= self.max_retries {
+                self.stats.set(w, Field::Skip, current);
+            }
+        }
+        if self.check_threads {
+            let threads = shmexec_shm::process::thread_count();
+            if threads > 1 {
+                return Err(Error::WorkerDied {
+                    worker: w,
+                    pid,
+                    seq: current.checked_sub(1),
+                    status: format!(
+                        "{status:?}; it cannot be replaced because this process now runs                          {threads} threads (see Builder::allow_threads)"
+                    ),
+                });
+            }
+        }
+        let workers = self.workers.len();
+        let slot = &mut self.workers[w];
+        let info = WorkerInfo {
+            index: w,
+            workers,
+            core: slot.core,
+        };
+        let child = fork_worker(
+            &mut self.task,
+            info,
+            &slot.input,
+            &slot.output,
+            &self.stats,
+            self.wait,
+        )?;
+        let new_pid = child.pid();
+        slot.tx.set_peer(Peer::process(new_pid)?);
+        slot.rx.set_peer(Peer::process(new_pid)?);
+        slot.child = child;
+        slot.respawns += 1;
+        self.totals.respawns += 1;
+        Ok(())
+    }
+
+    /// What the pool knows of an item given up after crashes: (crashes, last signal).
+    pub(crate) fn crash_record(&self, seq: u64) -> (u32, Option<i32>) {
+        self.crashes.get(&seq).copied().unwrap_or((0, None))
     }
 
     /// Waits for every worker's start-up frame.

@@ -25,6 +25,8 @@ pub(crate) enum Code {
     InvalidInput = 4,
     Encode = 5,
     Init = 6,
+    /// The coordinator marked this item as given up after crashes (see `Field::Skip`).
+    Crashed = 7,
 }
 
 const HEAD: usize = 1 + 8 + 8;
@@ -94,6 +96,12 @@ pub(crate) fn read_report(worker: usize, seq: u64, payload: &[u8]) -> Error {
             reason: format!("the worker could not serialize it: {message}"),
         },
         x if x == Code::Init as u8 => Error::Init { worker, message },
+        // The coordinator fills in the signal and the count from its own records.
+        x if x == Code::Crashed as u8 => Error::WorkerCrashed {
+            seq,
+            signal: None,
+            crashes: 0,
+        },
         other => Error::InvalidOutput {
             seq,
             reason: format!("error report with unknown code {other}"),

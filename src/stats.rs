@@ -23,6 +23,12 @@ pub(crate) enum Field {
     /// Not a counter: non-zero asks the worker to stop before its next chunk (pool shutdown),
     /// so dropping a pool does not wait for a full input ring to be worked off.
     Stop = 40,
+    /// Not a counter: the sequence number + 1 of the item the worker is working on (0: none),
+    /// so that the coordinator knows which item a dead worker died on.
+    Current = 48,
+    /// Not a counter: the sequence number + 1 of an item the worker must not run but report as
+    /// given up (it crashed its worker `max_retries` times).
+    Skip = 56,
 }
 
 /// The shared counters of all workers of a pool.
@@ -79,6 +85,8 @@ pub struct WorkerStats {
     pub busy: Duration,
     /// Chunks that ended in an error (task `Err`, panic, output too large).
     pub errors: u64,
+    /// Times this worker's process died (any cause) and was replaced.
+    pub respawns: u64,
 }
 
 /// Pool-wide figures: the workers' counters and what the coordinator moved.
@@ -95,6 +103,8 @@ pub struct PoolStats {
     pub input_bytes_copied: u64,
     /// Output bytes handed to the caller (in place, no copy).
     pub output_bytes: u64,
+    /// Worker processes that died and were replaced.
+    pub respawns: u64,
 }
 
 impl PoolStats {

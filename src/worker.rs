@@ -82,6 +82,16 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
         let seq = frame.seq();
         let start = Instant::now();
         let w = info.index;
+        if setup.stats.get(w, Field::Skip) == seq.wrapping_add(1) {
+            // It crashed its workers too often: report it given up instead of running it.
+            if send_report(&mut tx, seq, Report::new(Code::Crashed, "")).is_err() {
+                return EXIT_COORDINATOR_GONE;
+            }
+            frame.release();
+            setup.stats.set(w, Field::Skip, 0);
+            continue;
+        }
+        setup.stats.set(w, Field::Current, seq.wrapping_add(1));
         // Counted before the result is published, so that a caller who has every result also
         // sees every chunk in the stats.
         setup.stats.add(w, Field::Chunks, 1);
@@ -123,6 +133,7 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
         // Only now, with the output published, is the input released: a worker that dies
         // before this point leaves the chunk in its input ring for a successor.
         frame.release();
+        setup.stats.set(w, Field::Current, 0);
     }
     let _ = catch_unwind(AssertUnwindSafe(|| task.finish(info)));
     let _ = send_kind(&mut tx, 0, FrameKind::End);
