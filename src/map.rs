@@ -27,6 +27,9 @@ use crate::task::Task;
 /// for a caller who holds too many results. A result that arrives ends the wait at once.
 const WAIT_SLICE: Duration = Duration::from_millis(1);
 
+/// Items between two health checks while results flow without waiting.
+const HEALTH_CHECK_ITEMS: u32 = 16;
+
 /// A source of inputs for one call: says how big the next archive is, then writes it into a
 /// reserved slot.
 pub trait Feed {
@@ -160,10 +163,14 @@ pub struct Map<'p, T: Task, F> {
     next_poll: usize,
     started: Instant,
     stats: CallStats,
+    respawns_before: u64,
+    /// Items handed out since the last health check.
+    since_check: u32,
 }
 
 impl<'p, T: Task, F: Feed> Map<'p, T, F> {
     pub(crate) fn new(pool: &'p mut Pool<T>, feed: F, ordered: bool) -> Self {
+        let respawns_before = pool.totals.respawns;
         Map {
             pool,
             feed,
@@ -175,6 +182,8 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             next_poll: 0,
             started: Instant::now(),
             stats: CallStats::default(),
+            respawns_before,
+            since_check: 0,
         }
     }
 
@@ -182,8 +191,14 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
     pub fn stats(&self) -> CallStats {
         CallStats {
             elapsed: self.started.elapsed(),
+            respawns: self.pool.totals.respawns - self.respawns_before,
             ..self.stats.clone()
         }
+    }
+
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.pool.pids()
     }
 
     fn in_flight(&self) -> usize {
@@ -503,6 +518,15 @@ impl<T: Task, F: Feed> Iterator for Map<'_, T, F> {
         if let Some(reason) = &self.pool.broken {
             self.ended = true;
             return Some(Err(Error::Broken(reason.clone())));
+        }
+        // Results that keep arriving never make a wait time out, and health checks run when
+        // one does: look here too, every few items (the check itself reads the clock).
+        self.since_check += 1;
+        if self.since_check >= HEALTH_CHECK_ITEMS {
+            self.since_check = 0;
+            if let Err(e) = self.pool.check_health() {
+                return Some(Err(self.broken(e)));
+            }
         }
         if let Err(e) = self.feed() {
             return Some(Err(self.broken(e)));

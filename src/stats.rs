@@ -129,6 +129,8 @@ pub struct CallStats {
     pub output_bytes: u64,
     /// Time since the call started.
     pub elapsed: Duration,
+    /// Worker processes that died and were replaced during this call.
+    pub respawns: u64,
 }
 
 impl CallStats {
