@@ -70,6 +70,13 @@ pub enum Error {
         crashes: u32,
     },
 
+    /// The worker spent longer than the pool's chunk timeout on this item: it was killed and
+    /// replaced, and the item is given up.
+    #[error(
+        "item {seq} ran past the chunk timeout of {after:?}; its worker was killed and replaced"
+    )]
+    ChunkTimeout { seq: u64, after: Duration },
+
     /// A worker process died and could not be replaced.
     #[error("worker {worker} (pid {pid}) died{}: {status}", match seq { Some(s) => format!(" while item {s} was in flight"), None => String::new() })]
     WorkerDied {

@@ -380,7 +380,11 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                         signal, crashes, ..
                     } = &mut e
                     {
-                        (*crashes, *signal) = self.pool.crash_record(seq);
+                        let record = self.pool.crash_record(seq);
+                        (*crashes, *signal) = (record.count, record.signal);
+                        if let Some(after) = record.timed_out {
+                            e = Error::ChunkTimeout { seq, after };
+                        }
                     }
                     Err(e)
                 }

@@ -33,6 +33,7 @@ pub struct Builder {
     shutdown_timeout: Duration,
     check_threads: bool,
     max_retries: u32,
+    chunk_timeout: Option<Duration>,
 }
 
 impl Default for Builder {
@@ -47,6 +48,7 @@ impl Default for Builder {
             shutdown_timeout: Duration::from_secs(5),
             check_threads: true,
             max_retries: 2,
+            chunk_timeout: None,
         }
     }
 }
@@ -114,6 +116,14 @@ impl Builder {
         self
     }
 
+    /// A deadline per chunk (default none): a worker still on one chunk after `t` is killed and
+    /// replaced, and that item is [`Error::ChunkTimeout`] (it is not retried). Checked every
+    /// few milliseconds while the coordinator waits or hands out results.
+    pub fn chunk_timeout(mut self, t: Duration) -> Self {
+        self.chunk_timeout = Some(t);
+        self
+    }
+
     /// Lets [`Builder::build`] fork although this process runs other threads.
     ///
     /// `build` forks, and a forked child holds only the thread that forked: a lock another
@@ -176,6 +186,7 @@ impl Builder {
                 expect: VecDeque::new(),
                 live: 0,
                 respawns: 0,
+                watching: (0, Instant::now()),
             });
         }
         let mut pool = Pool {
@@ -191,6 +202,7 @@ impl Builder {
             max_retries: self.max_retries,
             crashes: HashMap::new(),
             last_health_check: Instant::now(),
+            chunk_timeout: self.chunk_timeout,
         };
         pool.await_start(self.start_timeout)?;
         Ok(pool)
@@ -247,6 +259,8 @@ pub(crate) struct WorkerSlot {
     /// The `true` entries of `expect`.
     pub(crate) live: usize,
     pub(crate) respawns: u64,
+    /// The worker's `Field::Current` as last seen and since when (for the chunk timeout).
+    watching: (u64, Instant),
 }
 
 impl WorkerSlot {
@@ -291,8 +305,18 @@ pub struct Pool<T: Task> {
     check_threads: bool,
     max_retries: u32,
     /// Items that crashed a worker: how often, and the last signal.
-    crashes: HashMap<u64, (u32, Option<i32>)>,
+    crashes: HashMap<u64, Crash>,
     last_health_check: Instant,
+    chunk_timeout: Option<Duration>,
+}
+
+/// What the pool knows of an item that killed (or hung) its worker.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Crash {
+    pub(crate) count: u32,
+    pub(crate) signal: Option<i32>,
+    /// Set when the worker was killed for overrunning the chunk timeout.
+    pub(crate) timed_out: Option<Duration>,
 }
 
 impl<T: Task> std::fmt::Debug for Pool<T> {
@@ -357,8 +381,22 @@ impl<T: Task> Pool<T> {
         if self.last_health_check.elapsed() < HEALTH_CHECK_EVERY {
             return Ok(());
         }
-        self.last_health_check = Instant::now();
+        let now = Instant::now();
+        self.last_health_check = now;
         for w in 0..self.workers.len() {
+            if let Some(limit) = self.chunk_timeout {
+                let current = self.stats.get(w, Field::Current);
+                let slot = &mut self.workers[w];
+                if current == 0 || slot.watching.0 != current {
+                    slot.watching = (current, now);
+                } else if now.duration_since(slot.watching.1) > limit {
+                    // Stuck: kill it; the respawn below reports the item instead of rerunning.
+                    let seq = current - 1;
+                    self.crashes.entry(seq).or_default().timed_out = Some(limit);
+                    let _ = slot.child.kill();
+                    slot.watching = (0, now);
+                }
+            }
             if !self.workers[w].child.is_alive() {
                 self.respawn(w)?;
             }
@@ -389,10 +427,10 @@ impl<T: Task> Pool<T> {
         let current = self.stats.get(w, Field::Current);
         self.stats.set(w, Field::Current, 0);
         if let Some(seq) = current.checked_sub(1) {
-            let entry = self.crashes.entry(seq).or_insert((0, None));
-            entry.0 += 1;
-            entry.1 = signal;
-            if entry.0 >= self.max_retries {
+            let entry = self.crashes.entry(seq).or_default();
+            entry.count += 1;
+            entry.signal = signal;
+            if entry.count >= self.max_retries || entry.timed_out.is_some() {
                 self.stats.set(w, Field::Skip, current);
             }
         }
@@ -433,9 +471,9 @@ impl<T: Task> Pool<T> {
         Ok(())
     }
 
-    /// What the pool knows of an item given up after crashes: (crashes, last signal).
-    pub(crate) fn crash_record(&self, seq: u64) -> (u32, Option<i32>) {
-        self.crashes.get(&seq).copied().unwrap_or((0, None))
+    /// What the pool knows of an item given up after crashes or a timeout.
+    pub(crate) fn crash_record(&self, seq: u64) -> Crash {
+        self.crashes.get(&seq).copied().unwrap_or_default()
     }
 
     /// Waits for every worker's start-up frame.

@@ -132,3 +132,36 @@ fn a_worker_killed_while_blocked_on_a_full_output_ring_loses_nothing() {
     }
     assert_no_children();
 }
+
+#[test]
+fn a_chunk_past_its_deadline_is_an_error_and_its_worker_is_replaced() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<u64, _, _>(|&n| {
+            if n.to_native() == 5 {
+                std::thread::sleep(Duration::from_secs(60)); // a hung detector read, say
+            }
+            n.to_native()
+        });
+        let mut pool = builder(&guard)
+            .workers(2)
+            .chunk_timeout(Duration::from_millis(200))
+            .build(task)
+            .unwrap();
+        let start = Instant::now();
+        let r: Vec<_> = pool.map(0..20u64).collect();
+        assert!(start.elapsed() < Duration::from_secs(30));
+        for (i, r) in r.iter().enumerate() {
+            match (i, r) {
+                (5, Err(e @ Error::ChunkTimeout { seq: 5, after })) => {
+                    assert_eq!(*after, Duration::from_millis(200));
+                    assert!(e.to_string().contains("chunk timeout"), "{e}");
+                }
+                (i, Ok(o)) if i != 5 => assert_eq!(o.to_native(), i as u64),
+                (i, other) => panic!("item {i}: {other:?}"),
+            }
+        }
+        assert_eq!(pool.stats().respawns, 1);
+    }
+    assert_no_children();
+}
