@@ -101,6 +101,25 @@ impl FrameHeader {
     }
 }
 
+/// The four 64-bit words (stamp, kind and check word, length, sequence number) that a producer
+/// writes at the start of the header slot of a frame at ring position `at`, for fault-injection
+/// tests that forge the headers a buggy or hostile peer could write: the check word is right,
+/// the fields are whatever the caller says. Nothing else needs it.
+#[doc(hidden)]
+pub fn forged_header_words(at: u64, kind: u32, len: u64, seq: u64) -> [u64; 4] {
+    let h = FrameHeader::new(at, kind, len, seq);
+    [
+        stamp(at),
+        u64::from(h.kind) | (u64::from(h.check) << 32),
+        h.len,
+        h.seq,
+    ]
+}
+
+/// The kind word of padding frames, for the same tests.
+#[doc(hidden)]
+pub const PAD_KIND_WORD: u32 = KIND_PAD;
+
 /// The stamp of a frame published at ring position `at`. Positions are multiples of 64, so a
 /// stamp is never 0, the value that marks "no frame here yet".
 pub(crate) fn stamp(at: u64) -> u64 {

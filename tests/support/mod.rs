@@ -12,6 +12,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use shmexec::Builder;
 
+pub mod fuzz;
+
 static FORK_LOCK: Mutex<()> = Mutex::new(());
 
 /// Serialises pool-building tests within this binary. Hold the guard for the whole test.
@@ -45,18 +47,4 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
-/// Deterministic pseudo-random numbers (xorshift), so failures reproduce.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
+pub use fuzz::Rng;
