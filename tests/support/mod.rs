@@ -47,4 +47,5 @@ pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
+#[allow(unused_imports)] // not every test binary uses it
 pub use fuzz::Rng;
