@@ -28,6 +28,7 @@
 //! | [`output`]  | [`OutputRef`], a result read in place                                 |
 //! | [`sink`]    | how a worker's result gets into its ring (serialized, or in place)    |
 //! | [`archive`] | rkyv glue: serializing into a ring slot, numeric slices in place      |
+//! | [`spawn`]   | the `spawn` start method, for programs that run threads               |
 //! | [`pin`]     | which core each worker runs on                                        |
 //! | [`stats`]   | counters per worker and per call                                      |
 //! | `protocol`  | the frames besides archives (start-up, errors, shutdown)              |
@@ -41,6 +42,7 @@ pub mod pin;
 pub mod pool;
 mod protocol;
 pub mod sink;
+pub mod spawn;
 pub mod stats;
 pub mod task;
 mod worker;
@@ -50,7 +52,7 @@ pub use error::{BoxError, Error, Result};
 pub use map::Map;
 pub use output::OutputRef;
 pub use pin::Pinning;
-pub use pool::{Builder, Pool};
+pub use pool::{Builder, Pool, Start};
 pub use shmexec_shm as shm;
 pub use shmexec_shm::WaitStrategy;
 pub use sink::OutputSink;

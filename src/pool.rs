@@ -34,6 +34,18 @@ pub struct Builder {
     check_threads: bool,
     max_retries: u32,
     chunk_timeout: Option<Duration>,
+    start: Start,
+}
+
+/// How worker processes start; see [`Builder::spawn`] and [`crate::spawn`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Start {
+    /// `fork`: the workers are copies of this process (refused while other threads run).
+    #[default]
+    Fork,
+    /// This program started again, serving the task registered under this name with
+    /// [`crate::spawn::serve`].
+    Spawn(String),
 }
 
 impl Default for Builder {
@@ -49,6 +61,7 @@ impl Default for Builder {
             check_threads: true,
             max_retries: 2,
             chunk_timeout: None,
+            start: Start::Fork,
         }
     }
 }
@@ -124,6 +137,14 @@ impl Builder {
         self
     }
 
+    /// Starts workers by running this program again instead of forking, serving the task that
+    /// `main` registered under `name` with [`crate::spawn::serve`]. Safe in a process that runs
+    /// other threads; see [`crate::spawn`] for when to use which.
+    pub fn spawn(mut self, name: &str) -> Self {
+        self.start = Start::Spawn(name.to_owned());
+        self
+    }
+
     /// Lets [`Builder::build`] fork although this process runs other threads.
     ///
     /// `build` forks, and a forked child holds only the thread that forked: a lock another
@@ -151,7 +172,7 @@ impl Builder {
             ));
         }
         let cores = pin::plan(&self.pinning, n, &allowed)?;
-        if self.check_threads {
+        if self.check_threads && self.start == Start::Fork {
             let threads = shmexec_shm::process::thread_count();
             if threads > 1 {
                 return Err(Error::Start(format!(
@@ -170,7 +191,15 @@ impl Builder {
                 workers: n,
                 core,
             };
-            let child = fork_worker(&mut task, info, &input, &output, &stats, self.wait)?;
+            let child = start_worker(
+                &self.start,
+                &mut task,
+                info,
+                &input,
+                &output,
+                &stats,
+                self.wait,
+            )?;
             let pid = child.pid();
             let mut tx = input.producer(Peer::process(pid)?)?;
             let mut rx = output.consumer(Peer::process(pid)?)?;
@@ -198,7 +227,8 @@ impl Builder {
             shutdown_timeout: self.shutdown_timeout,
             task,
             wait: self.wait,
-            check_threads: self.check_threads,
+            check_threads: self.check_threads && self.start == Start::Fork,
+            start: self.start,
             max_retries: self.max_retries,
             crashes: HashMap::new(),
             last_health_check: Instant::now(),
@@ -209,8 +239,10 @@ impl Builder {
     }
 }
 
-/// Forks one worker running `task` (the child's copy of it) over its rings.
-fn fork_worker<T: Task>(
+/// Starts one worker over its rings: a fork running `task` (the child's copy of it), or a
+/// spawned process serving the named task.
+fn start_worker<T: Task>(
+    start: &Start,
     task: &mut T,
     info: WorkerInfo,
     input: &Ring,
@@ -218,6 +250,10 @@ fn fork_worker<T: Task>(
     stats: &StatsBlock,
     wait: WaitStrategy,
 ) -> Result<ChildProcess> {
+    if let Start::Spawn(name) = start {
+        let output_offset = Ring::footprint(input.capacity());
+        return crate::spawn::spawn_worker(name, &info, input, output_offset, stats, wait);
+    }
     let setup = worker::Setup {
         info,
         input,
@@ -303,6 +339,7 @@ pub struct Pool<T: Task> {
     task: T,
     wait: WaitStrategy,
     check_threads: bool,
+    start: Start,
     max_retries: u32,
     /// Items that crashed a worker: how often, and the last signal.
     crashes: HashMap<u64, Crash>,
@@ -454,7 +491,8 @@ impl<T: Task> Pool<T> {
             workers,
             core: slot.core,
         };
-        let child = fork_worker(
+        let child = start_worker(
+            &self.start,
             &mut self.task,
             info,
             &slot.input,

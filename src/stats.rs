@@ -44,6 +44,15 @@ impl StatsBlock {
         })
     }
 
+    /// The counters of a pool whose segment this (spawned) worker received.
+    pub(crate) fn from_segment(seg: Arc<Segment>) -> StatsBlock {
+        StatsBlock { seg }
+    }
+
+    pub(crate) fn segment(&self) -> &Arc<Segment> {
+        &self.seg
+    }
+
     fn word(&self, worker: usize, field: Field) -> Option<&AtomicU64> {
         self.seg.atomic_u64(worker * SLOT + field as usize)
     }

@@ -117,6 +117,23 @@ pub fn thread_count() -> usize {
 }
 
 impl ChildProcess {
+    /// Takes charge of a child this process started some other way (for example with
+    /// `std::process::Command`, to `exec` a fresh program): watches it through a pidfd, and
+    /// kills and reaps it on drop like a forked one. `pid` must be a child of this process that
+    /// has not been reaped (so that the pid cannot have been reused).
+    pub fn adopt(pid: i32) -> Result<ChildProcess> {
+        let raw = Pid::from_raw(pid).ok_or_else(|| Error::InvalidArgument {
+            what: format!("pid {pid} is not a valid process id"),
+        })?;
+        let pidfd = rustix::process::pidfd_open(raw, PidfdFlags::empty())
+            .map_err(|e| Error::os("pidfd_open", e))?;
+        Ok(ChildProcess {
+            pid,
+            pidfd,
+            status: None,
+        })
+    }
+
     /// The child's pid.
     pub fn pid(&self) -> i32 {
         self.pid

@@ -1,0 +1,186 @@
+//! The `spawn` start method: workers that are fresh processes (the current program, run again)
+//! instead of forks, for hosts that run threads (a tokio service, a program with a thread pool).
+//!
+//! A forked child keeps only the thread that forked, so a lock held by any other thread at
+//! that moment stays locked in the worker forever; `fork` is therefore refused in a
+//! multi-threaded process. With `spawn`, the coordinator starts the program again
+//! (`/proc/self/exe`) with the pool's shared memory inherited as descriptors and the task named
+//! in the environment; the program's `main` calls [`serve`] first, which sees that it is a
+//! worker, builds the task, and runs the worker loop until the pool shuts down.
+//!
+//! ```no_run
+//! use shmexec::{Pool, Samples};
+//!
+//! fn sum_task() -> impl shmexec::Task<Input = Vec<f32>, Output = f32> {
+//!     shmexec::from_fn::<Vec<f32>, _, _>(|c| c.samples().iter().sum::<f32>())
+//! }
+//!
+//! fn main() -> Result<(), shmexec::Error> {
+//!     // First thing in main: in a worker this never returns.
+//!     shmexec::spawn::serve("sum", sum_task);
+//!     // ... threads may run from here on ...
+//!     let mut pool = Pool::builder().workers(2).spawn("sum").build(sum_task())?;
+//!     for s in pool.map(vec![vec![1.0f32; 1024]; 4]) {
+//!         println!("{}", s?.to_native());
+//!     }
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Which to use: `fork` (the default) is faster to start and needs nothing in `main`, and is
+//! right for programs that build their pool before starting threads (benchmarks, batch jobs,
+//! the quickstart). `spawn` is right for anything that already runs threads, or that may
+//! need to replace a dead worker after it started some. A spawned worker dies with the
+//! *thread* that started it (`PR_SET_PDEATHSIG` is per thread): build the pool on a thread that
+//! lives as long as the pool.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::sync::Arc;
+
+use shmexec_shm::{ChildProcess, Ring, Segment, WaitStrategy};
+
+use crate::error::{Error, Result};
+use crate::stats::StatsBlock;
+use crate::task::{Task, WorkerInfo};
+use crate::worker;
+
+const ENV_TASK: &str = "SHMEXEC_SPAWN_TASK";
+const ENV_WORKER: &str = "SHMEXEC_SPAWN_WORKER";
+
+/// Exit code of a spawned worker whose environment is not what the coordinator wrote.
+const EXIT_BAD_SETUP: i32 = 4;
+
+/// Runs the worker loop and exits if this process was spawned as a worker of the task `name`
+/// (built by `make`); returns at once otherwise. Call it first in `main`, once per task the
+/// program's pools spawn.
+pub fn serve<T: Task>(name: &str, make: impl FnOnce() -> T) {
+    if std::env::var(ENV_TASK).ok().as_deref() != Some(name) {
+        return;
+    }
+    let code = match attach() {
+        Ok(attached) => {
+            let mut task = make();
+            let setup = worker::Setup {
+                info: attached.info.clone(),
+                input: &attached.input,
+                output: &attached.output,
+                stats: &attached.stats,
+                wait: attached.wait,
+            };
+            worker::run(&mut task, setup)
+        }
+        Err(e) => {
+            eprintln!("shmexec: spawned worker of {name:?} cannot start: {e}");
+            EXIT_BAD_SETUP
+        }
+    };
+    std::process::exit(code);
+}
+
+/// What a spawned worker finds in its environment.
+struct Attached {
+    info: WorkerInfo,
+    input: Ring,
+    output: Ring,
+    stats: StatsBlock,
+    wait: WaitStrategy,
+}
+
+/// Reopens an inherited descriptor by number through /proc (safe: no claim of ownership over a
+/// raw number is needed, and a wrong number is an error, not undefined behaviour).
+fn reopen(fd: i32) -> Result<Arc<Segment>> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(format!("/proc/self/fd/{fd}"))
+        .map_err(|e| Error::Start(format!("cannot reopen inherited descriptor {fd}: {e}")))?;
+    Ok(Arc::new(Segment::from_fd(OwnedFd::from(file))?))
+}
+
+fn attach() -> Result<Attached> {
+    let spec =
+        std::env::var(ENV_WORKER).map_err(|_| Error::Start(format!("{ENV_WORKER} is not set")))?;
+    let f: Vec<&str> = spec.split_whitespace().collect();
+    let num = |i: usize| -> Result<u64> {
+        f.get(i)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| Error::Start(format!("{ENV_WORKER}={spec:?}: field {i}")))
+    };
+    let (index, workers, core, wait) = (num(0)?, num(1)?, num(2)?, num(3)?);
+    let (coordinator, ring_fd, in_off, out_off, stats_fd) =
+        (num(4)?, num(5)?, num(6)?, num(7)?, num(8)?);
+    // Die with the coordinator, and go now if it is already gone (the death signal, set
+    // before exec, survives it).
+    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u64) != Some(coordinator) {
+        return Err(Error::Start("the coordinator is gone".into()));
+    }
+    let rings = reopen(ring_fd as i32)?;
+    let input = Ring::attach(Arc::clone(&rings), in_off as usize)?;
+    let output = Ring::attach(rings, out_off as usize)?;
+    let stats = StatsBlock::from_segment(reopen(stats_fd as i32)?);
+    Ok(Attached {
+        info: WorkerInfo {
+            index: index as usize,
+            workers: workers as usize,
+            core: (core != u64::MAX).then_some(core as usize),
+        },
+        input,
+        output,
+        stats,
+        wait: match wait {
+            0 => WaitStrategy::Spin,
+            1 => WaitStrategy::Park,
+            _ => WaitStrategy::Adaptive,
+        },
+    })
+}
+
+/// Starts a worker of task `name` as a new process running this program.
+pub(crate) fn spawn_worker(
+    name: &str,
+    info: &WorkerInfo,
+    input: &Ring,
+    output_offset: usize,
+    stats: &StatsBlock,
+    wait: WaitStrategy,
+) -> Result<ChildProcess> {
+    let rings = input.segment();
+    let (ring_fd, stats_fd) = (rings.fd().as_raw_fd(), stats.segment().fd().as_raw_fd());
+    let me = std::process::id();
+    let spec = format!(
+        "{} {} {} {} {me} {ring_fd} 0 {output_offset} {stats_fd}",
+        info.index,
+        info.workers,
+        info.core.map_or(u64::MAX, |c| c as u64),
+        match wait {
+            WaitStrategy::Spin => 0,
+            WaitStrategy::Park => 1,
+            WaitStrategy::Adaptive => 2,
+        },
+    );
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::Start(format!("cannot find this program to spawn it: {e}")))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.env(ENV_TASK, name)
+        .env(ENV_WORKER, spec)
+        .stdin(std::process::Stdio::null());
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // work is allowed: it makes two raw syscalls (fcntl to let the two segment descriptors
+    // through exec, prctl for the death signal) and allocates nothing. The descriptors are open:
+    // `rings` and `stats` own them and outlive this call, which waits for the exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for fd in [ring_fd, stats_fd] {
+                let fd = BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd.as_fd(), rustix::io::FdFlags::empty())?;
+            }
+            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::Start(format!("cannot spawn a worker: {e}")))?;
+    Ok(ChildProcess::adopt(child.id() as i32)?)
+}
