@@ -371,7 +371,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                 FrameKind::Data => {
                     self.stats.output_bytes += frame.len() as u64;
                     self.pool.totals.output_bytes += frame.len() as u64;
-                    OutputRef::new(frame.hold())
+                    OutputRef::new(frame.hold(), self.pool.validate_outputs)
                 }
                 FrameKind::Error => {
                     let mut e = read_report(w, seq, &frame);

@@ -35,6 +35,7 @@ pub struct Builder {
     max_retries: u32,
     chunk_timeout: Option<Duration>,
     start: Start,
+    validate_outputs: bool,
 }
 
 /// How worker processes start; see [`Builder::spawn`] and [`crate::spawn`].
@@ -62,6 +63,7 @@ impl Default for Builder {
             max_retries: 2,
             chunk_timeout: None,
             start: Start::Fork,
+            validate_outputs: true,
         }
     }
 }
@@ -142,6 +144,20 @@ impl Builder {
     /// other threads; see [`crate::spawn`] for when to use which.
     pub fn spawn(mut self, name: &str) -> Self {
         self.start = Start::Spawn(name.to_owned());
+        self
+    }
+
+    /// Skips the validation (rkyv's bytecheck) of each output before the caller reads it.
+    /// Validation walks the archive once (for a `Vec` of numbers, a bounds check); skipping it
+    /// saves that for tasks whose outputs are many small objects.
+    ///
+    /// # Safety
+    ///
+    /// Every output frame must be a valid archive of the task's output type. shmexec's own
+    /// workers write them so, but a worker whose memory is corrupted (a buggy C extension, say)
+    /// could publish anything, and reading an invalid archive is undefined behaviour.
+    pub unsafe fn trust_outputs(mut self) -> Self {
+        self.validate_outputs = false;
         self
     }
 
@@ -229,6 +245,7 @@ impl Builder {
             wait: self.wait,
             check_threads: self.check_threads && self.start == Start::Fork,
             start: self.start,
+            validate_outputs: self.validate_outputs,
             max_retries: self.max_retries,
             crashes: HashMap::new(),
             last_health_check: Instant::now(),
@@ -340,6 +357,7 @@ pub struct Pool<T: Task> {
     wait: WaitStrategy,
     check_threads: bool,
     start: Start,
+    pub(crate) validate_outputs: bool,
     max_retries: u32,
     /// Items that crashed a worker: how often, and the last signal.
     crashes: HashMap<u64, Crash>,

@@ -221,3 +221,25 @@ fn array_outputs_are_written_in_place_and_fail_cleanly() {
     }
     assert_no_children();
 }
+
+#[test]
+fn trusted_outputs_skip_validation_and_read_the_same() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<Vec<f32>, _, _>(|c| reference(c.samples()));
+        // SAFETY: shmexec's own workers write valid archives and this task has no unsafe code.
+        let mut pool = unsafe { builder(&guard).workers(2).trust_outputs() }
+            .build(task)
+            .unwrap();
+        let input = chunks(&mut Rng(3), 50, 10_000);
+        let got: Vec<(f64, u64)> = pool
+            .map(&input)
+            .map(|r| {
+                let r = r.unwrap();
+                (r.0.to_native(), r.1.to_native())
+            })
+            .collect();
+        assert_eq!(got, input.iter().map(|c| reference(c)).collect::<Vec<_>>());
+    }
+    assert_no_children();
+}
