@@ -36,6 +36,7 @@
 
 pub mod archive;
 pub mod error;
+mod hygiene;
 pub mod map;
 pub mod output;
 pub mod pin;

@@ -207,8 +207,10 @@ impl Builder {
                 workers: n,
                 core,
             };
+            let siblings: Vec<i32> = workers.iter().map(|w: &WorkerSlot| w.child.pid()).collect();
             let child = start_worker(
                 &self.start,
+                &siblings,
                 &mut task,
                 info,
                 &input,
@@ -258,8 +260,10 @@ impl Builder {
 
 /// Starts one worker over its rings: a fork running `task` (the child's copy of it), or a
 /// spawned process serving the named task.
+#[allow(clippy::too_many_arguments)]
 fn start_worker<T: Task>(
     start: &Start,
+    siblings: &[i32],
     task: &mut T,
     info: WorkerInfo,
     input: &Ring,
@@ -278,10 +282,15 @@ fn start_worker<T: Task>(
         stats,
         wait,
     };
+    let siblings = siblings.to_vec();
+    let task = move || {
+        crate::hygiene::close_pool_descriptors(&siblings);
+        worker::run(task, setup)
+    };
     // SAFETY: `fork_unchecked` requires that the child not depend on locks held by other
     // threads: every caller has checked that this process has one thread, or the user vouched
     // for it with the unsafe `Builder::allow_threads`.
-    unsafe { shmexec_shm::fork_unchecked(move || worker::run(task, setup)) }
+    unsafe { shmexec_shm::fork_unchecked(task) }
         .map_err(|e| Error::Start(format!("fork failed: {e}")))
 }
 
@@ -497,20 +506,22 @@ impl<T: Task> Pool<T> {
                     pid,
                     seq: current.checked_sub(1),
                     status: format!(
-                        "{status:?}; it cannot be replaced because this process now runs                          {threads} threads (see Builder::allow_threads)"
+                        "{status:?}; it cannot be replaced by a fork because this process now runs \
+                         {threads} threads (use Builder::spawn, or see Builder::allow_threads)"
                     ),
                 });
             }
         }
-        let workers = self.workers.len();
-        let slot = &mut self.workers[w];
         let info = WorkerInfo {
             index: w,
-            workers,
-            core: slot.core,
+            workers: self.workers.len(),
+            core: self.workers[w].core,
         };
+        let siblings: Vec<i32> = self.workers.iter().map(|w| w.child.pid()).collect();
+        let slot = &mut self.workers[w];
         let child = start_worker(
             &self.start,
+            &siblings,
             &mut self.task,
             info,
             &slot.input,

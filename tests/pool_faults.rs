@@ -165,3 +165,32 @@ fn a_chunk_past_its_deadline_is_an_error_and_its_worker_is_replaced() {
     }
     assert_no_children();
 }
+
+#[test]
+fn forked_workers_keep_no_descriptor_of_the_pool() {
+    let guard = serial();
+    {
+        // Each worker lists what its descriptors point to.
+        let task = shmexec::from_fn::<u64, _, _>(|_| {
+            let mut links: Vec<String> = std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect();
+            links.sort();
+            links
+        });
+        let mut pool = builder(&guard).workers(3).build(task).unwrap();
+        for r in pool.map(0..30u64) {
+            let links: Vec<String> = r.unwrap().iter().map(|l| l.to_string()).collect();
+            assert!(
+                !links.iter().any(|l| l.starts_with("/memfd:shmexec")),
+                "a worker holds ring descriptors: {links:?}"
+            );
+            // Its own two pidfds watching the coordinator, no sibling's.
+            let pidfds = links.iter().filter(|l| *l == "anon_inode:[pidfd]").count();
+            assert_eq!(pidfds, 2, "{links:?}");
+        }
+    }
+    assert_no_children();
+}
