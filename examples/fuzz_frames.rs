@@ -7,7 +7,8 @@
 //! The same cases as `tests/corrupt_frames.rs` (10,000 there): every ring case ends in frames
 //! read within bounds or an `Err`, every archive in a validated value or an `Err`; a panic, a
 //! hang or a fault would end the run. The last line:
-//! `cases=N frames_read=.. ring_errors=.. archives_ok=.. archives_rejected=.. secs=..`
+//! `cases=N bad_headers=B bad_headers_rejected=B frames_read=.. ring_errors=.. archives_ok=..
+//! archives_rejected=.. secs=..`; it fails unless every invalid header was rejected.
 
 #[path = "../tests/support/fuzz.rs"]
 mod fuzz;
@@ -37,11 +38,17 @@ fn main() {
         archive_case(&mut rng, &mut tally);
     }
     println!(
-        "cases={cases} frames_read={} ring_errors={} archives_ok={} archives_rejected={} secs={:.1}",
+        "cases={cases} bad_headers={} bad_headers_rejected={} frames_read={} ring_errors={} \
+         archives_ok={} archives_rejected={} secs={:.1}",
+        tally.bad_headers,
+        tally.bad_headers_rejected,
         tally.frames_read,
         tally.ring_errors,
         tally.archives_ok,
         tally.archives_rejected,
         start.elapsed().as_secs_f64()
     );
+    if tally.bad_headers_rejected != tally.bad_headers {
+        std::process::exit(1);
+    }
 }

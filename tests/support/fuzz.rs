@@ -32,6 +32,11 @@ impl Rng {
 pub struct Tally {
     pub frames_read: u64,
     pub ring_errors: u64,
+    /// Cases whose first header (at the consumer's position) is invalid: bad check word, kind
+    /// or length. Each must be an `Err`.
+    pub bad_headers: u64,
+    /// Of those, the ones the reader rejected (must equal `bad_headers`).
+    pub bad_headers_rejected: u64,
     pub archives_ok: u64,
     pub archives_rejected: u64,
 }
@@ -88,6 +93,36 @@ pub fn ring_case(seg: &Arc<Segment>, rng: &mut Rng, tally: &mut Tally) {
             poke(seg, CONTROL_LEN + 8 * word, rng.next());
         }
         at += 64 * (1 + rng.below(4));
+    }
+    // What the first read must give, from the words now at the consumer's position.
+    let first_off = (64 * m % cap as u64) as usize;
+    let word = |i: usize| {
+        seg.atomic_u64(CONTROL_LEN + first_off + 8 * i)
+            .expect("in the segment")
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
+    let words = [word(0), word(1), word(2), word(3)];
+    let first_at = 64 * m;
+    let room = (cap - first_off) as u64;
+    let bad = words[0] == first_at + 1 && {
+        let (kind, len, seq) = (words[1] as u32, words[2], words[3]);
+        let check_ok = forged_header_words(first_at, kind, len, seq)[1] == words[1];
+        let fits = len
+            .checked_add(63)
+            .map(|l| l / 64 * 64 + 64)
+            .is_some_and(|total| total <= room);
+        !check_ok
+            || match kind {
+                1..=3 => !fits,
+                k if k == PAD_KIND_WORD => len.checked_add(64) != Some(room),
+                _ => true,
+            }
+    };
+    if bad {
+        tally.bad_headers += 1;
+        if rx.try_peek().is_err() {
+            tally.bad_headers_rejected += 1;
+        }
     }
     for _ in 0..8 {
         match rx.try_peek() {
