@@ -359,6 +359,12 @@ fn parse_args() -> Result<Args, String> {
     Ok(a)
 }
 
+/// Copies per input byte between two snapshots of a pool's stats.
+fn copies_per_byte(before: &shmexec::PoolStats, after: &shmexec::PoolStats) -> f64 {
+    (after.input_bytes_copied - before.input_bytes_copied) as f64
+        / (after.input_bytes - before.input_bytes).max(1) as f64
+}
+
 fn max_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -540,12 +546,7 @@ fn run(args: Args) -> Result<(), BoxError> {
                             .map(|o| Ok(consume(&*o?)))
                             .collect(),
                     };
-                    let after = pool.stats();
-                    copies.insert(
-                        "shmexec-vec",
-                        (after.input_bytes_copied - before.input_bytes_copied) as f64
-                            / (after.input_bytes - before.input_bytes).max(1) as f64,
-                    );
+                    copies.insert("shmexec-vec", copies_per_byte(&before, &pool.stats()));
                     r?
                 }
                 "shmexec-builder" => {
@@ -563,12 +564,7 @@ fn run(args: Args) -> Result<(), BoxError> {
                         })
                         .map(|o| Ok(consume(&*o?)))
                         .collect();
-                    let after = pool.stats();
-                    copies.insert(
-                        "shmexec-builder",
-                        (after.input_bytes_copied - before.input_bytes_copied) as f64
-                            / (after.input_bytes - before.input_bytes).max(1) as f64,
-                    );
+                    copies.insert("shmexec-builder", copies_per_byte(&before, &pool.stats()));
                     r?
                 }
                 "shmexec-descr" => {

@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use shmexec::{BoxError, Error, Pinning, Samples, Task, WorkerInfo};
-use support::{assert_no_children, builder, open_fds, serial};
+use support::{assert_no_children, builder, kill, open_fds, serial, small_output_rings};
 
 #[test]
 fn panics_and_task_errors_are_item_errors_and_the_pool_goes_on() {
@@ -180,13 +180,7 @@ fn failing_init_is_an_error_from_build() {
 fn held_outputs_give_a_clear_error_and_lose_nothing() {
     let guard = serial();
     {
-        // 64 KiB output rings, 10 KiB outputs: a few fit.
-        let task = shmexec::from_fn::<u64, _, _>(|&n| vec![n.to_native() as u8; 10_000]);
-        let mut pool = builder(&guard)
-            .workers(2)
-            .ring_bytes(1 << 16)
-            .build(task)
-            .unwrap();
+        let mut pool = small_output_rings(&guard);
         let it = pool.map(0..100u64);
         let mut held = Vec::new();
         let mut owned: Vec<Vec<u8>> = Vec::new();
@@ -329,14 +323,6 @@ fn a_poison_chunk_is_given_up_after_max_retries_and_the_run_goes_on() {
         assert_eq!(pool.stats().respawns, 4);
     }
     assert_no_children();
-}
-
-fn kill(pid: i32) {
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid).unwrap(),
-        rustix::process::Signal::KILL,
-    )
-    .unwrap();
 }
 
 #[test]

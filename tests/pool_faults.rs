@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 
 use shmexec::{Error, Pool};
-use support::{assert_no_children, builder, serial};
+use support::{assert_no_children, builder, dev_shm_listing, kill, serial, small_output_rings};
 
 /// True once `pid` no longer exists or is a zombie nobody reaped yet.
 fn gone(pid: i32) -> bool {
@@ -20,22 +20,10 @@ fn gone(pid: i32) -> bool {
     }
 }
 
-fn dev_shm() -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir("/dev/shm")
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 #[test]
 fn workers_die_within_a_second_of_a_killed_coordinator() {
     let guard = serial();
-    let shm_before = dev_shm();
+    let shm_before = dev_shm_listing();
     let (r, w) = rustix::pipe::pipe().unwrap();
     // SAFETY: as in `support::builder`: we hold the fork lock. The child is single-threaded
     // after the fork, so it builds its pool with the checked fork.
@@ -80,7 +68,7 @@ fn workers_die_within_a_second_of_a_killed_coordinator() {
         );
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(dev_shm(), shm_before);
+    assert_eq!(dev_shm_listing(), shm_before);
     drop(coordinator);
     drop(guard);
 }
@@ -89,12 +77,7 @@ fn workers_die_within_a_second_of_a_killed_coordinator() {
 fn a_worker_killed_while_blocked_on_a_full_output_ring_loses_nothing() {
     let guard = serial();
     {
-        let task = shmexec::from_fn::<u64, _, _>(|&n| vec![n.to_native() as u8; 10_000]);
-        let mut pool = builder(&guard)
-            .workers(2)
-            .ring_bytes(1 << 16)
-            .build(task)
-            .unwrap();
+        let mut pool = small_output_rings(&guard);
         let mut it = pool.map(0..60u64);
         let mut held = Vec::new();
         let mut got: Vec<Vec<u8>> = Vec::new();
@@ -108,12 +91,7 @@ fn a_worker_killed_while_blocked_on_a_full_output_ring_loses_nothing() {
                     if !killed {
                         // That worker is blocked in `reserve` on its full output ring: kill it
                         // there, then let the ring drain.
-                        let pid = it.worker_pids()[worker];
-                        rustix::process::kill_process(
-                            rustix::process::Pid::from_raw(pid).unwrap(),
-                            rustix::process::Signal::KILL,
-                        )
-                        .unwrap();
+                        kill(it.worker_pids()[worker]);
                         killed = true;
                     }
                     got.extend(held.drain(..).map(|o| o.deserialize().unwrap()));

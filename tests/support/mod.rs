@@ -42,6 +42,41 @@ pub fn assert_no_children() {
     );
 }
 
+/// A pool whose 64 KiB output rings hold only a few of its 10 KB outputs (`n` as bytes), so
+/// that a caller who keeps results fills them.
+pub fn small_output_rings(
+    guard: &MutexGuard<'static, ()>,
+) -> shmexec::Pool<impl shmexec::Task<Input = u64, Output = Vec<u8>>> {
+    let task = shmexec::from_fn::<u64, _, _>(|&n| vec![n.to_native() as u8; 10_000]);
+    builder(guard)
+        .workers(2)
+        .ring_bytes(1 << 16)
+        .build(task)
+        .expect("pool")
+}
+
+/// Sends SIGKILL to `pid`.
+pub fn kill(pid: i32) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).expect("a pid"),
+        rustix::process::Signal::KILL,
+    )
+    .expect("kill");
+}
+
+/// The names in /dev/shm now.
+pub fn dev_shm_listing() -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir("/dev/shm")
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
 /// Open descriptors of this process.
 pub fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
