@@ -601,7 +601,7 @@ impl<T: Task> Pool<T> {
 }
 
 /// The error for a worker found dead (or its ring closed) while waiting on it.
-pub(crate) fn died(
+fn died(
     child: &mut ChildProcess,
     worker: usize,
     pid: i32,
