@@ -486,6 +486,13 @@ impl<T: Task> Pool<T> {
         };
         let signal = match status {
             Some(ExitStatus::Signaled(s)) => Some(s),
+            // A successor whose `init` failed: replacing it again would fail again.
+            Some(ExitStatus::Exited(worker::EXIT_INIT_FAILED)) => {
+                return Err(Error::Init {
+                    worker: w,
+                    message: "Task::init failed in a replacement worker".into(),
+                });
+            }
             _ => None,
         };
         let current = self.stats.get(w, Field::Current);

@@ -177,6 +177,36 @@ fn failing_init_is_an_error_from_build() {
 }
 
 #[test]
+fn init_failing_in_a_replacement_worker_ends_the_call_with_an_error() {
+    let guard = serial();
+    {
+        let mut pool = builder(&guard)
+            .workers(2)
+            .build(Probe { inits: 0, index: 0 })
+            .unwrap();
+        assert!(pool.map([1u64]).next().unwrap().is_ok());
+        // SAFETY of set_var: as in `failing_init_is_an_error_from_build`.
+        unsafe { std::env::set_var("SHMEXEC_TEST_FAIL_INIT", "1") };
+        kill(pool.pids()[1]);
+        let start = Instant::now();
+        let errors: Vec<Error> = pool.map(0..100u64).filter_map(|r| r.err()).collect();
+        unsafe { std::env::remove_var("SHMEXEC_TEST_FAIL_INIT") };
+        assert!(start.elapsed() < Duration::from_secs(20));
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(
+            matches!(&errors[0], Error::Init { worker: 1, .. }),
+            "{:?}",
+            errors[0]
+        );
+        assert!(matches!(
+            pool.map([1u64]).next(),
+            Some(Err(Error::Broken(_)))
+        ));
+    }
+    assert_no_children();
+}
+
+#[test]
 fn held_outputs_give_a_clear_error_and_lose_nothing() {
     let guard = serial();
     {
