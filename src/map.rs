@@ -164,6 +164,8 @@ pub struct Map<'p, T: Task, F> {
     started: Instant,
     stats: CallStats,
     respawns_before: u64,
+    /// `stats.items` right after the last `OutputsHeld` error was handed out.
+    held_error: Option<u64>,
     /// Items handed out since the last health check.
     since_check: u32,
 }
@@ -183,6 +185,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             started: Instant::now(),
             stats: CallStats::default(),
             respawns_before,
+            held_error: None,
             since_check: 0,
         }
     }
@@ -316,6 +319,14 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                     let slot = &mut self.pool.workers[w];
                     if slot.rx.blocked_by_held() {
                         let (held, bytes) = slot.rx.held();
+                        // Asked again with nothing handed out since the last time (`collect()`
+                        // of every result, say): repeating the error forever would be a hang,
+                        // so the call ends.
+                        if self.held_error == Some(self.stats.items) {
+                            self.ended = true;
+                        }
+                        // `items` counts this error once it is returned.
+                        self.held_error = Some(self.stats.items + 1);
                         return Err(Error::OutputsHeld {
                             worker: w,
                             held,

@@ -15,7 +15,9 @@ use crate::error::{Error, Result};
 ///
 /// Holding many of them holds their worker's ring: when the ring is full of outputs the caller
 /// still holds, the worker cannot write the next one, and the call returns
-/// [`Error::OutputsHeld`] instead of waiting forever. Keep owned values with
+/// [`Error::OutputsHeld`] instead of waiting forever. Drop some and call `next()` again to go on
+/// (nothing is lost); calling it again while still holding them all ends the call (so that
+/// `collect()` of every result ends too, with that error last). Keep owned values with
 /// [`OutputRef::deserialize`] (or copy what you need) to collect a long stream.
 pub struct OutputRef<O> {
     frame: HeldFrame,

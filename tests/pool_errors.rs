@@ -370,3 +370,28 @@ fn rings_larger_than_memory_are_an_error_from_build() {
     }
     assert_no_children();
 }
+
+#[test]
+fn collecting_every_output_of_a_long_stream_ends() {
+    let guard = serial();
+    {
+        let mut pool = small_output_rings(&guard);
+        let start = Instant::now();
+        let all: Vec<_> = pool.map(0..1000u64).collect();
+        assert!(start.elapsed() < Duration::from_secs(30));
+        let ok = all.iter().take_while(|r| r.is_ok()).count();
+        assert!(ok > 0 && ok < 1000, "{ok}");
+        // It ends with the error that says why, once or twice (once per try).
+        assert!(
+            all[ok..]
+                .iter()
+                .all(|r| matches!(r, Err(Error::OutputsHeld { .. })))
+        );
+        assert!(all.len() - ok <= 2, "{}", all.len() - ok);
+        drop(all);
+        // The pool is fine afterwards.
+        let n = pool.map(0..50u64).map(|r| r.unwrap().len()).sum::<usize>();
+        assert_eq!(n, 50 * 10_000);
+    }
+    assert_no_children();
+}
