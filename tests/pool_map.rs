@@ -14,6 +14,23 @@ fn reference(chunk: &[f32]) -> (f64, u64) {
     )
 }
 
+/// Runs `input` through `pool` (a task computing [`reference`]) and checks every result, in
+/// order.
+fn assert_matches_reference(
+    pool: &mut shmexec::Pool<impl shmexec::Task<Input = Vec<f32>, Output = (f64, u64)>>,
+    input: &[Vec<f32>],
+) {
+    let got: Vec<(f64, u64)> = pool
+        .map(input)
+        .map(|r| {
+            let r = r.unwrap();
+            (r.0.to_native(), r.1.to_native())
+        })
+        .collect();
+    let want: Vec<(f64, u64)> = input.iter().map(|c| reference(c)).collect();
+    assert_eq!(got, want, "{} chunks", input.len());
+}
+
 fn chunks(rng: &mut Rng, n: usize, max_len: u64) -> Vec<Vec<f32>> {
     (0..n)
         .map(|i| {
@@ -35,15 +52,7 @@ fn ordered_results_equal_a_sequential_run() {
         let mut rng = Rng(7);
         for n in [0usize, 1, 2, 17, 300] {
             let input = chunks(&mut rng, n, 20_000);
-            let got: Vec<(f64, u64)> = pool
-                .map(&input)
-                .map(|r| {
-                    let r = r.unwrap();
-                    (r.0.to_native(), r.1.to_native())
-                })
-                .collect();
-            let want: Vec<(f64, u64)> = input.iter().map(|c| reference(c)).collect();
-            assert_eq!(got, want, "{n} chunks");
+            assert_matches_reference(&mut pool, &input);
         }
         let stats = pool.stats();
         assert_eq!(stats.items, 320);
@@ -232,14 +241,7 @@ fn trusted_outputs_skip_validation_and_read_the_same() {
             .build(task)
             .unwrap();
         let input = chunks(&mut Rng(3), 50, 10_000);
-        let got: Vec<(f64, u64)> = pool
-            .map(&input)
-            .map(|r| {
-                let r = r.unwrap();
-                (r.0.to_native(), r.1.to_native())
-            })
-            .collect();
-        assert_eq!(got, input.iter().map(|c| reference(c)).collect::<Vec<_>>());
+        assert_matches_reference(&mut pool, &input);
     }
     assert_no_children();
 }
