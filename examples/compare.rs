@@ -20,6 +20,9 @@
 //!   (what pipe and pickle process pools do).
 //! - `shmexec-vec`: `Vec` inputs serialized into the rings (one copy by the coordinator).
 //! - `shmexec-builder`: the source writes each chunk straight into a reserved ring slot.
+//! - `shmexec-shared` (`--input memory` only): the chunks were generated into the pool's shared
+//!   region (`Builder::shared_bytes`) instead of into `Vec`s; each item is a `Span` and the
+//!   worker reads the chunk where it lies. Nobody copies the input.
 //! - `shmexec-descr` (`--input index` only): work descriptors; each worker generates chunk `i`
 //!   itself.
 //!
@@ -34,6 +37,7 @@ use std::io::{BufReader, BufWriter, Write};
 use std::time::Instant;
 
 use rayon::prelude::*;
+use shmexec::shared::{ArchivedSpan, Span};
 use shmexec::{ArrayOutput, ArrayTask, BoxError, Pinning, Pool, Samples, WaitStrategy};
 
 const STRIDE: usize = 1024; // one checksum sample per 4 KiB of output
@@ -126,6 +130,22 @@ impl ArrayTask for Descriptor {
         self.scratch.resize(self.n, 0.0);
         generate(i.to_native(), &mut self.scratch);
         Ok(transform(&self.scratch, out))
+    }
+}
+
+/// Input: a span of the pool's shared region, where the chunk was generated before timing; the
+/// worker reads it in place and writes the output straight into the ring.
+struct SharedTransform;
+
+impl ArrayTask for SharedTransform {
+    type Input = Span<f32>;
+    type Sample = f32;
+    type Meta = u64;
+    fn output_len(&mut self, span: &ArchivedSpan<f32>) -> usize {
+        span.len() as usize
+    }
+    fn process(&mut self, span: &ArchivedSpan<f32>, out: &mut [f32]) -> Result<u64, BoxError> {
+        Ok(transform(span.get()?, out))
     }
 }
 
@@ -405,6 +425,9 @@ fn run(args: Args) -> Result<(), BoxError> {
     } else {
         engines.extend(["shmexec-vec", "shmexec-builder"]);
     }
+    if input == Input::Memory {
+        engines.push("shmexec-shared");
+    }
     if let Some(only) = &args.engines {
         if let Some(bad) = only.iter().find(|e| !engines.contains(&e.as_str())) {
             return Err(
@@ -433,6 +456,19 @@ fn run(args: Args) -> Result<(), BoxError> {
             n,
             scratch: Vec::new(),
         }))?)
+    } else {
+        None
+    };
+    let mut shared_pool = if wants("shmexec-shared") {
+        let mut pool = builder()
+            .shared_bytes(total)
+            .build(ArrayOutput(SharedTransform))?;
+        // Memory input for this engine: the chunks are generated into the shared region (where
+        // the other engines' are generated into Vecs), before timing.
+        for (i, c) in pool.shared_mut::<f32>()?.chunks_exact_mut(n).enumerate() {
+            generate(i as u64, c);
+        }
+        Some(pool)
     } else {
         None
     };
@@ -567,6 +603,20 @@ fn run(args: Args) -> Result<(), BoxError> {
                     copies.insert("shmexec-builder", copies_per_byte(&before, &pool.stats()));
                     r?
                 }
+                "shmexec-shared" => {
+                    let pool = shared_pool.as_mut().ok_or("no pool")?;
+                    let before = pool.stats();
+                    let r: Result<Vec<Summary>, shmexec::Error> = pool
+                        .map((0..chunks as usize).map(|i| Span::new(i * n, n)))
+                        .map(|o| Ok(consume(&*o?)))
+                        .collect();
+                    // Per byte of the chunks (not of the 16-byte spans that went through the
+                    // rings): the spans are all the coordinator copies.
+                    let after = pool.stats();
+                    let copied = after.input_bytes_copied - before.input_bytes_copied;
+                    copies.insert("shmexec-shared", copied as f64 / total as f64);
+                    r?
+                }
                 "shmexec-descr" => {
                     let pool = descr_pool.as_mut().ok_or("no pool")?;
                     pool.map(0..chunks)
@@ -628,6 +678,15 @@ fn run(args: Args) -> Result<(), BoxError> {
             if let Some(p) = rate(peer) {
                 json += &format!(",\"{key}\":{:.3}", b / p);
             }
+        }
+    }
+    if let Some(r) = rate("rayon") {
+        for (e, b) in rates.iter().filter(|r| r.0.starts_with("shmexec")) {
+            json += &format!(
+                ",\"ratio_vs_rayon_{}\":{:.3}",
+                e.trim_start_matches("shmexec-"),
+                b / r
+            );
         }
     }
     for (e, c) in &copies {

@@ -98,6 +98,21 @@ pub enum Error {
         after: Duration,
     },
 
+    /// A [`crate::shared::Span`] reaches beyond the pool's shared region.
+    #[error(
+        "span of {len} samples from sample {start} reaches beyond the shared region ({region} \
+         samples): raise Builder::shared_bytes or fix the span"
+    )]
+    SpanOutOfRange { start: u64, len: u64, region: u64 },
+
+    /// A [`crate::shared::Span`] was read in a process without a shared region: a worker of a
+    /// pool built without [`crate::Builder::shared_bytes`], or the coordinator.
+    #[error(
+        "no shared region here: spans are read in the workers of a pool built with \
+         Builder::shared_bytes (the coordinator reads the region with Pool::shared)"
+    )]
+    NoSharedRegion,
+
     /// A builder setting is impossible (no cores, an unknown core, zero workers...).
     #[error("invalid setting: {0}")]
     InvalidArgument(String),

@@ -4,7 +4,7 @@
 //! semantics: a file opened before `build` is there in `init`), but the pool's own are closed:
 //! the ring and statistics memfds (the worker already has them mapped, and the mapping is what
 //! it uses) and the pidfds watching its sibling workers. A spawned worker needs none of this:
-//! everything but its two memfds is close-on-exec.
+//! everything but its memfds (rings, statistics, the shared region) is close-on-exec.
 //!
 //! (A task that carries a `shmexec_shm::Segment` of its own into a forked worker keeps the
 //! mapping, which is what it reads, but not the descriptor.)

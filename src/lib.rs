@@ -26,6 +26,7 @@
 //! | [`pool`]    | [`Pool`], [`Builder`]: forking, start-up, shutdown                     |
 //! | [`map`]     | one call: feeding the rings, ordered and unordered results            |
 //! | [`output`]  | [`OutputRef`], a result read in place                                 |
+//! | [`shared`]  | the shared region: chunks the workers read where the program put them |
 //! | [`sink`]    | how a worker's result gets into its ring (serialized, or in place)    |
 //! | [`archive`] | rkyv glue: serializing into a ring slot, numeric slices in place      |
 //! | [`spawn`]   | the `spawn` start method, for programs that run threads               |
@@ -42,6 +43,7 @@ pub mod output;
 pub mod pin;
 pub mod pool;
 mod protocol;
+pub mod shared;
 pub mod sink;
 pub mod spawn;
 pub mod stats;

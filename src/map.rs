@@ -408,6 +408,15 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
         }
     }
 
+    /// Waits until every item handed to a worker (by this call or an abandoned one) is
+    /// answered, discarding the abandoned ones' results.
+    pub(crate) fn settle(&mut self) -> Result<()> {
+        while self.pool.workers.iter().any(|w| !w.expect.is_empty()) {
+            self.wait_for_room()?;
+        }
+        Ok(())
+    }
+
     /// While inputs remain but none could be placed and nothing of this call is in flight, the
     /// rings are full of an abandoned call's items: wait a slice for them to drain.
     fn wait_for_room(&mut self) -> Result<()> {
@@ -594,6 +603,32 @@ impl<T: Task> Pool<T> {
         I::Item: Borrow<T::Input>,
     {
         Map::new(self, SerializeFeed::new(inputs.into_iter()), false)
+    }
+
+    /// The pool's shared region as samples of `S` (see [`crate::shared`]): what the program
+    /// wrote there with [`Pool::shared_mut`]. An `Err` if the pool has no region.
+    pub fn shared<S: Sample>(&self) -> Result<&[S]> {
+        Ok(crate::shared::view(
+            self.shared.as_deref().ok_or(Error::NoSharedRegion)?,
+        ))
+    }
+
+    /// The pool's shared region as samples of `S`, to write chunks into before handing out
+    /// [`crate::shared::Span`]s of them. Waits first until no worker reads the region (the
+    /// items of a call dropped before its end are finished), so it can return an error of
+    /// those items' workers (a death it could not repair, outputs still held...).
+    pub fn shared_mut<S: Sample>(&mut self) -> Result<&mut [S]> {
+        if self.shared.is_none() {
+            return Err(Error::NoSharedRegion);
+        }
+        Map::new(
+            &mut *self,
+            SerializeFeed::<_, T::Input>::new(std::iter::empty::<T::Input>()),
+            true,
+        )
+        .settle()?;
+        let region = self.shared.as_mut().ok_or(Error::NoSharedRegion)?;
+        Ok(crate::shared::view_mut(region))
     }
 
     /// Zero-copy input: for each length in `lens`, reserves room for that many samples in a

@@ -36,6 +36,7 @@ pub struct Builder {
     chunk_timeout: Option<Duration>,
     start: Start,
     validate_outputs: bool,
+    shared_bytes: usize,
 }
 
 /// How worker processes start; see [`Builder::spawn`] and [`crate::spawn`].
@@ -64,6 +65,7 @@ impl Default for Builder {
             chunk_timeout: None,
             start: Start::Fork,
             validate_outputs: true,
+            shared_bytes: 0,
         }
     }
 }
@@ -139,6 +141,15 @@ impl Builder {
         self
     }
 
+    /// Gives the pool a shared region of `bytes` (default 0: none), mapped in every worker: the
+    /// program writes its chunks there with [`Pool::shared_mut`] and sends
+    /// [`crate::shared::Span`]s, which workers read in place. The memory is allocated when the
+    /// pool is built (an `Err` if there is not enough). See [`crate::shared`].
+    pub fn shared_bytes(mut self, bytes: usize) -> Self {
+        self.shared_bytes = bytes;
+        self
+    }
+
     /// Starts workers by running this program again instead of forking, serving the task that
     /// `main` registered under `name` with [`crate::spawn::serve`]. Safe in a process that runs
     /// other threads; see [`crate::spawn`] for when to use which.
@@ -199,6 +210,10 @@ impl Builder {
             }
         }
         let stats = StatsBlock::new(n)?;
+        let shared = match self.shared_bytes {
+            0 => None,
+            bytes => Some(Arc::new(Segment::new(bytes)?)),
+        };
         let mut workers = Vec::with_capacity(n);
         for (index, core) in cores.into_iter().enumerate() {
             let (input, output) = rings(self.input_ring_bytes, self.output_ring_bytes)?;
@@ -216,6 +231,7 @@ impl Builder {
                 &input,
                 &output,
                 &stats,
+                shared.as_ref(),
                 self.wait,
             )?;
             let pid = child.pid();
@@ -252,6 +268,7 @@ impl Builder {
             crashes: HashMap::new(),
             last_health_check: Instant::now(),
             chunk_timeout: self.chunk_timeout,
+            shared,
         };
         pool.await_start(self.start_timeout)?;
         Ok(pool)
@@ -269,17 +286,27 @@ fn start_worker<T: Task>(
     input: &Ring,
     output: &Ring,
     stats: &StatsBlock,
+    shared: Option<&Arc<Segment>>,
     wait: WaitStrategy,
 ) -> Result<ChildProcess> {
     if let Start::Spawn(name) = start {
         let output_offset = Ring::footprint(input.capacity());
-        return crate::spawn::spawn_worker(name, &info, input, output_offset, stats, wait);
+        return crate::spawn::spawn_worker(
+            name,
+            &info,
+            input,
+            output_offset,
+            stats,
+            shared.map(|s| &**s),
+            wait,
+        );
     }
     let setup = worker::Setup {
         info,
         input,
         output,
         stats,
+        shared: shared.cloned(),
         wait,
     };
     let siblings = siblings.to_vec();
@@ -372,6 +399,8 @@ pub struct Pool<T: Task> {
     crashes: HashMap<u64, Crash>,
     last_health_check: Instant,
     chunk_timeout: Option<Duration>,
+    /// The shared region, if the builder asked for one.
+    pub(crate) shared: Option<Arc<Segment>>,
 }
 
 /// What the pool knows of an item that killed (or hung) its worker.
@@ -534,6 +563,7 @@ impl<T: Task> Pool<T> {
             &slot.input,
             &slot.output,
             &self.stats,
+            self.shared.as_ref(),
             self.wait,
         )?;
         let new_pid = child.pid();

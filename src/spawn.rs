@@ -51,6 +51,9 @@ const ENV_WORKER: &str = "SHMEXEC_SPAWN_WORKER";
 /// Exit code of a spawned worker whose environment is not what the coordinator wrote.
 const EXIT_BAD_SETUP: i32 = 4;
 
+/// The descriptor field's value when the pool has no shared region.
+const NO_FD: u64 = u64::MAX;
+
 /// Runs the worker loop and exits if this process was spawned as a worker of the task `name`
 /// (built by `make`); returns at once otherwise. Call it first in `main`, once per task the
 /// program's pools spawn.
@@ -66,6 +69,7 @@ pub fn serve<T: Task>(name: &str, make: impl FnOnce() -> T) {
                 input: &attached.input,
                 output: &attached.output,
                 stats: &attached.stats,
+                shared: attached.shared,
                 wait: attached.wait,
             };
             worker::run(&mut task, setup)
@@ -84,6 +88,7 @@ struct Attached {
     input: Ring,
     output: Ring,
     stats: StatsBlock,
+    shared: Option<Arc<Segment>>,
     wait: WaitStrategy,
 }
 
@@ -108,8 +113,8 @@ fn attach() -> Result<Attached> {
             .ok_or_else(|| Error::Start(format!("{ENV_WORKER}={spec:?}: field {i}")))
     };
     let (index, workers, core, wait) = (num(0)?, num(1)?, num(2)?, num(3)?);
-    let (coordinator, ring_fd, in_off, out_off, stats_fd) =
-        (num(4)?, num(5)?, num(6)?, num(7)?, num(8)?);
+    let (coordinator, ring_fd, in_off, out_off, stats_fd, shared_fd) =
+        (num(4)?, num(5)?, num(6)?, num(7)?, num(8)?, num(9)?);
     // Die with the coordinator, and go now if it is already gone (the death signal, set
     // before exec, survives it).
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u64) != Some(coordinator) {
@@ -119,6 +124,10 @@ fn attach() -> Result<Attached> {
     let input = Ring::attach(Arc::clone(&rings), in_off as usize)?;
     let output = Ring::attach(rings, out_off as usize)?;
     let stats = StatsBlock::from_segment(reopen(stats_fd as i32)?);
+    let shared = match shared_fd {
+        NO_FD => None,
+        fd => Some(reopen(fd as i32)?),
+    };
     Ok(Attached {
         info: WorkerInfo {
             index: index as usize,
@@ -128,6 +137,7 @@ fn attach() -> Result<Attached> {
         input,
         output,
         stats,
+        shared,
         wait: match wait {
             0 => WaitStrategy::Spin,
             1 => WaitStrategy::Park,
@@ -143,13 +153,15 @@ pub(crate) fn spawn_worker(
     input: &Ring,
     output_offset: usize,
     stats: &StatsBlock,
+    shared: Option<&Segment>,
     wait: WaitStrategy,
 ) -> Result<ChildProcess> {
     let rings = input.segment();
     let (ring_fd, stats_fd) = (rings.fd().as_raw_fd(), stats.segment().fd().as_raw_fd());
+    let shared_fd = shared.map(|s| s.fd().as_raw_fd());
     let me = std::process::id();
     let spec = format!(
-        "{} {} {} {} {me} {ring_fd} 0 {output_offset} {stats_fd}",
+        "{} {} {} {} {me} {ring_fd} 0 {output_offset} {stats_fd} {}",
         info.index,
         info.workers,
         info.core.map_or(u64::MAX, |c| c as u64),
@@ -158,6 +170,7 @@ pub(crate) fn spawn_worker(
             WaitStrategy::Park => 1,
             WaitStrategy::Adaptive => 2,
         },
+        shared_fd.map_or(NO_FD, |fd| fd as u64),
     );
     let exe = std::env::current_exe()
         .map_err(|e| Error::Start(format!("cannot find this program to spawn it: {e}")))?;
@@ -166,12 +179,15 @@ pub(crate) fn spawn_worker(
         .env(ENV_WORKER, spec)
         .stdin(std::process::Stdio::null());
     // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
-    // work is allowed: it makes two raw syscalls (fcntl to let the two segment descriptors
-    // through exec, prctl for the death signal) and allocates nothing. The descriptors are open:
-    // `rings` and `stats` own them and outlive this call, which waits for the exec.
+    // work is allowed: it makes raw syscalls only (fcntl to let the segment descriptors through
+    // exec, prctl for the death signal) and allocates nothing. The descriptors are open:
+    // `rings`, `stats` and `shared` own them and outlive this call, which waits for the exec.
     unsafe {
         cmd.pre_exec(move || {
-            for fd in [ring_fd, stats_fd] {
+            for fd in [Some(ring_fd), Some(stats_fd), shared_fd]
+                .into_iter()
+                .flatten()
+            {
                 let fd = BorrowedFd::borrow_raw(fd);
                 rustix::io::fcntl_setfd(fd.as_fd(), rustix::io::FdFlags::empty())?;
             }

@@ -1,10 +1,11 @@
 //! The loop a worker process runs, from fork to exit.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rkyv::Archived;
-use shmexec_shm::{FrameKind, Peer, Producer, Ring, WaitStrategy};
+use shmexec_shm::{FrameKind, Peer, Producer, Ring, Segment, WaitStrategy};
 
 use crate::archive::decode;
 use crate::pin;
@@ -19,6 +20,8 @@ pub(crate) struct Setup<'a> {
     pub(crate) input: &'a Ring,
     pub(crate) output: &'a Ring,
     pub(crate) stats: &'a StatsBlock,
+    /// The pool's shared region, if it has one.
+    pub(crate) shared: Option<Arc<Segment>>,
     pub(crate) wait: WaitStrategy,
 }
 
@@ -48,6 +51,9 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
     tx.set_wait_strategy(setup.wait);
     let info = &setup.info;
 
+    if let Some(region) = setup.shared {
+        crate::shared::install(region);
+    }
     // Start-up: pin, init, then tell the coordinator how it went.
     let started = setup
         .info

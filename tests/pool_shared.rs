@@ -1,0 +1,218 @@
+//! The shared region: spans read in place by real workers, against the region's contents as
+//! the coordinator sees them.
+
+mod support;
+
+use std::time::Duration;
+
+use shmexec::shared::Span;
+use shmexec::{Error, Pool, Task};
+use support::{Rng, assert_no_children, builder, kill, open_fds, serial};
+
+/// Per span: the sum and the count of samples above 1.0.
+fn reference(samples: &[f32]) -> (f64, u64) {
+    (
+        samples.iter().map(|&x| x as f64).sum(),
+        samples.iter().filter(|&&x| x > 1.0).count() as u64,
+    )
+}
+
+fn span_task() -> impl Task<Input = Span<f32>, Output = (f64, u64)> {
+    shmexec::try_from_fn::<Span<f32>, _, _>(|span| Ok(reference(span.get()?)))
+}
+
+fn random_spans(rng: &mut Rng, n: usize, region: usize) -> Vec<Span<f32>> {
+    (0..n)
+        .map(|_| {
+            let start = rng.below(region as u64 + 1) as usize;
+            let len = rng.below((region - start) as u64 + 1) as usize;
+            Span::new(start, len)
+        })
+        .collect()
+}
+
+fn fill(pool: &mut Pool<impl Task>, salt: usize) {
+    for (i, x) in pool.shared_mut::<f32>().unwrap().iter_mut().enumerate() {
+        *x = ((i * 31 + salt) % 97) as f32 / 32.0;
+    }
+}
+
+/// Every span's result, in order, as the workers computed it and as the coordinator does.
+fn check(pool: &mut Pool<impl Task<Input = Span<f32>, Output = (f64, u64)>>, spans: &[Span<f32>]) {
+    let got: Vec<(f64, u64)> = pool
+        .map(spans)
+        .map(|r| {
+            let r = r.unwrap();
+            (r.0.to_native(), r.1.to_native())
+        })
+        .collect();
+    let region = pool.shared::<f32>().unwrap();
+    let want: Vec<(f64, u64)> = spans
+        .iter()
+        .map(|s| reference(&region[s.start()..s.start() + s.len()]))
+        .collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn spans_are_read_in_place_and_see_each_refill() {
+    let guard = serial();
+    let fds = open_fds();
+    {
+        let region = 1 << 20; // samples
+        let mut pool = builder(&guard)
+            .workers(3)
+            .shared_bytes(region * 4)
+            .build(span_task())
+            .unwrap();
+        assert_eq!(pool.shared::<f32>().unwrap().len(), region);
+        assert_eq!(pool.shared::<u8>().unwrap().len(), region * 4);
+        let mut rng = Rng(11);
+        for (round, n) in [0usize, 1, 40, 300].into_iter().enumerate() {
+            // Each round rewrites the whole region: the workers must see the new contents.
+            fill(&mut pool, round);
+            let mut spans = random_spans(&mut rng, n, region);
+            if n > 1 {
+                spans[0] = Span::new(0, region); // all of it
+                spans[1] = Span::new(region, 0); // empty, at the very end
+            }
+            check(&mut pool, &spans);
+        }
+        let stats = pool.stats();
+        assert_eq!(stats.items, 341);
+        // Only the spans travel: 16-byte descriptors, however long the span.
+        assert!(
+            stats.input_bytes < 341 * 64,
+            "{} input bytes",
+            stats.input_bytes
+        );
+    }
+    assert_no_children();
+    assert_eq!(open_fds(), fds, "descriptors leaked");
+}
+
+#[test]
+fn a_span_beyond_the_region_is_that_items_error() {
+    let guard = serial();
+    {
+        let mut pool = builder(&guard)
+            .workers(2)
+            .shared_bytes(4096)
+            .build(span_task())
+            .unwrap();
+        fill(&mut pool, 0);
+        let spans = [
+            Span::new(0, 1024),
+            Span::new(1000, 25), // one sample too many
+            Span::new(usize::MAX, 2),
+            Span::new(1024, 0),
+        ];
+        let results: Vec<_> = pool.map(&spans).collect();
+        assert!(results[0].is_ok());
+        for r in &results[1..3] {
+            match r {
+                Err(Error::Task { message, .. }) => {
+                    assert!(message.contains("beyond the shared region"), "{message}")
+                }
+                other => panic!("expected a task error, got {other:?}"),
+            }
+        }
+        assert!(results[3].is_ok());
+    }
+    assert_no_children();
+}
+
+#[test]
+fn without_a_region_spans_and_views_are_errors() {
+    let guard = serial();
+    {
+        let mut pool = builder(&guard).workers(1).build(span_task()).unwrap();
+        assert!(matches!(pool.shared::<f32>(), Err(Error::NoSharedRegion)));
+        assert!(matches!(
+            pool.shared_mut::<f32>(),
+            Err(Error::NoSharedRegion)
+        ));
+        match pool.map([Span::<f32>::new(0, 1)]).next() {
+            Some(Err(Error::Task { message, .. })) => {
+                assert!(message.contains("no shared region"), "{message}")
+            }
+            other => panic!("expected a task error, got {other:?}"),
+        }
+        // And a pool whose region cannot be allocated is an error from build.
+        let huge = builder(&guard)
+            .workers(1)
+            .shared_bytes(1 << 50)
+            .build(span_task());
+        assert!(matches!(huge, Err(Error::Transport(_))), "{huge:?}");
+    }
+    assert_no_children();
+}
+
+#[test]
+fn shared_mut_waits_for_the_items_of_an_abandoned_call() {
+    let guard = serial();
+    {
+        let slow = shmexec::try_from_fn::<Span<f32>, _, _>(|span| {
+            std::thread::sleep(Duration::from_millis(20));
+            Ok(reference(span.get()?))
+        });
+        let mut pool = builder(&guard)
+            .workers(2)
+            .shared_bytes(1 << 16)
+            .build(slow)
+            .unwrap();
+        fill(&mut pool, 1);
+        let spans: Vec<Span<f32>> = (0..10).map(|i| Span::new(i * 100, 100)).collect();
+        let mut call = pool.map(&spans);
+        assert!(call.next().unwrap().is_ok());
+        drop(call); // nine items still queued or running in the workers
+        let done = |pool: &Pool<_>| pool.stats().workers.iter().map(|w| w.chunks).sum::<u64>();
+        assert!(done(&pool) < 10, "the slow items finished too soon to test");
+        fill(&mut pool, 2);
+        assert_eq!(
+            done(&pool),
+            10,
+            "shared_mut returned while workers still read"
+        );
+        check(&mut pool, &spans);
+    }
+    assert_no_children();
+}
+
+#[test]
+fn a_replacement_worker_reads_the_region_too() {
+    let guard = serial();
+    {
+        let slow = shmexec::try_from_fn::<Span<f32>, _, _>(|span| {
+            std::thread::sleep(Duration::from_millis(5));
+            Ok(reference(span.get()?))
+        });
+        let mut pool = builder(&guard)
+            .workers(2)
+            .shared_bytes(1 << 20)
+            .build(slow)
+            .unwrap();
+        fill(&mut pool, 3);
+        let spans: Vec<Span<f32>> = (0..60).map(|i| Span::new(i * 4000, 4000)).collect();
+        let victim = pool.pids()[0];
+        let region: Vec<f32> = pool.shared::<f32>().unwrap().to_vec();
+        let got: Vec<(f64, u64)> = pool
+            .map(&spans)
+            .enumerate()
+            .map(|(i, r)| {
+                if i == 5 {
+                    kill(victim);
+                }
+                let r = r.unwrap();
+                (r.0.to_native(), r.1.to_native())
+            })
+            .collect();
+        let want: Vec<(f64, u64)> = spans
+            .iter()
+            .map(|s| reference(&region[s.start()..s.start() + s.len()]))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(pool.stats().respawns, 1);
+    }
+    assert_no_children();
+}
