@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use shmexec::shared::Span;
 use shmexec::{Error, Pool, Samples, Task};
 
 const NAME: &str = "spawn_from_a_threaded_program";
@@ -20,9 +21,15 @@ fn sum_task() -> impl Task<Input = Vec<i32>, Output = i64> {
     })
 }
 
+/// Sums a span of the pool's shared region, read in place.
+fn span_sum_task() -> impl Task<Input = Span<i32>, Output = i64> {
+    shmexec::try_from_fn::<Span<i32>, _, _>(|s| Ok(s.get()?.iter().map(|&x| x as i64).sum::<i64>()))
+}
+
 fn main() {
     // In a spawned worker this runs the worker loop and never returns.
     shmexec::spawn::serve("sum", sum_task);
+    shmexec::spawn::serve("span_sum", span_sum_task);
 
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
@@ -94,6 +101,24 @@ fn spawn_from_a_threaded_program() {
         assert_eq!(sums, (0..400).map(|i| 100 * i as i64).collect::<Vec<_>>());
         assert_eq!(pool.stats().respawns, 1);
         assert_ne!(pool.pids()[0], victim);
+    }
+    // A spawned worker maps the shared region from its inherited descriptor.
+    {
+        let mut pool = Pool::builder()
+            .workers(2)
+            .ring_bytes(1 << 20)
+            .shared_bytes(400 * 100 * 4)
+            .spawn("span_sum")
+            .build(span_sum_task())
+            .expect("spawned pool with a shared region");
+        for (i, x) in pool.shared_mut::<i32>().unwrap().iter_mut().enumerate() {
+            *x = (i / 100) as i32;
+        }
+        let sums: Vec<i64> = pool
+            .map((0..400).map(|i| Span::new(i * 100, 100)))
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(sums, (0..400).map(|i| 100 * i as i64).collect::<Vec<_>>());
     }
     stop.store(true, Ordering::Relaxed);
     for t in threads {
