@@ -21,6 +21,31 @@ fn span_task() -> impl Task<Input = Span<f32>, Output = (f64, u64)> {
     shmexec::try_from_fn::<Span<f32>, _, _>(|span| Ok(reference(span.get()?)))
 }
 
+/// A pool of `workers` whose task sleeps `delay` per span, with a region of `bytes`.
+fn slow_pool(
+    guard: &std::sync::MutexGuard<'static, ()>,
+    delay: Duration,
+    bytes: usize,
+) -> Pool<impl Task<Input = Span<f32>, Output = (f64, u64)>> {
+    let slow = shmexec::try_from_fn::<Span<f32>, _, _>(move |span| {
+        std::thread::sleep(delay);
+        Ok(reference(span.get()?))
+    });
+    builder(guard)
+        .workers(2)
+        .shared_bytes(bytes)
+        .build(slow)
+        .unwrap()
+}
+
+/// What each span should give, from the region's contents.
+fn expected(region: &[f32], spans: &[Span<f32>]) -> Vec<(f64, u64)> {
+    spans
+        .iter()
+        .map(|s| reference(&region[s.start()..s.start() + s.len()]))
+        .collect()
+}
+
 fn random_spans(rng: &mut Rng, n: usize, region: usize) -> Vec<Span<f32>> {
     (0..n)
         .map(|_| {
@@ -46,12 +71,7 @@ fn check(pool: &mut Pool<impl Task<Input = Span<f32>, Output = (f64, u64)>>, spa
             (r.0.to_native(), r.1.to_native())
         })
         .collect();
-    let region = pool.shared::<f32>().unwrap();
-    let want: Vec<(f64, u64)> = spans
-        .iter()
-        .map(|s| reference(&region[s.start()..s.start() + s.len()]))
-        .collect();
-    assert_eq!(got, want);
+    assert_eq!(got, expected(pool.shared::<f32>().unwrap(), spans));
 }
 
 #[test]
@@ -143,7 +163,13 @@ fn without_a_region_spans_and_views_are_errors() {
             .workers(1)
             .shared_bytes(1 << 50)
             .build(span_task());
-        assert!(matches!(huge, Err(Error::Transport(_))), "{huge:?}");
+        assert!(
+            matches!(
+                huge,
+                Err(Error::Transport(shmexec::shm::Error::OutOfMemory { .. }))
+            ),
+            "{huge:?}"
+        );
     }
     assert_no_children();
 }
@@ -152,26 +178,20 @@ fn without_a_region_spans_and_views_are_errors() {
 fn shared_mut_waits_for_the_items_of_an_abandoned_call() {
     let guard = serial();
     {
-        let slow = shmexec::try_from_fn::<Span<f32>, _, _>(|span| {
-            std::thread::sleep(Duration::from_millis(20));
-            Ok(reference(span.get()?))
-        });
-        let mut pool = builder(&guard)
-            .workers(2)
-            .shared_bytes(1 << 16)
-            .build(slow)
-            .unwrap();
+        // 19 items of 40 ms on 2 workers are left after the first: ~380 ms of work, far more
+        // than the moment between dropping the call and the first check.
+        let mut pool = slow_pool(&guard, Duration::from_millis(40), 1 << 16);
         fill(&mut pool, 1);
-        let spans: Vec<Span<f32>> = (0..10).map(|i| Span::new(i * 100, 100)).collect();
+        let spans: Vec<Span<f32>> = (0..20).map(|i| Span::new(i * 100, 100)).collect();
         let mut call = pool.map(&spans);
         assert!(call.next().unwrap().is_ok());
-        drop(call); // nine items still queued or running in the workers
+        drop(call); // the other items are still queued or running in the workers
         let done = |pool: &Pool<_>| pool.stats().workers.iter().map(|w| w.chunks).sum::<u64>();
-        assert!(done(&pool) < 10, "the slow items finished too soon to test");
+        assert!(done(&pool) < 20, "the slow items finished too soon to test");
         fill(&mut pool, 2);
         assert_eq!(
             done(&pool),
-            10,
+            20,
             "shared_mut returned while workers still read"
         );
         check(&mut pool, &spans);
@@ -183,15 +203,7 @@ fn shared_mut_waits_for_the_items_of_an_abandoned_call() {
 fn a_replacement_worker_reads_the_region_too() {
     let guard = serial();
     {
-        let slow = shmexec::try_from_fn::<Span<f32>, _, _>(|span| {
-            std::thread::sleep(Duration::from_millis(5));
-            Ok(reference(span.get()?))
-        });
-        let mut pool = builder(&guard)
-            .workers(2)
-            .shared_bytes(1 << 20)
-            .build(slow)
-            .unwrap();
+        let mut pool = slow_pool(&guard, Duration::from_millis(5), 1 << 20);
         fill(&mut pool, 3);
         let spans: Vec<Span<f32>> = (0..60).map(|i| Span::new(i * 4000, 4000)).collect();
         let victim = pool.pids()[0];
@@ -207,11 +219,7 @@ fn a_replacement_worker_reads_the_region_too() {
                 (r.0.to_native(), r.1.to_native())
             })
             .collect();
-        let want: Vec<(f64, u64)> = spans
-            .iter()
-            .map(|s| reference(&region[s.start()..s.start() + s.len()]))
-            .collect();
-        assert_eq!(got, want);
+        assert_eq!(got, expected(&region, &spans));
         assert_eq!(pool.stats().respawns, 1);
     }
     assert_no_children();
