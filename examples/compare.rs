@@ -30,6 +30,12 @@
 //! source make each chunk while timed (a digitizer or a file reader), fed to rayon through
 //! `par_bridge`; `index` hands every engine chunk indices and each worker generates chunk `i`.
 //!
+//! `--wait spin` is for latency experiments, not for ratios: between its own rounds an idle
+//! shmexec worker then spins (yielding) instead of parking, and on a small machine that takes
+//! CPU from the engine running beside it (measured on 2 cores: rayon 8.6-10.0 GB/s against
+//! 13.9-16.4 with the default wait, so shmexec looked faster than rayon). The harness says so
+//! when it is asked for.
+//!
 //! Each engine runs `--rounds` times, interleaved; the table shows the median. The last line is
 //! JSON with `<engine>_mbps` (10^6 bytes per second of input) and the ratios.
 
@@ -493,6 +499,12 @@ fn run(args: Args) -> Result<(), BoxError> {
         }
     };
 
+    if args.wait == WaitStrategy::Spin && engines.len() > 1 {
+        println!(
+            "note: --wait spin: idle shmexec workers spin while the other engines run and slow \
+             them down; do not read the ratios of this run as a comparison"
+        );
+    }
     println!(
         "compare: {chunks} chunks of {} KiB ({:.0} MiB), {w} workers, {input:?} input, {} rounds, \
          pinning {:?}",
