@@ -34,7 +34,9 @@
 //! Who writes when: only the coordinator writes the region, and only through
 //! [`crate::Pool::shared_mut`], which takes the pool mutably (so no call is running) and first
 //! waits for the items of an abandoned call to finish (so no worker is reading). Workers get
-//! shared slices only, for as long as they hold the item's input.
+//! shared slices only, for as long as they hold the item's input, and map the region read-only:
+//! a worker that writes into it anyway (a stray pointer in native code) dies with SIGSEGV and is
+//! replaced like any crashed worker, and the input stays intact for the retry.
 
 use std::marker::PhantomData;
 use std::sync::{Arc, OnceLock};
@@ -133,10 +135,18 @@ impl<S: Sample> ArchivedSpan<S> {
 /// The region as mapped in this worker process; set once, before `Task::init`.
 static REGION: OnceLock<Arc<Segment>> = OnceLock::new();
 
-/// Makes `region` the one [`ArchivedSpan::get`] reads in this (worker) process.
-pub(crate) fn install(region: Arc<Segment>) {
+/// Makes `region` the one [`ArchivedSpan::get`] reads in this (worker) process, and makes the
+/// worker's mapping of it read-only: a worker that writes into the region (a stray pointer in a
+/// C extension) dies with SIGSEGV, is replaced, and its item is retried on intact input, instead
+/// of corrupting what every later item reads.
+pub(crate) fn install(region: Arc<Segment>) -> Result<()> {
+    // SAFETY: in a worker nothing writes the region: `ArchivedSpan::get` hands out shared slices
+    // only, and the pool's own handle (copied into a forked worker with the rest of the
+    // coordinator's memory) is never used there.
+    unsafe { region.make_read_only() }?;
     // A worker serves exactly one pool, so this is its first and only call.
     let _ = REGION.set(region);
+    Ok(())
 }
 
 /// The coordinator's view of the region: the whole of it as samples of `S`.

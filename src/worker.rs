@@ -51,14 +51,12 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
     tx.set_wait_strategy(setup.wait);
     let info = &setup.info;
 
-    if let Some(region) = setup.shared {
-        crate::shared::install(region);
-    }
-    // Start-up: pin, init, then tell the coordinator how it went.
+    // Start-up: map the shared region read-only, pin, init, then tell the coordinator how it
+    // went.
     let started = setup
-        .info
-        .core
-        .map_or(Ok(()), pin::pin_to)
+        .shared
+        .map_or(Ok(()), crate::shared::install)
+        .and_then(|()| setup.info.core.map_or(Ok(()), pin::pin_to))
         .map_err(|e| e.to_string())
         .and_then(
             |()| match catch_unwind(AssertUnwindSafe(|| task.init(info))) {

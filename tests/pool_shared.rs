@@ -224,3 +224,44 @@ fn a_replacement_worker_reads_the_region_too() {
     }
     assert_no_children();
 }
+
+#[test]
+fn a_worker_that_writes_into_the_region_dies_and_the_region_stays_intact() {
+    let guard = serial();
+    {
+        // The item whose span starts at sample 300 writes into it: a stray pointer in a C
+        // extension, say. Workers map the region read-only, so that worker dies with SIGSEGV.
+        let vandal = shmexec::try_from_fn::<Span<f32>, _, _>(|span| {
+            let samples = span.get()?;
+            if span.start() == 300 {
+                // SAFETY: none; this deliberately writes through a shared slice into memory
+                // mapped read-only, to check that the fault kills the worker instead of
+                // changing the bytes. The test expects the process to die here.
+                unsafe { std::ptr::write_volatile(samples.as_ptr().cast_mut(), -1.0) };
+            }
+            Ok(reference(samples))
+        });
+        let mut pool = builder(&guard)
+            .workers(2)
+            .max_retries(2)
+            .shared_bytes(4096)
+            .build(vandal)
+            .unwrap();
+        fill(&mut pool, 4);
+        let before = pool.shared::<f32>().unwrap().to_vec();
+        let spans: Vec<Span<f32>> = (0..8).map(|i| Span::new(i * 100, 100)).collect();
+        let results: Vec<_> = pool.map(&spans).collect();
+        for (i, r) in results.iter().enumerate() {
+            match (i, r) {
+                (3, Err(Error::WorkerCrashed { signal, .. })) => {
+                    assert_eq!(*signal, Some(libc::SIGSEGV))
+                }
+                (3, other) => panic!("the vandal item gave {other:?}"),
+                (_, r) => assert!(r.is_ok(), "item {i}: {r:?}"),
+            }
+        }
+        assert_eq!(pool.shared::<f32>().unwrap(), &before[..]);
+        assert_eq!(pool.stats().respawns, 2);
+    }
+    assert_no_children();
+}

@@ -167,6 +167,28 @@ impl Segment {
         self.fd.as_fd()
     }
 
+    /// Makes this process's mapping read-only: from now on a write through it kills the process
+    /// with SIGSEGV instead of changing bytes that other processes read. For a process that must
+    /// only read what another writes (a worker and the inputs a retried item reads again).
+    ///
+    /// # Safety
+    ///
+    /// Nothing in this process may write through this segment afterwards: not through
+    /// [`Segment::as_ptr`], and not through the atomics of [`Segment::atomic_u32`] and
+    /// [`Segment::atomic_u64`], which the compiler assumes writable.
+    pub unsafe fn make_read_only(&self) -> Result<()> {
+        // SAFETY: `ptr`/`len` are exactly the mapping made in `map`, so only this segment's pages
+        // change protection; the caller promises that nothing writes through them any more.
+        unsafe {
+            rustix::mm::mprotect(
+                self.ptr.as_ptr().cast::<c_void>(),
+                self.len,
+                rustix::mm::MprotectFlags::READ,
+            )
+        }
+        .map_err(|e| Error::os("mprotect", e))
+    }
+
     /// Clears (`true`) or sets (`false`) close-on-exec on the descriptor, so that a child started
     /// with `exec` inherits it. Segments start close-on-exec so that unrelated programs this
     /// process runs never hold the memory alive.
