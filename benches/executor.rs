@@ -1,6 +1,7 @@
 //! Executor benchmarks: the cost per chunk (tiny chunks, so overhead is all there is) and
-//! throughput for 64 KiB and 4 MiB chunks, serialized (`map`) and written in place
-//! (`map_in_place`), beside the same work on one thread in this process.
+//! throughput for 64 KiB and 4 MiB chunks, serialized (`map`), written in place
+//! (`map_in_place`) and read in place from the shared region (`shared`: spans), beside the same
+//! work on one thread in this process.
 //!
 //! ```text
 //! cargo bench --bench executor
@@ -10,6 +11,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput};
+use shmexec::shared::{ArchivedSpan, Span};
 use shmexec::{ArrayOutput, ArrayTask, BoxError, Pool, Samples};
 
 /// Scale by 0.5 and count samples above 1.0 (the compare harness's transform, simplified).
@@ -24,6 +26,21 @@ impl ArrayTask for Halve {
     }
     fn process(&mut self, x: &rkyv::Archived<Vec<f32>>, out: &mut [f32]) -> Result<u64, BoxError> {
         Ok(halve(x.samples(), out))
+    }
+}
+
+/// [`Halve`] over a span of the pool's shared region.
+struct HalveSpan;
+
+impl ArrayTask for HalveSpan {
+    type Input = Span<f32>;
+    type Sample = f32;
+    type Meta = u64;
+    fn output_len(&mut self, span: &ArchivedSpan<f32>) -> usize {
+        span.len() as usize
+    }
+    fn process(&mut self, span: &ArchivedSpan<f32>, out: &mut [f32]) -> Result<u64, BoxError> {
+        Ok(halve(span.get()?, out))
     }
 }
 
@@ -48,6 +65,13 @@ fn main() {
     let mut arrays = Pool::builder()
         .workers(2)
         .build(ArrayOutput(Halve))
+        .expect("pool");
+
+    // Room for the largest case below: 32 chunks of 4 MiB.
+    let mut spans = Pool::builder()
+        .workers(2)
+        .shared_bytes(128 << 20)
+        .build(ArrayOutput(HalveSpan))
         .expect("pool");
 
     let mut sink = Pool::builder()
@@ -106,6 +130,19 @@ fn main() {
                         slot.copy_from_slice(&data[i as usize]);
                         Ok(())
                     })
+                    .map(|r| r.expect("item").1.to_native())
+                    .sum::<u64>()
+            })
+        });
+        // The same chunks, placed in the shared region before timing.
+        let region = spans.shared_mut::<f32>().expect("region");
+        for (c, chunk) in region.chunks_exact_mut(n).zip(&data) {
+            c.copy_from_slice(chunk);
+        }
+        g.bench_function(BenchmarkId::new("shared", label), |b| {
+            b.iter(|| {
+                spans
+                    .map((0..chunks).map(|i| Span::new(i * n, n)))
                     .map(|r| r.expect("item").1.to_native())
                     .sum::<u64>()
             })
