@@ -21,7 +21,7 @@ fn span_task() -> impl Task<Input = Span<f32>, Output = (f64, u64)> {
     shmexec::try_from_fn::<Span<f32>, _, _>(|span| Ok(reference(span.get()?)))
 }
 
-/// A pool of `workers` whose task sleeps `delay` per span, with a region of `bytes`.
+/// A pool of 2 workers whose task sleeps `delay` per span, with a region of `bytes`.
 fn slow_pool(
     guard: &std::sync::MutexGuard<'static, ()>,
     delay: Duration,
