@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example compare -- --chunk-bytes 4MiB --total-bytes 512MiB --workers 2 \
 //!     [--input memory|generate|index] [--rounds 3] [--engines seq,rayon,...] [--ring-bytes 64MiB]
+//!     [--input-ring-bytes B] [--output-ring-bytes B]
 //!     [--pinning auto|off|spread|cores:LIST] [--wait adaptive|park|spin]
 //! ```
 //!
@@ -288,7 +289,9 @@ struct Args {
     input: Input,
     rounds: usize,
     engines: Option<Vec<String>>,
-    ring_bytes: usize,
+    /// Input and output ring bytes per worker (`--ring-bytes` sets both).
+    input_ring_bytes: usize,
+    output_ring_bytes: usize,
     pinning: Pinning,
     wait: WaitStrategy,
 }
@@ -316,7 +319,8 @@ fn parse_args() -> Result<Args, String> {
         input: Input::Memory,
         rounds: 3,
         engines: None,
-        ring_bytes: 64 << 20,
+        input_ring_bytes: 64 << 20,
+        output_ring_bytes: 64 << 20,
         pinning: Pinning::Auto,
         wait: WaitStrategy::Adaptive,
     };
@@ -328,7 +332,12 @@ fn parse_args() -> Result<Args, String> {
             "--total-bytes" => a.total_bytes = parse_size(&value()?)?,
             "--workers" => a.workers = value()?.parse().map_err(|e| format!("--workers: {e}"))?,
             "--rounds" => a.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
-            "--ring-bytes" => a.ring_bytes = parse_size(&value()?)?,
+            "--ring-bytes" => {
+                a.input_ring_bytes = parse_size(&value()?)?;
+                a.output_ring_bytes = a.input_ring_bytes;
+            }
+            "--input-ring-bytes" => a.input_ring_bytes = parse_size(&value()?)?,
+            "--output-ring-bytes" => a.output_ring_bytes = parse_size(&value()?)?,
             "--engines" => a.engines = Some(value()?.split(',').map(str::to_owned).collect()),
             "--input" => {
                 a.input = match value()?.as_str() {
@@ -368,7 +377,8 @@ fn parse_args() -> Result<Args, String> {
                 return Err(
                     "usage: compare --chunk-bytes B --total-bytes T --workers W \
                             [--input memory|generate|index] [--rounds R] [--engines a,b] \
-                            [--ring-bytes B] [--pinning auto|off|spread|cores:LIST] \
+                            [--ring-bytes B] [--input-ring-bytes B] [--output-ring-bytes B] \
+                            [--pinning auto|off|spread|cores:LIST] \
                             [--wait adaptive|park|spin]"
                         .into(),
                 );
@@ -448,7 +458,8 @@ fn run(args: Args) -> Result<(), BoxError> {
     let builder = || {
         Pool::builder()
             .workers(w)
-            .ring_bytes(args.ring_bytes)
+            .input_ring_bytes(args.input_ring_bytes)
+            .output_ring_bytes(args.output_ring_bytes)
             .pinning(args.pinning.clone())
             .wait_strategy(args.wait)
     };
