@@ -16,7 +16,9 @@ pub enum Pinning {
     Off,
     /// Worker `i` on allowed core `i mod n`, whatever the coordinator does.
     Spread,
-    /// Worker `i` on the `i`-th core of the list (core ids as the kernel numbers them).
+    /// Worker `i` on the `i`-th core of the list (core ids as the kernel numbers them). A core
+    /// may appear more than once. With a busy serial source in the coordinator, keeping the
+    /// workers off its core pays (`Cores(vec![1, 1])` on 2 cores; see the README's results).
     Cores(Vec<usize>),
 }
 
