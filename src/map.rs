@@ -249,8 +249,12 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                 .unwrap_or(0);
             let seq = self.pool.next_seq;
             let mut placed = None;
+            let limit = self.pool.queue_bytes;
             for w in std::iter::once(least).chain((0..workers).filter(|&w| w != least)) {
                 let slot = &mut self.pool.workers[w];
+                if slot.queue_full(limit) {
+                    continue;
+                }
                 let Some(grant) = slot.tx.try_reserve(len)? else {
                     continue;
                 };
@@ -259,12 +263,12 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                 break;
             }
             let Some((w, written)) = placed else {
-                return Ok(()); // every ring is full: try again after the next result
+                return Ok(()); // every ring or queue is full: try again after the next result
             };
             self.pool.next_seq += 1;
             match written {
                 Ok(n) => {
-                    self.pool.workers[w].push(seq);
+                    self.pool.workers[w].push(seq, n as u64);
                     let totals = &mut self.pool.totals;
                     totals.items += 1;
                     totals.input_bytes += n as u64;
@@ -358,7 +362,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                     Some(e) => return Err(self.broken(e)),
                 }
             }
-            let due = slot.expect.front().map(|e| e.0);
+            let due = slot.expect.front().map(|e| e.seq);
             match due {
                 // Published twice (its first worker died before releasing the input).
                 Some(due) if seq < due => {
@@ -372,8 +376,11 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                     return Err(self.broken(e));
                 }
             }
-            let (_, live) = slot.expect.pop_front().unwrap_or((seq, false));
-            if !live {
+            // The result is here: the item leaves the worker's queue (field by field, as the
+            // frame still borrows the ring).
+            let done = slot.expect.pop_front();
+            slot.queued_bytes -= done.map_or(0, |e| e.bytes);
+            if !done.is_some_and(|e| e.live) {
                 frame.release(); // an abandoned call's result
                 continue;
             }

@@ -97,6 +97,36 @@ fn unordered_and_for_each_yield_the_same_multiset() {
 }
 
 #[test]
+fn short_queues_keep_every_call_correct() {
+    let guard = serial();
+    {
+        // One byte of queue: every worker holds two items at most, whatever the ring holds, so
+        // feeding stops on the queue, not the ring, on every item.
+        let task = shmexec::from_fn::<Vec<f32>, _, _>(|c| reference(c.samples()));
+        let mut pool = builder(&guard)
+            .workers(3)
+            .queue_bytes(1)
+            .build(task)
+            .unwrap();
+        let mut rng = Rng(23);
+        let input = chunks(&mut rng, 150, 30_000);
+        assert_matches_reference(&mut pool, &input);
+        let mut got: Vec<u64> = pool
+            .map_unordered(&input)
+            .map(|r| r.unwrap().seq())
+            .collect();
+        got.sort();
+        assert_eq!(got, (150..300).collect::<Vec<u64>>());
+        // A call dropped midway leaves items queued; the next call waits them out.
+        let mut call = pool.map(&input);
+        assert!(call.next().unwrap().is_ok());
+        drop(call);
+        assert_matches_reference(&mut pool, &input);
+    }
+    assert_no_children();
+}
+
+#[test]
 fn in_place_input_is_zero_copy_and_correct() {
     let guard = serial();
     {
