@@ -31,7 +31,7 @@ pub const DEFAULT_QUEUE_BYTES: usize = 8 << 20;
 /// Output rings keep walking the whole ring: there the run-ahead matters more. In an ordered
 /// call the coordinator waits on one worker while the others' results pile up, and after an
 /// early wrap a worker could only run a window ahead until the coordinator stepped past the
-/// padding (measured: work descriptors ran about 12 % slower with it).
+/// padding (measured: work descriptors ran about 15 % slower with it).
 pub(crate) fn warm_window(ring: &Ring) -> u64 {
     (8u64 << 20).min(ring.capacity() as u64 / 4)
 }
@@ -110,14 +110,8 @@ impl Builder {
         self
     }
 
-    /// Bytes of each input ring alone.
-    ///
-    /// A small input ring helps when a serial source writes large chunks in place
-    /// ([`Pool::map_in_place`]): with room for only two or three chunks the coordinator cannot
-    /// run far ahead, so the slot it writes was used moments ago and the chunk is still in cache
-    /// when the worker reads it (on the 2-core test host, 4 MiB chunks from a serial source ran
-    /// about 20 % faster with a 9 MiB input ring than with 64 MiB; see the README). The ring
-    /// still has to hold the largest input.
+    /// Bytes of each input ring alone. It must hold the largest input; how much of it is
+    /// queued at a time is [`Builder::queue_bytes`].
     pub fn input_ring_bytes(mut self, bytes: usize) -> Self {
         self.input_ring_bytes = bytes;
         self
