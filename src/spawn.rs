@@ -51,8 +51,8 @@ const ENV_WORKER: &str = "SHMEXEC_SPAWN_WORKER";
 /// Exit code of a spawned worker whose environment is not what the coordinator wrote.
 const EXIT_BAD_SETUP: i32 = 4;
 
-/// The descriptor field's value when the pool has no shared region.
-const NO_FD: u64 = u64::MAX;
+/// The value of an absent field in the worker spec: no core to pin to, no shared region.
+const NONE: u64 = u64::MAX;
 
 /// Runs the worker loop and exits if this process was spawned as a worker of the task `name`
 /// (built by `make`); returns at once otherwise. Call it first in `main`, once per task the
@@ -125,14 +125,14 @@ fn attach() -> Result<Attached> {
     let output = Ring::attach(rings, out_off as usize)?;
     let stats = StatsBlock::from_segment(reopen(stats_fd as i32)?);
     let shared = match shared_fd {
-        NO_FD => None,
+        NONE => None,
         fd => Some(reopen(fd as i32)?),
     };
     Ok(Attached {
         info: WorkerInfo {
             index: index as usize,
             workers: workers as usize,
-            core: (core != u64::MAX).then_some(core as usize),
+            core: (core != NONE).then_some(core as usize),
         },
         input,
         output,
@@ -164,13 +164,13 @@ pub(crate) fn spawn_worker(
         "{} {} {} {} {me} {ring_fd} 0 {output_offset} {stats_fd} {}",
         info.index,
         info.workers,
-        info.core.map_or(u64::MAX, |c| c as u64),
+        info.core.map_or(NONE, |c| c as u64),
         match wait {
             WaitStrategy::Spin => 0,
             WaitStrategy::Park => 1,
             WaitStrategy::Adaptive => 2,
         },
-        shared_fd.map_or(NO_FD, |fd| fd as u64),
+        shared_fd.map_or(NONE, |fd| fd as u64),
     );
     let exe = std::env::current_exe()
         .map_err(|e| Error::Start(format!("cannot find this program to spawn it: {e}")))?;
