@@ -3,8 +3,8 @@
 //! ```text
 //! cargo run --release --example compare -- --chunk-bytes 4MiB --total-bytes 512MiB --workers 2 \
 //!     [--input memory|generate|index] [--rounds 3] [--engines seq,rayon,...] [--ring-bytes 64MiB]
-//!     [--input-ring-bytes B] [--output-ring-bytes B]
-//!     [--pinning auto|off|spread|cores:LIST] [--wait adaptive|park|spin]
+//!     [--input-ring-bytes B] [--output-ring-bytes B] [--queue-bytes B]
+//!     [--pinning auto|off|spread|cores:LIST] [--wait adaptive|park|spin] [--sched]
 //! ```
 //!
 //! The transform, per chunk of `f32`: subtract the mean of the first 64 samples, scale by 0.5,
@@ -36,6 +36,11 @@
 //! CPU from the engine running beside it (measured on 2 cores: rayon 8.6-10.0 GB/s against
 //! 13.9-16.4 with the default wait, so shmexec looked faster than rayon). The harness says so
 //! when it is asked for.
+//!
+//! `--sched` (with `--engines` naming one shmexec engine) also prints, for the coordinator and
+//! each worker, the share of the run it spent on a CPU, waiting for one and asleep, from the
+//! kernel's `/proc/<pid>/schedstat`: with more busy processes than cores this shows where a
+//! process pool loses to threads that the wall time alone cannot.
 //!
 //! Each engine runs `--rounds` times, interleaved; the table shows the median. The last line is
 //! JSON with `<engine>_mbps` (10^6 bytes per second of input) and the ratios.
@@ -291,9 +296,81 @@ struct Args {
     engines: Option<Vec<String>>,
     /// Input and output ring bytes per worker (`--ring-bytes` sets both).
     input_ring_bytes: usize,
+    queue_bytes: usize,
     output_ring_bytes: usize,
     pinning: Pinning,
     wait: WaitStrategy,
+    /// Report the scheduler's view of the coordinator and the workers (one shmexec engine).
+    sched: bool,
+}
+
+/// What the scheduler says of one process (or thread), from `/proc/<pid>/schedstat` and
+/// `/proc/<pid>/status`: where a process pool loses time that a thread pool does not.
+#[derive(Clone, Copy, Default)]
+struct Sched {
+    at: Option<Instant>,
+    /// Time on a CPU.
+    cpu_ns: u64,
+    /// Time runnable but waiting for a CPU (the run queue).
+    runq_ns: u64,
+    /// Times it went to sleep (waited for something).
+    sleeps: u64,
+    /// Times it was preempted while runnable.
+    preempted: u64,
+}
+
+impl Sched {
+    fn read(pid: &str) -> Sched {
+        let text =
+            |f: &str| std::fs::read_to_string(format!("/proc/{pid}/{f}")).unwrap_or_default();
+        let stat = text("schedstat");
+        let mut nums = stat.split_whitespace().map(|v| v.parse().unwrap_or(0));
+        let status = text("status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Sched {
+            at: Some(Instant::now()),
+            cpu_ns: nums.next().unwrap_or(0),
+            runq_ns: nums.next().unwrap_or(0),
+            sleeps: field("voluntary_ctxt_switches:"),
+            preempted: field("nonvoluntary_ctxt_switches:"),
+        }
+    }
+
+    fn read_all(pids: &[String]) -> Vec<Sched> {
+        pids.iter().map(|p| Sched::read(p)).collect()
+    }
+}
+
+/// Prints, per process, the share of the wall time it ran, waited for a CPU and slept.
+fn print_sched(before: &[Sched], after: &[Sched]) {
+    println!(
+        "scheduler (whole run, all rounds): % of wall time on a CPU / waiting for a CPU / asleep"
+    );
+    for (i, (b, a)) in before.iter().zip(after).enumerate() {
+        let wall = match (a.at, b.at) {
+            (Some(a), Some(b)) => (a - b).as_nanos().max(1) as f64,
+            _ => continue,
+        };
+        let cpu = (a.cpu_ns - b.cpu_ns) as f64 / wall * 100.0;
+        let runq = (a.runq_ns - b.runq_ns) as f64 / wall * 100.0;
+        let who = if i == 0 {
+            "coordinator".to_string()
+        } else {
+            format!("worker {}", i - 1)
+        };
+        println!(
+            "  {who:<12} {cpu:5.1} / {runq:5.1} / {:5.1}   ({} sleeps, {} preemptions)",
+            (100.0 - cpu - runq).max(0.0),
+            a.sleeps - b.sleeps,
+            a.preempted - b.preempted
+        );
+    }
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
@@ -320,9 +397,11 @@ fn parse_args() -> Result<Args, String> {
         rounds: 3,
         engines: None,
         input_ring_bytes: 64 << 20,
+        queue_bytes: shmexec::DEFAULT_QUEUE_BYTES,
         output_ring_bytes: 64 << 20,
         pinning: Pinning::Auto,
         wait: WaitStrategy::Adaptive,
+        sched: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -337,6 +416,7 @@ fn parse_args() -> Result<Args, String> {
                 a.output_ring_bytes = a.input_ring_bytes;
             }
             "--input-ring-bytes" => a.input_ring_bytes = parse_size(&value()?)?,
+            "--queue-bytes" => a.queue_bytes = parse_size(&value()?)?,
             "--output-ring-bytes" => a.output_ring_bytes = parse_size(&value()?)?,
             "--engines" => a.engines = Some(value()?.split(',').map(str::to_owned).collect()),
             "--input" => {
@@ -373,13 +453,15 @@ fn parse_args() -> Result<Args, String> {
                     other => return Err(format!("--wait {other}: use adaptive, park or spin")),
                 }
             }
+            "--sched" => a.sched = true,
             "-h" | "--help" => {
                 return Err(
                     "usage: compare --chunk-bytes B --total-bytes T --workers W \
                             [--input memory|generate|index] [--rounds R] [--engines a,b] \
                             [--ring-bytes B] [--input-ring-bytes B] [--output-ring-bytes B] \
+                            [--queue-bytes B] \
                             [--pinning auto|off|spread|cores:LIST] \
-                            [--wait adaptive|park|spin]"
+                            [--wait adaptive|park|spin] [--sched]"
                         .into(),
                 );
             }
@@ -388,6 +470,10 @@ fn parse_args() -> Result<Args, String> {
     }
     if a.chunk_bytes < 4 || a.chunk_bytes % 4 != 0 || a.total_bytes < a.chunk_bytes {
         return Err("--chunk-bytes must be a positive multiple of 4, at most --total-bytes".into());
+    }
+    let one_shmexec = matches!(&a.engines, Some(e) if e.len() == 1 && e[0].starts_with("shmexec"));
+    if a.sched && !one_shmexec {
+        return Err("--sched reports on one shmexec engine: pass --engines with just one".into());
     }
     if a.workers == 0 || a.rounds == 0 {
         return Err("--workers and --rounds must be at least 1".into());
@@ -459,6 +545,7 @@ fn run(args: Args) -> Result<(), BoxError> {
         Pool::builder()
             .workers(w)
             .input_ring_bytes(args.input_ring_bytes)
+            .queue_bytes(args.queue_bytes)
             .output_ring_bytes(args.output_ring_bytes)
             .pinning(args.pinning.clone())
             .wait_strategy(args.wait)
@@ -524,6 +611,23 @@ fn run(args: Args) -> Result<(), BoxError> {
         args.rounds,
         args.pinning
     );
+
+    // `--sched`: the processes of the one shmexec engine, the coordinator (this thread) first.
+    let sched_pids: Vec<String> = if args.sched {
+        let pool_pids = match engines[..] {
+            ["shmexec-vec" | "shmexec-builder"] => vec_pool.as_ref().map(|p| p.pids()),
+            ["shmexec-shared"] => shared_pool.as_ref().map(|p| p.pids()),
+            ["shmexec-descr"] => descr_pool.as_ref().map(|p| p.pids()),
+            _ => None,
+        }
+        .ok_or("--sched: no pool for this engine")?;
+        std::iter::once("thread-self".to_string())
+            .chain(pool_pids.iter().map(|p| p.to_string()))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let sched_before = args.sched.then(|| Sched::read_all(&sched_pids));
 
     let mut reference: Option<Vec<Summary>> = None;
     let mut times: Vec<(String, Vec<f64>)> =
@@ -720,5 +824,8 @@ fn run(args: Args) -> Result<(), BoxError> {
     }
     json += &format!(",\"coordinator_max_rss_kib\":{}}}", max_rss_kib());
     println!("{json}");
+    if let Some(before) = sched_before {
+        print_sched(&before, &Sched::read_all(&sched_pids));
+    }
     Ok(())
 }

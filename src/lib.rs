@@ -55,7 +55,7 @@ pub use error::{BoxError, Error, Result};
 pub use map::Map;
 pub use output::OutputRef;
 pub use pin::Pinning;
-pub use pool::{Builder, Pool, Start};
+pub use pool::{Builder, DEFAULT_QUEUE_BYTES, DEFAULT_RING_BYTES, Pool, Start};
 pub use shmexec_shm as shm;
 pub use shmexec_shm::WaitStrategy;
 pub use sink::OutputSink;

@@ -252,7 +252,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             let limit = self.pool.queue_bytes;
             for w in std::iter::once(least).chain((0..workers).filter(|&w| w != least)) {
                 let slot = &mut self.pool.workers[w];
-                if slot.queue_full(limit) {
+                if slot.queue_full(limit)? {
                     continue;
                 }
                 let Some(grant) = slot.tx.try_reserve(len)? else {

@@ -127,6 +127,47 @@ fn short_queues_keep_every_call_correct() {
 }
 
 #[test]
+fn a_slow_item_does_not_stall_the_other_workers() {
+    // Item 0 blocks its worker until item MARK has run. In an ordered call the coordinator waits
+    // for item 0 all that time; the other worker must go on taking inputs meanwhile, although
+    // nobody reads its results yet (they wait in its output ring), or item MARK never runs.
+    const MARK: u64 = 12;
+    let guard = serial();
+    let marker = std::env::temp_dir().join(format!("shmexec-slow-item-{}", std::process::id()));
+    let _ = std::fs::remove_file(&marker);
+    {
+        let path = marker.clone();
+        let task = shmexec::from_fn::<u64, _, _>(move |x| {
+            let x = x.to_native();
+            if x == MARK {
+                std::fs::write(&path, b"").expect("the marker file can be written");
+            }
+            if x != 0 {
+                return x;
+            }
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !path.exists() {
+                if std::time::Instant::now() > deadline {
+                    return u64::MAX; // item MARK never ran: the other worker was left idle
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            0
+        });
+        // A queue of one byte: each worker is handed two unfinished items at most.
+        let mut pool = builder(&guard)
+            .workers(2)
+            .queue_bytes(1)
+            .build(task)
+            .unwrap();
+        let got: Vec<u64> = pool.map(0..30u64).map(|r| r.unwrap().to_native()).collect();
+        assert_eq!(got, (0..30).collect::<Vec<u64>>());
+    }
+    let _ = std::fs::remove_file(&marker);
+    assert_no_children();
+}
+
+#[test]
 fn in_place_input_is_zero_copy_and_correct() {
     let guard = serial();
     {

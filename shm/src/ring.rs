@@ -536,6 +536,20 @@ impl Producer {
         self.next_seq
     }
 
+    /// The ring position just past the last committed frame: bytes committed since the ring was
+    /// made, padding included. A frame committed when this was `p` has been read and let go
+    /// once [`Producer::released`] reaches `p`.
+    pub fn written(&self) -> u64 {
+        self.head
+    }
+
+    /// The ring position up to which the consumer has let go of frames (it only ever grows).
+    /// Loads the consumer's index: one shared cache line, so not for every byte.
+    pub fn released(&mut self) -> Result<u64> {
+        load_tail(&self.view, self.head, &mut self.tail_seen)?;
+        Ok(self.tail_seen)
+    }
+
     fn reserve_blocking(&mut self, len: usize, deadline: Option<Instant>) -> Result<Grant<'_>> {
         let off = self
             .reserve_inner(len, deadline, true)?
