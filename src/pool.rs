@@ -160,7 +160,10 @@ impl Builder {
     }
 
     /// How many input bytes the coordinator queues to one worker before it waits for a result
-    /// (default 8 MiB; at least two items are always queued, whatever their size). The input
+    /// (default 8 MiB; at least two items are always queued, whatever their size). Only items
+    /// the worker has not finished count: results waiting for the caller do not (they wait in
+    /// the output ring, which bounds them), so in an ordered call the other workers go on while
+    /// one works on a slow item. The input
     /// ring holds more, and used to be filled: but a coordinator 16 chunks ahead writes each
     /// chunk into memory last touched a ring's lap ago, and the worker reads it long after it
     /// left the caches. A short queue keeps the chunk warm from the coordinator's write to the
