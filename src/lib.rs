@@ -43,6 +43,7 @@ pub mod output;
 pub mod pin;
 pub mod pool;
 mod protocol;
+mod queue;
 pub mod shared;
 pub mod sink;
 pub mod spawn;

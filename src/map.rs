@@ -245,7 +245,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             // Least-loaded first (ties to the lower index), then any other with room.
             let workers = self.pool.workers.len();
             let least = (0..workers)
-                .min_by_key(|&w| self.pool.workers[w].expect.len())
+                .min_by_key(|&w| self.pool.workers[w].expect.unfinished().0)
                 .unwrap_or(0);
             let seq = self.pool.next_seq;
             let mut placed = None;
@@ -302,11 +302,31 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
     /// `Ok(None)`: nothing arrived (for [`Wait::Poll`] and [`Wait::Slice`]).
     fn take_from(&mut self, w: usize, wait: Wait) -> Result<Option<Result<OutputRef<T::Output>>>> {
         loop {
+            // Inputs wait for room: sleep until this result comes or any worker could take one,
+            // whichever is first (`Pool::await_result_or_room`).
+            let mut slice_over = false;
+            if let (Some(len), Wait::Slice | Wait::Block) = (self.prepared, wait) {
+                match self
+                    .pool
+                    .await_result_or_room(w, len, Instant::now() + WAIT_SLICE)
+                {
+                    Ok(true) => {
+                        self.feed()?;
+                        continue;
+                    }
+                    Err(shmexec_shm::Error::Timeout { .. }) => slice_over = true,
+                    // The result is there, or an error that reading the ring reports below.
+                    Ok(false) | Err(_) => {}
+                }
+            }
             let slot = &mut self.pool.workers[w];
             // A result that is already there costs no clock read.
             let ready = slot.rx.try_peek().map(|f| f.is_some());
             let waited = match (wait, ready) {
                 (_, Ok(true)) | (Wait::Poll, _) | (_, Err(_)) => slot.rx.try_peek(),
+                (Wait::Slice | Wait::Block, Ok(false)) if slice_over => {
+                    Err(shmexec_shm::Error::Timeout { waited: WAIT_SLICE })
+                }
                 (Wait::Slice | Wait::Block, Ok(false)) => {
                     slot.rx.peek_until(Instant::now() + WAIT_SLICE).map(Some)
                 }
@@ -379,7 +399,6 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             // The result is here: the item leaves the worker's queue (field by field, as the
             // frame still borrows the ring).
             let done = slot.expect.pop_front();
-            slot.queued_bytes -= done.map_or(0, |e| e.bytes);
             if !done.is_some_and(|e| e.live) {
                 frame.release(); // an abandoned call's result
                 continue;

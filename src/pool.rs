@@ -1,16 +1,18 @@
 //! [`Pool`] and its [`Builder`]: forking the workers, shutting them down.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use shmexec_shm::{
     ChildProcess, Consumer, ExitStatus, FrameKind, Peer, Producer, Ring, Segment, WaitStrategy,
+    Waiter,
 };
 
 use crate::error::{Error, Result};
 use crate::pin::{self, Pinning};
 use crate::protocol::{START_SEQ, read_report};
+use crate::queue::{Expected, Queue};
 use crate::stats::{Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::{Task, WorkerInfo};
 use crate::worker;
@@ -282,9 +284,8 @@ impl Builder {
                 input,
                 output,
                 core,
-                expect: VecDeque::new(),
+                expect: Queue::default(),
                 live: 0,
-                queued_bytes: 0,
                 respawns: 0,
                 watching: (0, Instant::now()),
             });
@@ -307,6 +308,7 @@ impl Builder {
             chunk_timeout: self.chunk_timeout,
             shared,
             queue_bytes: self.queue_bytes,
+            doorbell_waiter: Waiter::new(self.wait),
         };
         pool.await_start(self.start_timeout)?;
         Ok(pool)
@@ -379,45 +381,26 @@ pub(crate) struct WorkerSlot {
     input: Ring,
     output: Ring,
     pub(crate) core: Option<usize>,
-    /// Items handed to this worker whose results are still to come, in the order the worker
-    /// will answer them.
-    pub(crate) expect: VecDeque<Expected>,
+    /// Items handed to this worker whose results are still to come.
+    pub(crate) expect: Queue,
     /// The `live` entries of `expect`.
     pub(crate) live: usize,
-    /// Input bytes of the entries of `expect`: at least what this worker has still to work off
-    /// (see [`WorkerSlot::queue_full`]).
-    pub(crate) queued_bytes: u64,
     pub(crate) respawns: u64,
     /// The worker's `Field::Current` as last seen and since when (for the chunk timeout).
     watching: (u64, Instant),
-}
-
-/// An item handed to a worker, whose result is still to come.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Expected {
-    pub(crate) seq: u64,
-    /// `false` for an abandoned call's item: its result is discarded.
-    pub(crate) live: bool,
-    /// Ring bytes of its input archive.
-    pub(crate) bytes: u64,
-    /// The input ring's position just past its frame ([`shmexec_shm::Producer::written`]): the
-    /// worker has let go of the input, and so finished the item, once the ring's
-    /// [`released`](shmexec_shm::Producer::released) position reaches it.
-    pub(crate) end: u64,
 }
 
 impl WorkerSlot {
     /// Records an item of `bytes` input bytes handed to this worker.
     pub(crate) fn push(&mut self, seq: u64, bytes: u64) {
         let end = self.tx.written();
-        self.expect.push_back(Expected {
+        self.expect.push(Expected {
             seq,
             live: true,
             bytes,
             end,
         });
         self.live += 1;
-        self.queued_bytes += bytes;
     }
 
     /// Whether this worker has enough queued to take no more now: at least two items it has not
@@ -429,25 +412,21 @@ impl WorkerSlot {
     /// 2 cores with a serial source: 12 % of the machine idle and workers waiting for input
     /// another 10 %). Their results are bounded by the output ring instead: a worker whose
     /// output ring is full stops, and its inputs then count here.
-    pub(crate) fn queue_full(&mut self, limit: u64) -> Result<bool> {
-        // The cheap bound first: it needs no look at the worker's side of the ring.
-        if self.expect.len() < 2 || self.queued_bytes < limit {
+    pub(crate) fn queue_full(&mut self, limit: u64) -> shmexec_shm::Result<bool> {
+        // What was known finished gives an upper bound on the queue: only when that bound says
+        // full is the worker's side of the ring looked at.
+        let full = |(items, bytes): (usize, u64)| items >= 2 && bytes >= limit;
+        if !full(self.expect.unfinished()) {
             return Ok(false);
         }
         let released = self.tx.released()?;
-        let (mut items, mut bytes) = (0usize, 0u64);
-        for e in self.expect.iter().rev().take_while(|e| e.end > released) {
-            items += 1;
-            bytes += e.bytes;
-        }
-        Ok(items >= 2 && bytes >= limit)
+        self.expect.refresh(released);
+        Ok(full(self.expect.unfinished()))
     }
 
     /// The current call ended: results still to come are discarded when they arrive.
     pub(crate) fn abandon(&mut self) {
-        for e in &mut self.expect {
-            e.live = false;
-        }
+        self.expect.abandon();
         self.live = 0;
     }
 }
@@ -487,6 +466,8 @@ pub struct Pool<T: Task> {
     pub(crate) shared: Option<Arc<Segment>>,
     /// See [`Builder::queue_bytes`].
     pub(crate) queue_bytes: u64,
+    /// How the coordinator waits on the workers' doorbell ([`Pool::await_result_or_room`]).
+    doorbell_waiter: Waiter,
 }
 
 /// What the pool knows of an item that killed (or hung) its worker.
@@ -659,6 +640,51 @@ impl<T: Task> Pool<T> {
         slot.respawns += 1;
         self.totals.respawns += 1;
         Ok(())
+    }
+
+    /// Waits until worker `w` has a result to read (`Ok(false)`) or any worker could take an
+    /// input of `len` archive bytes (`Ok(true)`: feed it first), or `deadline` passes
+    /// ([`shmexec_shm::Error::Timeout`]). Another error: look at worker `w`'s ring, which says
+    /// what went wrong.
+    ///
+    /// Waiting on `w`'s output ring alone would sleep through the other workers running dry:
+    /// in an ordered call the coordinator waits for the oldest item while the others finish
+    /// theirs and then idle until it wakes (measured on 2 cores with a serial source: the
+    /// coordinator and both workers each asleep about a fifth of the run). So every worker rings
+    /// the pool's doorbell as it lets go of an input, and the condition here covers both.
+    pub(crate) fn await_result_or_room(
+        &mut self,
+        w: usize,
+        len: usize,
+        deadline: Instant,
+    ) -> shmexec_shm::Result<bool> {
+        let Pool {
+            workers,
+            stats,
+            doorbell_waiter,
+            queue_bytes,
+            ..
+        } = self;
+        let Some(bell) = stats.doorbell() else {
+            return Ok(false);
+        };
+        let mut room = false;
+        // The coordinator's own slice (`deadline`) bounds the wait; liveness is checked between
+        // slices, so the doorbell needs no peer of its own.
+        bell.wait_until(doorbell_waiter, &Peer::unwatched(), Some(deadline), || {
+            if workers[w].rx.try_peek()?.is_some() {
+                return Ok(true);
+            }
+            for slot in workers.iter_mut() {
+                // The same conditions as `Map::feed`'s, or a wake-up would find nothing to do.
+                if !slot.queue_full(*queue_bytes)? && slot.tx.fits(len)? {
+                    room = true;
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        })?;
+        Ok(room)
     }
 
     /// What the pool knows of an item given up after crashes or a timeout.

@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use shmexec_shm::Segment;
+use shmexec_shm::{Segment, Signal};
 
 use crate::error::Result;
 
-/// One cache line of counters per worker, so workers never share a line.
+/// One cache line of counters per worker, so workers never share a line; line 0 holds the
+/// pool-wide words (the doorbell), worker `w` line `w + 1`.
 const SLOT: usize = 64;
 
 #[derive(Clone, Copy)]
@@ -40,7 +41,7 @@ pub(crate) struct StatsBlock {
 impl StatsBlock {
     pub(crate) fn new(workers: usize) -> Result<StatsBlock> {
         Ok(StatsBlock {
-            seg: Arc::new(Segment::new((workers * SLOT).max(SLOT))?),
+            seg: Arc::new(Segment::new((workers + 1) * SLOT)?),
         })
     }
 
@@ -54,7 +55,14 @@ impl StatsBlock {
     }
 
     fn word(&self, worker: usize, field: Field) -> Option<&AtomicU64> {
-        self.seg.atomic_u64(worker * SLOT + field as usize)
+        self.seg.atomic_u64((worker + 1) * SLOT + field as usize)
+    }
+
+    /// The coordinator's doorbell: every worker rings it when it lets go of an input (its
+    /// result is out, and its queue has room), so that a coordinator waiting for one worker's
+    /// result also wakes when another worker could take more input (see `Map::take_from`).
+    pub(crate) fn doorbell(&self) -> Option<&Signal> {
+        self.seg.signal(0)
     }
 
     pub(crate) fn add(&self, worker: usize, field: Field, v: u64) {

@@ -92,6 +92,7 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
                 return EXIT_COORDINATOR_GONE;
             }
             frame.release();
+            ring_doorbell(setup.stats);
             setup.stats.set(w, Field::Skip, 0);
             continue;
         }
@@ -137,11 +138,20 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
         // Only now, with the output published, is the input released: a worker that dies
         // before this point leaves the chunk in its input ring for a successor.
         frame.release();
+        ring_doorbell(setup.stats);
         setup.stats.set(w, Field::Current, 0);
     }
     let _ = catch_unwind(AssertUnwindSafe(|| task.finish(info)));
     let _ = send_kind(&mut tx, 0, FrameKind::End);
     EXIT_OK
+}
+
+/// Tells a coordinator that may be asleep waiting for another worker that this one has room
+/// for more input. After the release, which is what its wake-up condition loads.
+fn ring_doorbell(stats: &StatsBlock) {
+    if let Some(bell) = stats.doorbell() {
+        bell.notify();
+    }
 }
 
 fn send_kind(tx: &mut Producer, seq: u64, kind: FrameKind) -> Result<(), shmexec_shm::Error> {

@@ -536,6 +536,27 @@ impl Producer {
         self.next_seq
     }
 
+    /// Whether a frame of `len` payload bytes fits now: what [`Producer::try_reserve`] would
+    /// grant (`false` for a frame that never fits). Loads the consumer's index only when the
+    /// space last seen is short.
+    pub fn fits(&mut self, len: usize) -> Result<bool> {
+        let cap = self.view.cap;
+        let Some(need) = frame_bytes(len as u64).filter(|&n| n <= cap) else {
+            return Ok(false);
+        };
+        let off = self.head % cap;
+        // A frame that would cross the end needs the padding to the end as well.
+        let want = if off + need > cap {
+            cap - off + need
+        } else {
+            need
+        };
+        if cap - (self.head - self.tail_seen) < want {
+            load_tail(&self.view, self.head, &mut self.tail_seen)?;
+        }
+        Ok(cap - (self.head - self.tail_seen) >= want)
+    }
+
     /// The ring position just past the last committed frame: bytes committed since the ring was
     /// made, padding included. A frame committed when this was `p` has been read and let go
     /// once [`Producer::released`] reaches `p`.
@@ -1110,11 +1131,15 @@ mod tests {
         let (mut tx, mut rx) = pair(1024);
         for round in 0..200u64 {
             let len = (round as usize * 37) % 700;
-            if tx.try_reserve(len).unwrap().is_none() {
+            let fits = tx.fits(len).unwrap();
+            let granted = tx.try_reserve(len).unwrap().is_some();
+            assert_eq!(fits, granted, "round {round}: fits says {fits}");
+            if !granted {
                 // The wrap padding was published but the frame does not fit beside it until
                 // the consumer skips the padding (which `try_peek` does, returning no frame).
                 assert!(rx.try_peek().unwrap().is_none());
             }
+            assert!(tx.fits(len).unwrap());
             let mut g = tx
                 .try_reserve(len)
                 .unwrap()

@@ -23,6 +23,7 @@ use rustix::io::FdFlags;
 use rustix::mm::{MapFlags, ProtFlags};
 
 use crate::error::{Error, Result};
+use crate::signal::Signal;
 
 /// A block of shared memory, mapped into this process.
 ///
@@ -145,8 +146,21 @@ impl Segment {
         self.atomic_at(offset)
     }
 
-    /// An atomic of type `A` (one of the std atomics: plain integers that accept any bits) at
-    /// `offset`, if it fits and is aligned.
+    /// The [`Signal`] at byte `offset` (4-byte aligned): a wake-up channel between the
+    /// processes that map this segment, beside the words whose changes it announces.
+    ///
+    /// ```
+    /// let seg = shmexec_shm::Segment::new(4096)?;
+    /// seg.signal(128).unwrap().notify(); // nobody sleeps on it: costs a fence and a load
+    /// assert!(seg.signal(4092).is_none());
+    /// # Ok::<(), shmexec_shm::Error>(())
+    /// ```
+    pub fn signal(&self, offset: usize) -> Option<&Signal> {
+        self.atomic_at(offset)
+    }
+
+    /// An atomic of type `A` (one of the std atomics, plain integers that accept any bits, or a
+    /// [`Signal`], two of them) at `offset`, if it fits and is aligned.
     fn atomic_at<A>(&self, offset: usize) -> Option<&A> {
         let size = std::mem::size_of::<A>();
         let fits = offset.checked_add(size).is_some_and(|end| end <= self.len);
@@ -154,9 +168,10 @@ impl Segment {
             return None;
         }
         // SAFETY: `offset + size <= len` and the base is page aligned, so the bytes are inside
-        // the mapping and aligned for `A`. `A` is only instantiated with AtomicU32/AtomicU64
-        // (private fn), which have their integer's layout and accept any bits (the memory starts
-        // zeroed and is always initialised). The borrow is tied to `&self`, and the mapping
+        // the mapping and aligned for `A`. `A` is only instantiated with AtomicU32, AtomicU64
+        // and Signal (private fn): the first two have their integer's layout and accept any
+        // bits; Signal is `repr(C)` of two AtomicU32 and is documented valid for any bits (all
+        // zero: idle). The memory starts zeroed and is always initialised. The borrow is tied to `&self`, and the mapping
         // lives as long as `self`. Other processes access it only atomically.
         Some(unsafe { &*self.ptr.as_ptr().add(offset).cast::<A>() })
     }

@@ -12,8 +12,8 @@ use crate::wait::{PARK_SLICE, SPIN_PEER_CHECK, Waiter, YIELD_AFTER};
 /// A wake-up channel in shared memory for one condition. See the module documentation for the
 /// protocol and why no wake-up is lost.
 ///
-/// `Signal` is plain atomics with no pointers, so it may live in a shared mapping: all-zero bytes
-/// are a valid, idle `Signal`.
+/// `Signal` is plain atomics with no pointers, so it may live in a shared mapping: any bytes are
+/// a valid `Signal` (all zero: idle; a stray non-zero sleeper count costs spurious wake-ups only).
 #[repr(C)]
 #[derive(Debug, Default)]
 pub struct Signal {
