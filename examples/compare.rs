@@ -4,7 +4,7 @@
 //! cargo run --release --example compare -- --chunk-bytes 4MiB --total-bytes 512MiB --workers 2 \
 //!     [--input memory|generate|index] [--rounds 3] [--engines seq,rayon,...] [--ring-bytes 64MiB]
 //!     [--input-ring-bytes B] [--output-ring-bytes B] [--queue-bytes B]
-//!     [--pinning auto|off|spread|cores:LIST] [--wait adaptive|park|spin] [--sched]
+//!     [--pinning auto|off|spread|source-first|cores:LIST] [--wait adaptive|park|spin] [--sched]
 //! ```
 //!
 //! The transform, per chunk of `f32`: subtract the mean of the first 64 samples, scale by 0.5,
@@ -432,6 +432,7 @@ fn parse_args() -> Result<Args, String> {
                     "auto" => Pinning::Auto,
                     "off" => Pinning::Off,
                     "spread" => Pinning::Spread,
+                    "source-first" => Pinning::SourceFirst,
                     list if list.starts_with("cores:") => Pinning::Cores(
                         list["cores:".len()..]
                             .split(',')
@@ -440,7 +441,7 @@ fn parse_args() -> Result<Args, String> {
                     ),
                     other => {
                         return Err(format!(
-                            "--pinning {other}: use auto, off, spread or cores:1,2,..."
+                            "--pinning {other}: use auto, off, spread, source-first or cores:1,2,..."
                         ));
                     }
                 }
@@ -460,7 +461,7 @@ fn parse_args() -> Result<Args, String> {
                             [--input memory|generate|index] [--rounds R] [--engines a,b] \
                             [--ring-bytes B] [--input-ring-bytes B] [--output-ring-bytes B] \
                             [--queue-bytes B] \
-                            [--pinning auto|off|spread|cores:LIST] \
+                            [--pinning auto|off|spread|source-first|cores:LIST] \
                             [--wait adaptive|park|spin] [--sched]"
                         .into(),
                 );

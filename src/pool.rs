@@ -251,13 +251,21 @@ impl Builder {
             0 => None,
             bytes => Some(Arc::new(Segment::new(bytes)?)),
         };
+        // The coordinator's own waits: under `SourceFirst` its idle time belongs to the workers
+        // beside it, so it parks instead of spinning.
+        let coordinator_wait = match (&self.pinning, self.wait) {
+            (Pinning::SourceFirst, WaitStrategy::Adaptive) => WaitStrategy::Park,
+            (_, wait) => wait,
+        };
         let mut workers = Vec::with_capacity(n);
         for (index, core) in cores.into_iter().enumerate() {
             let (input, output) = rings(self.input_ring_bytes, self.output_ring_bytes)?;
+            let low_priority = pin::low_priority(&self.pinning, core, &allowed);
             let info = WorkerInfo {
                 index,
                 workers: n,
                 core,
+                low_priority,
             };
             let siblings: Vec<i32> = workers.iter().map(|w: &WorkerSlot| w.child.pid()).collect();
             let child = start_worker(
@@ -274,9 +282,9 @@ impl Builder {
             let pid = child.pid();
             let mut tx = input.producer(Peer::process(pid)?)?;
             let mut rx = output.consumer(Peer::process(pid)?)?;
-            tx.set_wait_strategy(self.wait);
+            tx.set_wait_strategy(coordinator_wait);
             tx.set_warm_window(warm_window(&input));
-            rx.set_wait_strategy(self.wait);
+            rx.set_wait_strategy(coordinator_wait);
             workers.push(WorkerSlot {
                 child,
                 tx,
@@ -284,6 +292,7 @@ impl Builder {
                 input,
                 output,
                 core,
+                low_priority,
                 expect: Queue::default(),
                 live: 0,
                 respawns: 0,
@@ -308,7 +317,7 @@ impl Builder {
             chunk_timeout: self.chunk_timeout,
             shared,
             queue_bytes: self.queue_bytes,
-            doorbell_waiter: Waiter::new(self.wait),
+            doorbell_waiter: Waiter::new(coordinator_wait),
         };
         pool.await_start(self.start_timeout)?;
         Ok(pool)
@@ -381,6 +390,8 @@ pub(crate) struct WorkerSlot {
     input: Ring,
     output: Ring,
     pub(crate) core: Option<usize>,
+    /// See [`WorkerInfo::low_priority`]; a successor after a crash gets the same.
+    low_priority: bool,
     /// Items handed to this worker whose results are still to come.
     pub(crate) expect: Queue,
     /// The `live` entries of `expect`.
@@ -619,6 +630,7 @@ impl<T: Task> Pool<T> {
             index: w,
             workers: self.workers.len(),
             core: self.workers[w].core,
+            low_priority: self.workers[w].low_priority,
         };
         let siblings: Vec<i32> = self.workers.iter().map(|w| w.child.pid()).collect();
         let slot = &mut self.workers[w];

@@ -115,6 +115,7 @@ fn attach() -> Result<Attached> {
     let (index, workers, core, wait) = (num(0)?, num(1)?, num(2)?, num(3)?);
     let (coordinator, ring_fd, in_off, out_off, stats_fd, shared_fd) =
         (num(4)?, num(5)?, num(6)?, num(7)?, num(8)?, num(9)?);
+    let low_priority = num(10)? != 0;
     // Die with the coordinator, and go now if it is already gone (the death signal, set
     // before exec, survives it).
     if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u64) != Some(coordinator) {
@@ -133,6 +134,7 @@ fn attach() -> Result<Attached> {
             index: index as usize,
             workers: workers as usize,
             core: (core != NONE).then_some(core as usize),
+            low_priority,
         },
         input,
         output,
@@ -161,7 +163,7 @@ pub(crate) fn spawn_worker(
     let shared_fd = shared.map(|s| s.fd().as_raw_fd());
     let me = std::process::id();
     let spec = format!(
-        "{} {} {} {} {me} {ring_fd} 0 {output_offset} {stats_fd} {}",
+        "{} {} {} {} {me} {ring_fd} 0 {output_offset} {stats_fd} {} {}",
         info.index,
         info.workers,
         info.core.map_or(NONE, |c| c as u64),
@@ -171,6 +173,7 @@ pub(crate) fn spawn_worker(
             WaitStrategy::Adaptive => 2,
         },
         shared_fd.map_or(NONE, |fd| fd as u64),
+        u8::from(info.low_priority),
     );
     let exe = std::env::current_exe()
         .map_err(|e| Error::Start(format!("cannot find this program to spawn it: {e}")))?;

@@ -17,6 +17,9 @@ pub struct WorkerInfo {
     pub workers: usize,
     /// The core the worker is pinned to, if any.
     pub core: Option<usize>,
+    /// Whether it runs at the lowest priority, beside the coordinator
+    /// ([`Pinning::SourceFirst`](crate::Pinning::SourceFirst)).
+    pub low_priority: bool,
 }
 
 /// A function run on every chunk, in a worker process.

@@ -139,6 +139,50 @@ fn init_runs_once_per_worker_and_workers_are_pinned_where_asked() {
     assert_no_children();
 }
 
+/// The calling process's nice value.
+fn nice() -> i32 {
+    // SAFETY: getpriority takes plain integers and touches no memory of ours.
+    unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+}
+
+#[test]
+fn source_first_lowers_only_the_workers_beside_the_coordinator() {
+    let guard = serial();
+    {
+        let allowed = shmexec::pin::allowed_cores().unwrap();
+        let n = allowed.len() + 1; // two workers share the first core
+        let task = shmexec::from_fn::<u64, _, _>(|_| {
+            let set = rustix::thread::sched_getaffinity(None).expect("affinity");
+            let cores: Vec<u32> = (0..rustix::thread::CpuSet::MAX_CPU as u32)
+                .filter(|&c| set.is_set(c as usize))
+                .collect();
+            (std::process::id(), nice(), cores)
+        });
+        let mut pool = builder(&guard)
+            .workers(n)
+            .pinning(Pinning::SourceFirst)
+            .build(task)
+            .unwrap();
+        let pids = pool.pids();
+        let mut seen = vec![false; n];
+        for r in pool.map(0..200u64) {
+            let r = r.unwrap();
+            let pid = r.0.to_native() as i32;
+            let i = pids.iter().position(|&p| p == pid).expect("a worker's pid");
+            let affinity: Vec<usize> = r.2.iter().map(|c| c.to_native() as usize).collect();
+            assert_eq!(affinity, [allowed[i % allowed.len()]], "worker {i}");
+            let want = if i % allowed.len() == 0 { 19 } else { nice() };
+            assert_eq!(r.1.to_native(), want, "worker {i}'s nice value");
+            seen[i] = true;
+        }
+        assert!(
+            seen.iter().all(|&s| s),
+            "every worker ran an item: {seen:?}"
+        );
+    }
+    assert_no_children();
+}
+
 #[test]
 fn failing_init_is_an_error_from_build() {
     let guard = serial();
