@@ -303,9 +303,11 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
     fn take_from(&mut self, w: usize, wait: Wait) -> Result<Option<Result<OutputRef<T::Output>>>> {
         loop {
             // Inputs wait for room: sleep until this result comes or any worker could take one,
-            // whichever is first (`Pool::await_result_or_room`).
+            // whichever is first (`Pool::await_result_or_room`). Only a blocking take feeds:
+            // a `Slice` take may be draining an abandoned call's results, and must not place
+            // this call's items behind them (it would return and drop their results).
             let mut slice_over = false;
-            if let (Some(len), Wait::Slice | Wait::Block) = (self.prepared, wait) {
+            if let (Some(len), Wait::Block) = (self.prepared, wait) {
                 match self
                     .pool
                     .await_result_or_room(w, len, Instant::now() + WAIT_SLICE)
@@ -324,7 +326,7 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
             let ready = slot.rx.try_peek().map(|f| f.is_some());
             let waited = match (wait, ready) {
                 (_, Ok(true)) | (Wait::Poll, _) | (_, Err(_)) => slot.rx.try_peek(),
-                (Wait::Slice | Wait::Block, Ok(false)) if slice_over => {
+                (Wait::Block, Ok(false)) if slice_over => {
                     Err(shmexec_shm::Error::Timeout { waited: WAIT_SLICE })
                 }
                 (Wait::Slice | Wait::Block, Ok(false)) => {
