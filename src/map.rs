@@ -313,6 +313,11 @@ impl<'p, T: Task, F: Feed> Map<'p, T, F> {
                     .await_result_or_room(w, len, Instant::now() + WAIT_SLICE)
                 {
                     Ok(true) => {
+                        // Other workers' items may keep waking this wait before its slice ends:
+                        // look after the health here too, or a dead worker `w` would go unseen.
+                        if let Err(e) = self.pool.check_health() {
+                            return Err(self.broken(e));
+                        }
                         self.feed()?;
                         continue;
                     }
