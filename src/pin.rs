@@ -24,12 +24,12 @@ pub enum Pinning {
     /// run at the lowest priority (nice 19), so the kernel places the coordinator there and it
     /// never waits for them; they take only the time it leaves. While the coordinator waits it
     /// parks at once (unless the wait strategy is `Spin`) instead of spinning, so that time is
-    /// theirs. Measured on 2 cores with 4 MiB chunks (README): a serial source went from
-    /// 0.66-0.89x rayon to 0.94-0.99x, and copying `Vec` inputs from about 0.35x to about 0.5x.
-    /// Not the default: with small chunks the parked coordinator pays a wake-up per handful of
-    /// items (64 KiB chunks ran at about half the default's speed), with work descriptors it
-    /// has little to do and gains nothing, and a process outside the pool that competes for the
-    /// first core starves the workers there (an ordered call then waits for their items).
+    /// theirs. Measured on 2 cores with 4 MiB chunks (README): a serial source went from a
+    /// median of 0.79x rayon to 0.92x, work descriptors from 0.78x to 1.03x, copied inputs
+    /// stayed about the same. Not the default: with small chunks the parked coordinator pays a
+    /// wake-up every few items (64 KiB chunks ran at about 0.7x the default's speed), and a
+    /// process outside the pool that competes for the first core starves the workers there
+    /// (an ordered call then waits for their items).
     SourceFirst,
 }
 
