@@ -163,22 +163,36 @@ fn source_first_lowers_only_the_workers_beside_the_coordinator() {
             .pinning(Pinning::SourceFirst)
             .build(task)
             .unwrap();
-        let pids = pool.pids();
-        let mut seen = vec![false; n];
-        for r in pool.map(0..200u64) {
-            let r = r.unwrap();
-            let pid = r.0.to_native() as i32;
-            let i = pids.iter().position(|&p| p == pid).expect("a worker's pid");
-            let affinity: Vec<usize> = r.2.iter().map(|c| c.to_native() as usize).collect();
-            assert_eq!(affinity, [allowed[i % allowed.len()]], "worker {i}");
-            let want = if i % allowed.len() == 0 { 19 } else { nice() };
-            assert_eq!(r.1.to_native(), want, "worker {i}'s nice value");
-            seen[i] = true;
+        // Twice: the second time after worker 0 was killed, so that its successor is checked.
+        for round in 0..2 {
+            let mut seen = vec![false; n];
+            let mut call = pool.map(0..200u64);
+            while let Some(r) = call.next() {
+                let r = r.unwrap();
+                let pid = r.0.to_native() as i32;
+                // The pids as of this result: worker 0's successor after the kill.
+                let pids = call.worker_pids();
+                let i = pids.iter().position(|&p| p == pid).expect("a worker's pid");
+                let affinity: Vec<usize> = r.2.iter().map(|c| c.to_native() as usize).collect();
+                assert_eq!(affinity, [allowed[i % allowed.len()]], "worker {i}");
+                let want = if i % allowed.len() == 0 { 19 } else { nice() };
+                assert_eq!(
+                    r.1.to_native(),
+                    want,
+                    "worker {i}'s nice value, round {round}"
+                );
+                seen[i] = true;
+            }
+            assert!(
+                seen.iter().all(|&s| s),
+                "every worker ran an item: {seen:?}"
+            );
+            drop(call);
+            if round == 0 {
+                kill(pool.pids()[0]);
+            }
         }
-        assert!(
-            seen.iter().all(|&s| s),
-            "every worker ran an item: {seen:?}"
-        );
+        assert_eq!(pool.stats().respawns, 1);
     }
     assert_no_children();
 }
