@@ -30,8 +30,9 @@
 //! | [`sink`]    | how a worker's result gets into its ring (serialized, or in place)    |
 //! | [`archive`] | rkyv glue: serializing into a ring slot, numeric slices in place      |
 //! | [`spawn`]   | the `spawn` start method, for programs that run threads               |
-//! | [`pin`]     | which core each worker runs on                                        |
-//! | [`stats`]   | counters per worker and per call                                      |
+//! | [`pin`]     | which core each worker runs on, and at what priority                  |
+//! | [`stats`]   | counters per worker and per call; the coordinator's doorbell          |
+//! | `queue`     | what each worker has been handed and has still to finish              |
 //! | `protocol`  | the frames besides archives (start-up, errors, shutdown)              |
 //! | `worker`    | the loop a worker process runs                                        |
 
