@@ -57,9 +57,12 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
         .shared
         .map_or(Ok(()), crate::shared::install)
         .and_then(|()| setup.info.core.map_or(Ok(()), pin::pin_to))
-        .and_then(|()| match setup.info.low_priority {
-            true => pin::lower_priority(),
-            false => Ok(()),
+        .and_then(|()| {
+            if setup.info.low_priority {
+                pin::lower_priority()
+            } else {
+                Ok(())
+            }
         })
         .map_err(|e| e.to_string())
         .and_then(

@@ -551,10 +551,7 @@ impl Producer {
         } else {
             need
         };
-        if cap - (self.head - self.tail_seen) < want {
-            load_tail(&self.view, self.head, &mut self.tail_seen)?;
-        }
-        Ok(cap - (self.head - self.tail_seen) >= want)
+        self.has_free(want)
     }
 
     /// The ring position just past the last committed frame: bytes committed since the ring was
@@ -632,7 +629,13 @@ impl Producer {
         if self.warm_window == 0 || off < self.warm_window.max(2 * need) {
             return Ok(false);
         }
-        let want = (cap - off) + need;
+        self.has_free((cap - off) + need)
+    }
+
+    /// Whether `want` bytes after `head` are free now; loads the consumer's index only when the
+    /// space last seen is short.
+    fn has_free(&mut self, want: u64) -> Result<bool> {
+        let cap = self.view.cap;
         if cap - (self.head - self.tail_seen) < want {
             load_tail(&self.view, self.head, &mut self.tail_seen)?;
         }
@@ -642,11 +645,7 @@ impl Producer {
     /// Makes sure `need` bytes after `head` are free; `Ok(false)` if not and `block` is false.
     fn wait_space(&mut self, need: u64, deadline: Option<Instant>, block: bool) -> Result<bool> {
         let cap = self.view.cap;
-        if cap - (self.head - self.tail_seen) >= need {
-            return Ok(true);
-        }
-        load_tail(&self.view, self.head, &mut self.tail_seen)?;
-        if cap - (self.head - self.tail_seen) >= need {
+        if self.has_free(need)? {
             return Ok(true);
         }
         if self.view.closed(CONSUMER_CLOSED) {

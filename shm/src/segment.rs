@@ -171,8 +171,9 @@ impl Segment {
         // the mapping and aligned for `A`. `A` is only instantiated with AtomicU32, AtomicU64
         // and Signal (private fn): the first two have their integer's layout and accept any
         // bits; Signal is `repr(C)` of two AtomicU32 and is documented valid for any bits (all
-        // zero: idle). The memory starts zeroed and is always initialised. The borrow is tied to `&self`, and the mapping
-        // lives as long as `self`. Other processes access it only atomically.
+        // zero: idle). The memory starts zeroed and is always initialised. The borrow is tied
+        // to `&self`, and the mapping lives as long as `self`. Other processes access it only
+        // atomically.
         Some(unsafe { &*self.ptr.as_ptr().add(offset).cast::<A>() })
     }
 
