@@ -306,9 +306,10 @@ struct Args {
 
 /// What the scheduler says of one process (or thread), from `/proc/<pid>/schedstat` and
 /// `/proc/<pid>/status`: where a process pool loses time that a thread pool does not.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Copy)]
 struct Sched {
-    at: Option<Instant>,
+    /// When it was read.
+    at: Instant,
     /// Time on a CPU.
     cpu_ns: u64,
     /// Time runnable but waiting for a CPU (the run queue).
@@ -334,7 +335,7 @@ impl Sched {
                 .unwrap_or(0)
         };
         Sched {
-            at: Some(Instant::now()),
+            at: Instant::now(),
             cpu_ns: nums.next().unwrap_or(0),
             runq_ns: nums.next().unwrap_or(0),
             sleeps: field("voluntary_ctxt_switches:"),
@@ -353,10 +354,7 @@ fn print_sched(before: &[Sched], after: &[Sched]) {
         "scheduler (whole run, all rounds): % of wall time on a CPU / waiting for a CPU / asleep"
     );
     for (i, (b, a)) in before.iter().zip(after).enumerate() {
-        let wall = match (a.at, b.at) {
-            (Some(a), Some(b)) => (a - b).as_nanos().max(1) as f64,
-            _ => continue,
-        };
+        let wall = (a.at - b.at).as_nanos().max(1) as f64;
         let cpu = (a.cpu_ns - b.cpu_ns) as f64 / wall * 100.0;
         let runq = (a.runq_ns - b.runq_ns) as f64 / wall * 100.0;
         let who = if i == 0 {
