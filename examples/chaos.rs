@@ -14,7 +14,7 @@
 //! kills=K delivered=N lost=0 duplicated=0 misordered=0 errors=E max_detect_ms=M
 //! ```
 //!
-//! `errors` counts items given up because random kills hit them `max_retries` (3) times;
+//! `errors` counts items given up because random kills hit them `max_attempts` (3) times;
 //! `max_detect_ms` is the longest time from a kill to the pool having replaced the worker, as
 //! seen from here (an upper bound: it is read between results).
 
@@ -81,7 +81,7 @@ fn main() {
     let mut pool = Pool::builder()
         .workers(a.workers)
         .ring_bytes(16 << 20)
-        .max_retries(3)
+        .max_attempts(3)
         .build(task)
         .unwrap_or_else(|e| {
             eprintln!("chaos: {e}");

@@ -8,6 +8,7 @@ use std::time::Duration;
 /// that item's place and the call goes on; pool errors ([`Error::WorkerDied`], [`Error::Broken`])
 /// end the call.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The task returned `Err` for this item.
     #[error("task failed on item {seq}: {message}")]
@@ -55,6 +56,26 @@ pub enum Error {
         held: usize,
         bytes: usize,
     },
+
+    /// The call ended before it ran every input, for the reason given: in an ordered call the
+    /// `results` handed out are those of its first `results` inputs, and the inputs from
+    /// there on were not run (`not_run` of them, when the call knows how many its iterator
+    /// still had). Drop the results that block it, then run those inputs again.
+    #[error(
+        "the call ended after {results} results with {} not run: {reason}; drop the held \
+         results (or keep deserialize()d copies) and run the rest again (in an ordered call, \
+         the inputs from index {results} on)",
+        match not_run { Some(n) => format!("{n} inputs"), None => "the remaining inputs".to_owned() }
+    )]
+    CallEnded {
+        results: u64,
+        not_run: Option<u64>,
+        reason: String,
+    },
+
+    /// The stream's receiving half is gone, so nothing more can be sent.
+    #[error("the stream's receiver is gone: nothing more can be sent")]
+    StreamClosed,
 
     /// `Task::init` failed (or panicked) in a worker, so the pool was not built.
     #[error("worker {worker} failed to start: {message}")]

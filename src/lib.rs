@@ -22,44 +22,40 @@
 //!
 //! | module      | holds                                                                 |
 //! |-------------|-----------------------------------------------------------------------|
-//! | [`task`]    | the [`Task`] trait and closure tasks                                  |
-//! | [`pool`]    | [`Pool`], [`Builder`]: forking, start-up, shutdown                     |
-//! | [`map`]     | one call: feeding the rings, ordered and unordered results            |
+//! | [`task`]    | what a worker runs: the [`Task`] trait, array tasks, closures, sinks  |
+//! | [`pool`]    | [`Pool`] and [`Builder`]; the supervisor (start, health, respawn)     |
+//! | [`call`]    | one call's engine; [`Map`] and streams on top of it                   |
 //! | [`output`]  | [`OutputRef`], a result read in place                                 |
 //! | [`shared`]  | the shared region: chunks the workers read where the program put them |
-//! | [`sink`]    | how a worker's result gets into its ring (serialized, or in place)    |
 //! | [`archive`] | rkyv glue: serializing into a ring slot, numeric slices in place      |
 //! | [`spawn`]   | the `spawn` start method, for programs that run threads               |
 //! | [`pin`]     | which core each worker runs on, and at what priority                  |
 //! | [`stats`]   | counters per worker and per call; the coordinator's doorbell          |
-//! | `queue`     | what each worker has been handed and has still to finish              |
-//! | `protocol`  | the frames besides archives (start-up, errors, shutdown)              |
+//! | `wire`      | what crosses the process boundary besides archives (`PROTOCOL.md`)    |
 //! | `worker`    | the loop a worker process runs                                        |
 
 pub mod archive;
+pub mod call;
 pub mod error;
 mod hygiene;
-pub mod map;
 pub mod output;
 pub mod pin;
 pub mod pool;
-mod protocol;
-mod queue;
 pub mod shared;
-pub mod sink;
 pub mod spawn;
 pub mod stats;
 pub mod task;
+mod wire;
 mod worker;
 
 pub use archive::{Decode, Encode, Sample, Samples};
+pub use call::{Map, StreamReceiver, StreamSender};
 pub use error::{BoxError, Error, Result};
-pub use map::Map;
 pub use output::OutputRef;
 pub use pin::Pinning;
 pub use pool::{Builder, DEFAULT_QUEUE_BYTES, DEFAULT_RING_BYTES, Pool, Start};
 pub use shmexec_shm as shm;
 pub use shmexec_shm::WaitStrategy;
-pub use sink::OutputSink;
 pub use stats::{CallStats, PoolStats, WorkerStats};
+pub use task::sink::OutputSink;
 pub use task::{ArrayOutput, ArrayTask, Task, TryFnTask, WorkerInfo, from_fn, try_from_fn};

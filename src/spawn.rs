@@ -43,13 +43,11 @@ use shmexec_shm::{ChildProcess, Ring, Segment, WaitStrategy};
 use crate::error::{Error, Result};
 use crate::stats::StatsBlock;
 use crate::task::{Task, WorkerInfo};
+use crate::wire::EXIT_BAD_SETUP;
 use crate::worker;
 
 const ENV_TASK: &str = "SHMEXEC_SPAWN_TASK";
 const ENV_WORKER: &str = "SHMEXEC_SPAWN_WORKER";
-
-/// Exit code of a spawned worker whose environment is not what the coordinator wrote.
-const EXIT_BAD_SETUP: i32 = 4;
 
 /// The value of an absent field in the worker spec: no core to pin to, no shared region.
 const NONE: u64 = u64::MAX;

@@ -60,9 +60,11 @@ impl StatsBlock {
 
     /// The coordinator's doorbell: every worker rings it when it lets go of an input (its
     /// result is out, and its queue has room), so that a coordinator waiting for one worker's
-    /// result also wakes when another worker could take more input (see `Map::take_from`).
-    pub(crate) fn doorbell(&self) -> Option<&Signal> {
-        self.seg.signal(0)
+    /// result also wakes when another worker could take more input (`crate::call::wait`).
+    pub(crate) fn doorbell(&self) -> Doorbell {
+        Doorbell {
+            seg: Arc::clone(&self.seg),
+        }
     }
 
     pub(crate) fn add(&self, worker: usize, field: Field, v: u64) {
@@ -80,6 +82,28 @@ impl StatsBlock {
     pub(crate) fn get(&self, worker: usize, field: Field) -> u64 {
         self.word(worker, field)
             .map_or(0, |w| w.load(Ordering::Relaxed))
+    }
+}
+
+/// A handle on the pool's doorbell (line 0 of the counters' segment) that borrows nothing, so a
+/// waiter can hold it while its condition looks at the pool.
+#[derive(Clone)]
+pub(crate) struct Doorbell {
+    seg: Arc<Segment>,
+}
+
+impl Doorbell {
+    /// The signal; `None` only for a segment too small to hold it, which `StatsBlock::new`
+    /// never makes.
+    pub(crate) fn signal(&self) -> Option<&Signal> {
+        self.seg.signal(0)
+    }
+
+    /// Wakes whoever waits on the doorbell (after the store that they should see).
+    pub(crate) fn ring(&self) {
+        if let Some(s) = self.signal() {
+            s.notify();
+        }
     }
 }
 

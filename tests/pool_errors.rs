@@ -368,7 +368,7 @@ fn a_killed_worker_is_replaced_and_nothing_is_lost_or_repeated() {
 }
 
 #[test]
-fn a_poison_chunk_is_given_up_after_max_retries_and_the_run_goes_on() {
+fn a_poison_chunk_is_given_up_after_max_attempts_and_the_run_goes_on() {
     let guard = serial();
     {
         let task = shmexec::from_fn::<u64, _, _>(|&n| {
@@ -380,7 +380,7 @@ fn a_poison_chunk_is_given_up_after_max_retries_and_the_run_goes_on() {
         });
         let mut pool = builder(&guard)
             .workers(2)
-            .max_retries(2)
+            .max_attempts(2)
             .build(task)
             .unwrap();
         let r: Vec<_> = pool.map(0..40u64).collect();
@@ -439,13 +439,31 @@ fn collecting_every_output_of_a_long_stream_ends() {
         assert!(start.elapsed() < Duration::from_secs(30));
         let ok = all.iter().take_while(|r| r.is_ok()).count();
         assert!(ok > 0 && ok < 1000, "{ok}");
-        // It ends with the error that says why, once or twice (once per try).
+        // It ends with the error that says why, then the one that says what was not run: every
+        // input from the first missing result on, counted.
+        let (last, reports) = all[ok..].split_last().expect("an error ends the call");
         assert!(
-            all[ok..]
+            reports
                 .iter()
-                .all(|r| matches!(r, Err(Error::OutputsHeld { .. })))
+                .all(|r| matches!(r, Err(Error::OutputsHeld { .. }))),
+            "{reports:?}"
         );
-        assert!(all.len() - ok <= 2, "{}", all.len() - ok);
+        assert!(reports.len() <= 1, "{}", reports.len());
+        match last {
+            Err(
+                e @ Error::CallEnded {
+                    results,
+                    not_run: Some(not_run),
+                    ..
+                },
+            ) => {
+                assert_eq!(*results, ok as u64, "{e}");
+                assert_eq!(results + not_run, 1000, "{e}");
+                let msg = e.to_string();
+                assert!(msg.contains("from index"), "{msg}");
+            }
+            other => panic!("{other:?}"),
+        }
         drop(all);
         // The pool is fine afterwards.
         let n = pool.map(0..50u64).map(|r| r.unwrap().len()).sum::<usize>();

@@ -127,7 +127,7 @@ fn a_span_beyond_the_region_is_that_items_error() {
             Span::new(usize::MAX, 2),
             Span::new(1024, 0),
         ];
-        let results: Vec<_> = pool.map(&spans).collect();
+        let results: Vec<_> = pool.map(spans).collect();
         assert!(results[0].is_ok());
         for r in &results[1..3] {
             match r {
@@ -243,7 +243,7 @@ fn a_worker_that_writes_into_the_region_dies_and_the_region_stays_intact() {
         });
         let mut pool = builder(&guard)
             .workers(2)
-            .max_retries(2)
+            .max_attempts(2)
             .shared_bytes(4096)
             .build(vandal)
             .unwrap();

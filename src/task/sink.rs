@@ -11,7 +11,7 @@ use crate::archive::{
     Encode, Prewritten, Ref, Sample, encode_into, encode_into_at, encoded_len, encoded_len_at,
 };
 use crate::error::BoxError;
-use crate::protocol::{Code, Report};
+use crate::wire::{Code, Report};
 
 /// Room reserved after the samples for the metadata of an in-place output. Metadata that needs
 /// more (a long string, a vector) still works: the samples are moved to a bigger slot, once.

@@ -6,7 +6,9 @@ use rkyv::Archived;
 
 use crate::archive::{Decode, Encode, Sample};
 use crate::error::BoxError;
-use crate::sink::OutputSink;
+pub mod sink;
+
+use sink::OutputSink;
 
 /// Facts about the worker a task runs in, given to [`Task::init`] and [`Task::finish`].
 #[derive(Debug, Clone)]

@@ -13,6 +13,15 @@
 
 use crate::error::Error;
 
+/// Exit codes of a worker process (the coordinator reports them when a worker dies).
+pub(crate) const EXIT_OK: i32 = 0;
+/// `Task::init` failed (it was reported in the start-up frame too).
+pub(crate) const EXIT_INIT_FAILED: i32 = 1;
+/// The coordinator is gone or closed the rings.
+pub(crate) const EXIT_COORDINATOR_GONE: i32 = 3;
+/// A spawned worker's environment is not what the coordinator wrote.
+pub(crate) const EXIT_BAD_SETUP: i32 = 4;
+
 /// Sequence number of the start-up frame.
 pub(crate) const START_SEQ: u64 = u64::MAX;
 

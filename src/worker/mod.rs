@@ -9,10 +9,12 @@ use shmexec_shm::{FrameKind, Peer, Producer, Ring, Segment, WaitStrategy};
 
 use crate::archive::decode;
 use crate::pin;
-use crate::protocol::{Code, Report, START_SEQ, panic_message};
-use crate::sink::{Outcome, OutputSink, send_report};
 use crate::stats::{Field, StatsBlock};
+use crate::task::sink::{Outcome, OutputSink, send_report};
 use crate::task::{Task, WorkerInfo};
+use crate::wire::{
+    Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, Report, START_SEQ, panic_message,
+};
 
 /// Everything a worker needs, prepared by the coordinator before the fork.
 pub(crate) struct Setup<'a> {
@@ -24,11 +26,6 @@ pub(crate) struct Setup<'a> {
     pub(crate) shared: Option<Arc<Segment>>,
     pub(crate) wait: WaitStrategy,
 }
-
-/// Exit codes (the coordinator reports them when a worker dies).
-pub(crate) const EXIT_OK: i32 = 0;
-pub(crate) const EXIT_INIT_FAILED: i32 = 1;
-pub(crate) const EXIT_COORDINATOR_GONE: i32 = 3;
 
 /// How long one wait for input lasts before the worker looks again (the coordinator's liveness
 /// is checked inside every wait, so this only bounds each futex sleep).
@@ -80,6 +77,9 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
         return EXIT_COORDINATOR_GONE;
     }
 
+    // Rung after each input is released (so after its result is published): that is what a
+    // coordinator waiting on the doorbell loads (`crate::call::wait`).
+    let bell = setup.stats.doorbell();
     loop {
         let frame = match rx.peek_until(Instant::now() + INPUT_SLICE) {
             Ok(f) => f,
@@ -99,7 +99,7 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
                 return EXIT_COORDINATOR_GONE;
             }
             frame.release();
-            ring_doorbell(setup.stats);
+            bell.ring();
             setup.stats.set(w, Field::Skip, 0);
             continue;
         }
@@ -145,20 +145,12 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
         // Only now, with the output published, is the input released: a worker that dies
         // before this point leaves the chunk in its input ring for a successor.
         frame.release();
-        ring_doorbell(setup.stats);
+        bell.ring();
         setup.stats.set(w, Field::Current, 0);
     }
     let _ = catch_unwind(AssertUnwindSafe(|| task.finish(info)));
     let _ = send_kind(&mut tx, 0, FrameKind::End);
     EXIT_OK
-}
-
-/// Tells a coordinator that may be asleep waiting for another worker that this one has room
-/// for more input. After the release, which is what its wake-up condition loads.
-fn ring_doorbell(stats: &StatsBlock) {
-    if let Some(bell) = stats.doorbell() {
-        bell.notify();
-    }
 }
 
 fn send_kind(tx: &mut Producer, seq: u64, kind: FrameKind) -> Result<(), shmexec_shm::Error> {

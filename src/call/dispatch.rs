@@ -1,0 +1,59 @@
+//! Where the next input goes: the one rule, used both to place an input and to decide whether
+//! a waiting coordinator has room to place one (the two must agree, or a wake-up would find
+//! nothing to do).
+//!
+//! The rule: the worker with the fewest unfinished items first (ties to the lower index), then
+//! any other; a worker takes the input if its queue is not full (`Builder::queue_bytes`) and its
+//! input ring has room for the archive.
+
+use shmexec_shm::Grant;
+
+use crate::pool::WorkerSlot;
+
+/// Whether worker `slot` would take an input of `len` archive bytes now.
+fn takes(slot: &mut WorkerSlot, len: usize, limit: u64) -> shmexec_shm::Result<bool> {
+    Ok(!slot.queue_full(limit)? && slot.tx.fits(len)?)
+}
+
+/// The workers in the order the rule tries them.
+fn order(slots: &[WorkerSlot]) -> impl Iterator<Item = usize> + use<> {
+    let n = slots.len();
+    let least = (0..n)
+        .min_by_key(|&w| slots[w].expect.unfinished().0)
+        .unwrap_or(0);
+    std::iter::once(least).chain((0..n).filter(move |&w| w != least))
+}
+
+/// Whether any worker would take an input of `len` archive bytes now.
+pub(crate) fn has_room(
+    slots: &mut [WorkerSlot],
+    len: usize,
+    limit: u64,
+) -> shmexec_shm::Result<bool> {
+    for w in order(slots) {
+        if takes(&mut slots[w], len, limit)? {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Reserves a slot of `len` bytes at the worker the rule picks: `None` when no worker takes it
+/// now.
+pub(crate) fn reserve(
+    slots: &mut [WorkerSlot],
+    len: usize,
+    limit: u64,
+) -> shmexec_shm::Result<Option<(usize, Grant<'_>)>> {
+    let mut chosen = None;
+    for w in order(slots) {
+        if takes(&mut slots[w], len, limit)? {
+            chosen = Some(w);
+            break;
+        }
+    }
+    let Some(w) = chosen else {
+        return Ok(None);
+    };
+    Ok(slots[w].tx.try_reserve(len)?.map(|g| (w, g)))
+}

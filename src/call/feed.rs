@@ -1,0 +1,141 @@
+//! Where a call's inputs come from: each feed says how big its next archive is, then writes it
+//! into the ring slot the engine reserved for it.
+
+use std::borrow::Borrow;
+use std::marker::PhantomData;
+
+use crate::archive::{Encode, Prewritten, Sample, encode_into, encoded_len};
+use crate::error::BoxError;
+
+/// A source of inputs for one call.
+pub(crate) trait Feed {
+    /// Gets the next input ready and returns its archive size; `None` when there are no more.
+    /// An `Err` is that input's error (it is skipped). After `Some(Ok(_))` the next call must be
+    /// `write` or `skip`.
+    fn prepare(&mut self) -> Option<Result<usize, String>>;
+    /// Writes the prepared input into `slot` (of the size `prepare` gave); returns the archive
+    /// length.
+    fn write(&mut self, slot: &mut [u8]) -> Result<usize, String>;
+    /// Drops the prepared input (it does not fit any ring).
+    fn skip(&mut self);
+    /// Whether `write` copies the payload from the caller's memory (for the stats).
+    fn copies(&self) -> bool;
+    /// How many inputs are left after the prepared one, if the source knows.
+    fn remaining(&self) -> Option<u64>;
+}
+
+/// Inputs serialized from the caller's values: one copy into the ring ([`crate::Pool::map`]).
+pub(crate) struct SerializeFeed<I: Iterator, In> {
+    iter: I,
+    pending: Option<I::Item>,
+    _in: PhantomData<fn(In)>,
+}
+
+impl<I: Iterator, In> SerializeFeed<I, In> {
+    pub(crate) fn new(iter: I) -> Self {
+        SerializeFeed {
+            iter,
+            pending: None,
+            _in: PhantomData,
+        }
+    }
+}
+
+/// What an iterator says of its length, when it knows it exactly.
+fn exact_len(hint: (usize, Option<usize>)) -> Option<u64> {
+    match hint {
+        (lo, Some(hi)) if lo == hi => Some(lo as u64),
+        _ => None,
+    }
+}
+
+impl<I, In> Feed for SerializeFeed<I, In>
+where
+    I: Iterator,
+    I::Item: Borrow<In>,
+    In: Encode,
+{
+    fn prepare(&mut self) -> Option<Result<usize, String>> {
+        let item = self.iter.next()?;
+        let len = encoded_len(item.borrow()).map_err(|e| e.to_string());
+        if len.is_ok() {
+            self.pending = Some(item);
+        }
+        Some(len)
+    }
+
+    fn skip(&mut self) {
+        self.pending = None;
+    }
+
+    fn write(&mut self, slot: &mut [u8]) -> Result<usize, String> {
+        let item = self.pending.take().ok_or("no input prepared")?;
+        encode_into(item.borrow(), slot).map_err(|e| e.to_string())
+    }
+
+    fn copies(&self) -> bool {
+        true
+    }
+
+    fn remaining(&self) -> Option<u64> {
+        exact_len(self.iter.size_hint())
+    }
+}
+
+/// Inputs written in place by the caller's fill function: no copy
+/// ([`crate::Pool::map_in_place`]).
+pub(crate) struct FillFeed<L, F, E> {
+    lens: L,
+    fill: F,
+    pending: Option<Prewritten<E>>,
+    index: u64,
+}
+
+impl<L, F, E> FillFeed<L, F, E> {
+    pub(crate) fn new(lens: L, fill: F) -> Self {
+        FillFeed {
+            lens,
+            fill,
+            pending: None,
+            index: 0,
+        }
+    }
+}
+
+impl<L, F, E> Feed for FillFeed<L, F, E>
+where
+    L: Iterator<Item = usize>,
+    F: FnMut(u64, &mut [E]) -> Result<(), BoxError>,
+    E: Sample,
+{
+    fn prepare(&mut self) -> Option<Result<usize, String>> {
+        let len = self.lens.next()?;
+        let p = Prewritten::<E>::new(len);
+        let n = p.archive_len();
+        self.pending = Some(p);
+        Some(Ok(n))
+    }
+
+    fn skip(&mut self) {
+        self.pending = None;
+        self.index += 1;
+    }
+
+    fn write(&mut self, slot: &mut [u8]) -> Result<usize, String> {
+        let p = self.pending.take().ok_or("no input prepared")?;
+        let index = self.index;
+        self.index += 1;
+        let data: &mut [E] = bytemuck::try_cast_slice_mut(&mut slot[..p.data_len()])
+            .map_err(|e| format!("slot not aligned for the samples: {e:?}"))?;
+        (self.fill)(index, data).map_err(|e| e.to_string())?;
+        p.finish(slot).map_err(|e| e.to_string())
+    }
+
+    fn copies(&self) -> bool {
+        false
+    }
+
+    fn remaining(&self) -> Option<u64> {
+        exact_len(self.lens.size_hint())
+    }
+}

@@ -1,0 +1,289 @@
+//! [`Map`]: a call as a blocking iterator, and the `Pool` methods that make one.
+//!
+//! Each `next()` places every input that finds room, hands out the next result if it is ready,
+//! and otherwise waits (spin, then park on the pool's doorbell) until a result comes or a
+//! worker has room for the input the iterator holds. Memory is bounded by the rings: an input
+//! that fits nowhere stays in the caller's iterator until a worker frees room.
+
+use std::borrow::Borrow;
+use std::time::Instant;
+
+use super::engine::{Call, Placed};
+use super::feed::{Feed, FillFeed, SerializeFeed};
+use super::wait::{self, MAP_SLICE};
+use crate::archive::Sample;
+use crate::error::{BoxError, Error, Result};
+use crate::output::OutputRef;
+use crate::pool::{Pool, Supervisor};
+use crate::stats::CallStats;
+use crate::task::Task;
+
+/// The iterator of one call: results in input order ([`Pool::map`]) or as they come
+/// ([`Pool::map_unordered`]). Dropping it midway is fine: results still in flight are discarded
+/// by the pool.
+pub struct Map<'a, T: Task> {
+    pool: &'a mut Pool<T>,
+    feed: Box<dyn Feed + 'a>,
+    call: Call,
+    /// Archive size of the input the feed holds ready, waiting for ring space.
+    prepared: Option<usize>,
+    feeding: bool,
+    ended: bool,
+}
+
+impl<'a, T: Task> Map<'a, T> {
+    fn new(pool: &'a mut Pool<T>, feed: Box<dyn Feed + 'a>, ordered: bool) -> Self {
+        let call = Call::new(&pool.rt, ordered);
+        Map {
+            pool,
+            feed,
+            call,
+            prepared: None,
+            feeding: true,
+            ended: false,
+        }
+    }
+
+    /// Figures of this call so far.
+    pub fn stats(&self) -> CallStats {
+        self.call.stats(&self.pool.rt)
+    }
+
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.pool.pids()
+    }
+
+    /// Places inputs until no worker has room or the inputs run out. Never waits.
+    fn pump(&mut self) -> Result<()> {
+        let sup = &mut self.pool.rt;
+        while self.feeding {
+            // An input stays prepared in the feed while no ring has room for it.
+            let len = match self.prepared {
+                Some(len) => len,
+                None => match self.feed.prepare() {
+                    None => {
+                        self.feeding = false;
+                        break;
+                    }
+                    Some(Err(reason)) => {
+                        self.call.fail_input(sup, reason);
+                        continue;
+                    }
+                    Some(Ok(len)) => len,
+                },
+            };
+            self.prepared = Some(len);
+            let copies = self.feed.copies();
+            let mut wrote = false;
+            let feed = &mut self.feed;
+            let placed = self.call.place(sup, len, copies, &mut |slot| {
+                wrote = true;
+                feed.write(slot)
+            })?;
+            match placed {
+                Placed::NoRoom => break,
+                Placed::Item(_) => {
+                    if !wrote {
+                        self.feed.skip(); // too large for any ring: its error takes its place
+                    }
+                    self.prepared = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inputs the caller has not had placed yet, if known.
+    fn unplaced(&self) -> Option<u64> {
+        if !self.feeding {
+            return Some(0);
+        }
+        let rest = self.feed.remaining()?;
+        Some(rest + u64::from(self.prepared.is_some()))
+    }
+
+    /// The next result, waiting for it; `Ok(None)` when the call is done.
+    fn step(&mut self) -> Result<Option<Result<OutputRef<T::Output>>>> {
+        self.call.tick(&mut self.pool.rt)?;
+        loop {
+            self.pump()?;
+            let sup: &mut Supervisor<T> = &mut self.pool.rt;
+            if let Some(r) = self.call.poll(sup)? {
+                return Ok(Some(r));
+            }
+            if !self.feeding && self.call.pending(sup) == 0 {
+                return Ok(None);
+            }
+            let bell = sup.doorbell();
+            let Some(signal) = bell.signal() else {
+                return Err(Error::Broken("the pool's doorbell is missing".into()));
+            };
+            let mut waiter = std::mem::take(&mut sup.doorbell_waiter);
+            let (call, prepared) = (&self.call, self.prepared);
+            let woke = wait::until(signal, &mut waiter, Instant::now() + MAP_SLICE, || {
+                call.ready(sup, prepared)
+            });
+            sup.doorbell_waiter = waiter;
+            if !woke? {
+                let unplaced = self.unplaced();
+                if let Some(e) = self.call.stalled(&mut self.pool.rt, unplaced, true)? {
+                    return Ok(Some(Err(e)));
+                }
+            }
+        }
+    }
+}
+
+impl<T: Task> Iterator for Map<'_, T> {
+    type Item = Result<OutputRef<T::Output>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.ended {
+            return None;
+        }
+        if let Some(reason) = &self.pool.rt.broken {
+            self.ended = true;
+            return Some(Err(Error::Broken(reason.clone())));
+        }
+        match self.step() {
+            Ok(Some(r)) => Some(r),
+            Ok(None) => {
+                self.ended = true;
+                None
+            }
+            Err(e) => {
+                self.ended = true;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+impl<T: Task> Drop for Map<'_, T> {
+    fn drop(&mut self) {
+        // Results still to come belong to nobody now: the pool discards them as they arrive.
+        self.pool.rt.abandon_all();
+    }
+}
+
+/// Waits until every item handed to a worker by an abandoned call is answered, discarding the
+/// results.
+pub(crate) fn settle<T: Task>(sup: &mut Supervisor<T>) -> Result<()> {
+    let mut call = Call::new(sup, true);
+    while sup.unanswered() > 0 {
+        call.poll(sup)?;
+        if sup.unanswered() == 0 {
+            break;
+        }
+        let bell = sup.doorbell();
+        let Some(signal) = bell.signal() else {
+            return Err(Error::Broken("the pool's doorbell is missing".into()));
+        };
+        let mut waiter = std::mem::take(&mut sup.doorbell_waiter);
+        let woke = wait::until(signal, &mut waiter, Instant::now() + MAP_SLICE, || {
+            call.ready(sup, None)
+        });
+        sup.doorbell_waiter = waiter;
+        if !woke? && let Some(e) = call.stalled(sup, Some(0), true)? {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+impl<T: Task> Pool<T> {
+    /// Runs the task on every input and returns the results in input order.
+    ///
+    /// Inputs are serialized into the workers' input rings (one copy; give `&values` or values).
+    /// Each result is an [`OutputRef`] read in place from the output ring, or the item's
+    /// [`Error`] (a task error or panic, an input too large for a ring...) in its place. The
+    /// call is lazy: inputs are handed out as the iterator is driven, never more than the rings
+    /// hold.
+    pub fn map<'a, I>(&'a mut self, inputs: I) -> Map<'a, T>
+    where
+        I: IntoIterator,
+        I::IntoIter: 'a,
+        I::Item: Borrow<T::Input>,
+    {
+        let feed = SerializeFeed::<_, T::Input>::new(inputs.into_iter());
+        Map::new(self, Box::new(feed), true)
+    }
+
+    /// [`Pool::map`] that yields results as workers finish them, not in input order (one slow
+    /// chunk does not hold back the others' results). [`OutputRef::seq`] tells which is which.
+    pub fn map_unordered<'a, I>(&'a mut self, inputs: I) -> Map<'a, T>
+    where
+        I: IntoIterator,
+        I::IntoIter: 'a,
+        I::Item: Borrow<T::Input>,
+    {
+        let feed = SerializeFeed::<_, T::Input>::new(inputs.into_iter());
+        Map::new(self, Box::new(feed), false)
+    }
+
+    /// The pool's shared region as samples of `S` (see [`crate::shared`]): what the program
+    /// wrote there with [`Pool::shared_mut`]. An `Err` if the pool has no region.
+    pub fn shared<S: Sample>(&self) -> Result<&[S]> {
+        Ok(crate::shared::view(
+            self.rt.shared.as_deref().ok_or(Error::NoSharedRegion)?,
+        ))
+    }
+
+    /// The pool's shared region as samples of `S`, to write chunks into before handing out
+    /// [`crate::shared::Span`]s of them. Waits first until no worker reads the region (the
+    /// items of a call dropped before its end are finished), so it can return an error of
+    /// those items' workers (a death it could not repair, outputs still held...).
+    pub fn shared_mut<S: Sample>(&mut self) -> Result<&mut [S]> {
+        if self.rt.shared.is_none() {
+            return Err(Error::NoSharedRegion);
+        }
+        settle(&mut self.rt)?;
+        let region = self.rt.shared.as_mut().ok_or(Error::NoSharedRegion)?;
+        Ok(crate::shared::view_mut(region))
+    }
+
+    /// Zero-copy input: for each length in `lens`, reserves room for that many samples in a
+    /// worker's input ring and calls `fill(index, samples)` to write them there (read a
+    /// digitizer or a file straight into shared memory). The worker receives a `Vec<E>` archive.
+    /// Results come in input order, as with [`Pool::map`]; a `fill` error becomes that item's
+    /// [`Error::Encode`].
+    ///
+    /// ```no_run
+    /// use shmexec::{Pool, Samples};
+    /// let task = shmexec::from_fn::<Vec<i16>, _, _>(|c| c.samples().iter().map(|&s| s as i64).sum::<i64>());
+    /// let mut pool = Pool::builder().workers(2).build(task)?;
+    /// let sums: Vec<i64> = pool
+    ///     .map_in_place(vec![1 << 20; 8], |i, samples: &mut [i16]| {
+    ///         samples.fill(i as i16); // a digitizer would DMA here
+    ///         Ok(())
+    ///     })
+    ///     .map(|r| r.map(|s| s.to_native()))
+    ///     .collect::<Result<_, _>>()?;
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn map_in_place<'a, E, L, G>(&'a mut self, lens: L, fill: G) -> Map<'a, T>
+    where
+        T: Task<Input = Vec<E>>,
+        E: Sample,
+        L: IntoIterator<Item = usize>,
+        L::IntoIter: 'a,
+        G: FnMut(u64, &mut [E]) -> Result<(), BoxError> + 'a,
+    {
+        let feed = FillFeed::new(lens.into_iter(), fill);
+        Map::new(self, Box::new(feed), true)
+    }
+
+    /// Runs the task on every input and calls `f` with each result as it comes (not in input
+    /// order). Each [`OutputRef`] is dropped after `f` returns, so nothing piles up in the rings.
+    pub fn for_each<I, G>(&mut self, inputs: I, mut f: G)
+    where
+        I: IntoIterator,
+        I::Item: Borrow<T::Input>,
+        G: FnMut(Result<OutputRef<T::Output>>),
+    {
+        for r in self.map_unordered(inputs) {
+            f(r);
+        }
+    }
+}

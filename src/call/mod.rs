@@ -1,0 +1,14 @@
+//! Calls on a pool: the non-blocking engine of one call ([`engine`](self) internals), where
+//! inputs come from (feeds), where they go (dispatch), waiting between steps, and the two
+//! front ends: [`Map`] (a blocking iterator over inputs that are ready) and streams
+//! ([`StreamSender`] / [`StreamReceiver`], for live sources).
+
+mod dispatch;
+mod engine;
+mod feed;
+pub mod map;
+pub mod stream;
+mod wait;
+
+pub use map::Map;
+pub use stream::{StreamReceiver, StreamSender};

@@ -1,0 +1,268 @@
+//! [`Builder`]: the pool's settings, checked once and turned into one [`Config`] value that the
+//! supervisor owns for the pool's life.
+
+use std::time::Duration;
+
+use shmexec_shm::WaitStrategy;
+
+use crate::error::{Error, Result};
+use crate::pin::{self, Pinning};
+
+/// Default bytes of each ring (one input and one output ring per worker).
+pub const DEFAULT_RING_BYTES: usize = 64 << 20;
+
+/// Default input bytes queued to one worker; see [`Builder::queue_bytes`].
+pub const DEFAULT_QUEUE_BYTES: usize = 8 << 20;
+
+/// How worker processes start; see [`Builder::spawn`] and [`crate::spawn`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Start {
+    /// `fork`: the workers are copies of this process (refused while other threads run).
+    #[default]
+    Fork,
+    /// This program started again, serving the task registered under this name with
+    /// [`crate::spawn::serve`].
+    Spawn(String),
+}
+
+/// Configures and starts a [`crate::Pool`]; see [`crate::Pool::builder`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    workers: Option<usize>,
+    pinning: Pinning,
+    input_ring_bytes: usize,
+    output_ring_bytes: usize,
+    wait: WaitStrategy,
+    start_timeout: Duration,
+    shutdown_timeout: Duration,
+    check_threads: bool,
+    max_attempts: u32,
+    chunk_timeout: Option<Duration>,
+    start: Start,
+    validate_outputs: bool,
+    shared_bytes: usize,
+    queue_bytes: u64,
+}
+
+/// Everything the supervisor needs, resolved from a [`Builder`] once (core plan included).
+#[derive(Debug)]
+pub(crate) struct Config {
+    /// The core of each worker (its length is the number of workers).
+    pub(crate) cores: Vec<Option<usize>>,
+    /// Which of them run at the lowest priority (beside the coordinator).
+    pub(crate) low_priority: Vec<bool>,
+    pub(crate) input_ring_bytes: usize,
+    pub(crate) output_ring_bytes: usize,
+    /// How workers wait.
+    pub(crate) wait: WaitStrategy,
+    /// How the coordinator waits: under `SourceFirst` its idle time belongs to the workers
+    /// beside it, so it parks instead of spinning.
+    pub(crate) coordinator_wait: WaitStrategy,
+    pub(crate) start_timeout: Duration,
+    pub(crate) shutdown_timeout: Duration,
+    /// Whether a fork is refused while this process runs other threads.
+    pub(crate) check_threads: bool,
+    pub(crate) max_attempts: u32,
+    pub(crate) chunk_timeout: Option<Duration>,
+    pub(crate) start: Start,
+    pub(crate) validate_outputs: bool,
+    pub(crate) shared_bytes: usize,
+    pub(crate) queue_bytes: u64,
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Builder {
+            workers: None,
+            pinning: Pinning::Auto,
+            input_ring_bytes: DEFAULT_RING_BYTES,
+            output_ring_bytes: DEFAULT_RING_BYTES,
+            wait: WaitStrategy::Adaptive,
+            start_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(5),
+            check_threads: true,
+            max_attempts: 2,
+            chunk_timeout: None,
+            start: Start::Fork,
+            validate_outputs: true,
+            shared_bytes: 0,
+            queue_bytes: DEFAULT_QUEUE_BYTES as u64,
+        }
+    }
+}
+
+impl Builder {
+    /// Number of worker processes (default: the cores this process may use).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.workers = Some(n);
+        self
+    }
+
+    /// How workers are pinned to cores (default [`Pinning::Auto`]).
+    pub fn pinning(mut self, pinning: Pinning) -> Self {
+        self.pinning = pinning;
+        self
+    }
+
+    /// Bytes of each worker's input ring and of its output ring (default 64 MiB each). This
+    /// bounds memory: the coordinator never has more in flight than the rings hold, and the
+    /// largest input or output archive is this minus 64 bytes. Several chunks per ring keep the
+    /// workers busy while the coordinator hands out results.
+    pub fn ring_bytes(mut self, bytes: usize) -> Self {
+        self.input_ring_bytes = bytes;
+        self.output_ring_bytes = bytes;
+        self
+    }
+
+    /// Bytes of each input ring alone. It must hold the largest input; how much of it is
+    /// queued at a time is [`Builder::queue_bytes`].
+    pub fn input_ring_bytes(mut self, bytes: usize) -> Self {
+        self.input_ring_bytes = bytes;
+        self
+    }
+
+    /// Bytes of each output ring alone.
+    pub fn output_ring_bytes(mut self, bytes: usize) -> Self {
+        self.output_ring_bytes = bytes;
+        self
+    }
+
+    /// How the coordinator and the workers wait for each other (default adaptive: spin while
+    /// chunks keep coming, sleep on a futex after a quiet spell).
+    pub fn wait_strategy(mut self, wait: WaitStrategy) -> Self {
+        self.wait = wait;
+        self
+    }
+
+    /// How long `build` waits for every worker's `Task::init` (default 60 s).
+    pub fn start_timeout(mut self, t: Duration) -> Self {
+        self.start_timeout = t;
+        self
+    }
+
+    /// How long dropping the pool waits for workers to finish before killing them (default 5 s).
+    pub fn shutdown_timeout(mut self, t: Duration) -> Self {
+        self.shutdown_timeout = t;
+        self
+    }
+
+    /// How many times one item may be tried (each try that kills its worker counts) before it
+    /// is given up as [`Error::WorkerCrashed`] (default 2). A dead worker is always replaced
+    /// (same core, `init` run again) and the items it had not finished are delivered to its
+    /// successor, so one poison chunk costs a few respawns, not the run.
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.max_attempts = n;
+        self
+    }
+
+    /// A deadline per chunk (default none): a worker still on one chunk after `t` is killed and
+    /// replaced, and that item is [`Error::ChunkTimeout`] (it is not retried). Checked every
+    /// few milliseconds while the coordinator waits or hands out results.
+    pub fn chunk_timeout(mut self, t: Duration) -> Self {
+        self.chunk_timeout = Some(t);
+        self
+    }
+
+    /// How many input bytes the coordinator queues to one worker before it waits for a result
+    /// (default 8 MiB; at least two items are always queued, whatever their size). Only items
+    /// the worker has not finished count: results waiting for the caller do not (they wait in
+    /// the output ring, which bounds them), so in an ordered call the other workers go on while
+    /// one works on a slow item.
+    ///
+    /// The input ring holds more, but a coordinator a ring's lap ahead writes each chunk into
+    /// memory that has left the caches by the time the worker reads it. A short queue keeps the
+    /// chunk warm from the coordinator's write to the worker's read, and the input ring starts
+    /// again at its beginning whenever that is free
+    /// (`shmexec_shm::Producer::set_warm_window`), so the same few MiB are reused while they are
+    /// in cache. Small chunks still queue by the hundred. Figures: `docs/benchmarks.md`.
+    pub fn queue_bytes(mut self, bytes: usize) -> Self {
+        self.queue_bytes = bytes as u64;
+        self
+    }
+
+    /// Gives the pool a shared region of `bytes` (default 0: none), mapped in every worker: the
+    /// program writes its chunks there with [`crate::Pool::shared_mut`] and sends
+    /// [`crate::shared::Span`]s, which workers read in place. The memory is allocated when the
+    /// pool is built (an `Err` if there is not enough). See [`crate::shared`].
+    pub fn shared_bytes(mut self, bytes: usize) -> Self {
+        self.shared_bytes = bytes;
+        self
+    }
+
+    /// Starts workers by running this program again instead of forking, serving the task that
+    /// `main` registered under `name` with [`crate::spawn::serve`]. Safe in a process that runs
+    /// other threads; see [`crate::spawn`] for when to use which.
+    pub fn spawn(mut self, name: &str) -> Self {
+        self.start = Start::Spawn(name.to_owned());
+        self
+    }
+
+    /// Skips the validation (rkyv's bytecheck) of each output before the caller reads it.
+    /// Validation walks the archive once (for a `Vec` of numbers, a bounds check); skipping it
+    /// saves that for tasks whose outputs are many small objects.
+    ///
+    /// # Safety
+    ///
+    /// Every output frame must be a valid archive of the task's output type. shmexec's own
+    /// workers write them so, but a worker whose memory is corrupted (a buggy C extension, say)
+    /// could publish anything, and reading an invalid archive is undefined behaviour.
+    pub unsafe fn trust_outputs(mut self) -> Self {
+        self.validate_outputs = false;
+        self
+    }
+
+    /// Lets [`Builder::build`] fork although this process runs other threads.
+    ///
+    /// `build` forks, and a forked child holds only the thread that forked: a lock another
+    /// thread held at that moment (Rust's stdout/stderr locks, a mutex in your own code, an
+    /// allocator that does not reset its locks at fork) stays locked forever in the worker. By
+    /// default `build` refuses to fork from a multi-threaded process.
+    ///
+    /// # Safety
+    ///
+    /// While `build` runs, and whenever a dead worker is replaced, no other thread of this
+    /// process may hold a lock that the task or the worker loop takes (including the
+    /// stdout/stderr locks used by `println!` and panics). Test harnesses qualify when the other
+    /// test threads are parked on a common lock.
+    pub unsafe fn allow_threads(mut self) -> Self {
+        self.check_threads = false;
+        self
+    }
+
+    /// Checks the settings and resolves them (the core plan) into the value the pool keeps.
+    pub(crate) fn into_config(self) -> Result<Config> {
+        let allowed = pin::allowed_cores()?;
+        let n = self.workers.unwrap_or(allowed.len());
+        if n == 0 {
+            return Err(Error::InvalidArgument(
+                "a pool needs at least one worker".into(),
+            ));
+        }
+        let cores = pin::plan(&self.pinning, n, &allowed)?;
+        let low_priority = cores
+            .iter()
+            .map(|&c| pin::low_priority(&self.pinning, c, &allowed))
+            .collect();
+        let coordinator_wait = match (&self.pinning, self.wait) {
+            (Pinning::SourceFirst, WaitStrategy::Adaptive) => WaitStrategy::Park,
+            (_, wait) => wait,
+        };
+        Ok(Config {
+            cores,
+            low_priority,
+            input_ring_bytes: self.input_ring_bytes,
+            output_ring_bytes: self.output_ring_bytes,
+            wait: self.wait,
+            coordinator_wait,
+            start_timeout: self.start_timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            check_threads: self.check_threads && self.start == Start::Fork,
+            max_attempts: self.max_attempts,
+            chunk_timeout: self.chunk_timeout,
+            start: self.start,
+            validate_outputs: self.validate_outputs,
+            shared_bytes: self.shared_bytes,
+            queue_bytes: self.queue_bytes,
+        })
+    }
+}

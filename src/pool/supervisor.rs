@@ -1,0 +1,530 @@
+//! The pool's runtime: the worker processes, their rings and the items they hold, and the
+//! policy that keeps them running (start, health checks, respawn, shutdown).
+//!
+//! The supervisor owns everything that outlives one call: each worker's slot (process, rings,
+//! the items handed to it and not yet answered), the shared counters, the task as it was before
+//! any worker ran it (replacements fork from it) and the record of items that killed workers.
+//! A call ([`crate::call`]) borrows it and never blocks inside it: every method here returns at
+//! once, except start-up and shutdown, which have their own deadlines.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shmexec_shm::{
+    ChildProcess, Consumer, ExitStatus, FrameKind, Peer, Producer, Ring, Segment, Waiter,
+};
+
+use super::config::{Config, Start};
+use super::queue::{Expected, Queue};
+use crate::error::{Error, Result};
+use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
+use crate::task::{Task, WorkerInfo};
+use crate::wire::{EXIT_INIT_FAILED, START_SEQ, read_report};
+use crate::worker;
+
+/// How often the coordinator looks for dead workers while it waits.
+const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(5);
+
+/// The warm window of the coordinator's input producers (`shmexec_shm::Producer::
+/// set_warm_window`): with short queues, chunks keep reusing the first few MiB of an input ring
+/// (a quarter of a small one) while they are in cache instead of walking all of it.
+///
+/// Output rings keep walking the whole ring: there the run-ahead matters more. In an ordered
+/// call the coordinator waits on one worker while the others' results pile up, and after an
+/// early wrap a worker could only run a window ahead until the coordinator stepped past the
+/// padding.
+fn warm_window(ring: &Ring) -> u64 {
+    (8u64 << 20).min(ring.capacity() as u64 / 4)
+}
+/// Starts one worker over its rings: a fork running `task` (the child's copy of it), or a
+/// spawned process serving the named task.
+fn start_worker<T: Task>(
+    config: &Config,
+    siblings: &[i32],
+    task: &mut T,
+    info: WorkerInfo,
+    (input, output): (&Ring, &Ring),
+    stats: &StatsBlock,
+    shared: Option<&Arc<Segment>>,
+) -> Result<ChildProcess> {
+    let wait = config.wait;
+    if let Start::Spawn(name) = &config.start {
+        let output_offset = Ring::footprint(input.capacity());
+        return crate::spawn::spawn_worker(
+            name,
+            &info,
+            input,
+            output_offset,
+            stats,
+            shared.map(|s| &**s),
+            wait,
+        );
+    }
+    let setup = worker::Setup {
+        info,
+        input,
+        output,
+        stats,
+        shared: shared.cloned(),
+        wait,
+    };
+    let siblings = siblings.to_vec();
+    let task = move || {
+        crate::hygiene::close_pool_descriptors(&siblings);
+        worker::run(task, setup)
+    };
+    // SAFETY: `fork_unchecked` requires that the child not depend on locks held by other
+    // threads: every caller has checked that this process has one thread, or the user vouched
+    // for it with the unsafe `Builder::allow_threads`.
+    unsafe { shmexec_shm::fork_unchecked(task) }
+        .map_err(|e| Error::Start(format!("fork failed: {e}")))
+}
+
+/// One worker's input and output ring, in a segment of their own.
+fn rings(input: usize, output: usize) -> Result<(Ring, Ring)> {
+    let in_len = Ring::footprint(input);
+    let seg = Arc::new(Segment::new(in_len + Ring::footprint(output))?);
+    let a = Ring::init_in(Arc::clone(&seg), 0, input)?;
+    let b = Ring::init_in(seg, in_len, output)?;
+    Ok((a, b))
+}
+
+/// The coordinator's side of one worker.
+pub(crate) struct WorkerSlot {
+    pub(crate) child: ChildProcess,
+    /// Producer of the worker's input ring.
+    pub(crate) tx: Producer,
+    /// Consumer of the worker's output ring.
+    pub(crate) rx: Consumer,
+    /// The rings themselves, for a successor after a crash.
+    input: Ring,
+    output: Ring,
+    /// Items handed to this worker whose results are still to come.
+    pub(crate) expect: Queue,
+    /// The `live` entries of `expect`.
+    pub(crate) live: usize,
+    pub(crate) respawns: u64,
+    /// The worker's `Field::Current` as last seen and since when (for the chunk timeout).
+    watching: (u64, Instant),
+}
+
+impl WorkerSlot {
+    /// Records an item of `bytes` input bytes handed to this worker.
+    pub(crate) fn push(&mut self, seq: u64, bytes: u64) {
+        let end = self.tx.written();
+        self.expect.push(Expected {
+            seq,
+            live: true,
+            bytes,
+            end,
+        });
+        self.live += 1;
+    }
+
+    /// Whether this worker has enough queued to take no more now: at least two items it has not
+    /// finished (one to work on, one ready behind it) and `limit` bytes of them.
+    ///
+    /// Finished items whose results the caller has not taken yet do not count. In an ordered
+    /// call the coordinator waits for the oldest item's worker while the others finish theirs;
+    /// counting those would leave the fast workers idle until the slow one answered (measured on
+    /// 2 cores with a serial source: 12 % of the machine idle and workers waiting for input
+    /// another 10 %). Their results are bounded by the output ring instead: a worker whose
+    /// output ring is full stops, and its inputs then count here.
+    pub(crate) fn queue_full(&mut self, limit: u64) -> shmexec_shm::Result<bool> {
+        // What was known finished gives an upper bound on the queue: only when that bound says
+        // full is the worker's side of the ring looked at.
+        let full = |(items, bytes): (usize, u64)| items >= 2 && bytes >= limit;
+        if !full(self.expect.unfinished()) {
+            return Ok(false);
+        }
+        let released = self.tx.released()?;
+        self.expect.refresh(released);
+        Ok(full(self.expect.unfinished()))
+    }
+
+    /// Whether the oldest item handed to this worker belongs to an abandoned call.
+    pub(crate) fn has_stale_front(&self) -> bool {
+        self.expect.front().is_some_and(|e| !e.live)
+    }
+
+    /// The current call ended: results still to come are discarded when they arrive.
+    pub(crate) fn abandon(&mut self) {
+        self.expect.abandon();
+        self.live = 0;
+    }
+}
+
+/// What the pool knows of an item that killed (or hung) its worker.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct Crash {
+    pub(crate) count: u32,
+    pub(crate) signal: Option<i32>,
+    /// Set when the worker was killed for overrunning the chunk timeout.
+    pub(crate) timed_out: Option<Duration>,
+}
+
+/// The pool's runtime; see the module documentation.
+pub(crate) struct Supervisor<T: Task> {
+    pub(crate) slots: Vec<WorkerSlot>,
+    stats: StatsBlock,
+    config: Config,
+    /// The task as it was before any worker ran it: replacements fork from it.
+    task: T,
+    /// The sequence number the next input gets (all calls of the pool count on).
+    next_seq: u64,
+    /// Why the pool cannot go on, once something could not be repaired.
+    pub(crate) broken: Option<String>,
+    pub(crate) totals: PoolStats,
+    /// Items that crashed a worker: how often, and the last signal.
+    crashes: HashMap<u64, Crash>,
+    last_health_check: Instant,
+    /// The shared region, if the builder asked for one.
+    pub(crate) shared: Option<Arc<Segment>>,
+    /// How the coordinator waits on the workers' doorbell.
+    pub(crate) doorbell_waiter: Waiter,
+}
+
+impl<T: Task> Supervisor<T> {
+    /// Starts every worker (fork or spawn), runs `init` in each and waits until all are ready.
+    pub(crate) fn start(config: Config, mut task: T) -> Result<Supervisor<T>> {
+        if config.check_threads {
+            let threads = shmexec_shm::process::thread_count();
+            if threads > 1 {
+                return Err(Error::Start(format!(
+                    "this process runs {threads} threads and fork keeps only one, so a lock held \
+                     by another thread could stay locked in every worker. Build the pool before \
+                     starting threads (rayon, tokio, ...), or use Builder::spawn, or see \
+                     Builder::allow_threads"
+                )));
+            }
+        }
+        let n = config.cores.len();
+        let stats = StatsBlock::new(n)?;
+        let shared = match config.shared_bytes {
+            0 => None,
+            bytes => Some(Arc::new(Segment::new(bytes)?)),
+        };
+        let mut slots = Vec::with_capacity(n);
+        for index in 0..n {
+            let (input, output) = rings(config.input_ring_bytes, config.output_ring_bytes)?;
+            let info = WorkerInfo {
+                index,
+                workers: n,
+                core: config.cores[index],
+                low_priority: config.low_priority[index],
+            };
+            let siblings: Vec<i32> = slots.iter().map(|w: &WorkerSlot| w.child.pid()).collect();
+            let child = start_worker(
+                &config,
+                &siblings,
+                &mut task,
+                info,
+                (&input, &output),
+                &stats,
+                shared.as_ref(),
+            )?;
+            let pid = child.pid();
+            let mut tx = input.producer(Peer::process(pid)?)?;
+            let mut rx = output.consumer(Peer::process(pid)?)?;
+            tx.set_wait_strategy(config.coordinator_wait);
+            tx.set_warm_window(warm_window(&input));
+            rx.set_wait_strategy(config.coordinator_wait);
+            slots.push(WorkerSlot {
+                child,
+                tx,
+                rx,
+                input,
+                output,
+                expect: Queue::default(),
+                live: 0,
+                respawns: 0,
+                watching: (0, Instant::now()),
+            });
+        }
+        let mut sup = Supervisor {
+            slots,
+            stats,
+            doorbell_waiter: Waiter::new(config.coordinator_wait),
+            config,
+            task,
+            next_seq: 0,
+            broken: None,
+            totals: PoolStats::default(),
+            crashes: HashMap::new(),
+            last_health_check: Instant::now(),
+            shared,
+        };
+        sup.await_start()?;
+        Ok(sup)
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The pool's doorbell: every worker rings it as it lets go of an input (its result is out
+    /// and its queue has room), so one wait covers "a result came" and "a worker has room".
+    pub(crate) fn doorbell(&self) -> Doorbell {
+        self.stats.doorbell()
+    }
+
+    /// The sequence number the next input will get.
+    pub(crate) fn peek_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Takes the next sequence number.
+    pub(crate) fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    /// The largest input archive a worker's ring takes.
+    pub(crate) fn max_input_bytes(&self) -> usize {
+        self.slots.first().map_or(0, |w| w.tx.max_payload())
+    }
+
+    /// Counters of every worker and of the coordinator since the pool started.
+    pub(crate) fn stats(&self) -> PoolStats {
+        let mut s = self.totals.clone();
+        s.workers = self
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(i, w)| WorkerStats {
+                index: i,
+                pid: w.child.pid(),
+                core: self.config.cores[i],
+                chunks: self.stats.get(i, Field::Chunks),
+                bytes_in: self.stats.get(i, Field::BytesIn),
+                bytes_out: self.stats.get(i, Field::BytesOut),
+                busy: Duration::from_nanos(self.stats.get(i, Field::BusyNs)),
+                errors: self.stats.get(i, Field::Errors),
+                respawns: w.respawns,
+            })
+            .collect();
+        s
+    }
+
+    /// Replaces dead workers and kills those past the chunk timeout. Cheap (a pidfd poll per
+    /// worker) and done at most every few milliseconds, whoever drives the pool, so a death is
+    /// noticed within a few ms of it mattering, whichever worker the caller waits on.
+    ///
+    /// An `Err` means a worker could not be replaced: the pool is then broken.
+    pub(crate) fn supervise(&mut self) -> Result<()> {
+        if let Some(reason) = &self.broken {
+            return Err(Error::Broken(reason.clone()));
+        }
+        if self.last_health_check.elapsed() < HEALTH_CHECK_EVERY {
+            return Ok(());
+        }
+        let now = Instant::now();
+        self.last_health_check = now;
+        for w in 0..self.slots.len() {
+            if let Some(limit) = self.config.chunk_timeout {
+                let current = self.stats.get(w, Field::Current);
+                let slot = &mut self.slots[w];
+                if current == 0 || slot.watching.0 != current {
+                    slot.watching = (current, now);
+                } else if now.duration_since(slot.watching.1) > limit {
+                    // Stuck: kill it; the respawn below reports the item instead of rerunning.
+                    let seq = current - 1;
+                    self.crashes.entry(seq).or_default().timed_out = Some(limit);
+                    let _ = slot.child.kill();
+                    slot.watching = (0, now);
+                }
+            }
+            if !self.slots[w].child.is_alive() {
+                self.respawn(w).map_err(|e| self.break_with(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the pool unusable; returns `e` for the caller to report.
+    pub(crate) fn break_with(&mut self, e: Error) -> Error {
+        self.broken.get_or_insert_with(|| e.to_string());
+        e
+    }
+
+    /// Replaces the dead worker `w`: reaps it, charges the item it died on, and starts a
+    /// successor on the same core over the same rings. The successor runs `init`, then takes
+    /// the input ring from its tail: the item its predecessor died on (inputs are released only
+    /// after their output is published) and everything queued behind it. Results already
+    /// published stay in the output ring; a result published twice (a death between publishing
+    /// and releasing) is dropped by sequence number when it arrives again.
+    pub(crate) fn respawn(&mut self, w: usize) -> Result<()> {
+        let slot = &mut self.slots[w];
+        let pid = slot.child.pid();
+        let status = match slot.child.wait_timeout(Duration::from_millis(200)) {
+            Ok(Some(s)) => Some(s),
+            _ => {
+                let _ = slot.child.kill();
+                slot.child.wait().ok()
+            }
+        };
+        let signal = match status {
+            Some(ExitStatus::Signaled(s)) => Some(s),
+            // A successor whose `init` failed: replacing it again would fail again.
+            Some(ExitStatus::Exited(EXIT_INIT_FAILED)) => {
+                return Err(Error::Init {
+                    worker: w,
+                    message: "Task::init failed in a replacement worker".into(),
+                });
+            }
+            _ => None,
+        };
+        let current = self.stats.get(w, Field::Current);
+        self.stats.set(w, Field::Current, 0);
+        if let Some(seq) = current.checked_sub(1) {
+            let entry = self.crashes.entry(seq).or_default();
+            entry.count += 1;
+            entry.signal = signal;
+            if entry.count >= self.config.max_attempts || entry.timed_out.is_some() {
+                self.stats.set(w, Field::Skip, current);
+            }
+        }
+        if self.config.check_threads {
+            let threads = shmexec_shm::process::thread_count();
+            if threads > 1 {
+                return Err(Error::WorkerDied {
+                    worker: w,
+                    pid,
+                    seq: current.checked_sub(1),
+                    status: format!(
+                        "{status:?}; it cannot be replaced by a fork because this process now runs \
+                         {threads} threads (use Builder::spawn, or see Builder::allow_threads)"
+                    ),
+                });
+            }
+        }
+        let info = WorkerInfo {
+            index: w,
+            workers: self.slots.len(),
+            core: self.config.cores[w],
+            low_priority: self.config.low_priority[w],
+        };
+        let siblings: Vec<i32> = self.slots.iter().map(|w| w.child.pid()).collect();
+        let slot = &mut self.slots[w];
+        let child = start_worker(
+            &self.config,
+            &siblings,
+            &mut self.task,
+            info,
+            (&slot.input, &slot.output),
+            &self.stats,
+            self.shared.as_ref(),
+        )?;
+        let new_pid = child.pid();
+        slot.tx.set_peer(Peer::process(new_pid)?);
+        slot.rx.set_peer(Peer::process(new_pid)?);
+        slot.child = child;
+        slot.respawns += 1;
+        self.totals.respawns += 1;
+        Ok(())
+    }
+
+    /// What the pool knows of an item given up after crashes or a timeout.
+    pub(crate) fn crash_record(&self, seq: u64) -> Crash {
+        self.crashes.get(&seq).copied().unwrap_or_default()
+    }
+
+    /// Results still to come belong to nobody now (their call ended): they are discarded as
+    /// they arrive.
+    pub(crate) fn abandon_all(&mut self) {
+        for w in &mut self.slots {
+            w.abandon();
+        }
+    }
+
+    /// Items of any call handed to a worker and not answered yet.
+    pub(crate) fn unanswered(&self) -> usize {
+        self.slots.iter().map(|w| w.expect.len()).sum()
+    }
+
+    /// Waits for every worker's start-up frame.
+    fn await_start(&mut self) -> Result<()> {
+        let timeout = self.config.start_timeout;
+        let deadline = Instant::now() + timeout;
+        for (i, w) in self.slots.iter_mut().enumerate() {
+            let pid = w.child.pid();
+            let frame = w.rx.peek_until(deadline).map_err(|e| match e {
+                shmexec_shm::Error::Timeout { .. } => Error::Timeout {
+                    worker: i,
+                    what: "start",
+                    after: timeout,
+                },
+                other => died(&mut w.child, i, pid, None, &other),
+            })?;
+            let result = match frame.kind() {
+                FrameKind::End if frame.seq() == START_SEQ => Ok(()),
+                FrameKind::Error => Err(read_report(i, START_SEQ, &frame)),
+                k => Err(Error::Start(format!(
+                    "worker {i} sent a {k:?} frame instead of its start-up report"
+                ))),
+            };
+            frame.release();
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Asks every worker to finish, waits for them (up to the shutdown timeout), kills the rest.
+    fn shut_down(&mut self) {
+        for (i, w) in self.slots.iter_mut().enumerate() {
+            self.stats.set(i, Field::Stop, 1);
+            if let Ok(Some(mut g)) = w.tx.try_reserve(0) {
+                g.set_kind(FrameKind::End);
+                g.commit();
+            }
+        }
+        let deadline = Instant::now() + self.config.shutdown_timeout;
+        for w in &mut self.slots {
+            // Discard results nobody will take, until the worker's goodbye.
+            loop {
+                match w.rx.peek_until(deadline) {
+                    Ok(f) if f.kind() == FrameKind::End => {
+                        f.release();
+                        break;
+                    }
+                    Ok(f) => f.release(),
+                    Err(_) => break,
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !matches!(w.child.wait_timeout(left), Ok(Some(_))) {
+                let _ = w.child.kill();
+                let _ = w.child.wait();
+            }
+        }
+    }
+}
+
+/// The error for a worker found dead (or its ring closed) while waiting on it.
+fn died(
+    child: &mut ChildProcess,
+    worker: usize,
+    pid: i32,
+    seq: Option<u64>,
+    cause: &shmexec_shm::Error,
+) -> Error {
+    let status = match child.wait_timeout(Duration::from_millis(100)) {
+        Ok(Some(s)) => format!("{s:?}"),
+        Ok(None) => format!("still running, but {cause}"),
+        Err(e) => format!("{cause} ({e})"),
+    };
+    Error::WorkerDied {
+        worker,
+        pid,
+        seq,
+        status,
+    }
+}
+
+impl<T: Task> Drop for Supervisor<T> {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
