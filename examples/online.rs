@@ -380,13 +380,19 @@ fn identical(a: &Run, b: &Run) -> bool {
 // ---------------------------------------------------------------------------------------------
 // The engines
 
+/// How [`run_shmexec`] drives the pool, for the JSON line.
+// FALLBACK until pool.stream() lands: then "stream".
+const SHMEXEC_API: &str = "map-fallback";
+
 /// The shmexec engine: the digitizer thread feeds the pool, the results are read as they come.
 ///
 /// FALLBACK until pool.stream() lands: the current API has only `pool.map`, which pulls inputs
-/// from an iterator in the calling thread and fills the rings before it hands out a result, so
-/// here the digitizer feeds a crossbeam channel and `pool.map(rx.iter())` runs in this thread
-/// as the consumer. A live source then waits for the rings to fill (or for its end) before
-/// results come: that is the bug the streaming API fixes. With it this function becomes:
+/// from an iterator in the calling thread and takes the next one whenever a worker has room,
+/// before it hands out a result. Here the digitizer feeds a crossbeam channel and
+/// `pool.map(rx.iter())` runs in this thread as the consumer. With a source slower than the
+/// workers there is always room, so the call sits in the channel's `recv` and the results come
+/// only when the source ends (or when the workers fall behind and their queues fill): that is
+/// the bug the streaming API fixes. With it this function becomes (and `SHMEXEC_API` "stream"):
 ///
 /// ```text
 /// let clock = Instant::now();
@@ -479,7 +485,8 @@ impl Params {
 
     fn json(&self) -> String {
         format!(
-            "\"rate_mbps\":{},\"seconds\":{},\"workers\":{},\"chunk_bytes\":{CHUNK_BYTES}",
+            "\"rate_mbps\":{},\"seconds\":{},\"workers\":{},\"chunk_bytes\":{CHUNK_BYTES},\
+             \"shmexec_api\":\"{SHMEXEC_API}\"",
             self.rate_mbps, self.seconds, self.workers
         )
     }
