@@ -381,50 +381,33 @@ fn identical(a: &Run, b: &Run) -> bool {
 // The engines
 
 /// How [`run_shmexec`] drives the pool, for the JSON line.
-// FALLBACK until pool.stream() lands: then "stream".
-const SHMEXEC_API: &str = "map-fallback";
+const SHMEXEC_API: &str = "stream";
 
-/// The shmexec engine: the digitizer thread feeds the pool, the results are read as they come.
-///
-/// FALLBACK until pool.stream() lands: the current API has only `pool.map`, which pulls inputs
-/// from an iterator in the calling thread and takes the next one whenever a worker has room,
-/// before it hands out a result. Here the digitizer feeds a crossbeam channel and
-/// `pool.map(rx.iter())` runs in this thread as the consumer. With a source slower than the
-/// workers there is always room, so the call sits in the channel's `recv` and the results come
-/// only when the source ends (or when the workers fall behind and their queues fill): that is
-/// the bug the streaming API fixes. With it this function becomes (and `SHMEXEC_API` "stream"):
-///
-/// ```text
-/// let clock = Instant::now();
-/// std::thread::scope(|s| {
-///     let (tx, rx) = pool.stream();
-///     let source = s.spawn(move || src.run(p, clock, |c| tx.send(&c).expect("send")));
-///     let consumer = s.spawn(move || {
-///         let mut rec = Recorder::new(clock);
-///         while let Some(r) = rx.recv() {
-///             rec.record(r.expect("result").deserialize().expect("deserialize"));
-///         }
-///         rec
-///     });
-///     let end = source.join().expect("digitizer panicked");
-///     Run::new("shmexec", p, end, consumer.join().expect("consumer panicked"))
-/// })
-/// ```
+/// The shmexec engine: the digitizer thread sends each chunk into the pool's stream as it is
+/// made (one copy, into a worker's input ring), and a consumer thread receives the results in
+/// input order, each as soon as it is ready.
 fn run_shmexec<T>(pool: &mut Pool<T>, p: &Params, src: &Digitizer) -> Run
 where
-    T: Task<Input = Chunk, Output = Summary>,
+    T: Task<Input = Chunk, Output = Summary> + Send,
 {
-    // FALLBACK until pool.stream() lands
     let clock = Instant::now();
-    let (tx, rx) = bounded::<Chunk>(QUEUE_CHUNKS);
     std::thread::scope(|s| {
-        let source = s.spawn(move || src.run(p, clock, |c| tx.send(c).expect("send")));
-        let mut rec = Recorder::new(clock);
-        for r in pool.map(rx.iter()) {
-            rec.record(r.expect("result").deserialize().expect("deserialize"));
-        }
+        let (tx, rx) = pool.stream();
+        let source = s.spawn(move || src.run(p, clock, |c| tx.send(&c).map(drop).expect("send")));
+        let consumer = s.spawn(move || {
+            let mut rec = Recorder::new(clock);
+            while let Some(r) = rx.recv() {
+                rec.record(r.expect("result").deserialize().expect("deserialize"));
+            }
+            rec
+        });
         let end = source.join().expect("digitizer panicked");
-        Run::new("shmexec", p, end, rec)
+        Run::new(
+            "shmexec",
+            p,
+            end,
+            consumer.join().expect("consumer panicked"),
+        )
     })
 }
 
