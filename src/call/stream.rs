@@ -189,7 +189,7 @@ impl<T: Task> StreamSender<'_, T> {
 
     fn send_until(&self, input: &T::Input, deadline: Option<Instant>) -> Result<Option<u64>> {
         let shared = &*self.shared;
-        let len = encoded_len(input).map_err(|e| e.to_string());
+        let len = Self::input_len(input);
         let mut waiter = Waiter::new(shared.wait);
         loop {
             {
@@ -223,14 +223,38 @@ impl<T: Task> StreamSender<'_, T> {
             let Ok(len) = len else {
                 unreachable!("handled above")
             };
-            let limit = shared.queue_bytes;
-            shared.wait(&mut waiter, deadline, |st| {
-                if st.ended {
-                    return Ok(true);
-                }
-                dispatch::has_room(&mut st.parts().0.slots, len, limit)
-            })?;
+            self.wait_room(&mut waiter, len, deadline)?;
         }
+    }
+
+    /// Waits (one slice at most, or until `deadline`) until a worker has room for an input of
+    /// `len` archive bytes or the stream ended; `Ok(false)` if neither came. For adapters
+    /// (async) that wait on a thread of their own.
+    pub(crate) fn wait_room(
+        &self,
+        waiter: &mut Waiter,
+        len: usize,
+        deadline: Option<Instant>,
+    ) -> Result<bool> {
+        let limit = self.shared.queue_bytes;
+        self.shared.wait(waiter, deadline, |st| {
+            if st.ended {
+                return Ok(true);
+            }
+            dispatch::has_room(&mut st.parts().0.slots, len, limit)
+        })
+    }
+
+    /// The archive size of `input` (`Err`: it cannot be serialized; `send` reports that to the
+    /// receiver in the input's place).
+    pub(crate) fn input_len(input: &T::Input) -> Result<usize, String> {
+        encoded_len(input).map_err(|e| e.to_string())
+    }
+
+    /// A waiter following the pool's coordinator wait strategy.
+    #[allow(dead_code)] // for the async adapter
+    pub(crate) fn waiter(&self) -> Waiter {
+        Waiter::new(self.shared.wait)
     }
 
     /// Ends the stream: the receiver gets every result still to come, then `None`.
@@ -285,17 +309,7 @@ impl<T: Task> StreamReceiver<'_, T> {
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Poll::Pending;
             }
-            let woke = shared.wait(&mut waiter, deadline, |st| {
-                if st.ended {
-                    return Ok(true);
-                }
-                let closed = st.closed;
-                let (sup, call) = st.parts();
-                if closed && call.pending(sup) == 0 {
-                    return Ok(true);
-                }
-                call.ready(sup, None)
-            });
+            let woke = self.wait_ready(&mut waiter, deadline);
             let stalled = woke.and_then(|woke| {
                 if woke {
                     return Ok(None);
@@ -313,6 +327,33 @@ impl<T: Task> StreamReceiver<'_, T> {
                 }
             }
         }
+    }
+
+    /// Waits (one slice at most, or until `deadline`) until a result is ready, the stream ended
+    /// or the sender closed it with nothing left: whatever [`recv`](Self::recv) would not wait
+    /// for. `Ok(false)` if none came. For adapters (async) that wait on a thread of their own.
+    pub(crate) fn wait_ready(
+        &self,
+        waiter: &mut Waiter,
+        deadline: Option<Instant>,
+    ) -> Result<bool> {
+        self.shared.wait(waiter, deadline, |st| {
+            if st.ended {
+                return Ok(true);
+            }
+            let closed = st.closed;
+            let (sup, call) = st.parts();
+            if closed && call.pending(sup) == 0 {
+                return Ok(true);
+            }
+            call.ready(sup, None)
+        })
+    }
+
+    /// A waiter following the pool's coordinator wait strategy.
+    #[allow(dead_code)] // for the async adapter
+    pub(crate) fn waiter(&self) -> Waiter {
+        Waiter::new(self.shared.wait)
     }
 
     /// One step: the next result if it is ready, the end, or a pool error (`Some(_)`); `None`
