@@ -29,10 +29,12 @@
 //!
 //! Which to use: `fork` (the default) is faster to start and needs nothing in `main`, and is
 //! right for programs that build their pool before starting threads (benchmarks, batch jobs,
-//! the quickstart). `spawn` is right for anything that already runs threads, or that may
-//! need to replace a dead worker after it started some. A spawned worker dies with the
-//! *thread* that started it (`PR_SET_PDEATHSIG` is per thread): build the pool on a thread that
-//! lives as long as the pool.
+//! services that build their pools first thing in `main`): its workers, replacements
+//! included, are forked by the pool's launcher, a single-threaded copy of the program made at
+//! `build`, so threads started after `build` never matter. `spawn` is right for programs that
+//! already run threads when they build a pool (a pool built inside a tokio service, a plugin
+//! loaded late). A spawned worker dies with the *thread* that started it (`PR_SET_PDEATHSIG` is
+//! per thread): build the pool on a thread that lives as long as the pool.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;

@@ -92,6 +92,11 @@ impl Task for Probe {
         if std::env::var("SHMEXEC_TEST_FAIL_INIT").is_ok_and(|v| v == w.index.to_string()) {
             return Err("no detector connection".into());
         }
+        // Replacements are forked from a copy of the process made at `build`, so a failure that
+        // comes later is seen through the file system.
+        if fail_init_marker().exists() && w.index == 1 {
+            return Err("the detector connection went away".into());
+        }
         Ok(())
     }
     fn process(&mut self, _: &rkyv::Archived<u64>) -> Result<Self::Output, BoxError> {
@@ -197,6 +202,15 @@ fn source_first_lowers_only_the_workers_beside_the_coordinator() {
     assert_no_children();
 }
 
+/// A file whose existence makes worker 1's `init` fail (unique to this test process: named
+/// once, in the coordinator, before it builds the pool).
+fn fail_init_marker() -> &'static std::path::Path {
+    static MARKER: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    MARKER.get_or_init(|| {
+        std::env::temp_dir().join(format!("shmexec-test-fail-init-{}", std::process::id()))
+    })
+}
+
 #[test]
 fn failing_init_is_an_error_from_build() {
     let guard = serial();
@@ -238,17 +252,17 @@ fn failing_init_is_an_error_from_build() {
 fn init_failing_in_a_replacement_worker_ends_the_call_with_an_error() {
     let guard = serial();
     {
+        fail_init_marker();
         let mut pool = builder(&guard)
             .workers(2)
             .build(Probe { inits: 0, index: 0 })
             .unwrap();
         assert!(pool.map([1u64]).next().unwrap().is_ok());
-        // SAFETY of set_var: as in `failing_init_is_an_error_from_build`.
-        unsafe { std::env::set_var("SHMEXEC_TEST_FAIL_INIT", "1") };
+        std::fs::write(fail_init_marker(), b"").unwrap();
         kill(pool.pids()[1]);
         let start = Instant::now();
         let errors: Vec<Error> = pool.map(0..100u64).filter_map(|r| r.err()).collect();
-        unsafe { std::env::remove_var("SHMEXEC_TEST_FAIL_INIT") };
+        std::fs::remove_file(fail_init_marker()).unwrap();
         assert!(start.elapsed() < Duration::from_secs(20));
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert!(

@@ -1,5 +1,7 @@
-//! A pool used from a program that already runs four busy threads, with the `spawn` start
-//! method: workers are this program started again, so no thread's lock is copied into them.
+//! Pools used from a program that runs four busy threads: a forked pool built before the
+//! threads started, whose replacements come from its launcher (a copy of the program made at
+//! `build`), and pools with the `spawn` start method (workers are this program started again),
+//! built while the threads run. Either way no thread's lock is copied into a worker.
 //!
 //! This test binary has its own `main` (`harness = false` in Cargo.toml) because a spawned
 //! worker runs `main` from the top, and `serve` must come first. It answers nextest's
@@ -12,7 +14,10 @@ use std::time::{Duration, Instant};
 use shmexec::shared::Span;
 use shmexec::{Error, Pool, Samples, Task};
 
-const NAME: &str = "spawn_from_a_threaded_program";
+const NAMES: [&str; 2] = [
+    "fork_pool_replaces_workers_while_threads_run",
+    "spawn_from_a_threaded_program",
+];
 
 fn sum_task() -> impl Task<Input = Vec<i32>, Output = i64> {
     shmexec::from_fn::<Vec<i32>, _, _>(|c| {
@@ -34,44 +39,139 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
-            println!("{NAME}: test");
+            for name in NAMES {
+                println!("{name}: test");
+            }
         }
         return;
     }
-    if args
+    let filters: Vec<&String> = args
         .iter()
         .skip(1)
-        .any(|a| !a.starts_with('-') && !NAME.contains(a.as_str()))
-    {
-        return; // a filter that excludes this test
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let selected = |name: &str| filters.iter().all(|f| name.contains(f.as_str()));
+    let tests: [fn(); 2] = [
+        fork_pool_replaces_workers_while_threads_run,
+        spawn_from_a_threaded_program,
+    ];
+    let mut ran = 0;
+    for (name, test) in NAMES.into_iter().zip(tests) {
+        if selected(name) {
+            test();
+            println!("test {name} ... ok");
+            ran += 1;
+        }
     }
-    spawn_from_a_threaded_program();
-    println!("test {NAME} ... ok");
+    println!("{ran} passed, 0 failed");
+}
+
+/// Four threads that keep taking a lock and allocating: what a fork would copy in whatever
+/// state they happen to be. Stopped and joined by [`Busy::stop`].
+struct Busy {
+    stop: Arc<AtomicBool>,
+    spins: Arc<AtomicU64>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Busy {
+    fn start() -> Busy {
+        let stop = Arc::new(AtomicBool::new(false));
+        let lock = Arc::new(Mutex::new(0u64));
+        let spins = Arc::new(AtomicU64::new(0));
+        let threads = (0..4)
+            .map(|_| {
+                let (stop, lock, spins) = (stop.clone(), lock.clone(), spins.clone());
+                std::thread::spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut g = lock.lock().unwrap();
+                        *g += 1;
+                        let v: Vec<u64> = (0..64).collect();
+                        std::hint::black_box(&v);
+                        drop(g);
+                        spins.fetch_add(1, Ordering::Relaxed);
+                    }
+                })
+            })
+            .collect();
+        assert!(shmexec::shm::process::thread_count() >= 5);
+        Busy {
+            stop,
+            spins,
+            threads,
+        }
+    }
+
+    fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            t.join().unwrap();
+        }
+        assert!(self.spins.load(Ordering::Relaxed) > 0);
+    }
+}
+
+fn assert_no_children() {
+    let r = rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG);
+    assert!(
+        matches!(r, Err(rustix::io::Errno::CHILD)),
+        "a worker outlived the pool: {r:?}"
+    );
+}
+
+fn kill(pid: i32) {
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid).unwrap(),
+        rustix::process::Signal::KILL,
+    )
+    .unwrap();
+}
+
+fn fork_pool_replaces_workers_while_threads_run() {
+    // Built while this program has one thread: the default start method (fork) is allowed.
+    let mut pool = Pool::builder()
+        .workers(2)
+        .ring_bytes(1 << 20)
+        .build(sum_task())
+        .expect("forked pool");
+    let busy = Busy::start();
+    let n = 2000;
+    let got = std::thread::scope(|s| {
+        let (tx, rx) = pool.stream();
+        s.spawn(move || {
+            for i in 0..n {
+                tx.send(&vec![i; 100]).expect("send");
+            }
+        });
+        s.spawn(move || {
+            let start = Instant::now();
+            let mut got = Vec::new();
+            while let Some(r) = rx.recv() {
+                got.push(r.expect("every item succeeds").to_native());
+                // Kill a worker three times while results stream: the first two originals,
+                // then the first one's replacement.
+                match got.len() {
+                    300 => kill(rx.worker_pids()[0]),
+                    900 => kill(rx.worker_pids()[1]),
+                    1500 => kill(rx.worker_pids()[0]),
+                    _ => {}
+                }
+                assert!(start.elapsed() < Duration::from_secs(60), "stuck");
+            }
+            got
+        })
+        .join()
+        .unwrap()
+    });
+    assert_eq!(got, (0..n).map(|i| 100 * i as i64).collect::<Vec<_>>());
+    assert_eq!(pool.stats().respawns, 3);
+    drop(pool);
+    busy.stop();
+    assert_no_children();
 }
 
 fn spawn_from_a_threaded_program() {
-    // Four threads that keep taking a lock, printing and allocating: what a fork would copy
-    // in whatever state they happen to be.
-    let stop = Arc::new(AtomicBool::new(false));
-    let lock = Arc::new(Mutex::new(0u64));
-    let spins = Arc::new(AtomicU64::new(0));
-    let threads: Vec<_> = (0..4)
-        .map(|_| {
-            let (stop, lock, spins) = (stop.clone(), lock.clone(), spins.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    let mut g = lock.lock().unwrap();
-                    *g += 1;
-                    let v: Vec<u64> = (0..64).collect();
-                    std::hint::black_box(&v);
-                    drop(g);
-                    spins.fetch_add(1, Ordering::Relaxed);
-                }
-            })
-        })
-        .collect();
-    assert!(shmexec::shm::process::thread_count() >= 5);
-
+    let busy = Busy::start();
     // Fork is refused here...
     match Pool::builder().workers(2).build(sum_task()) {
         Err(e @ Error::Start(_)) => assert!(e.to_string().contains("threads"), "{e}"),
@@ -92,11 +192,7 @@ fn spawn_from_a_threaded_program() {
             assert!(start.elapsed() < Duration::from_secs(60), "stuck");
         }
         let victim = pool.pids()[0];
-        rustix::process::kill_process(
-            rustix::process::Pid::from_raw(victim).unwrap(),
-            rustix::process::Signal::KILL,
-        )
-        .unwrap();
+        kill(victim);
         let sums: Vec<i64> = pool.map(&inputs).map(|r| r.unwrap().to_native()).collect();
         assert_eq!(sums, (0..400).map(|i| 100 * i as i64).collect::<Vec<_>>());
         assert_eq!(pool.stats().respawns, 1);
@@ -120,14 +216,6 @@ fn spawn_from_a_threaded_program() {
             .collect();
         assert_eq!(sums, (0..400).map(|i| 100 * i as i64).collect::<Vec<_>>());
     }
-    stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        t.join().unwrap();
-    }
-    assert!(spins.load(Ordering::Relaxed) > 0);
-    let r = rustix::process::waitpid(None, rustix::process::WaitOptions::NOHANG);
-    assert!(
-        matches!(r, Err(rustix::io::Errno::CHILD)),
-        "a worker outlived the pool: {r:?}"
-    );
+    busy.stop();
+    assert_no_children();
 }

@@ -17,6 +17,7 @@
 //! | [`ring`]    | the SPSC ring of variable-length, 64-byte aligned frames              |
 //! | [`held`]    | frames kept after the read cursor moved on, released in any order     |
 //! | [`process`] | forked children that die with their parent and their handle           |
+//! | [`launcher`]| a single-threaded process that forks children on request              |
 //!
 //! ```
 //! use shmexec_shm::{Peer, Ring};
@@ -37,6 +38,7 @@ pub mod error;
 pub mod frame;
 pub mod futex;
 pub mod held;
+pub mod launcher;
 pub mod peer;
 pub mod process;
 pub mod ring;
@@ -47,6 +49,7 @@ pub mod wait;
 pub use error::{Error, Result};
 pub use frame::{FRAME_ALIGN, FrameKind, HEADER_LEN};
 pub use held::HeldFrame;
+pub use launcher::Launcher;
 pub use peer::Peer;
 pub use process::{ChildProcess, ExitStatus, fork, fork_unchecked};
 pub use ring::{CONTROL_LEN, Consumer, Frame, Grant, Producer, Ring};

@@ -40,6 +40,24 @@ pub struct ChildProcess {
     pid: i32,
     pidfd: OwnedFd,
     status: Option<ExitStatus>,
+    reaper: Reaping,
+}
+
+/// Who reaps the child: this process (its parent), its launcher, or nobody (the handle let go).
+enum Reaping {
+    Parent,
+    Launcher(crate::launcher::Reaper),
+    Nobody,
+}
+
+impl std::fmt::Debug for Reaping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Reaping::Parent => "Parent",
+            Reaping::Launcher(_) => "Launcher",
+            Reaping::Nobody => "Nobody",
+        })
+    }
 }
 
 /// Forks a child that runs `child` and exits with its return value (101 if it panics), without
@@ -69,6 +87,23 @@ pub fn fork(child: impl FnOnce() -> i32) -> Result<ChildProcess> {
 /// example all other threads are blocked waiting on a lock or channel that the calling thread
 /// owns, or are parked by a test harness.
 pub unsafe fn fork_unchecked(child: impl FnOnce() -> i32) -> Result<ChildProcess> {
+    // SAFETY: passed on from the caller.
+    unsafe { fork_with(child, true) }
+}
+
+/// [`fork_unchecked`] for a child that does not die with the forking *thread*
+/// (`PR_SET_PDEATHSIG` follows the thread, not the process): it must watch its parent itself.
+///
+/// # Safety
+/// As for [`fork_unchecked`].
+pub(crate) unsafe fn fork_detached_unchecked(child: impl FnOnce() -> i32) -> Result<ChildProcess> {
+    // SAFETY: passed on from the caller.
+    unsafe { fork_with(child, false) }
+}
+
+/// # Safety
+/// As for [`fork_unchecked`].
+unsafe fn fork_with(child: impl FnOnce() -> i32, die_with_parent: bool) -> Result<ChildProcess> {
     let parent = rustix::process::getpid();
     // SAFETY: the caller guarantees no other thread holds a lock the child needs; the child
     // only runs `child` and then `_exit`s, never returning into the caller's stack frames.
@@ -77,7 +112,7 @@ pub unsafe fn fork_unchecked(child: impl FnOnce() -> i32) -> Result<ChildProcess
         return Err(Error::os("fork", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        let code = run_child(parent, child);
+        let code = run_child(parent, die_with_parent, child);
         // SAFETY: `_exit` ends the process at once; skipping destructors and atexit handlers is
         // the point (they belong to the parent's state).
         unsafe { libc::_exit(code) }
@@ -96,12 +131,15 @@ pub unsafe fn fork_unchecked(child: impl FnOnce() -> i32) -> Result<ChildProcess
         pid,
         pidfd,
         status: None,
+        reaper: Reaping::Parent,
     })
 }
 
-fn run_child(parent: Pid, child: impl FnOnce() -> i32) -> i32 {
+fn run_child(parent: Pid, die_with_parent: bool, child: impl FnOnce() -> i32) -> i32 {
     // Die with the parent; and if it already died before the request took effect, go now.
-    let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    if die_with_parent {
+        let _ = rustix::process::set_parent_process_death_signal(Some(Signal::KILL));
+    }
     if rustix::process::getppid() != Some(parent) {
         return 102;
     }
@@ -131,7 +169,22 @@ impl ChildProcess {
             pid,
             pidfd,
             status: None,
+            reaper: Reaping::Parent,
         })
+    }
+
+    /// A child of a launcher: watched here by pidfd, reaped by the launcher (which keeps it
+    /// unreaped until asked, so the pid is still its own here).
+    pub(crate) fn launched(pid: i32, reaper: crate::launcher::Reaper) -> Result<ChildProcess> {
+        let mut child = ChildProcess::adopt(pid)?;
+        child.reaper = Reaping::Launcher(reaper);
+        Ok(child)
+    }
+
+    /// Lets go of the child without killing or reaping it (its parent will); returns its pid.
+    pub(crate) fn into_pid(mut self) -> i32 {
+        self.reaper = Reaping::Nobody;
+        self.pid
     }
 
     /// The child's pid.
@@ -203,6 +256,18 @@ impl ChildProcess {
     }
 
     fn reap(&mut self) -> Result<ExitStatus> {
+        if let Reaping::Launcher(reaper) = &self.reaper {
+            // The pidfd said it exited, so the launcher finds a zombie to reap; give it a few
+            // tries in case the exit is still being accounted.
+            for _ in 0..100 {
+                if let Some(status) = reaper.reap(self.pid)? {
+                    self.status = Some(status);
+                    return Ok(status);
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            return Err(Error::os("reap (launcher)", rustix::io::Errno::CHILD));
+        }
         let pid = Pid::from_raw(self.pid)
             .ok_or_else(|| Error::os("waitpid", rustix::io::Errno::INVAL))?;
         let status = loop {
@@ -225,7 +290,7 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
-        if self.status.is_none() {
+        if self.status.is_none() && !matches!(self.reaper, Reaping::Nobody) {
             let _ = self.kill();
             let _ = self.reap();
         }

@@ -130,6 +130,17 @@ impl<'p, T: Task> Shared<'p, T> {
         }
     }
 
+    fn stats(&self) -> CallStats {
+        let mut st = self.lock();
+        let (sup, call) = st.parts();
+        call.stats(sup)
+    }
+
+    fn worker_pids(&self) -> Vec<i32> {
+        let mut st = self.lock();
+        st.parts().0.slots.iter().map(|w| w.child.pid()).collect()
+    }
+
     /// Waits on the doorbell until `cond` holds or `until` passes (`Ok(false)`).
     fn wait(
         &self,
@@ -262,9 +273,12 @@ impl<T: Task> StreamSender<'_, T> {
 
     /// Figures of this stream so far.
     pub fn stats(&self) -> CallStats {
-        let mut st = self.shared.lock();
-        let (sup, call) = st.parts();
-        call.stats(sup)
+        self.shared.stats()
+    }
+
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.shared.worker_pids()
     }
 }
 
@@ -382,9 +396,12 @@ impl<T: Task> StreamReceiver<'_, T> {
 
     /// Figures of this stream so far.
     pub fn stats(&self) -> CallStats {
-        let mut st = self.shared.lock();
-        let (sup, call) = st.parts();
-        call.stats(sup)
+        self.shared.stats()
+    }
+
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.shared.worker_pids()
     }
 }
 

@@ -220,10 +220,11 @@ impl Builder {
     ///
     /// # Safety
     ///
-    /// While `build` runs, and whenever a dead worker is replaced, no other thread of this
-    /// process may hold a lock that the task or the worker loop takes (including the
-    /// stdout/stderr locks used by `println!` and panics). Test harnesses qualify when the other
-    /// test threads are parked on a common lock.
+    /// While `build` runs, no other thread of this process may hold a lock that the task or the
+    /// worker loop takes (including the stdout/stderr locks used by `println!` and panics).
+    /// Test harnesses qualify when the other test threads are parked on a common lock.
+    /// (Replacements for dead workers are forked later by the pool's launcher, a copy of this
+    /// process made at `build`: threads started after `build` never matter.)
     pub unsafe fn allow_threads(mut self) -> Self {
         self.check_threads = false;
         self

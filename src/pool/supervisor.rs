@@ -11,8 +11,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use std::marker::PhantomData;
+
 use shmexec_shm::{
-    ChildProcess, Consumer, ExitStatus, FrameKind, Peer, Producer, Ring, Segment, Waiter,
+    ChildProcess, Consumer, ExitStatus, FrameKind, Launcher, Peer, Producer, Ring, Segment, Waiter,
 };
 
 use super::config::{Config, Start};
@@ -20,7 +22,7 @@ use super::queue::{Expected, Queue};
 use crate::error::{Error, Result};
 use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::{Task, WorkerInfo};
-use crate::wire::{EXIT_INIT_FAILED, START_SEQ, read_report};
+use crate::wire::{EXIT_BAD_SETUP, EXIT_INIT_FAILED, START_SEQ, read_report};
 use crate::worker;
 
 /// How often the coordinator looks for dead workers while it waits.
@@ -37,48 +39,52 @@ const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(5);
 fn warm_window(ring: &Ring) -> u64 {
     (8u64 << 20).min(ring.capacity() as u64 / 4)
 }
-/// Starts one worker over its rings: a fork running `task` (the child's copy of it), or a
-/// spawned process serving the named task.
-fn start_worker<T: Task>(
+/// How the supervisor starts a worker `index`.
+enum Starter {
+    /// Forked by the pool's launcher (see `shmexec_shm::launcher`), from a copy of this process
+    /// made at `build`, before any thread of the host existed: safe whatever threads the host
+    /// runs by the time a replacement is needed.
+    Launcher(Launcher),
+    /// This program run again (see [`crate::spawn`]).
+    Spawn(String),
+}
+
+/// The function the launcher runs in each worker it forks: the worker loop over worker
+/// `index`'s rings, with the launcher's copy of the task as it was at `build`.
+fn worker_main<T: Task>(
     config: &Config,
-    siblings: &[i32],
-    task: &mut T,
-    info: WorkerInfo,
-    (input, output): (&Ring, &Ring),
-    stats: &StatsBlock,
-    shared: Option<&Arc<Segment>>,
-) -> Result<ChildProcess> {
-    let wait = config.wait;
-    if let Start::Spawn(name) = &config.start {
-        let output_offset = Ring::footprint(input.capacity());
-        return crate::spawn::spawn_worker(
-            name,
-            &info,
+    mut task: T,
+    rings: Vec<(Ring, Ring)>,
+    stats: StatsBlock,
+    shared: Option<Arc<Segment>>,
+) -> impl FnMut(u32) -> i32 {
+    let (cores, low_priority, wait) = (
+        config.cores.clone(),
+        config.low_priority.clone(),
+        config.wait,
+    );
+    move |index: u32| {
+        let index = index as usize;
+        let Some((input, output)) = rings.get(index) else {
+            return EXIT_BAD_SETUP;
+        };
+        // The launcher holds no pidfd of a worker, so there are no siblings' to close.
+        crate::hygiene::close_pool_descriptors(&[]);
+        let setup = worker::Setup {
+            info: WorkerInfo {
+                index,
+                workers: cores.len(),
+                core: cores[index],
+                low_priority: low_priority[index],
+            },
             input,
-            output_offset,
-            stats,
-            shared.map(|s| &**s),
+            output,
+            stats: &stats,
+            shared: shared.clone(),
             wait,
-        );
+        };
+        worker::run(&mut task, setup)
     }
-    let setup = worker::Setup {
-        info,
-        input,
-        output,
-        stats,
-        shared: shared.cloned(),
-        wait,
-    };
-    let siblings = siblings.to_vec();
-    let task = move || {
-        crate::hygiene::close_pool_descriptors(&siblings);
-        worker::run(task, setup)
-    };
-    // SAFETY: `fork_unchecked` requires that the child not depend on locks held by other
-    // threads: every caller has checked that this process has one thread, or the user vouched
-    // for it with the unsafe `Builder::allow_threads`.
-    unsafe { shmexec_shm::fork_unchecked(task) }
-        .map_err(|e| Error::Start(format!("fork failed: {e}")))
 }
 
 /// One worker's input and output ring, in a segment of their own.
@@ -97,9 +103,8 @@ pub(crate) struct WorkerSlot {
     pub(crate) tx: Producer,
     /// Consumer of the worker's output ring.
     pub(crate) rx: Consumer,
-    /// The rings themselves, for a successor after a crash.
+    /// The segment of both rings (the input ring first), for a spawned successor after a crash.
     input: Ring,
-    output: Ring,
     /// Items handed to this worker whose results are still to come.
     pub(crate) expect: Queue,
     /// The `live` entries of `expect`.
@@ -169,8 +174,10 @@ pub(crate) struct Supervisor<T: Task> {
     pub(crate) slots: Vec<WorkerSlot>,
     stats: StatsBlock,
     config: Config,
-    /// The task as it was before any worker ran it: replacements fork from it.
-    task: T,
+    /// `None` only once the pool has shut down.
+    starter: Option<Starter>,
+    /// The task itself lives in the launcher (fork) or is made by each worker (spawn).
+    _task: PhantomData<fn() -> T>,
     /// The sequence number the next input gets (all calls of the pool count on).
     next_seq: u64,
     /// Why the pool cannot go on, once something could not be repaired.
@@ -187,67 +194,47 @@ pub(crate) struct Supervisor<T: Task> {
 
 impl<T: Task> Supervisor<T> {
     /// Starts every worker (fork or spawn), runs `init` in each and waits until all are ready.
-    pub(crate) fn start(config: Config, mut task: T) -> Result<Supervisor<T>> {
-        if config.check_threads {
-            let threads = shmexec_shm::process::thread_count();
-            if threads > 1 {
-                return Err(Error::Start(format!(
-                    "this process runs {threads} threads and fork keeps only one, so a lock held \
-                     by another thread could stay locked in every worker. Build the pool before \
-                     starting threads (rayon, tokio, ...), or use Builder::spawn, or see \
-                     Builder::allow_threads"
-                )));
-            }
-        }
+    pub(crate) fn start(config: Config, task: T) -> Result<Supervisor<T>> {
         let n = config.cores.len();
         let stats = StatsBlock::new(n)?;
         let shared = match config.shared_bytes {
             0 => None,
             bytes => Some(Arc::new(Segment::new(bytes)?)),
         };
-        let mut slots = Vec::with_capacity(n);
-        for index in 0..n {
-            let (input, output) = rings(config.input_ring_bytes, config.output_ring_bytes)?;
-            let info = WorkerInfo {
-                index,
-                workers: n,
-                core: config.cores[index],
-                low_priority: config.low_priority[index],
-            };
-            let siblings: Vec<i32> = slots.iter().map(|w: &WorkerSlot| w.child.pid()).collect();
-            let child = start_worker(
-                &config,
-                &siblings,
-                &mut task,
-                info,
-                (&input, &output),
-                &stats,
-                shared.as_ref(),
-            )?;
-            let pid = child.pid();
-            let mut tx = input.producer(Peer::process(pid)?)?;
-            let mut rx = output.consumer(Peer::process(pid)?)?;
-            tx.set_wait_strategy(config.coordinator_wait);
-            tx.set_warm_window(warm_window(&input));
-            rx.set_wait_strategy(config.coordinator_wait);
-            slots.push(WorkerSlot {
-                child,
-                tx,
-                rx,
-                input,
-                output,
-                expect: Queue::default(),
-                live: 0,
-                respawns: 0,
-                watching: (0, Instant::now()),
-            });
-        }
+        // Every ring exists before the launcher is forked: it maps them all.
+        let rings = (0..n)
+            .map(|_| rings(config.input_ring_bytes, config.output_ring_bytes))
+            .collect::<Result<Vec<_>>>()?;
+        let starter = match &config.start {
+            Start::Spawn(name) => Starter::Spawn(name.clone()),
+            Start::Fork => {
+                if config.check_threads {
+                    let threads = shmexec_shm::process::thread_count();
+                    if threads > 1 {
+                        return Err(Error::Start(format!(
+                            "this process runs {threads} threads and fork keeps only one, so a \
+                             lock held by another thread could stay locked in every worker. \
+                             Build the pool before starting threads (rayon, tokio, ...), or use \
+                             Builder::spawn, or see Builder::allow_threads"
+                        )));
+                    }
+                }
+                let main = worker_main(&config, task, rings.clone(), stats.clone(), shared.clone());
+                // SAFETY: `start_unchecked` requires that no other thread hold a lock the
+                // launcher or the workers take: this process has one thread (checked above), or
+                // the user vouched for it with the unsafe `Builder::allow_threads`.
+                let launcher = unsafe { Launcher::start_unchecked(main) }
+                    .map_err(|e| Error::Start(format!("cannot fork the launcher: {e}")))?;
+                Starter::Launcher(launcher)
+            }
+        };
         let mut sup = Supervisor {
-            slots,
+            slots: Vec::with_capacity(n),
             stats,
             doorbell_waiter: Waiter::new(config.coordinator_wait),
             config,
-            task,
+            starter: Some(starter),
+            _task: PhantomData,
             next_seq: 0,
             broken: None,
             totals: PoolStats::default(),
@@ -255,8 +242,54 @@ impl<T: Task> Supervisor<T> {
             last_health_check: Instant::now(),
             shared,
         };
+        for (index, (input, output)) in rings.into_iter().enumerate() {
+            let child = sup.start_worker(index, &input)?;
+            let pid = child.pid();
+            let mut tx = input.producer(Peer::process(pid)?)?;
+            let mut rx = output.consumer(Peer::process(pid)?)?;
+            tx.set_wait_strategy(sup.config.coordinator_wait);
+            tx.set_warm_window(warm_window(&input));
+            rx.set_wait_strategy(sup.config.coordinator_wait);
+            sup.slots.push(WorkerSlot {
+                child,
+                tx,
+                rx,
+                input,
+                expect: Queue::default(),
+                live: 0,
+                respawns: 0,
+                watching: (0, Instant::now()),
+            });
+        }
         sup.await_start()?;
         Ok(sup)
+    }
+
+    /// Starts worker `index` over its rings (`input` is the first ring of its segment).
+    fn start_worker(&self, index: usize, input: &Ring) -> Result<ChildProcess> {
+        match &self.starter {
+            None => Err(Error::Broken("the pool has shut down".into())),
+            Some(Starter::Launcher(launcher)) => launcher.launch(index as u32).map_err(|e| {
+                Error::Start(format!("the launcher could not fork worker {index}: {e}"))
+            }),
+            Some(Starter::Spawn(name)) => {
+                let info = WorkerInfo {
+                    index,
+                    workers: self.config.cores.len(),
+                    core: self.config.cores[index],
+                    low_priority: self.config.low_priority[index],
+                };
+                crate::spawn::spawn_worker(
+                    name,
+                    &info,
+                    input,
+                    Ring::footprint(input.capacity()),
+                    &self.stats,
+                    self.shared.as_deref(),
+                    self.config.wait,
+                )
+            }
+        }
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -357,7 +390,6 @@ impl<T: Task> Supervisor<T> {
     /// and releasing) is dropped by sequence number when it arrives again.
     pub(crate) fn respawn(&mut self, w: usize) -> Result<()> {
         let slot = &mut self.slots[w];
-        let pid = slot.child.pid();
         let status = match slot.child.wait_timeout(Duration::from_millis(200)) {
             Ok(Some(s)) => Some(s),
             _ => {
@@ -386,37 +418,9 @@ impl<T: Task> Supervisor<T> {
                 self.stats.set(w, Field::Skip, current);
             }
         }
-        if self.config.check_threads {
-            let threads = shmexec_shm::process::thread_count();
-            if threads > 1 {
-                return Err(Error::WorkerDied {
-                    worker: w,
-                    pid,
-                    seq: current.checked_sub(1),
-                    status: format!(
-                        "{status:?}; it cannot be replaced by a fork because this process now runs \
-                         {threads} threads (use Builder::spawn, or see Builder::allow_threads)"
-                    ),
-                });
-            }
-        }
-        let info = WorkerInfo {
-            index: w,
-            workers: self.slots.len(),
-            core: self.config.cores[w],
-            low_priority: self.config.low_priority[w],
-        };
-        let siblings: Vec<i32> = self.slots.iter().map(|w| w.child.pid()).collect();
+        let input = self.slots[w].input.clone();
+        let child = self.start_worker(w, &input)?;
         let slot = &mut self.slots[w];
-        let child = start_worker(
-            &self.config,
-            &siblings,
-            &mut self.task,
-            info,
-            (&slot.input, &slot.output),
-            &self.stats,
-            self.shared.as_ref(),
-        )?;
         let new_pid = child.pid();
         slot.tx.set_peer(Peer::process(new_pid)?);
         slot.rx.set_peer(Peer::process(new_pid)?);
@@ -499,6 +503,9 @@ impl<T: Task> Supervisor<T> {
                 let _ = w.child.wait();
             }
         }
+        // Last: the launcher, which reaped the workers above, kills any left and exits.
+        self.slots.clear();
+        self.starter = None;
     }
 }
 

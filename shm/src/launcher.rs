@@ -1,0 +1,360 @@
+//! A launcher: a small single-threaded process, forked once, that forks children on request.
+//!
+//! `fork` is only safe while the forking process runs one thread: a lock that another thread
+//! holds at that moment stays locked forever in the child. A host that starts threads after
+//! its children (a stream's halves, tokio, a thread pool) can therefore no longer fork a
+//! replacement for a child that died. A [`Launcher`] is forked while the host still has one
+//! thread; it keeps a copy of the host's memory as it was then (the closure that makes a child,
+//! with everything it captured) and forks every child from that copy, on request, whatever the
+//! host does meanwhile.
+//!
+//! The host talks to it over two pipes (requests, replies), one synchronous exchange at a time:
+//! - `Launch(index)` -> `Launched(pid)` or `Failed(errno)`: fork a child that runs
+//!   `make(index)` and exits with its return value.
+//! - `Reap(pid)` -> `Status(pid, how, code)` or `Running(pid)`: reap a child (the launcher is its
+//!   parent; nobody else can). A child is reaped only when asked, so its pid cannot be reused
+//!   while the host may still open a pidfd on it.
+//! - `Exit`: kill and reap every child left, then exit.
+//!
+//! Lifetimes: the launcher does not use the parent-death signal (it fires when the forking
+//! *thread* exits, and a host may build on a short-lived thread). It watches the host's pidfd
+//! instead, and a closed request pipe: either means the host is gone, and it kills its children
+//! and exits. Its children do use the death signal: the launcher has one thread.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags};
+use rustix::pipe::PipeFlags;
+use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
+
+use crate::error::{Error, Result};
+use crate::process::{ChildProcess, ExitStatus};
+
+/// How long the host waits for the launcher's answer before it calls the launcher dead.
+const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+
+const OP_LAUNCH: u32 = 1;
+const OP_REAP: u32 = 2;
+const OP_EXIT: u32 = 3;
+
+const RE_LAUNCHED: u32 = 1;
+const RE_FAILED: u32 = 2;
+const RE_STATUS_EXITED: u32 = 3;
+const RE_STATUS_SIGNALED: u32 = 4;
+const RE_RUNNING: u32 = 5;
+
+/// One message either way: an op or answer and two numbers.
+type Message = [u32; 3];
+
+fn encode(m: Message) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    for (i, w) in m.iter().enumerate() {
+        b[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
+    }
+    b
+}
+
+fn decode(b: &[u8; 12]) -> Message {
+    let w = |i: usize| u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
+    [w(0), w(1), w(2)]
+}
+
+fn write_all(fd: &OwnedFd, bytes: &[u8]) -> rustix::io::Result<()> {
+    let mut done = 0;
+    while done < bytes.len() {
+        match rustix::io::write(fd, &bytes[done..]) {
+            Ok(0) => return Err(rustix::io::Errno::PIPE),
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Reads one message; `Ok(None)` at end of file.
+fn read_message(fd: &OwnedFd) -> rustix::io::Result<Option<Message>> {
+    let mut b = [0u8; 12];
+    let mut done = 0;
+    while done < b.len() {
+        match rustix::io::read(fd, &mut b[done..]) {
+            Ok(0) => return Ok(None),
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(Some(decode(&b)))
+}
+
+/// Whether `fd` becomes readable within `timeout`.
+fn readable_within(fd: &OwnedFd, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(fd, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) if !left.is_zero() => {}
+            Err(_) => return false,
+        }
+    }
+}
+
+/// The host's end of the pipes.
+struct Link {
+    requests: OwnedFd,
+    replies: OwnedFd,
+}
+
+impl Link {
+    fn ask(&self, m: Message) -> Result<Message> {
+        write_all(&self.requests, &encode(m)).map_err(|e| Error::os("launcher request", e))?;
+        if !readable_within(&self.replies, ANSWER_WITHIN) {
+            return Err(Error::os("launcher reply", rustix::io::Errno::TIMEDOUT));
+        }
+        read_message(&self.replies)
+            .map_err(|e| Error::os("launcher reply", e))?
+            .ok_or_else(|| Error::os("launcher reply", rustix::io::Errno::PIPE))
+    }
+}
+
+/// The host's handle on a launcher. Dropping it asks the launcher to kill its children and
+/// exit, and reaps it.
+pub struct Launcher {
+    link: Arc<Mutex<Link>>,
+    process: ChildProcess,
+}
+
+impl std::fmt::Debug for Launcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Launcher")
+            .field("pid", &self.process.pid())
+            .finish()
+    }
+}
+
+/// How a launched child is reaped: through its launcher (see [`ChildProcess`]).
+pub(crate) struct Reaper {
+    link: Arc<Mutex<Link>>,
+}
+
+impl Reaper {
+    /// Reaps `pid` if it exited; `Ok(None)` if it still runs.
+    pub(crate) fn reap(&self, pid: i32) -> Result<Option<ExitStatus>> {
+        let link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        let [re, p, code] = link.ask([OP_REAP, pid as u32, 0])?;
+        match re {
+            RE_STATUS_EXITED if p == pid as u32 => Ok(Some(ExitStatus::Exited(code as i32))),
+            RE_STATUS_SIGNALED if p == pid as u32 => Ok(Some(ExitStatus::Signaled(code as i32))),
+            RE_RUNNING => Ok(None),
+            _ => Err(Error::os("launcher reap", rustix::io::Errno::PROTO)),
+        }
+    }
+}
+
+impl Launcher {
+    /// Forks the launcher; `make(index)` runs in each child it launches, whose exit code is its
+    /// return value.
+    ///
+    /// # Safety
+    /// As for [`crate::fork_unchecked`]: no other thread of this process may hold, at this
+    /// moment, a lock that the launcher or `make` could take. (The launcher itself then has one
+    /// thread, so its own forks are safe.)
+    pub unsafe fn start_unchecked(mut make: impl FnMut(u32) -> i32) -> Result<Launcher> {
+        let (req_r, req_w) =
+            rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| Error::os("pipe", e))?;
+        let (rep_r, rep_w) =
+            rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| Error::os("pipe", e))?;
+        let host = rustix::process::getpid();
+        // The host's ends must not stay open in the launcher (a closed request pipe is how it
+        // learns that the host is gone), nor the launcher's ends in the host.
+        let (host_ends, launcher_ends) = ((req_w, rep_r), (req_r, rep_w));
+        let mut launcher_ends = Some(launcher_ends);
+        let host_raw = (
+            std::os::fd::AsRawFd::as_raw_fd(&host_ends.0),
+            std::os::fd::AsRawFd::as_raw_fd(&host_ends.1),
+        );
+        let body = || {
+            // SAFETY: these two descriptors are the host's pipe ends, owned by `host_ends` in
+            // this child's copy of the host's memory, which the child never uses or drops (it
+            // `_exit`s from `serve`).
+            unsafe {
+                libc::close(host_raw.0);
+                libc::close(host_raw.1);
+            }
+            let Some((requests, replies)) = launcher_ends.take() else {
+                return 1;
+            };
+            serve(host, requests, replies, &mut make)
+        };
+        // SAFETY: the caller guarantees that no other thread holds a lock the launcher needs.
+        let process = unsafe { crate::process::fork_detached_unchecked(body) }?;
+        drop(launcher_ends);
+        Ok(Launcher {
+            link: Arc::new(Mutex::new(Link {
+                requests: host_ends.0,
+                replies: host_ends.1,
+            })),
+            process,
+        })
+    }
+
+    /// The launcher's own pid (the parent of every child it launches).
+    pub fn pid(&self) -> i32 {
+        self.process.pid()
+    }
+
+    /// Launches child `index`: a [`ChildProcess`] watched by pidfd and reaped through this
+    /// launcher.
+    pub fn launch(&self, index: u32) -> Result<ChildProcess> {
+        let link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        let [re, pid, errno] = link.ask([OP_LAUNCH, index, 0])?;
+        drop(link);
+        match re {
+            RE_LAUNCHED => ChildProcess::launched(
+                pid as i32,
+                Reaper {
+                    link: Arc::clone(&self.link),
+                },
+            ),
+            RE_FAILED => Err(Error::os(
+                "fork (in the launcher)",
+                rustix::io::Errno::from_raw_os_error(errno as i32),
+            )),
+            _ => Err(Error::os("launcher launch", rustix::io::Errno::PROTO)),
+        }
+    }
+
+    /// Whether the launcher still runs.
+    pub fn is_alive(&self) -> bool {
+        self.process.is_alive()
+    }
+}
+
+impl Drop for Launcher {
+    fn drop(&mut self) {
+        let link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        let _ = write_all(&link.requests, &encode([OP_EXIT, 0, 0]));
+        drop(link);
+        if !matches!(self.process.wait_timeout(ANSWER_WITHIN), Ok(Some(_))) {
+            let _ = self.process.kill();
+        }
+    }
+}
+
+/// The launcher's loop. Returns its exit code.
+fn serve(host: Pid, requests: OwnedFd, replies: OwnedFd, make: &mut impl FnMut(u32) -> i32) -> i32 {
+    let Ok(host_fd) = rustix::process::pidfd_open(host, PidfdFlags::empty()) else {
+        return 1;
+    };
+    // Opened after the fork: if the host died before, the pidfd is of a dead process (or the
+    // open failed above), and the poll below sees it at once.
+    if rustix::process::getppid() != Some(host) {
+        return 1;
+    }
+    let mut children: Vec<Pid> = Vec::new();
+    loop {
+        let mut fds = [
+            PollFd::new(&requests, PollFlags::IN),
+            PollFd::new(&host_fd, PollFlags::IN),
+        ];
+        match rustix::event::poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => break,
+        }
+        if !fds[1].revents().is_empty() {
+            break; // the host is gone
+        }
+        let msg = match read_message(&requests) {
+            Ok(Some(m)) => m,
+            _ => break, // closed: the host is gone
+        };
+        let answer = match msg {
+            [OP_LAUNCH, index, _] => launch(index, &requests, &replies, &host_fd, make)
+                .map(|pid| {
+                    children.push(pid);
+                    [RE_LAUNCHED, pid.as_raw_nonzero().get() as u32, 0]
+                })
+                .unwrap_or_else(|e| [RE_FAILED, 0, e.raw_os_error() as u32]),
+            [OP_REAP, pid, _] => reap(pid as i32, &mut children),
+            [OP_EXIT, ..] => break,
+            _ => break,
+        };
+        if write_all(&replies, &encode(answer)).is_err() {
+            break;
+        }
+    }
+    for &pid in &children {
+        let _ = rustix::process::kill_process(pid, Signal::KILL);
+    }
+    for pid in children {
+        let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+    }
+    0
+}
+
+/// Forks one child that runs `make(index)`.
+fn launch(
+    index: u32,
+    requests: &OwnedFd,
+    replies: &OwnedFd,
+    host_fd: &OwnedFd,
+    make: &mut impl FnMut(u32) -> i32,
+) -> rustix::io::Result<Pid> {
+    let fds = [requests, replies, host_fd].map(std::os::fd::AsRawFd::as_raw_fd);
+    // The launcher has one thread, so the checked fork applies; the child keeps none of the
+    // launcher's descriptors.
+    let child = crate::process::fork(|| {
+        for fd in fds {
+            // SAFETY: the launcher's own descriptors, owned by values in this child's copy of
+            // the launcher's memory that the child never uses or drops (it `_exit`s).
+            unsafe {
+                libc::close(fd);
+            }
+        }
+        make(index)
+    })
+    .map_err(|e| match e {
+        Error::Os { source, .. } => {
+            rustix::io::Errno::from_io_error(&source).unwrap_or(rustix::io::Errno::AGAIN)
+        }
+        _ => rustix::io::Errno::AGAIN,
+    })?;
+    // The child stays unreaped until the host asks (`Reap`): forget the handle, which would
+    // kill and reap it on drop.
+    let pid = child.into_pid();
+    Pid::from_raw(pid).ok_or(rustix::io::Errno::INVAL)
+}
+
+/// Reaps `pid` if it is one of the launcher's children and has exited.
+fn reap(pid: i32, children: &mut Vec<Pid>) -> Message {
+    let Some(at) = children
+        .iter()
+        .position(|p| p.as_raw_nonzero().get() == pid)
+    else {
+        return [0, pid as u32, 0];
+    };
+    match rustix::process::waitpid(Some(children[at]), WaitOptions::NOHANG) {
+        Ok(Some((_, st))) => {
+            children.swap_remove(at);
+            match (st.exit_status(), st.terminating_signal()) {
+                (Some(code), _) => [RE_STATUS_EXITED, pid as u32, code as u32],
+                (None, Some(sig)) => [RE_STATUS_SIGNALED, pid as u32, sig as u32],
+                (None, None) => [RE_STATUS_SIGNALED, pid as u32, 0],
+            }
+        }
+        Ok(None) => [RE_RUNNING, pid as u32, 0],
+        Err(_) => {
+            children.swap_remove(at);
+            [RE_STATUS_SIGNALED, pid as u32, 0]
+        }
+    }
+}
