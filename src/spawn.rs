@@ -39,6 +39,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use shmexec_shm::{ChildProcess, Ring, Segment, WaitStrategy};
 
@@ -50,6 +51,22 @@ use crate::worker;
 
 const ENV_TASK: &str = "SHMEXEC_SPAWN_TASK";
 const ENV_WORKER: &str = "SHMEXEC_SPAWN_WORKER";
+/// The input and output types of the pool's task, as [`task_types`] writes them.
+const ENV_TYPES: &str = "SHMEXEC_SPAWN_TYPES";
+
+/// Set once [`serve`] took this process as a worker: a pool it builds later (in `init`, say)
+/// is its own, not a sign that no `serve` matched.
+static SERVING: AtomicBool = AtomicBool::new(false);
+
+/// What a spawned worker proves it serves: its task's input and output types. Within one
+/// program (the coordinator runs the same executable) equal types give equal names.
+pub(crate) fn task_types<T: Task>() -> String {
+    format!(
+        "{} -> {}",
+        std::any::type_name::<T::Input>(),
+        std::any::type_name::<T::Output>()
+    )
+}
 
 /// The value of an absent field in the worker spec: no core to pin to, no shared region.
 const NONE: u64 = u64::MAX;
@@ -61,9 +78,9 @@ pub fn serve<T: Task>(name: &str, make: impl FnOnce() -> T) {
     if std::env::var(ENV_TASK).ok().as_deref() != Some(name) {
         return;
     }
+    SERVING.store(true, Ordering::Relaxed);
     let code = match attach() {
         Ok(attached) => {
-            let mut task = make();
             let setup = worker::Setup {
                 info: attached.info.clone(),
                 input: &attached.input,
@@ -72,7 +89,58 @@ pub fn serve<T: Task>(name: &str, make: impl FnOnce() -> T) {
                 shared: attached.shared,
                 wait: attached.wait,
             };
-            worker::run(&mut task, setup)
+            let serves = task_types::<T>();
+            if attached.types != serves {
+                worker::refuse(
+                    setup,
+                    format!(
+                        "the task this program serves as {name:?} takes {serves}, but the pool \
+                         was built for {}: build it with the task that `serve({name:?}, ..)` \
+                         makes",
+                        attached.types
+                    ),
+                )
+            } else {
+                let mut task = make();
+                worker::run(&mut task, setup)
+            }
+        }
+        Err(e) => {
+            eprintln!("shmexec: spawned worker of {name:?} cannot start: {e}");
+            EXIT_BAD_SETUP
+        }
+    };
+    std::process::exit(code);
+}
+
+/// Called first thing in `Builder::build`: a process spawned as a worker that gets here ran no
+/// [`serve`] for its task's name (a misspelt name, a `serve` call missing or placed after other
+/// work in `main`), and is running the program's own `main` by mistake. It tells the pool so
+/// and exits, instead of doing the program's work a second time.
+pub(crate) fn refuse_if_unserved() {
+    if SERVING.load(Ordering::Relaxed) {
+        return;
+    }
+    let Ok(name) = std::env::var(ENV_TASK) else {
+        return;
+    };
+    let code = match attach() {
+        Ok(attached) => {
+            let setup = worker::Setup {
+                info: attached.info.clone(),
+                input: &attached.input,
+                output: &attached.output,
+                stats: &attached.stats,
+                shared: attached.shared,
+                wait: attached.wait,
+            };
+            worker::refuse(
+                setup,
+                format!(
+                    "this program has no shmexec::spawn::serve({name:?}, ..) before it builds a \
+                     pool: call serve for every task name it spawns, first thing in main"
+                ),
+            )
         }
         Err(e) => {
             eprintln!("shmexec: spawned worker of {name:?} cannot start: {e}");
@@ -90,6 +158,8 @@ struct Attached {
     stats: StatsBlock,
     shared: Option<Arc<Segment>>,
     wait: WaitStrategy,
+    /// The pool's task types ([`task_types`]).
+    types: String,
 }
 
 /// Reopens an inherited descriptor by number through /proc (safe: no claim of ownership over a
@@ -129,7 +199,9 @@ fn attach() -> Result<Attached> {
         NONE => None,
         fd => Some(reopen(fd as i32)?),
     };
+    let types = std::env::var(ENV_TYPES).unwrap_or_default();
     Ok(Attached {
+        types,
         info: WorkerInfo {
             index: index as usize,
             workers: workers as usize,
@@ -149,8 +221,10 @@ fn attach() -> Result<Attached> {
 }
 
 /// Starts a worker of task `name` as a new process running this program.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn_worker(
     name: &str,
+    types: &str,
     info: &WorkerInfo,
     input: &Ring,
     output_offset: usize,
@@ -180,6 +254,7 @@ pub(crate) fn spawn_worker(
     let mut cmd = std::process::Command::new(exe);
     cmd.env(ENV_TASK, name)
         .env(ENV_WORKER, spec)
+        .env(ENV_TYPES, types)
         .stdin(std::process::Stdio::null());
     // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
     // work is allowed: it makes raw syscalls only (fcntl to let the segment descriptors through

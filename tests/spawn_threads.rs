@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use shmexec::shared::Span;
 use shmexec::{Error, Pool, Samples, Task};
 
-const NAMES: [&str; 2] = [
+const NAMES: [&str; 3] = [
     "fork_pool_replaces_workers_while_threads_run",
     "spawn_from_a_threaded_program",
+    "spawned_workers_prove_their_task",
 ];
 
 fn sum_task() -> impl Task<Input = Vec<i32>, Output = i64> {
@@ -51,9 +52,10 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let selected = |name: &str| filters.iter().all(|f| name.contains(f.as_str()));
-    let tests: [fn(); 2] = [
+    let tests: [fn(); 3] = [
         fork_pool_replaces_workers_while_threads_run,
         spawn_from_a_threaded_program,
+        spawned_workers_prove_their_task,
     ];
     let mut ran = 0;
     for (name, test) in NAMES.into_iter().zip(tests) {
@@ -217,5 +219,36 @@ fn spawn_from_a_threaded_program() {
         assert_eq!(sums, (0..400).map(|i| 100 * i as i64).collect::<Vec<_>>());
     }
     busy.stop();
+    assert_no_children();
+}
+
+fn spawned_workers_prove_their_task() {
+    // A pool that expects other types than the task served under that name: the worker says
+    // so at start-up, instead of reading the wrong types (any bytes pass for numbers).
+    let wrong =
+        shmexec::from_fn::<Vec<f32>, _, _>(|c| c.samples().iter().map(|&x| x as f64).sum::<f64>());
+    match Pool::builder().workers(2).spawn("sum").build(wrong) {
+        Err(e @ Error::Init { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("Vec<i32> -> i64") && msg.contains("Vec<f32> -> f64"),
+                "{msg}"
+            );
+        }
+        other => panic!("a type mismatch must fail the build: {other:?}"),
+    }
+    // A name no `serve` in main answers: the spawned program would run its own main again. It
+    // stops at its first `build` (this binary's first test) and says what is missing.
+    match Pool::builder()
+        .workers(1)
+        .spawn("no_such_task")
+        .build(sum_task())
+    {
+        Err(e @ Error::Init { .. }) => {
+            let msg = e.to_string();
+            assert!(msg.contains("serve(\"no_such_task\""), "{msg}");
+        }
+        other => panic!("an unknown task name must fail the build: {other:?}"),
+    }
     assert_no_children();
 }

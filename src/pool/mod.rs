@@ -54,6 +54,7 @@ impl Builder {
     /// Starts the workers (fork or spawn), runs `Task::init` in each, and returns when all are
     /// ready.
     pub fn build<T: Task>(self, task: T) -> Result<Pool<T>> {
+        crate::spawn::refuse_if_unserved();
         let config = self.into_config()?;
         Ok(Pool {
             rt: Supervisor::start(config, task)?,

@@ -281,6 +281,7 @@ impl<T: Task> Supervisor<T> {
                 };
                 crate::spawn::spawn_worker(
                     name,
+                    &crate::spawn::task_types::<T>(),
                     &info,
                     input,
                     Ring::footprint(input.capacity()),

@@ -31,6 +31,18 @@ pub(crate) struct Setup<'a> {
 /// is checked inside every wait, so this only bounds each futex sleep).
 const INPUT_SLICE: Duration = Duration::from_secs(1);
 
+/// Tells the coordinator that this process will not serve (its start-up report is an `Init`
+/// error with `message`), for a spawned process that finds it is not the worker the pool
+/// expects. Returns the exit code.
+pub(crate) fn refuse(setup: Setup<'_>, message: String) -> i32 {
+    let coordinator = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    let Ok(mut tx) = Peer::process(coordinator).and_then(|peer| setup.output.producer(peer)) else {
+        return EXIT_COORDINATOR_GONE;
+    };
+    let _ = send_report(&mut tx, START_SEQ, Report::new(Code::Init, message));
+    EXIT_INIT_FAILED
+}
+
 /// Runs in the forked child; the return value is its exit code.
 pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
     let coordinator = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
