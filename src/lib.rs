@@ -57,5 +57,9 @@ pub use pool::{Builder, DEFAULT_QUEUE_BYTES, DEFAULT_RING_BYTES, Pool, Start};
 pub use shmexec_shm as shm;
 pub use shmexec_shm::WaitStrategy;
 pub use stats::{CallStats, PoolStats, WorkerStats};
+pub use task::bytes::{ByteTask, ItemFailure};
 pub use task::sink::OutputSink;
-pub use task::{ArrayOutput, ArrayTask, Task, TryFnTask, WorkerInfo, from_fn, try_from_fn};
+pub use task::{
+    ArrayOutput, ArrayTask, FlatMapTask, Task, TryFnTask, WorkerInfo, flat_map_fn, from_fn,
+    try_from_fn,
+};

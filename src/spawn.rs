@@ -101,7 +101,7 @@ pub fn serve<T: Task>(name: &str, make: impl FnOnce() -> T) {
                     ),
                 )
             } else {
-                let mut task = make();
+                let mut task = crate::task::bytes::Typed(make());
                 worker::run(&mut task, setup)
             }
         }

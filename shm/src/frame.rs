@@ -22,17 +22,34 @@ pub const FRAME_ALIGN: usize = 64;
 /// Bytes taken by the header slot in front of each payload.
 pub const HEADER_LEN: usize = 64;
 
-/// What a frame means to the layers above. The transport delivers all three alike.
+/// What a frame means to the layers above. The transport delivers them all alike.
+///
+/// Several frames may share a sequence number (one input, several outputs): all but the last
+/// are [`FrameKind::More`], and each carries its position among them (its *part*, see
+/// [`crate::Grant::set_part`]), so that a reader can tell a repeated part from a new one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(u32)]
 pub enum FrameKind {
-    /// A payload.
+    /// A payload (the last, or only, one of its sequence number).
     #[default]
     Data = 1,
     /// A payload that describes a failure (for example a task's error message).
     Error = 2,
     /// The sender will send nothing more (the payload may carry a summary).
     End = 3,
+    /// A payload, and more frames of the same sequence number follow.
+    More = 4,
+    /// Closes its sequence number without a payload of its own (after zero or more `More`).
+    Done = 5,
+}
+
+/// The largest part index a frame carries: the kind word keeps the kind in its low byte and
+/// the part in the 24 bits above it.
+pub const MAX_PART: u32 = (1 << 24) - 1;
+
+/// The kind word of a frame: kind and part index together (both covered by the check word).
+pub(crate) fn kind_word(kind: FrameKind, part: u32) -> u32 {
+    kind as u32 | ((part & MAX_PART) << 8)
 }
 
 /// The kind word of a padding frame: fills the end of the ring when the next frame would not
@@ -59,8 +76,15 @@ const _: () = assert!(FIELDS_AT + std::mem::size_of::<FrameHeader>() <= HEADER_L
 /// A header that passed validation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Decoded {
-    Pad { len: u64 },
-    Frame { kind: FrameKind, len: u64, seq: u64 },
+    Pad {
+        len: u64,
+    },
+    Frame {
+        kind: FrameKind,
+        part: u32,
+        len: u64,
+        seq: u64,
+    },
 }
 
 impl FrameHeader {
@@ -82,12 +106,17 @@ impl FrameHeader {
                 self.kind, self.len, self.seq
             )));
         }
-        let kind = match self.kind {
-            KIND_PAD => return Ok(Decoded::Pad { len: self.len }),
+        if self.kind == KIND_PAD {
+            return Ok(Decoded::Pad { len: self.len });
+        }
+        let kind = match self.kind & 0xff {
             1 => FrameKind::Data,
             2 => FrameKind::Error,
             3 => FrameKind::End,
-            other => {
+            4 => FrameKind::More,
+            5 => FrameKind::Done,
+            _ => {
+                let other = self.kind;
                 return Err(Error::corrupt(format!(
                     "frame header at ring position {at} has unknown kind {other:#x}"
                 )));
@@ -95,6 +124,7 @@ impl FrameHeader {
         };
         Ok(Decoded::Frame {
             kind,
+            part: self.kind >> 8,
             len: self.len,
             seq: self.seq,
         })
@@ -153,6 +183,7 @@ mod tests {
             h.decode(128).unwrap(),
             Decoded::Frame {
                 kind: FrameKind::End,
+                part: 0,
                 len: 1234,
                 seq: 99
             }

@@ -64,7 +64,7 @@ use crossbeam_utils::CachePadded;
 use crate::error::{Error, Result};
 use crate::frame::{
     Decoded, FIELDS_AT, FRAME_ALIGN, FrameHeader, FrameKind, HEADER_LEN, KIND_PAD, frame_bytes,
-    stamp,
+    kind_word, stamp,
 };
 use crate::held::{Book, HeldFrame};
 use crate::peer::Peer;
@@ -582,6 +582,7 @@ impl Producer {
             off,
             len,
             kind: FrameKind::Data,
+            part: 0,
             seq,
         }
     }
@@ -719,6 +720,7 @@ pub struct Grant<'a> {
     off: u64,
     len: usize,
     kind: FrameKind,
+    part: u32,
     seq: u64,
 }
 
@@ -736,6 +738,13 @@ impl Grant<'_> {
     /// Sets the frame's kind (default [`FrameKind::Data`]).
     pub fn set_kind(&mut self, kind: FrameKind) -> &mut Self {
         self.kind = kind;
+        self
+    }
+
+    /// Sets the frame's part: its position among the frames of its sequence number (default 0;
+    /// at most [`crate::frame::MAX_PART`], higher bits are dropped).
+    pub fn set_part(&mut self, part: u32) -> &mut Self {
+        self.part = part;
         self
     }
 
@@ -759,11 +768,12 @@ impl Grant<'_> {
             off: _,
             len,
             kind,
+            part,
             seq,
         } = self;
         let total = frame_bytes(len as u64).expect("reserved frames fit the ring");
         producer.next_seq = seq.wrapping_add(1);
-        producer.publish(total, kind as u32, len as u64, seq);
+        producer.publish(total, kind_word(kind, part), len as u64, seq);
         seq
     }
 }
@@ -816,6 +826,7 @@ struct Located {
     len: usize,
     seq: u64,
     kind: FrameKind,
+    part: u32,
     total: u64,
 }
 
@@ -883,7 +894,12 @@ impl Consumer {
                     }
                     self.advance(room);
                 }
-                Decoded::Frame { kind, len, seq } => {
+                Decoded::Frame {
+                    kind,
+                    part,
+                    len,
+                    seq,
+                } => {
                     let total = frame_bytes(len).filter(|&t| t <= room);
                     let (Some(total), Ok(len)) = (total, usize::try_from(len)) else {
                         return Err(Error::corrupt(format!(
@@ -896,6 +912,7 @@ impl Consumer {
                         len,
                         seq,
                         kind,
+                        part,
                         total,
                     }));
                 }
@@ -1009,6 +1026,11 @@ impl Frame<'_> {
         self.at.seq
     }
 
+    /// The frame's part: its position among the frames of its sequence number.
+    pub fn part(&self) -> u32 {
+        self.at.part
+    }
+
     /// Frees the frame's bytes for the producer.
     pub fn release(self) {
         let total = self.at.total;
@@ -1026,6 +1048,7 @@ impl Frame<'_> {
             seq,
             kind,
             total,
+            part: _,
         } = self.at;
         let consumer = self.consumer;
         let pos = consumer.read;

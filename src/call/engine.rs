@@ -37,6 +37,14 @@ enum Route {
     Failed(Error),
 }
 
+/// What [`Call::take`] found.
+enum Took<O> {
+    /// An output or an item's error; `true` when it closes its item.
+    Output(Result<OutputRef<O>>, bool),
+    /// An item closed with no further output.
+    Closed,
+}
+
 /// What [`Call::place`] did with an input.
 pub(crate) enum Placed {
     /// It is item `seq` of the pool: in a ring, or failed in place (too large, not encodable),
@@ -227,30 +235,39 @@ impl Call {
                 self.take(sup, w, true)?;
             }
         }
-        let (seq, w) = match self.routes.front() {
-            None => return Ok(None),
-            Some((_, Route::Failed(_))) => {
-                let Some((_, Route::Failed(e))) = self.routes.pop_front() else {
-                    unreachable!("the front is a failure")
-                };
-                return Ok(Some(Err(e)));
+        loop {
+            let (seq, w) = match self.routes.front() {
+                None => return Ok(None),
+                Some((_, Route::Failed(_))) => {
+                    let Some((_, Route::Failed(e))) = self.routes.pop_front() else {
+                        unreachable!("the front is a failure")
+                    };
+                    return Ok(Some(Err(e)));
+                }
+                Some((seq, Route::Worker(w))) => (*seq, *w),
+            };
+            let (r, last) = match self.take(sup, w, false)? {
+                None => return Ok(None),
+                Some(Took::Closed) => {
+                    self.routes.pop_front(); // no (more) output: on to the next item
+                    continue;
+                }
+                Some(Took::Output(r, last)) => (r, last),
+            };
+            if last {
+                self.routes.pop_front();
             }
-            Some((seq, Route::Worker(w))) => (*seq, *w),
-        };
-        let Some(r) = self.take(sup, w, false)? else {
-            return Ok(None);
-        };
-        self.routes.pop_front();
-        if let Ok(out) = &r
-            && out.seq() != seq
-        {
-            let e = Error::Broken(format!(
-                "worker {w} returned item {} where {seq} was due",
-                out.seq()
-            ));
-            return Err(sup.break_with(e));
+            if let Ok(out) = &r
+                && out.seq() != seq
+            {
+                let e = Error::Broken(format!(
+                    "worker {w} returned item {} where {seq} was due",
+                    out.seq()
+                ));
+                return Err(sup.break_with(e));
+            }
+            return Ok(Some(r));
         }
-        Ok(Some(r))
     }
 
     fn poll_unordered<T: Task>(
@@ -264,26 +281,30 @@ impl Call {
         let n = sup.slots.len();
         for k in 0..n {
             let w = (self.next_poll + k) % n;
-            if sup.slots[w].expect.is_empty() {
-                continue;
-            }
-            if let Some(r) = self.take(sup, w, false)? {
-                self.next_poll = w + 1;
-                return Ok(Some(r));
+            while !sup.slots[w].expect.is_empty() {
+                match self.take(sup, w, false)? {
+                    None => break,
+                    Some(Took::Closed) => {}
+                    Some(Took::Output(r, _)) => {
+                        self.next_poll = w + 1;
+                        return Ok(Some(r));
+                    }
+                }
             }
         }
         Ok(None)
     }
 
-    /// Takes the next result of worker `w` if it is there, handling what else its ring holds:
-    /// a replacement's start-up report, a result published twice, an abandoned call's result.
-    /// With `stale_only`, stops before a result of this call.
+    /// Takes the next frame of worker `w` that means something to the caller, if one is
+    /// there, handling what else its ring holds: a replacement's start-up report, outputs
+    /// published again (by a replacement that re-ran an item its predecessor died on), an
+    /// abandoned call's outputs. With `stale_only`, stops before an output of this call.
     fn take<T: Task>(
         &mut self,
         sup: &mut Supervisor<T>,
         w: usize,
         stale_only: bool,
-    ) -> Result<Option<Result<OutputRef<T::Output>>>> {
+    ) -> Result<Option<Took<T::Output>>> {
         loop {
             let validate = sup.config().validate_outputs;
             let slot = &mut sup.slots[w];
@@ -300,7 +321,7 @@ impl Call {
                 }
                 Err(e) => return Err(sup.break_with(e.into())),
             };
-            let (seq, kind) = (frame.seq(), frame.kind());
+            let (seq, kind, part) = (frame.seq(), frame.kind(), frame.part());
             if seq == START_SEQ {
                 // A replacement's start-up report.
                 let report = (kind == FrameKind::Error).then(|| read_report(w, seq, &frame));
@@ -312,7 +333,8 @@ impl Call {
             }
             let due = slot.expect.front().map(|e| e.seq);
             match due {
-                // Published twice (its first worker died before releasing the input).
+                // An item already closed, published again (its first worker died before
+                // releasing the input).
                 Some(due) if seq < due => {
                     frame.release();
                     continue;
@@ -324,21 +346,52 @@ impl Call {
                     return Err(sup.break_with(e));
                 }
             }
-            // The result is here: the item leaves the worker's queue (field by field, as the
-            // frame still borrows the ring).
-            let done = slot.expect.pop_front();
-            if !done.is_some_and(|e| e.live) {
-                frame.release(); // an abandoned call's result
+            let replayed = part < slot.next_part;
+            if replayed && kind == FrameKind::More {
+                frame.release(); // taken already, before its worker died
                 continue;
             }
-            slot.live -= 1;
+            if part > slot.next_part && kind != FrameKind::Error {
+                let e = Error::Broken(format!(
+                    "worker {w} sent output {part} of item {seq}, expected {}",
+                    slot.next_part
+                ));
+                return Err(sup.break_with(e));
+            }
+            let last = kind != FrameKind::More;
+            let live = slot.expect.front().is_some_and(|e| e.live);
+            if last {
+                // The item is closed: it leaves the worker's queue (field by field, as the
+                // frame still borrows the ring).
+                slot.expect.pop_front();
+                slot.next_part = 0;
+                if live {
+                    slot.live -= 1;
+                }
+            } else {
+                slot.next_part += 1;
+            }
+            if !live {
+                frame.release(); // an abandoned call's output
+                continue;
+            }
             let result = match kind {
-                FrameKind::Data => {
-                    self.stats.output_bytes += frame.len() as u64;
+                // A closing output at a part taken already: a replacement re-ran the item and
+                // produced fewer outputs than its predecessor; the item is closed with what
+                // was handed out.
+                FrameKind::Data | FrameKind::Done if replayed => {
+                    frame.release();
+                    return Ok(Some(Took::Closed));
+                }
+                FrameKind::Data | FrameKind::More => {
                     let n = frame.len() as u64;
-                    let r = OutputRef::new(frame.hold(), validate);
+                    self.stats.output_bytes += n;
                     sup.totals.output_bytes += n;
-                    r
+                    OutputRef::new(frame.hold(), validate)
+                }
+                FrameKind::Done => {
+                    frame.release();
+                    return Ok(Some(Took::Closed));
                 }
                 FrameKind::Error => {
                     let mut e = read_report(w, seq, &frame);
@@ -360,7 +413,7 @@ impl Call {
                     return Err(sup.break_with(e));
                 }
             };
-            return Ok(Some(result));
+            return Ok(Some(Took::Output(result, last)));
         }
     }
 

@@ -53,7 +53,7 @@ enum Starter {
 /// `index`'s rings, with the launcher's copy of the task as it was at `build`.
 fn worker_main<T: Task>(
     config: &Config,
-    mut task: T,
+    task: T,
     rings: Vec<(Ring, Ring)>,
     stats: StatsBlock,
     shared: Option<Arc<Segment>>,
@@ -63,6 +63,7 @@ fn worker_main<T: Task>(
         config.low_priority.clone(),
         config.wait,
     );
+    let mut task = crate::task::bytes::Typed(task);
     move |index: u32| {
         let index = index as usize;
         let Some((input, output)) = rings.get(index) else {
@@ -107,6 +108,8 @@ pub(crate) struct WorkerSlot {
     input: Ring,
     /// Items handed to this worker whose results are still to come.
     pub(crate) expect: Queue,
+    /// Outputs of the oldest item in `expect` taken so far: its next output's part.
+    pub(crate) next_part: u32,
     /// The `live` entries of `expect`.
     pub(crate) live: usize,
     pub(crate) respawns: u64,
@@ -256,6 +259,7 @@ impl<T: Task> Supervisor<T> {
                 rx,
                 input,
                 expect: Queue::default(),
+                next_part: 0,
                 live: 0,
                 respawns: 0,
                 watching: (0, Instant::now()),

@@ -6,6 +6,7 @@ use rkyv::Archived;
 
 use crate::archive::{Decode, Encode, Sample};
 use crate::error::BoxError;
+pub mod bytes;
 pub mod sink;
 
 use sink::OutputSink;
@@ -233,5 +234,71 @@ where
     type Output = Out;
     fn process(&mut self, input: &Archived<In>) -> Result<Out, BoxError> {
         (self.f)(input)
+    }
+}
+
+/// A task from a closure that gives any number of outputs per input: every item of the
+/// iterator it returns is one output, in order, and an input whose iterator is empty has no
+/// output at all (a filter; an `Option` is an iterator too). Each output is published as soon
+/// as it is written, and the caller receives them in input order (all of input `k`'s outputs
+/// before input `k + 1`'s), each as its own [`crate::OutputRef`].
+///
+/// ```
+/// use shmexec::Samples;
+/// // One output per sample above threshold: its index.
+/// let task = shmexec::flat_map_fn::<Vec<f32>, _, _, _>(|chunk| {
+///     let above: Vec<u64> = chunk.samples().iter().enumerate()
+///         .filter(|(_, x)| **x > 1.0).map(|(i, _)| i as u64).collect();
+///     above
+/// });
+/// ```
+pub fn flat_map_fn<In, Out, I, F>(f: F) -> FlatMapTask<In, Out, F>
+where
+    In: Encode<Archived: Decode>,
+    Out: Encode<Archived: Decode>,
+    I: IntoIterator<Item = Out>,
+    F: FnMut(&Archived<In>) -> I,
+{
+    FlatMapTask {
+        f,
+        _types: PhantomData,
+    }
+}
+
+/// A task made of a closure with 0..n outputs per input; see [`flat_map_fn`].
+pub struct FlatMapTask<In, Out, F> {
+    f: F,
+    _types: PhantomData<fn(In) -> Out>,
+}
+
+impl<In, Out, I, F> Task for FlatMapTask<In, Out, F>
+where
+    In: Encode<Archived: Decode>,
+    Out: Encode<Archived: Decode>,
+    I: IntoIterator<Item = Out>,
+    F: FnMut(&Archived<In>) -> I,
+{
+    type Input = In;
+    type Output = Out;
+
+    /// Only for direct calls: the first output, or an error if there is none (the worker uses
+    /// `produce`, which publishes every output).
+    fn process(&mut self, input: &Archived<In>) -> Result<Out, BoxError> {
+        (self.f)(input)
+            .into_iter()
+            .next()
+            .ok_or_else(|| "this input has no output".into())
+    }
+
+    fn produce(&mut self, input: &Archived<In>, out: &mut OutputSink<'_>) -> Result<(), BoxError> {
+        let mut outputs = (self.f)(input).into_iter().peekable();
+        while let Some(value) = outputs.next() {
+            if outputs.peek().is_some() {
+                out.emit(&value)?;
+            } else {
+                out.emit_last(&value)?;
+            }
+        }
+        Ok(())
     }
 }

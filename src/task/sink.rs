@@ -1,9 +1,17 @@
-//! [`OutputSink`]: how a worker's result gets into its output ring.
+//! [`OutputSink`]: how a task's outputs get into its worker's output ring.
 //!
 //! The default path ([`crate::Task::produce`]) serializes the task's returned value into a slot
 //! reserved at its exact size: one copy, made in the worker, in parallel with the others. Tasks
 //! whose output is a big sample array plus a little metadata ([`crate::ArrayTask`]) skip even
-//! that copy: they write their samples straight into the reserved slot.
+//! that copy: they write their samples straight into the reserved slot, and when they only know
+//! an upper bound on the count beforehand they reserve that and publish what they used.
+//!
+//! An input may give zero, one or many outputs. Every output but the item's last is published
+//! as a `More` frame as soon as it is written; the item is closed by its last output (`Data`),
+//! by an error report, or, when it ends with no output written as last, by an empty `Done`
+//! frame. Each frame carries its position in the item (its part), so that the coordinator
+//! drops the outputs a replacement worker publishes again after its predecessor died mid-item
+//! (`src/wire/PROTOCOL.md`).
 
 use shmexec_shm::{FrameKind, Grant, Producer};
 
@@ -17,23 +25,45 @@ use crate::wire::{Code, Report};
 /// more (a long string, a vector) still works: the samples are moved to a bigger slot, once.
 const META_SLACK: usize = 4096;
 
-/// How one output ended.
+/// How an item's outputs ended.
 pub(crate) enum Outcome {
-    /// Published (the byte count went to the stats before publishing).
-    Sent,
+    /// Its closing frame is published (its byte counts went to the stats before).
+    Closed,
+    /// Outputs were published but not closed yet: the worker closes with a `Done` frame.
+    Open,
     /// To be reported in its place (too large, not serializable).
     Report(Report),
     /// The ring is gone (the coordinator died or closed it).
     Gone,
 }
 
-/// Where a task's output goes: a reserved slot of the worker's output ring. Only the executor
+/// Whether an output is the item's last.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Place {
+    More,
+    Last,
+}
+
+/// Where a task's outputs go: reserved slots of the worker's output ring. Only the executor
 /// makes one; tasks receive it in [`crate::Task::produce`].
+///
+/// The `emit` methods publish one output each (an item may have any number, or none: a
+/// filter); the value must be of the task's output type, which the caller checks when it
+/// reads it.
 pub struct OutputSink<'a> {
     tx: &'a mut Producer,
     seq: u64,
     before_publish: &'a mut dyn FnMut(usize),
+    /// Frames published for this item so far.
+    parts: u32,
+    /// Set once the item is closed or failed; nothing more is published then.
     outcome: Option<Outcome>,
+}
+
+/// The error an `emit` returns once the sink has failed (the report it recorded is what the
+/// caller sees, not this).
+fn failed() -> BoxError {
+    "the output could not be written".into()
 }
 
 impl<'a> OutputSink<'a> {
@@ -46,12 +76,19 @@ impl<'a> OutputSink<'a> {
             tx,
             seq,
             before_publish,
+            parts: 0,
             outcome: None,
         }
     }
 
-    pub(crate) fn into_outcome(self) -> Option<Outcome> {
-        self.outcome
+    /// How the item's outputs ended; `None`: no output at all.
+    pub(crate) fn into_outcome(self) -> (Option<Outcome>, u32) {
+        let parts = self.parts;
+        let outcome = match self.outcome {
+            None if parts > 0 => Some(Outcome::Open),
+            other => other,
+        };
+        (outcome, parts)
     }
 
     /// Reserves `len` bytes; on failure records the outcome and returns `None`.
@@ -75,51 +112,123 @@ impl<'a> OutputSink<'a> {
         }
     }
 
-    fn publish(grant: Grant<'_>, seq: u64, n: usize, before: &mut dyn FnMut(usize)) -> Outcome {
-        let mut grant = grant;
-        grant.truncate(n).set_seq(seq);
-        before(n);
-        grant.commit();
-        Outcome::Sent
-    }
-
     fn encode_failed(&mut self, e: impl std::fmt::Display) {
         self.outcome = Some(Outcome::Report(Report::new(Code::Encode, e.to_string())));
     }
 
-    /// Serializes `value` into a slot of its exact size.
+    /// Whether the sink may still publish: the item is neither closed nor failed, and its
+    /// parts fit a frame's part index.
+    fn open(&mut self) -> bool {
+        if self.outcome.is_some() {
+            return false;
+        }
+        if self.parts >= shmexec_shm::frame::MAX_PART {
+            let msg = format!(
+                "more than {} outputs for one input",
+                shmexec_shm::frame::MAX_PART
+            );
+            self.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
+            return false;
+        }
+        true
+    }
+
+    /// Publishes one output, serialized into a slot of its exact size; more may follow.
+    pub fn emit<O: Encode>(&mut self, value: &O) -> Result<(), BoxError> {
+        self.serialize_as(value, Place::More)
+    }
+
+    /// [`emit`](Self::emit) for the item's last output (saves the closing frame).
+    pub fn emit_last<O: Encode>(&mut self, value: &O) -> Result<(), BoxError> {
+        self.serialize_as(value, Place::Last)
+    }
+
+    /// Serializes `value` as the item's only output (the typed `Task` path).
     pub(crate) fn serialize<O: Encode>(&mut self, value: &O) {
+        let _ = self.serialize_as(value, Place::Last);
+    }
+
+    fn serialize_as<O: Encode>(&mut self, value: &O, place: Place) -> Result<(), BoxError> {
+        if !self.open() {
+            return Err(failed());
+        }
         let len = match encoded_len(value) {
             Ok(n) => n,
-            Err(e) => return self.encode_failed(e),
+            Err(e) => {
+                self.encode_failed(e);
+                return Err(failed());
+            }
         };
-        let seq = self.seq;
         let Some(mut grant) = Self::reserve(self.tx, &mut self.outcome, len) else {
-            return;
+            return Err(failed());
         };
-        let outcome = match encode_into(value, &mut grant) {
-            Ok(n) => Self::publish(grant, seq, n, self.before_publish),
-            Err(e) => Outcome::Report(Report::new(Code::Encode, e.to_string())),
-        };
-        self.outcome = Some(outcome);
+        match encode_into(value, &mut grant) {
+            Ok(n) => {
+                // `grant` borrows `self.tx`: publish through a function of the other fields.
+                let before = &mut *self.before_publish;
+                publish_grant(grant, self.seq, self.parts, n, place, before);
+                self.after_publish(place);
+                Ok(())
+            }
+            Err(e) => {
+                self.encode_failed(e);
+                Err(failed())
+            }
+        }
+    }
+
+    fn after_publish(&mut self, place: Place) {
+        self.parts += 1;
+        if place == Place::Last {
+            self.outcome = Some(Outcome::Closed);
+        }
     }
 
     /// Lets `fill` write `n` samples straight into the ring, then writes the metadata it
-    /// returns after them: the output archives as `(Vec<E>, M)`.
+    /// returns after them: the output archives as `(Vec<E>, M)`. The item's only output.
     pub(crate) fn samples_then<E: Sample, M: Encode>(
         &mut self,
         n: usize,
         fill: impl FnOnce(&mut [E]) -> Result<M, BoxError>,
     ) -> Result<(), BoxError> {
-        let p = Prewritten::<E>::new(n);
-        let data = p.data_len();
-        let max = self.tx.max_payload();
-        let guess = data.saturating_add(META_SLACK).min(max.max(data));
-        let seq = self.seq;
+        self.samples_up_to(
+            n,
+            |samples| fill(samples).map(|m| (samples.len(), m)),
+            Place::Last,
+        )
+    }
+
+    /// Publishes one output written in place: reserves room for up to `max` samples, lets
+    /// `fill` write them and say how many it used (at most `max`) and what metadata goes with
+    /// them, and publishes only what was used. The output archives as `(Vec<E>, M)`; more
+    /// outputs may follow. For outputs whose length is known only once computed (a peak
+    /// finder's peaks): no copy, and no second pass.
+    pub fn emit_samples_up_to<E: Sample, M: Encode>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [E]) -> Result<(usize, M), BoxError>,
+    ) -> Result<(), BoxError> {
+        self.samples_up_to(max, fill, Place::More)
+    }
+
+    fn samples_up_to<E: Sample, M: Encode>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [E]) -> Result<(usize, M), BoxError>,
+        place: Place,
+    ) -> Result<(), BoxError> {
+        if !self.open() {
+            return Ok(());
+        }
+        let reserved = Prewritten::<E>::new(max).data_len();
+        let ring_max = self.tx.max_payload();
+        let guess = reserved
+            .saturating_add(META_SLACK)
+            .min(ring_max.max(reserved));
         let Some(mut grant) = Self::reserve(self.tx, &mut self.outcome, guess) else {
             return Ok(());
         };
-        let Ok(samples) = bytemuck::try_cast_slice_mut::<u8, E>(&mut grant[..data]) else {
+        let Ok(samples) = bytemuck::try_cast_slice_mut::<u8, E>(&mut grant[..reserved]) else {
             self.outcome = Some(Outcome::Report(Report::new(
                 Code::Encode,
                 "ring slot not aligned for the samples",
@@ -127,12 +236,19 @@ impl<'a> OutputSink<'a> {
             return Ok(());
         };
         // An error or a panic here drops the grant unpublished.
-        let meta = fill(samples)?;
+        let (used, meta) = fill(samples)?;
+        if used > max {
+            let msg = format!("the task used {used} samples of the {max} it reserved");
+            self.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
+            return Ok(());
+        }
+        let p = Prewritten::<E>::new(used);
+        let data = p.data_len();
         let pair = (p, Ref(&meta));
         let end = match encoded_len_at(&pair, data) {
             Ok(end) => end,
             Err(e) => {
-                self.outcome = Some(Outcome::Report(Report::new(Code::Encode, e.to_string())));
+                self.encode_failed(e);
                 return Ok(());
             }
         };
@@ -145,19 +261,44 @@ impl<'a> OutputSink<'a> {
             bigger[..data].copy_from_slice(&moved);
             grant = bigger;
         }
-        let outcome = match encode_into_at(&pair, &mut grant, data) {
-            Ok(n) => Self::publish(grant, seq, n, self.before_publish),
-            Err(e) => Outcome::Report(Report::new(Code::Encode, e.to_string())),
-        };
-        self.outcome = Some(outcome);
+        match encode_into_at(&pair, &mut grant, data) {
+            Ok(n) => {
+                let before = &mut *self.before_publish;
+                publish_grant(grant, self.seq, self.parts, n, place, before);
+                self.after_publish(place);
+            }
+            Err(e) => {
+                self.encode_failed(e);
+            }
+        }
         Ok(())
     }
 }
 
-/// Publishes an error report for item `seq`. A message too long for the ring is cut, not lost.
+/// Publishes `grant` as `n` bytes of part `part` of item `seq`.
+fn publish_grant(
+    mut grant: Grant<'_>,
+    seq: u64,
+    part: u32,
+    n: usize,
+    place: Place,
+    before: &mut dyn FnMut(usize),
+) {
+    let kind = match place {
+        Place::More => FrameKind::More,
+        Place::Last => FrameKind::Data,
+    };
+    grant.truncate(n).set_seq(seq).set_kind(kind).set_part(part);
+    before(n);
+    grant.commit();
+}
+
+/// Publishes an error report for item `seq` as its part `part` (closing it). A message too
+/// long for the ring is cut, not lost.
 pub(crate) fn send_report(
     tx: &mut Producer,
     seq: u64,
+    part: u32,
     mut message: Report,
 ) -> Result<(), shmexec_shm::Error> {
     let max = tx.max_payload();
@@ -170,7 +311,15 @@ pub(crate) fn send_report(
     }
     let mut grant = tx.reserve(message.len())?;
     message.write(&mut grant);
-    grant.set_kind(FrameKind::Error).set_seq(seq);
+    grant.set_kind(FrameKind::Error).set_seq(seq).set_part(part);
+    grant.commit();
+    Ok(())
+}
+
+/// Closes item `seq` after `part` outputs with an empty `Done` frame.
+pub(crate) fn send_done(tx: &mut Producer, seq: u64, part: u32) -> Result<(), shmexec_shm::Error> {
+    let mut grant = tx.reserve(0)?;
+    grant.set_kind(FrameKind::Done).set_seq(seq).set_part(part);
     grant.commit();
     Ok(())
 }

@@ -4,14 +4,13 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rkyv::Archived;
 use shmexec_shm::{FrameKind, Peer, Producer, Ring, Segment, WaitStrategy};
 
-use crate::archive::decode;
 use crate::pin;
 use crate::stats::{Field, StatsBlock};
-use crate::task::sink::{Outcome, OutputSink, send_report};
-use crate::task::{Task, WorkerInfo};
+use crate::task::WorkerInfo;
+use crate::task::bytes::{ByteTask, ItemFailure};
+use crate::task::sink::{Outcome, OutputSink, send_done, send_report};
 use crate::wire::{
     Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, Report, START_SEQ, panic_message,
 };
@@ -39,12 +38,12 @@ pub(crate) fn refuse(setup: Setup<'_>, message: String) -> i32 {
     let Ok(mut tx) = Peer::process(coordinator).and_then(|peer| setup.output.producer(peer)) else {
         return EXIT_COORDINATOR_GONE;
     };
-    let _ = send_report(&mut tx, START_SEQ, Report::new(Code::Init, message));
+    let _ = send_report(&mut tx, START_SEQ, 0, Report::new(Code::Init, message));
     EXIT_INIT_FAILED
 }
 
 /// Runs in the forked child; the return value is its exit code.
-pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
+pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
     let coordinator = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
     let (peer_in, peer_out) = match (Peer::process(coordinator), Peer::process(coordinator)) {
         (Ok(a), Ok(b)) => (a, b),
@@ -82,7 +81,7 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
             },
         );
     if let Err(message) = started {
-        let _ = send_report(&mut tx, START_SEQ, Report::new(Code::Init, message));
+        let _ = send_report(&mut tx, START_SEQ, 0, Report::new(Code::Init, message));
         return EXIT_INIT_FAILED;
     }
     if send_kind(&mut tx, START_SEQ, FrameKind::End).is_err() {
@@ -107,7 +106,7 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
         let w = info.index;
         if setup.stats.get(w, Field::Skip) == seq.wrapping_add(1) {
             // It crashed its workers too often: report it given up instead of running it.
-            if send_report(&mut tx, seq, Report::new(Code::Crashed, "")).is_err() {
+            if send_report(&mut tx, seq, 0, Report::new(Code::Crashed, "")).is_err() {
                 return EXIT_COORDINATOR_GONE;
             }
             frame.release();
@@ -127,31 +126,36 @@ pub(crate) fn run<T: Task>(task: &mut T, setup: Setup<'_>) -> i32 {
                 .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
         };
         let mut sink = OutputSink::new(&mut tx, seq, &mut before_publish);
-        let produced = match decode::<Archived<T::Input>>(&frame) {
-            Err(e) => Err(Report::new(Code::InvalidInput, e.to_string())),
-            Ok(input) => match catch_unwind(AssertUnwindSafe(|| task.produce(input, &mut sink))) {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(Report::new(Code::Task, e.to_string())),
-                Err(p) => Err(Report::new(Code::Panic, panic_message(&*p))),
-            },
+        let produced = match catch_unwind(AssertUnwindSafe(|| task.run(&frame, &mut sink))) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(ItemFailure::InvalidInput(e))) => Err(Report::new(Code::InvalidInput, e)),
+            Ok(Err(ItemFailure::Failed(e))) => Err(Report::new(Code::Task, e.to_string())),
+            Err(p) => Err(Report::new(Code::Panic, panic_message(&*p))),
         };
-        let outcome = match produced {
-            Err(report) => Outcome::Report(report),
-            Ok(()) => sink.into_outcome().unwrap_or_else(|| {
-                Outcome::Report(Report::new(Code::Task, "the task produced no output"))
-            }),
-        };
-        match outcome {
-            Outcome::Sent => {}
-            Outcome::Gone => return EXIT_COORDINATOR_GONE,
-            Outcome::Report(report) => {
-                setup.stats.add(w, Field::Errors, 1);
-                setup
-                    .stats
-                    .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
-                if send_report(&mut tx, seq, report).is_err() {
+        let (outcome, parts) = sink.into_outcome();
+        // How the item is closed: the sink's own failure is the precise report (an output too
+        // large says its size; the task saw only that `emit` failed).
+        let close = match (outcome, produced) {
+            (Some(Outcome::Gone), _) => return EXIT_COORDINATOR_GONE,
+            (Some(Outcome::Report(report)), _) | (None | Some(Outcome::Open), Err(report)) => {
+                Some(report)
+            }
+            // Closed by its last output: an error after it has no item left to report on.
+            (Some(Outcome::Closed), _) => None,
+            (None | Some(Outcome::Open), Ok(())) => {
+                if send_done(&mut tx, seq, parts).is_err() {
                     return EXIT_COORDINATOR_GONE;
                 }
+                None
+            }
+        };
+        if let Some(report) = close {
+            setup.stats.add(w, Field::Errors, 1);
+            setup
+                .stats
+                .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
+            if send_report(&mut tx, seq, parts, report).is_err() {
+                return EXIT_COORDINATOR_GONE;
             }
         }
         // Only now, with the output published, is the input released: a worker that dies

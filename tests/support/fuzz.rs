@@ -72,10 +72,11 @@ pub fn ring_case(seg: &Arc<Segment>, rng: &mut Rng, tally: &mut Tally) {
     let mut at = 64 * m;
     for _ in 0..1 + rng.below(3) {
         let off = (at % cap as u64) as usize;
-        let kind = match rng.below(6) {
+        let kind = match rng.below(8) {
             0 => PAD_KIND_WORD,
             1 => rng.next() as u32,
-            k => k as u32 - 1, // 1..=4: data, error, end, one past
+            // 1..=6: data, error, end, more, done, one past; with a part index now and then
+            k => (k as u32 - 1) | ((rng.below(2) as u32 * rng.next() as u32) << 8),
         };
         let len = match rng.below(4) {
             0 => rng.below(64),
@@ -113,8 +114,8 @@ pub fn ring_case(seg: &Arc<Segment>, rng: &mut Rng, tally: &mut Tally) {
             .is_some_and(|total| total <= room);
         !check_ok
             || match kind {
-                1..=3 => !fits,
                 k if k == PAD_KIND_WORD => len.checked_add(64) != Some(room),
+                k if (1..=5).contains(&(k & 0xff)) => !fits,
                 _ => true,
             }
     };
