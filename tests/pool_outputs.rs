@@ -48,7 +48,11 @@ fn zero_one_and_three_outputs_come_once_in_input_order() {
         // A stream, too.
         let got = std::thread::scope(|s| {
             let (tx, rx) = pool.stream();
-            s.spawn(move || (0..600u64).for_each(|i| drop(tx.send(&i).unwrap())));
+            s.spawn(move || {
+                for i in 0..600u64 {
+                    tx.send(&i).unwrap();
+                }
+            });
             rx.map(|r| r.unwrap().to_native()).collect::<Vec<_>>()
         });
         assert_eq!(got, expected(0..600));
