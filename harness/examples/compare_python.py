@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Python baselines for the compare harness (examples/compare.rs), same transform, same input.
+"""Python baselines for the compare harness (harness/examples/compare.rs), same transform, same input.
 
-    python3 examples/compare_python.py --chunk-bytes 4MiB --total-bytes 512MiB --workers 2
+    python3 harness/examples/compare_python.py --chunk-bytes 4MiB --total-bytes 512MiB --workers 2
 
 Engines:
   numpy-seq   one process, numpy.

@@ -9,7 +9,7 @@
 //! After criterion's own output it prints the ratios to the floors, and the CPU time an idle
 //! waiter burns in one second for each strategy.
 //!
-//! `cargo bench -p shmexec-shm` (add `-- roundtrip` or `-- stream` to run one group).
+//! `cargo bench --bench transport` (add `-- roundtrip` or `-- stream` to run one group).
 
 use std::hint::black_box;
 use std::os::fd::OwnedFd;
