@@ -88,7 +88,9 @@ fn main() {
             );
         }
         Ok((results, wrong)) => {
-            println!("service: {chunks} chunks sent, {results} results, {wrong} wrong, {secs:.2} s");
+            println!(
+                "service: {chunks} chunks sent, {results} results, {wrong} wrong, {secs:.2} s"
+            );
             std::process::exit(1);
         }
         Err(e) => {

@@ -197,7 +197,10 @@ fn watch_results<T: Task + 'static>(shared: &RxShared<T>) {
     let mut st = lock(&shared.state);
     loop {
         while !st.watching && !st.stop {
-            st = shared.wanted.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st = shared
+                .wanted
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         if st.stop {
             return;
@@ -315,6 +318,10 @@ where
 
     /// Hands `input` to a worker, waiting (without blocking the thread) while every worker's
     /// queue is full; returns its sequence number, as [`StreamSender::send`].
+    ///
+    /// Cancelling it (dropping the future, e.g. on a timeout) after it kept `input` does not
+    /// take the input back: the watcher still places it, and the next send or flush waits for
+    /// that first.
     pub async fn send(&mut self, input: T::Input) -> Result<u64> {
         poll_fn(|cx| self.place_kept(cx)).await?;
         self.keep(input)?;
@@ -388,7 +395,6 @@ where
         self.shared = None;
         Poll::Ready(Ok(()))
     }
-
 }
 
 fn closed() -> Error {
@@ -401,7 +407,10 @@ fn watch_room<T: Task + 'static>(shared: &TxShared<T>) {
     let mut st = lock(&shared.state);
     loop {
         while !st.watching && !st.stop {
-            st = shared.wanted.wait(st).unwrap_or_else(PoisonError::into_inner);
+            st = shared
+                .wanted
+                .wait(st)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         if st.stop {
             return;
