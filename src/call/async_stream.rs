@@ -37,7 +37,7 @@
 //! `watching` flag, and what the watcher got (a result, or the outcome of placing an input).
 //! `watching` says who owns the step: while it is false only the task steps the stream (a
 //! `try_recv`, a `try_send` of the kept input); while it is true only the watcher does, with
-//! the blocking `recv_timeout` / `send_timeout`, one [`WATCH_SLICE`] at a time. The task sets
+//! the blocking `recv_timeout` / `send_timeout`, one slice (`WATCH_SLICE`, 10 ms) at a time. The task sets
 //! it, the watcher clears it when it has something. So results are taken by one party at a
 //! time, in order, and the blocking calls' supervision between slices (a dead worker respawned,
 //! results the caller holds too long reported) works for the async halves too. With nothing to
@@ -76,7 +76,7 @@ use crate::task::Task;
 
 /// How long a watcher's blocking step waits before it looks whether its adapter is gone: the
 /// longest a dropped adapter's `drop` waits for its watcher to finish.
-pub const WATCH_SLICE: Duration = Duration::from_millis(10);
+const WATCH_SLICE: Duration = Duration::from_millis(10);
 
 /// One result of a stream, as [`StreamReceiver::recv`] gives it.
 type Next<O> = Option<Result<OutputRef<O>>>;
@@ -95,11 +95,21 @@ fn register(slot: &mut Option<Waker>, cx: &Context<'_>) {
     }
 }
 
-/// Starts a watcher thread running `body`.
-fn spawn_watcher(name: &str, body: impl FnOnce() + Send + 'static) -> JoinHandle<()> {
+/// Starts a watcher thread running `body`, then `died` if `body` panicked (so that a task
+/// waiting on it is told, not left pending).
+fn spawn_watcher(
+    name: &str,
+    body: impl FnOnce() + Send + 'static,
+    died: impl FnOnce(Error) + Send + 'static,
+) -> JoinHandle<()> {
+    let run = move || {
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(body)).is_err() {
+            died(Error::Broken("the stream's watcher thread panicked".into()));
+        }
+    };
     std::thread::Builder::new()
         .name(name.into())
-        .spawn(body)
+        .spawn(run)
         .expect("failed to start a stream watcher thread")
 }
 
@@ -114,7 +124,8 @@ struct RxState<O> {
     watching: bool,
     /// What the watcher received, for the task's next poll.
     got: Option<Next<O>>,
-    /// The adapter is gone: the watcher ends.
+    /// The adapter is gone (the watcher ends), or the watcher is (the stream ends after its
+    /// error).
     stop: bool,
 }
 
@@ -156,8 +167,20 @@ where
             }),
             wanted: Condvar::new(),
         });
-        let theirs = Arc::clone(&shared);
-        let watcher = spawn_watcher("shmexec-recv-watch", move || watch_results(&theirs));
+        let (theirs, told) = (Arc::clone(&shared), Arc::clone(&shared));
+        let watcher = spawn_watcher(
+            "shmexec-recv-watch",
+            move || watch_results(&theirs),
+            move |e| {
+                let mut st = lock(&told.state);
+                st.got = Some(Some(Err(e)));
+                (st.watching, st.stop) = (false, true);
+                if let Some(waker) = st.waker.take() {
+                    drop(st);
+                    waker.wake();
+                }
+            },
+        );
         AsyncReceiver {
             shared,
             watcher: Some(watcher),
@@ -176,6 +199,9 @@ where
         let mut st = lock(&shared.state);
         if let Some(next) = st.got.take() {
             return Poll::Ready(next);
+        }
+        if st.stop {
+            return Poll::Ready(None);
         }
         if !st.watching {
             // Check: the watcher is idle, so this is the only receive.
@@ -257,7 +283,8 @@ struct TxState<I> {
     failed: Option<Error>,
     /// The task to wake when the watcher is done.
     waker: Option<Waker>,
-    /// The adapter is closing or gone: the watcher ends.
+    /// The adapter is closing or gone: the watcher ends. Or the watcher is gone (then every
+    /// send fails after its error).
     stop: bool,
 }
 
@@ -308,8 +335,20 @@ where
             }),
             wanted: Condvar::new(),
         });
-        let theirs = Arc::clone(&shared);
-        let watcher = spawn_watcher("shmexec-send-watch", move || watch_room(&theirs));
+        let (theirs, told) = (Arc::clone(&shared), Arc::clone(&shared));
+        let watcher = spawn_watcher(
+            "shmexec-send-watch",
+            move || watch_room(&theirs),
+            move |e| {
+                let mut st = lock(&told.state);
+                st.failed = Some(e);
+                (st.watching, st.stop) = (false, true);
+                if let Some(waker) = st.waker.take() {
+                    drop(st);
+                    waker.wake();
+                }
+            },
+        );
         AsyncSender {
             shared: Some(shared),
             watcher: Some(watcher),
@@ -321,7 +360,7 @@ where
     ///
     /// Cancelling it (dropping the future, e.g. on a timeout) after it kept `input` does not
     /// take the input back: the watcher still places it, and the next send or flush waits for
-    /// that first.
+    /// that first (and reports its error, if placing it failed).
     pub async fn send(&mut self, input: T::Input) -> Result<u64> {
         poll_fn(|cx| self.place_kept(cx)).await?;
         self.keep(input)?;
@@ -358,6 +397,11 @@ where
         let mut st = lock(&shared.state);
         if let Some(e) = st.failed.take() {
             return Poll::Ready(Err(e));
+        }
+        if st.stop {
+            return Poll::Ready(Err(Error::Broken(
+                "the stream's watcher thread is gone".into(),
+            )));
         }
         if !st.watching {
             let Some(input) = st.kept.take() else {
