@@ -8,7 +8,8 @@
 //! ```no_run
 //! use shmexec::{Pool, Samples};
 //!
-//! let task = shmexec::from_fn::<Vec<i16>, _, _>(|c| c.samples().iter().map(|&s| s as i64).sum::<i64>());
+//! let task =
+//!     shmexec::from_fn::<Vec<i16>, _, _>(|c| c.samples().iter().map(|&s| s as i64).sum::<i64>());
 //! // Build the pool (it forks) before the runtime starts its threads.
 //! let pool = Pool::builder().workers(2).build(task)?;
 //! let (mut tx, mut rx) = pool.into_async_stream();
@@ -37,12 +38,13 @@
 //! `watching` flag, and what the watcher got (a result, or the outcome of placing an input).
 //! `watching` says who owns the step: while it is false only the task steps the stream (a
 //! `try_recv`, a `try_send` of the kept input); while it is true only the watcher does, with
-//! the blocking `recv_timeout` / `send_timeout`, one slice (`WATCH_SLICE`, 10 ms) at a time. The task sets
-//! it, the watcher clears it when it has something. So results are taken by one party at a
-//! time, in order, and the blocking calls' supervision between slices (a dead worker respawned,
-//! results the caller holds too long reported) works for the async halves too. With nothing to
-//! watch the watcher sleeps on a condvar; a dropped adapter stops it and joins it, which waits
-//! at most the rest of a slice.
+//! the blocking `recv_timeout` / `send_timeout`, one slice (`WATCH_SLICE`, 10 ms) at a time.
+//! The task sets it, the watcher clears it when it has something. So results are taken by one
+//! party at a time, in order, and the blocking calls' supervision between slices (a dead
+//! worker respawned, results the caller holds too long reported) works for the async halves
+//! too; a watcher that only waited for readiness (`wait_ready`, `wait_room`) would leave the
+//! task pending forever on a dead worker. With nothing to watch the watcher sleeps on a
+//! condvar; a dropped adapter stops it and joins it, which waits at most the rest of a slice.
 //!
 //! # No lost wake-up
 //!
