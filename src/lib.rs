@@ -49,9 +49,9 @@ mod wire;
 mod worker;
 
 pub use archive::{Decode, Encode, Sample, Samples};
-pub use call::{Map, StreamReceiver, StreamSender};
 #[cfg(feature = "async")]
 pub use call::{AsyncReceiver, AsyncSender};
+pub use call::{Map, StreamReceiver, StreamSender};
 pub use error::{BoxError, Error, Result};
 pub use output::OutputRef;
 pub use pin::Pinning;
