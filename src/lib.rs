@@ -24,7 +24,7 @@
 //! |-------------|-----------------------------------------------------------------------|
 //! | [`task`]    | what a worker runs: the [`Task`] trait, array tasks, closures, sinks  |
 //! | [`pool`]    | [`Pool`] and [`Builder`]; the supervisor (start, health, respawn)     |
-//! | [`call`]    | one call's engine; [`Map`] and streams on top of it                   |
+//! | [`call`]    | one call's engine; [`Map`] and streams on top of it (async: `async`)  |
 //! | [`output`]  | [`OutputRef`], a result read in place                                 |
 //! | [`shared`]  | the shared region: chunks the workers read where the program put them |
 //! | [`archive`] | rkyv glue: serializing into a ring slot, numeric slices in place      |
@@ -49,6 +49,8 @@ mod wire;
 mod worker;
 
 pub use archive::{Decode, Encode, Sample, Samples};
+#[cfg(feature = "async")]
+pub use call::{AsyncReceiver, AsyncSender};
 pub use call::{Map, StreamReceiver, StreamSender};
 pub use error::{BoxError, Error, Result};
 pub use output::OutputRef;
