@@ -1,7 +1,7 @@
 //! Streams: a call whose inputs arrive live, with a sending half and a receiving half that can
 //! live on different threads ([`Pool::stream`]).
 //!
-//! Both halves drive one engine ([`super::engine::Call`]) behind a mutex that is held only for
+//! Both halves drive one engine (`call::engine::Call`) behind a mutex that is held only for
 //! a step, never across a wait: [`StreamSender::send`] places the input if a worker has room,
 //! [`StreamReceiver::recv`] hands out the next result as soon as it is ready, without waiting
 //! for the next input. Each half waits on the pool's doorbell, which workers ring as they
@@ -262,11 +262,6 @@ impl<T: Task> StreamSender<'_, T> {
         encoded_len(input).map_err(|e| e.to_string())
     }
 
-    /// A waiter following the pool's coordinator wait strategy.
-    #[allow(dead_code)] // for the async adapter
-    pub(crate) fn waiter(&self) -> Waiter {
-        Waiter::new(self.shared.wait)
-    }
 
     /// Ends the stream: the receiver gets every result still to come, then `None`.
     pub fn close(self) {}
@@ -364,11 +359,6 @@ impl<T: Task> StreamReceiver<'_, T> {
         })
     }
 
-    /// A waiter following the pool's coordinator wait strategy.
-    #[allow(dead_code)] // for the async adapter
-    pub(crate) fn waiter(&self) -> Waiter {
-        Waiter::new(self.shared.wait)
-    }
 
     /// One step: the next result if it is ready, the end, or a pool error (`Some(_)`); `None`
     /// when the caller should wait.
