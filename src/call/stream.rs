@@ -223,7 +223,9 @@ impl<T: Task> StreamSender<'_, T> {
                     |slot: &mut [u8]| encode_into(input, slot).map_err(|e| e.to_string());
                 if let Placed::Item(seq) = call.place(sup, len, true, &mut write)? {
                     drop(st);
-                    // The receiver may be asleep with nothing in flight.
+                    // SYNC POINT with the receiver's `wait_ready`: the item is in the call's
+                    // state (stored under the mutex, released above) before this notify; the
+                    // receiver may be asleep with nothing in flight.
                     shared.bell.ring();
                     return Ok(Some(seq));
                 }
@@ -261,7 +263,6 @@ impl<T: Task> StreamSender<'_, T> {
     pub(crate) fn input_len(input: &T::Input) -> Result<usize, String> {
         encoded_len(input).map_err(|e| e.to_string())
     }
-
 
     /// Ends the stream: the receiver gets every result still to come, then `None`.
     pub fn close(self) {}
@@ -358,7 +359,6 @@ impl<T: Task> StreamReceiver<'_, T> {
             call.ready(sup, None)
         })
     }
-
 
     /// One step: the next result if it is ready, the end, or a pool error (`Some(_)`); `None`
     /// when the caller should wait.

@@ -24,6 +24,11 @@ pub(crate) const STREAM_SLICE: Duration = Duration::from_millis(5);
 /// Waits on `bell` until `ready` returns true (`Ok(true)`) or `deadline` passes (`Ok(false)`).
 /// `ready` must not block; it may load shared state with `Acquire` (the doorbell's protocol,
 /// `shmexec_shm::signal`, orders it after the ringer's stores).
+///
+/// SYNC POINT with every ringer of the doorbell (the worker loop after each release, a
+/// stream's sender after each placement): `Signal::wait_until` re-checks `ready` after it
+/// announced itself as a sleeper, so a condition made true before a ring is never slept through
+/// (`shm/src/WAKEUP.md`, and `src/wire/PROTOCOL.md` for who rings after which store).
 pub(crate) fn until(
     bell: &Signal,
     waiter: &mut Waiter,

@@ -413,6 +413,8 @@ impl<T: Task> Supervisor<T> {
             }
             _ => None,
         };
+        // SYNC POINT with the worker's `Current` store before each item: the worker is dead
+        // (reaped above), so its last store is visible.
         let current = self.stats.get(w, Field::Current);
         self.stats.set(w, Field::Current, 0);
         if let Some(seq) = current.checked_sub(1) {
@@ -420,6 +422,8 @@ impl<T: Task> Supervisor<T> {
             entry.count += 1;
             entry.signal = signal;
             if entry.count >= self.config.max_attempts || entry.timed_out.is_some() {
+                // SYNC POINT with the successor's `Skip` load before it runs this item: this
+                // store comes before the successor is started below.
                 self.stats.set(w, Field::Skip, current);
             }
         }

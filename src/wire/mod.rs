@@ -1,12 +1,7 @@
-//! What travels in the frames besides archives.
-//!
-//! Input ring (coordinator -> worker): `Data` frames carry an archive of `Task::Input` with the
-//! item's sequence number; an `End` frame asks the worker to finish and exit.
-//!
-//! Output ring (worker -> coordinator): first one start-up frame (`End` = ready, `Error` = `init`
-//! failed, the payload the message); then, per input and in input order, a `Data` frame with the
-//! output archive or an `Error` frame for that sequence number; last, after `finish`, an `End`
-//! frame answering the shutdown request.
+//! What travels in the frames besides archives: error reports, the start-up frame's sequence
+//! number, worker exit codes. The whole protocol between the coordinator, the launcher and the
+//! workers (frames, parts, control words, the launch pipes, the spawn spec) is written down in
+//! `src/wire/PROTOCOL.md`, beside this file.
 //!
 //! An `Error` payload is one code byte, two little-endian u64 (sizes, for the size errors) and a
 //! UTF-8 message.

@@ -104,6 +104,8 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         let seq = frame.seq();
         let start = Instant::now();
         let w = info.index;
+        // SYNC POINT with `Supervisor::respawn`, which sets `Skip` before it starts this
+        // process (the fork orders the store before this load).
         if setup.stats.get(w, Field::Skip) == seq.wrapping_add(1) {
             // It crashed its workers too often: report it given up instead of running it.
             if send_report(&mut tx, seq, 0, Report::new(Code::Crashed, "")).is_err() {
@@ -114,6 +116,8 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
             setup.stats.set(w, Field::Skip, 0);
             continue;
         }
+        // SYNC POINT with `Supervisor::respawn`, which reads `Current` once this process is
+        // dead (seen through its pidfd): the last value stored here names the item it died on.
         setup.stats.set(w, Field::Current, seq.wrapping_add(1));
         // Counted before the result is published, so that a caller who has every result also
         // sees every chunk in the stats.
@@ -161,6 +165,9 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         // Only now, with the output published, is the input released: a worker that dies
         // before this point leaves the chunk in its input ring for a successor.
         frame.release();
+        // SYNC POINT with the coordinator's doorbell waits (`call::wait::until`): the release
+        // above (a Release store of the input ring's tail) comes before this notify, so a
+        // waiter that wakes finds the room, and the result published before it.
         bell.ring();
         setup.stats.set(w, Field::Current, 0);
     }
