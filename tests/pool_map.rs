@@ -316,3 +316,26 @@ fn trusted_outputs_skip_validation_and_read_the_same() {
     }
     assert_no_children();
 }
+
+#[test]
+fn slices_of_one_buffer_are_inputs_copied_once() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<Vec<f32>, _, _>(|c| reference(c.samples()));
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let buffer: Vec<f32> = (0..300_000).map(|j| (j % 97) as f32 / 32.0).collect();
+        let chunks: Vec<&[f32]> = buffer.chunks(7_777).collect();
+        let got: Vec<(f64, u64)> = pool
+            .map_slices(chunks.iter().copied())
+            .map(|r| {
+                let o = r.unwrap();
+                (o.0.to_native(), o.1.to_native())
+            })
+            .collect();
+        let want: Vec<(f64, u64)> = chunks.iter().map(|c| reference(c)).collect();
+        assert_eq!(got, want);
+        let stats = pool.stats();
+        assert_eq!(stats.copies_per_input_byte(), 1.0);
+    }
+    assert_no_children();
+}

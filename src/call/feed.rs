@@ -139,3 +139,52 @@ where
         exact_len(self.lens.size_hint())
     }
 }
+
+/// Inputs that are slices of the caller's memory, each copied once into the ring as a `Vec<E>`
+/// archive ([`crate::Pool::map_slices`]): no `Vec` per chunk on the way.
+pub(crate) struct SliceFeed<'s, I, E> {
+    slices: I,
+    pending: Option<&'s [E]>,
+}
+
+impl<'s, I, E> SliceFeed<'s, I, E> {
+    pub(crate) fn new(slices: I) -> Self {
+        SliceFeed {
+            slices,
+            pending: None,
+        }
+    }
+}
+
+impl<'s, I, E> Feed for SliceFeed<'s, I, E>
+where
+    I: Iterator<Item = &'s [E]>,
+    E: Sample,
+{
+    fn prepare(&mut self) -> Option<Result<usize, String>> {
+        let slice = self.slices.next()?;
+        self.pending = Some(slice);
+        Some(Ok(Prewritten::<E>::new(slice.len()).archive_len()))
+    }
+
+    fn skip(&mut self) {
+        self.pending = None;
+    }
+
+    fn write(&mut self, slot: &mut [u8]) -> Result<usize, String> {
+        let slice = self.pending.take().ok_or("no input prepared")?;
+        let p = Prewritten::<E>::new(slice.len());
+        let data: &mut [E] = bytemuck::try_cast_slice_mut(&mut slot[..p.data_len()])
+            .map_err(|e| format!("slot not aligned for the samples: {e:?}"))?;
+        data.copy_from_slice(slice);
+        p.finish(slot).map_err(|e| e.to_string())
+    }
+
+    fn copies(&self) -> bool {
+        true
+    }
+
+    fn remaining(&self) -> Option<u64> {
+        exact_len(self.slices.size_hint())
+    }
+}

@@ -9,7 +9,7 @@ use std::borrow::Borrow;
 use std::time::Instant;
 
 use super::engine::{Call, Placed};
-use super::feed::{Feed, FillFeed, SerializeFeed};
+use super::feed::{Feed, FillFeed, SerializeFeed, SliceFeed};
 use super::wait::{self, MAP_SLICE};
 use crate::archive::Sample;
 use crate::error::{BoxError, Error, Result};
@@ -271,6 +271,31 @@ impl<T: Task> Pool<T> {
         G: FnMut(u64, &mut [E]) -> Result<(), BoxError> + 'a,
     {
         let feed = FillFeed::new(lens.into_iter(), fill);
+        Map::new(self, Box::new(feed), true)
+    }
+
+    /// [`Pool::map`] over slices of memory the caller already holds (a file read into one
+    /// buffer, a digitizer's DMA area): each slice is copied once into a worker's input ring
+    /// as the `Vec<E>` archive the task reads, with no `Vec` made per chunk.
+    ///
+    /// ```no_run
+    /// use shmexec::{Pool, Samples};
+    /// let task = shmexec::from_fn::<Vec<i16>, _, _>(|c| c.samples().iter().map(|&s| s as i64).sum::<i64>());
+    /// let mut pool = Pool::builder().workers(2).build(task)?;
+    /// let file: Vec<i16> = vec![3; 8 << 20]; // read from disk, say
+    /// for sum in pool.map_slices(file.chunks(1 << 20)) {
+    ///     assert_eq!(sum?.to_native(), 3 << 20);
+    /// }
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn map_slices<'a, E, I>(&'a mut self, slices: I) -> Map<'a, T>
+    where
+        T: Task<Input = Vec<E>>,
+        E: Sample,
+        I: IntoIterator<Item = &'a [E]>,
+        I::IntoIter: 'a,
+    {
+        let feed = SliceFeed::new(slices.into_iter());
         Map::new(self, Box::new(feed), true)
     }
 
