@@ -58,7 +58,7 @@ pub use pin::Pinning;
 pub use pool::{Builder, DEFAULT_QUEUE_BYTES, DEFAULT_RING_BYTES, Pool, Start};
 pub use shmexec_shm as shm;
 pub use shmexec_shm::WaitStrategy;
-pub use stats::{CallStats, PoolStats, WorkerStats};
+pub use stats::{CallStats, PoolStats, Timing, WorkerStats};
 pub use task::bytes::{ByteTask, ItemFailure};
 pub use task::sink::OutputSink;
 pub use task::{

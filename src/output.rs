@@ -9,6 +9,7 @@ use shmexec_shm::HeldFrame;
 
 use crate::archive::{Decode, RkyvError, decode, decode_trusted};
 use crate::error::{Error, Result};
+use crate::stats::Timing;
 
 /// One result, still inside the worker's output ring: it derefs to the archived output without
 /// a copy, and frees its ring bytes when dropped.
@@ -21,16 +22,25 @@ use crate::error::{Error, Result};
 /// [`OutputRef::deserialize`] (or copy what you need) to collect a long stream.
 pub struct OutputRef<O> {
     frame: HeldFrame,
+    timing: Timing,
     _out: PhantomData<fn() -> O>,
 }
 
 impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
     /// Validates the frame as an archive of `O` (every output is checked once, here), unless
     /// the pool was built with the unsafe [`crate::Builder::trust_outputs`].
-    pub(crate) fn new(frame: HeldFrame, validate: bool) -> Result<OutputRef<O>> {
+    pub(crate) fn new(frame: HeldFrame, validate: bool, submitted_ns: u64) -> Result<OutputRef<O>> {
+        let [started_ns, finished_ns] = frame.words();
+        let timing = Timing {
+            submitted_ns,
+            started_ns,
+            finished_ns,
+            delivered_ns: shmexec_shm::clock::now_ns(),
+        };
         if !validate {
             return Ok(OutputRef {
                 frame,
+                timing,
                 _out: PhantomData,
             });
         }
@@ -42,8 +52,15 @@ impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
         }
         Ok(OutputRef {
             frame,
+            timing,
             _out: PhantomData,
         })
+    }
+
+    /// When this result's input was handed to a worker, when the worker started and finished
+    /// it, and when it was handed to the caller.
+    pub fn timing(&self) -> Timing {
+        self.timing
     }
 
     /// The item's sequence number: its 0-based position in the pool's input stream (all calls

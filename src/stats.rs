@@ -108,6 +108,7 @@ impl Doorbell {
 }
 
 /// What one worker has done since the pool started.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WorkerStats {
     /// The worker's index in the pool.
@@ -131,6 +132,7 @@ pub struct WorkerStats {
 }
 
 /// Pool-wide figures: the workers' counters and what the coordinator moved.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolStats {
     /// One entry per worker.
@@ -149,6 +151,39 @@ pub struct PoolStats {
 }
 
 impl PoolStats {
+    /// What happened between `earlier` (a value this pool's [`crate::Pool::stats`] returned
+    /// before) and `self`: every counter as a difference; a worker's pid and core as now.
+    pub fn since(&self, earlier: &PoolStats) -> PoolStats {
+        let workers = self
+            .workers
+            .iter()
+            .map(
+                |w| match earlier.workers.iter().find(|e| e.index == w.index) {
+                    Some(e) => WorkerStats {
+                        chunks: w.chunks.saturating_sub(e.chunks),
+                        bytes_in: w.bytes_in.saturating_sub(e.bytes_in),
+                        bytes_out: w.bytes_out.saturating_sub(e.bytes_out),
+                        busy: w.busy.saturating_sub(e.busy),
+                        errors: w.errors.saturating_sub(e.errors),
+                        respawns: w.respawns.saturating_sub(e.respawns),
+                        ..w.clone()
+                    },
+                    None => w.clone(),
+                },
+            )
+            .collect();
+        PoolStats {
+            workers,
+            items: self.items.saturating_sub(earlier.items),
+            input_bytes: self.input_bytes.saturating_sub(earlier.input_bytes),
+            input_bytes_copied: self
+                .input_bytes_copied
+                .saturating_sub(earlier.input_bytes_copied),
+            output_bytes: self.output_bytes.saturating_sub(earlier.output_bytes),
+            respawns: self.respawns.saturating_sub(earlier.respawns),
+        }
+    }
+
     /// Copies the coordinator made per input byte: 1 for serialized inputs, 0 for in-place ones.
     pub fn copies_per_input_byte(&self) -> f64 {
         if self.input_bytes == 0 {
@@ -160,6 +195,7 @@ impl PoolStats {
 }
 
 /// Figures of one call (`map`, `map_unordered`, `for_each`) so far.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CallStats {
     /// Results handed out (values and errors).
@@ -178,5 +214,48 @@ impl CallStats {
     /// Input megabytes (10^6 bytes) per second.
     pub fn input_mbps(&self) -> f64 {
         self.input_bytes as f64 / 1e6 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// When one item passed each stage, in nanoseconds of the machine's monotonic clock (one time
+/// line for all the pool's processes; see `shmexec_shm::clock`). Each result carries it
+/// ([`crate::OutputRef::timing`]); reading it costs nothing, and taking it costs four clock reads
+/// per item, so it is always on.
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timing {
+    /// The input was written into a worker's ring.
+    pub submitted_ns: u64,
+    /// The worker started on it.
+    pub started_ns: u64,
+    /// The worker finished this output (published it).
+    pub finished_ns: u64,
+    /// The result was handed to the caller.
+    pub delivered_ns: u64,
+}
+
+fn between(from: u64, to: u64) -> Duration {
+    Duration::from_nanos(to.saturating_sub(from))
+}
+
+impl Timing {
+    /// From submission to the worker's start: time queued in the ring.
+    pub fn queued(&self) -> Duration {
+        between(self.submitted_ns, self.started_ns)
+    }
+
+    /// From the worker's start to this output: time computing it.
+    pub fn run(&self) -> Duration {
+        between(self.started_ns, self.finished_ns)
+    }
+
+    /// From the output to its hand-over: time waiting for the caller (or for earlier items).
+    pub fn waited(&self) -> Duration {
+        between(self.finished_ns, self.delivered_ns)
+    }
+
+    /// From submission to hand-over.
+    pub fn total(&self) -> Duration {
+        between(self.submitted_ns, self.delivered_ns)
     }
 }

@@ -339,3 +339,35 @@ fn slices_of_one_buffer_are_inputs_copied_once() {
     }
     assert_no_children();
 }
+
+#[test]
+fn every_result_says_when_it_passed_each_stage_and_stats_give_deltas() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<u64, _, _>(|&n| {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+            n.to_native()
+        });
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let before = pool.stats();
+        for r in pool.map(0..20u64) {
+            let t = r.unwrap().timing();
+            assert!(t.submitted_ns > 0, "{t:?}");
+            assert!(
+                t.submitted_ns <= t.started_ns
+                    && t.started_ns <= t.finished_ns
+                    && t.finished_ns <= t.delivered_ns,
+                "{t:?}"
+            );
+            assert!(t.run() >= std::time::Duration::from_millis(2), "{t:?}");
+            assert_eq!(t.total(), t.queued() + t.run() + t.waited());
+        }
+        let mid = pool.stats();
+        assert_eq!(pool.map(0..5u64).count(), 5);
+        let delta = pool.stats().since(&mid);
+        assert_eq!(delta.items, 5);
+        assert_eq!(delta.workers.iter().map(|w| w.chunks).sum::<u64>(), 5);
+        assert_eq!(mid.since(&before).items, 20);
+    }
+    assert_no_children();
+}

@@ -1,7 +1,7 @@
 //! The frame format: a 64-byte header slot, then the payload, padded to 64 bytes.
 //!
 //! ```text
-//! offset 0        24                64                64 + len    64 + round_up(len, 64)
+//! offset 0        48                64                64 + len    64 + round_up(len, 64)
 //!        | header | (unused)        | payload ...     | padding    |
 //! ```
 //!
@@ -11,9 +11,10 @@
 //! The header slot starts with the frame's **stamp**, an `AtomicU64` holding the frame's ring
 //! position plus one: the producer stores it last (`Release`), and the consumer polls it
 //! (`Acquire`) to learn that the frame is published. Then come the payload length, a sequence
-//! number, a kind, and a check word derived from all four. The consumer copies the fields out of
-//! shared memory once and validates the copy, so a corrupt or hostile header is an error and
-//! never an out-of-bounds read.
+//! number, a kind (with the frame's part index), a check word derived from all four, and two
+//! words the layers above carry with the frame (not checked: any value is valid). The consumer
+//! copies the fields out of shared memory once and validates the copy, so a corrupt or hostile
+//! header is an error and never an out-of-bounds read.
 
 use crate::error::{Error, Result};
 
@@ -69,6 +70,9 @@ pub(crate) struct FrameHeader {
     check: u32,
     len: u64,
     seq: u64,
+    /// Two words the layers above carry with the frame (the executor: when its item started
+    /// and when this output was finished). Not covered by the check: any value is valid.
+    words: [u64; 2],
 }
 
 const _: () = assert!(FIELDS_AT + std::mem::size_of::<FrameHeader>() <= HEADER_LEN);
@@ -95,7 +99,19 @@ impl FrameHeader {
             check: check_word(stamp(at), kind, len, seq),
             len,
             seq,
+            words: [0; 2],
         }
+    }
+
+    /// The header with the two carried words set.
+    pub(crate) fn with_words(mut self, words: [u64; 2]) -> FrameHeader {
+        self.words = words;
+        self
+    }
+
+    /// The two carried words.
+    pub(crate) fn words(&self) -> [u64; 2] {
+        self.words
     }
 
     /// Validates fields read at ring position `at` (whose stamp matched).

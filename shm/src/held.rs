@@ -142,6 +142,7 @@ pub struct HeldFrame {
     len: usize,
     seq: u64,
     kind: FrameKind,
+    words: [u64; 2],
 }
 
 impl HeldFrame {
@@ -155,6 +156,7 @@ impl HeldFrame {
         len: usize,
         seq: u64,
         kind: FrameKind,
+        words: [u64; 2],
     ) -> HeldFrame {
         book.record_held(pos, total);
         HeldFrame {
@@ -165,6 +167,7 @@ impl HeldFrame {
             len,
             seq,
             kind,
+            words,
         }
     }
 
@@ -176,6 +179,11 @@ impl HeldFrame {
     /// The sequence number the producer gave the frame.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The two words the producer set with [`crate::Grant::set_words`].
+    pub fn words(&self) -> [u64; 2] {
+        self.words
     }
 }
 

@@ -8,6 +8,7 @@
 //!
 //! | module      | holds                                                                 |
 //! |-------------|-----------------------------------------------------------------------|
+//! | [`clock`]   | the monotonic clock, one time line for all the pool's processes      |
 //! | [`segment`] | anonymous shared memory (`memfd`), allocated up front, `MAP_SHARED`   |
 //! | [`futex`]   | the raw shared-futex wait and wake                                     |
 //! | [`peer`]    | liveness of the process at the other end (pidfd)                       |
@@ -34,6 +35,7 @@
 //! # Ok::<(), shmexec_shm::Error>(())
 //! ```
 
+pub mod clock;
 pub mod error;
 pub mod frame;
 pub mod futex;

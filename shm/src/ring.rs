@@ -584,6 +584,7 @@ impl Producer {
             kind: FrameKind::Data,
             part: 0,
             seq,
+            words: [0; 2],
         }
     }
 
@@ -613,7 +614,7 @@ impl Producer {
             if !self.wait_space(pad, deadline, block)? {
                 return Ok(None);
             }
-            self.publish(pad, KIND_PAD, pad - HEADER_LEN as u64, 0);
+            self.publish(pad, KIND_PAD, pad - HEADER_LEN as u64, 0, [0; 2]);
         }
         if !self.wait_space(need, deadline, block)? {
             return Ok(None);
@@ -675,7 +676,7 @@ impl Producer {
     }
 
     /// Publishes the frame of `total` ring bytes at `head`, whose payload is already written.
-    fn publish(&mut self, total: u64, kind: u32, len: u64, seq: u64) {
+    fn publish(&mut self, total: u64, kind: u32, len: u64, seq: u64, words: [u64; 2]) {
         let (pos, cap) = (self.head, self.view.cap);
         let next = pos + total;
         // The consumer will poll the slot at `next` once it has read this frame. Old payload
@@ -687,7 +688,7 @@ impl Producer {
             self.view.stamp(next % cap).store(0, Ordering::Relaxed);
         }
         self.view
-            .publish_header(pos, FrameHeader::new(pos, kind, len, seq));
+            .publish_header(pos, FrameHeader::new(pos, kind, len, seq).with_words(words));
         self.head = next;
         let ctl = self.view.ctl();
         // The shared head is for a producer that takes over after this one died; the consumer
@@ -722,6 +723,7 @@ pub struct Grant<'a> {
     kind: FrameKind,
     part: u32,
     seq: u64,
+    words: [u64; 2],
 }
 
 impl std::fmt::Debug for Grant<'_> {
@@ -748,6 +750,13 @@ impl Grant<'_> {
         self
     }
 
+    /// Sets the two words the frame carries beside its payload (default 0; not checked: the
+    /// reader gets them as written, or as a hostile writer left them).
+    pub fn set_words(&mut self, words: [u64; 2]) -> &mut Self {
+        self.words = words;
+        self
+    }
+
     /// Sets the frame's sequence number (default: one more than the last committed).
     pub fn set_seq(&mut self, seq: u64) -> &mut Self {
         self.seq = seq;
@@ -770,10 +779,11 @@ impl Grant<'_> {
             kind,
             part,
             seq,
+            words,
         } = self;
         let total = frame_bytes(len as u64).expect("reserved frames fit the ring");
         producer.next_seq = seq.wrapping_add(1);
-        producer.publish(total, kind_word(kind, part), len as u64, seq);
+        producer.publish(total, kind_word(kind, part), len as u64, seq, words);
         seq
     }
 }
@@ -827,6 +837,7 @@ struct Located {
     seq: u64,
     kind: FrameKind,
     part: u32,
+    words: [u64; 2],
     total: u64,
 }
 
@@ -884,7 +895,8 @@ impl Consumer {
             }
             let off = self.read % cap;
             let room = cap - off;
-            match self.view.read_fields(off).decode(self.read)? {
+            let fields = self.view.read_fields(off);
+            match fields.decode(self.read)? {
                 Decoded::Pad { len } => {
                     if len.checked_add(HEADER_LEN as u64) != Some(room) {
                         return Err(Error::corrupt(format!(
@@ -913,6 +925,7 @@ impl Consumer {
                         seq,
                         kind,
                         part,
+                        words: fields.words(),
                         total,
                     }));
                 }
@@ -1031,6 +1044,11 @@ impl Frame<'_> {
         self.at.part
     }
 
+    /// The two words the producer set with [`Grant::set_words`].
+    pub fn words(&self) -> [u64; 2] {
+        self.at.words
+    }
+
     /// Frees the frame's bytes for the producer.
     pub fn release(self) {
         let total = self.at.total;
@@ -1049,6 +1067,7 @@ impl Frame<'_> {
             kind,
             total,
             part: _,
+            words,
         } = self.at;
         let consumer = self.consumer;
         let pos = consumer.read;
@@ -1062,6 +1081,7 @@ impl Frame<'_> {
             len,
             seq,
             kind,
+            words,
         )
     }
 }

@@ -360,6 +360,7 @@ impl Call {
             }
             let last = kind != FrameKind::More;
             let live = slot.expect.front().is_some_and(|e| e.live);
+            let submitted_ns = slot.expect.front().map_or(0, |e| e.submitted_ns);
             if last {
                 // The item is closed: it leaves the worker's queue (field by field, as the
                 // frame still borrows the ring).
@@ -387,7 +388,7 @@ impl Call {
                     let n = frame.len() as u64;
                     self.stats.output_bytes += n;
                     sup.totals.output_bytes += n;
-                    OutputRef::new(frame.hold(), validate)
+                    OutputRef::new(frame.hold(), validate, submitted_ns)
                 }
                 FrameKind::Done => {
                     frame.release();

@@ -22,6 +22,8 @@ pub(crate) struct Expected {
     /// worker has finished the item once the ring's
     /// [`released`](shmexec_shm::Producer::released) position reaches it.
     pub(crate) end: u64,
+    /// When it was handed to the worker (`shmexec_shm::clock`), for its results' timing.
+    pub(crate) submitted_ns: u64,
 }
 
 /// The items of one worker, oldest first (the order the worker answers them in).
@@ -100,6 +102,7 @@ mod tests {
             live: true,
             bytes,
             end,
+            submitted_ns: 0,
         }
     }
 

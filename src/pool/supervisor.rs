@@ -126,6 +126,7 @@ impl WorkerSlot {
             live: true,
             bytes,
             end,
+            submitted_ns: shmexec_shm::clock::now_ns(),
         });
         self.live += 1;
     }

@@ -53,6 +53,8 @@ enum Place {
 pub struct OutputSink<'a> {
     tx: &'a mut Producer,
     seq: u64,
+    /// When the worker started the item (`shmexec_shm::clock`), carried in every output frame.
+    started_ns: u64,
     before_publish: &'a mut dyn FnMut(usize),
     /// Frames published for this item so far.
     parts: u32,
@@ -70,11 +72,13 @@ impl<'a> OutputSink<'a> {
     pub(crate) fn new(
         tx: &'a mut Producer,
         seq: u64,
+        started_ns: u64,
         before_publish: &'a mut dyn FnMut(usize),
     ) -> Self {
         OutputSink {
             tx,
             seq,
+            started_ns,
             before_publish,
             parts: 0,
             outcome: None,
@@ -166,7 +170,13 @@ impl<'a> OutputSink<'a> {
             Ok(n) => {
                 // `grant` borrows `self.tx`: publish through a function of the other fields.
                 let before = &mut *self.before_publish;
-                publish_grant(grant, self.seq, self.parts, n, place, before);
+                publish_grant(
+                    grant,
+                    (self.seq, self.parts, self.started_ns),
+                    n,
+                    place,
+                    before,
+                );
                 self.after_publish(place);
                 Ok(())
             }
@@ -264,7 +274,13 @@ impl<'a> OutputSink<'a> {
         match encode_into_at(&pair, &mut grant, data) {
             Ok(n) => {
                 let before = &mut *self.before_publish;
-                publish_grant(grant, self.seq, self.parts, n, place, before);
+                publish_grant(
+                    grant,
+                    (self.seq, self.parts, self.started_ns),
+                    n,
+                    place,
+                    before,
+                );
                 self.after_publish(place);
             }
             Err(e) => {
@@ -275,11 +291,11 @@ impl<'a> OutputSink<'a> {
     }
 }
 
-/// Publishes `grant` as `n` bytes of part `part` of item `seq`.
+/// Publishes `grant` as `n` bytes of part `part` of item `seq`, stamped with when the item
+/// started and when this output was finished (now).
 fn publish_grant(
     mut grant: Grant<'_>,
-    seq: u64,
-    part: u32,
+    (seq, part, started_ns): (u64, u32, u64),
     n: usize,
     place: Place,
     before: &mut dyn FnMut(usize),
@@ -288,7 +304,12 @@ fn publish_grant(
         Place::More => FrameKind::More,
         Place::Last => FrameKind::Data,
     };
-    grant.truncate(n).set_seq(seq).set_kind(kind).set_part(part);
+    grant
+        .truncate(n)
+        .set_seq(seq)
+        .set_kind(kind)
+        .set_part(part)
+        .set_words([started_ns, shmexec_shm::clock::now_ns()]);
     before(n);
     grant.commit();
 }

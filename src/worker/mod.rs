@@ -103,6 +103,7 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         }
         let seq = frame.seq();
         let start = Instant::now();
+        let started_ns = shmexec_shm::clock::now_ns();
         let w = info.index;
         // SYNC POINT with `Supervisor::respawn`, which sets `Skip` before it starts this
         // process (the fork orders the store before this load).
@@ -129,7 +130,7 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
                 .stats
                 .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
         };
-        let mut sink = OutputSink::new(&mut tx, seq, &mut before_publish);
+        let mut sink = OutputSink::new(&mut tx, seq, started_ns, &mut before_publish);
         let produced = match catch_unwind(AssertUnwindSafe(|| task.run(&frame, &mut sink))) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(ItemFailure::InvalidInput(e))) => Err(Report::new(Code::InvalidInput, e)),
