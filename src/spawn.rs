@@ -81,14 +81,7 @@ pub fn serve<T: Task>(name: &str, make: impl FnOnce() -> T) {
     SERVING.store(true, Ordering::Relaxed);
     let code = match attach() {
         Ok(attached) => {
-            let setup = worker::Setup {
-                info: attached.info.clone(),
-                input: &attached.input,
-                output: &attached.output,
-                stats: &attached.stats,
-                shared: attached.shared,
-                wait: attached.wait,
-            };
+            let setup = attached.setup();
             let serves = task_types::<T>();
             if attached.types != serves {
                 worker::refuse(
@@ -126,14 +119,7 @@ pub(crate) fn refuse_if_unserved() {
     };
     let code = match attach() {
         Ok(attached) => {
-            let setup = worker::Setup {
-                info: attached.info.clone(),
-                input: &attached.input,
-                output: &attached.output,
-                stats: &attached.stats,
-                shared: attached.shared,
-                wait: attached.wait,
-            };
+            let setup = attached.setup();
             worker::refuse(
                 setup,
                 format!(
@@ -160,6 +146,20 @@ struct Attached {
     wait: WaitStrategy,
     /// The pool's task types ([`task_types`]).
     types: String,
+}
+
+impl Attached {
+    /// What the worker loop needs, over the attached rings.
+    fn setup(&self) -> worker::Setup<'_> {
+        worker::Setup {
+            info: self.info.clone(),
+            input: &self.input,
+            output: &self.output,
+            stats: &self.stats,
+            shared: self.shared.clone(),
+            wait: self.wait,
+        }
+    }
 }
 
 /// Reopens an inherited descriptor by number through /proc (safe: no claim of ownership over a

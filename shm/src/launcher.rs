@@ -21,16 +21,16 @@
 //! instead, and a closed request pipe: either means the host is gone, and it kills its children
 //! and exits. Its children do use the death signal: the launcher has one thread.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::event::{PollFd, PollFlags};
 use rustix::pipe::PipeFlags;
 use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
 
 use crate::error::{Error, Result};
-use crate::process::{ChildProcess, ExitStatus};
+use crate::process::{ChildProcess, ExitStatus, readable_within};
 
 /// How long the host waits for the launcher's answer before it calls the launcher dead.
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
@@ -89,24 +89,6 @@ fn read_message(fd: &OwnedFd) -> rustix::io::Result<Option<Message>> {
     Ok(Some(decode(&b)))
 }
 
-/// Whether `fd` becomes readable within `timeout`.
-fn readable_within(fd: &OwnedFd, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ts = rustix::time::Timespec {
-            tv_sec: left.as_secs() as i64,
-            tv_nsec: left.subsec_nanos() as _,
-        };
-        let mut fds = [PollFd::new(fd, PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(n) => return n > 0,
-            Err(rustix::io::Errno::INTR) if !left.is_zero() => {}
-            Err(_) => return false,
-        }
-    }
-}
-
 /// The host's end of the pipes.
 struct Link {
     requests: OwnedFd,
@@ -116,7 +98,7 @@ struct Link {
 impl Link {
     fn ask(&self, m: Message) -> Result<Message> {
         write_all(&self.requests, &encode(m)).map_err(|e| Error::os("launcher request", e))?;
-        if !readable_within(&self.replies, ANSWER_WITHIN) {
+        if !readable_within(self.replies.as_fd(), ANSWER_WITHIN) {
             return Err(Error::os("launcher reply", rustix::io::Errno::TIMEDOUT));
         }
         read_message(&self.replies)

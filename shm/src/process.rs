@@ -9,7 +9,7 @@
 //! [`fork_unchecked`] (unsafe) is for callers that know their other threads hold nothing the
 //! child needs.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags};
@@ -146,6 +146,25 @@ fn run_child(parent: Pid, die_with_parent: bool, child: impl FnOnce() -> i32) ->
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(child)).unwrap_or(101)
 }
 
+/// Whether `fd` becomes readable within `timeout` (a pidfd: the process exited; a pipe: data
+/// or end of file). Interrupted polls resume with the time left.
+pub(crate) fn readable_within(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ts = rustix::time::Timespec {
+            tv_sec: left.as_secs() as i64,
+            tv_nsec: left.subsec_nanos() as _,
+        };
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(n) => return n > 0,
+            Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
 /// Threads in this process, from `/proc/self/task` (1 if it cannot be read).
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -239,20 +258,7 @@ impl ChildProcess {
     }
 
     fn exited_within(&self, timeout: Duration) -> bool {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let ts = rustix::time::Timespec {
-                tv_sec: left.as_secs() as i64,
-                tv_nsec: left.subsec_nanos() as _,
-            };
-            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
-            match rustix::event::poll(&mut fds, Some(&ts)) {
-                Ok(n) => return n > 0,
-                Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
-                Err(_) => return false,
-            }
-        }
+        readable_within(self.pidfd.as_fd(), timeout)
     }
 
     fn reap(&mut self) -> Result<ExitStatus> {

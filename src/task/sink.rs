@@ -52,14 +52,49 @@ enum Place {
 /// reads it.
 pub struct OutputSink<'a> {
     tx: &'a mut Producer,
+    before_publish: &'a mut dyn FnMut(usize),
+    item: Item,
+}
+
+/// The item a sink writes for (apart from the ring, so that a grant of the ring and the item
+/// can be used together).
+struct Item {
     seq: u64,
     /// When the worker started the item (`shmexec_shm::clock`), carried in every output frame.
     started_ns: u64,
-    before_publish: &'a mut dyn FnMut(usize),
     /// Frames published for this item so far.
     parts: u32,
     /// Set once the item is closed or failed; nothing more is published then.
     outcome: Option<Outcome>,
+}
+
+impl Item {
+    /// Publishes `grant` as `n` bytes of the item's next part, stamped with when the item
+    /// started and when this output was finished (now).
+    fn publish(
+        &mut self,
+        mut grant: Grant<'_>,
+        n: usize,
+        place: Place,
+        before: &mut dyn FnMut(usize),
+    ) {
+        let kind = match place {
+            Place::More => FrameKind::More,
+            Place::Last => FrameKind::Data,
+        };
+        grant
+            .truncate(n)
+            .set_seq(self.seq)
+            .set_kind(kind)
+            .set_part(self.parts)
+            .set_words([self.started_ns, shmexec_shm::clock::now_ns()]);
+        before(n);
+        grant.commit();
+        self.parts += 1;
+        if place == Place::Last {
+            self.outcome = Some(Outcome::Closed);
+        }
+    }
 }
 
 /// The error an `emit` returns once the sink has failed (the report it recorded is what the
@@ -77,18 +112,20 @@ impl<'a> OutputSink<'a> {
     ) -> Self {
         OutputSink {
             tx,
-            seq,
-            started_ns,
             before_publish,
-            parts: 0,
-            outcome: None,
+            item: Item {
+                seq,
+                started_ns,
+                parts: 0,
+                outcome: None,
+            },
         }
     }
 
     /// How the item's outputs ended; `None`: no output at all.
     pub(crate) fn into_outcome(self) -> (Option<Outcome>, u32) {
-        let parts = self.parts;
-        let outcome = match self.outcome {
+        let parts = self.item.parts;
+        let outcome = match self.item.outcome {
             None if parts > 0 => Some(Outcome::Open),
             other => other,
         };
@@ -117,21 +154,21 @@ impl<'a> OutputSink<'a> {
     }
 
     fn encode_failed(&mut self, e: impl std::fmt::Display) {
-        self.outcome = Some(Outcome::Report(Report::new(Code::Encode, e.to_string())));
+        self.item.outcome = Some(Outcome::Report(Report::new(Code::Encode, e.to_string())));
     }
 
     /// Whether the sink may still publish: the item is neither closed nor failed, and its
     /// parts fit a frame's part index.
     fn open(&mut self) -> bool {
-        if self.outcome.is_some() {
+        if self.item.outcome.is_some() {
             return false;
         }
-        if self.parts >= shmexec_shm::frame::MAX_PART {
+        if self.item.parts >= shmexec_shm::frame::MAX_PART {
             let msg = format!(
                 "more than {} outputs for one input",
                 shmexec_shm::frame::MAX_PART
             );
-            self.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
+            self.item.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
             return false;
         }
         true
@@ -163,34 +200,18 @@ impl<'a> OutputSink<'a> {
                 return Err(failed());
             }
         };
-        let Some(mut grant) = Self::reserve(self.tx, &mut self.outcome, len) else {
+        let Some(mut grant) = Self::reserve(self.tx, &mut self.item.outcome, len) else {
             return Err(failed());
         };
         match encode_into(value, &mut grant) {
             Ok(n) => {
-                // `grant` borrows `self.tx`: publish through a function of the other fields.
-                let before = &mut *self.before_publish;
-                publish_grant(
-                    grant,
-                    (self.seq, self.parts, self.started_ns),
-                    n,
-                    place,
-                    before,
-                );
-                self.after_publish(place);
+                self.item.publish(grant, n, place, self.before_publish);
                 Ok(())
             }
             Err(e) => {
                 self.encode_failed(e);
                 Err(failed())
             }
-        }
-    }
-
-    fn after_publish(&mut self, place: Place) {
-        self.parts += 1;
-        if place == Place::Last {
-            self.outcome = Some(Outcome::Closed);
         }
     }
 
@@ -235,11 +256,11 @@ impl<'a> OutputSink<'a> {
         let guess = reserved
             .saturating_add(META_SLACK)
             .min(ring_max.max(reserved));
-        let Some(mut grant) = Self::reserve(self.tx, &mut self.outcome, guess) else {
+        let Some(mut grant) = Self::reserve(self.tx, &mut self.item.outcome, guess) else {
             return Ok(());
         };
         let Ok(samples) = bytemuck::try_cast_slice_mut::<u8, E>(&mut grant[..reserved]) else {
-            self.outcome = Some(Outcome::Report(Report::new(
+            self.item.outcome = Some(Outcome::Report(Report::new(
                 Code::Encode,
                 "ring slot not aligned for the samples",
             )));
@@ -249,7 +270,7 @@ impl<'a> OutputSink<'a> {
         let (used, meta) = fill(samples)?;
         if used > max {
             let msg = format!("the task used {used} samples of the {max} it reserved");
-            self.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
+            self.item.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
             return Ok(());
         }
         let p = Prewritten::<E>::new(used);
@@ -265,7 +286,7 @@ impl<'a> OutputSink<'a> {
         if end > grant.len() {
             // The metadata needs more room than reserved: move the samples to a bigger slot.
             let moved = grant[..data].to_vec();
-            let Some(mut bigger) = Self::reserve(self.tx, &mut self.outcome, end) else {
+            let Some(mut bigger) = Self::reserve(self.tx, &mut self.item.outcome, end) else {
                 return Ok(());
             };
             bigger[..data].copy_from_slice(&moved);
@@ -273,15 +294,7 @@ impl<'a> OutputSink<'a> {
         }
         match encode_into_at(&pair, &mut grant, data) {
             Ok(n) => {
-                let before = &mut *self.before_publish;
-                publish_grant(
-                    grant,
-                    (self.seq, self.parts, self.started_ns),
-                    n,
-                    place,
-                    before,
-                );
-                self.after_publish(place);
+                self.item.publish(grant, n, place, self.before_publish);
             }
             Err(e) => {
                 self.encode_failed(e);
@@ -289,29 +302,6 @@ impl<'a> OutputSink<'a> {
         }
         Ok(())
     }
-}
-
-/// Publishes `grant` as `n` bytes of part `part` of item `seq`, stamped with when the item
-/// started and when this output was finished (now).
-fn publish_grant(
-    mut grant: Grant<'_>,
-    (seq, part, started_ns): (u64, u32, u64),
-    n: usize,
-    place: Place,
-    before: &mut dyn FnMut(usize),
-) {
-    let kind = match place {
-        Place::More => FrameKind::More,
-        Place::Last => FrameKind::Data,
-    };
-    grant
-        .truncate(n)
-        .set_seq(seq)
-        .set_kind(kind)
-        .set_part(part)
-        .set_words([started_ns, shmexec_shm::clock::now_ns()]);
-    before(n);
-    grant.commit();
 }
 
 /// Publishes an error report for item `seq` as its part `part` (closing it). A message too
