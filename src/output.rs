@@ -29,13 +29,19 @@ pub struct OutputRef<O> {
 impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
     /// Validates the frame as an archive of `O` (every output is checked once, here), unless
     /// the pool was built with the unsafe [`crate::Builder::trust_outputs`].
-    pub(crate) fn new(frame: HeldFrame, validate: bool, submitted_ns: u64) -> Result<OutputRef<O>> {
+    /// `submitted_ns`: when its input was placed, for a pool that times items (`None`: the
+    /// coordinator's half of [`Timing`] stays 0).
+    pub(crate) fn new(
+        frame: HeldFrame,
+        validate: bool,
+        submitted_ns: Option<u64>,
+    ) -> Result<OutputRef<O>> {
         let [started_ns, finished_ns] = frame.words();
         let timing = Timing {
-            submitted_ns,
+            submitted_ns: submitted_ns.unwrap_or(0),
             started_ns,
             finished_ns,
-            delivered_ns: shmexec_shm::clock::now_ns(),
+            delivered_ns: submitted_ns.map_or(0, |_| shmexec_shm::clock::now_ns()),
         };
         if !validate {
             return Ok(OutputRef {
@@ -58,7 +64,8 @@ impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
     }
 
     /// When this result's input was handed to a worker, when the worker started and finished
-    /// it, and when it was handed to the caller.
+    /// it, and when it was handed to the caller (the first and last are 0 in a pool built with
+    /// `item_timing(false)`).
     pub fn timing(&self) -> Timing {
         self.timing
     }

@@ -485,3 +485,39 @@ fn collecting_every_output_of_a_long_stream_ends() {
     }
     assert_no_children();
 }
+
+#[test]
+fn collecting_two_thousand_results_through_1_mib_rings_says_what_was_not_run() {
+    let guard = serial();
+    {
+        // 8 KiB outputs: a 1 MiB output ring holds about 127 of them.
+        let task = shmexec::from_fn::<u64, _, _>(|&n| vec![n.to_native() as u8; 8 << 10]);
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let all: Vec<_> = pool.map(0..2000u64).collect();
+        let ok = all.iter().take_while(|r| r.is_ok()).count();
+        match all.last() {
+            Some(Err(Error::CallEnded {
+                results,
+                not_run: Some(not_run),
+                ..
+            })) => {
+                assert_eq!(*results, ok as u64);
+                assert_eq!(
+                    results + not_run,
+                    2000,
+                    "every input is either a result or counted"
+                );
+            }
+            other => assert!(ok == 2000, "{ok} results, then {other:?}"),
+        }
+        // The inputs it did not run, run again once the held results are gone.
+        let rest = match all.last() {
+            Some(Err(Error::CallEnded { results, .. })) => *results,
+            _ => 2000,
+        };
+        drop(all);
+        let n = pool.map(rest..2000u64).filter(|r| r.is_ok()).count() as u64;
+        assert_eq!(n, 2000 - rest);
+    }
+    assert_no_children();
+}

@@ -368,6 +368,17 @@ fn every_result_says_when_it_passed_each_stage_and_stats_give_deltas() {
         assert_eq!(delta.items, 5);
         assert_eq!(delta.workers.iter().map(|w| w.chunks).sum::<u64>(), 5);
         assert_eq!(mid.since(&before).items, 20);
+        drop(pool);
+        // Without the coordinator's half: only the worker's stamps.
+        let task = shmexec::from_fn::<u64, _, _>(|&n| n.to_native());
+        let mut pool = builder(&guard)
+            .workers(1)
+            .item_timing(false)
+            .build(task)
+            .unwrap();
+        let t = pool.map([1u64]).next().unwrap().unwrap().timing();
+        assert_eq!((t.submitted_ns, t.delivered_ns), (0, 0), "{t:?}");
+        assert!(t.started_ns > 0 && t.finished_ns >= t.started_ns, "{t:?}");
     }
     assert_no_children();
 }

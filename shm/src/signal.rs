@@ -59,6 +59,30 @@ impl Signal {
         waiter: &mut Waiter,
         peer: &Peer,
         deadline: Option<Instant>,
+        ready: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        self.wait(waiter, peer, |_| deadline, ready)
+    }
+
+    /// [`Signal::wait_until`] with a deadline `timeout` after the wait began. The clock is read
+    /// only once the first spins have failed, so a condition that already holds, or comes true
+    /// within them, costs no clock read (on a VM one costs as much as a cache-line hand-over).
+    pub fn wait_for(
+        &self,
+        waiter: &mut Waiter,
+        peer: &Peer,
+        timeout: Duration,
+        ready: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
+        self.wait(waiter, peer, |start| start.checked_add(timeout), ready)
+    }
+
+    /// The wait itself; `deadline` turns the time the first spins ended into the deadline.
+    fn wait(
+        &self,
+        waiter: &mut Waiter,
+        peer: &Peer,
+        deadline: impl FnOnce(Instant) -> Option<Instant>,
         mut ready: impl FnMut() -> Result<bool>,
     ) -> Result<()> {
         if ready()? {
@@ -77,6 +101,7 @@ impl Signal {
             }
         }
         let start = Instant::now();
+        let deadline = deadline(start);
         let gone = |ready: &mut dyn FnMut() -> Result<bool>| -> Result<()> {
             // The peer may have published and then died: deliver what it left first.
             if ready()? {

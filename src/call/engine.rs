@@ -154,7 +154,12 @@ impl Call {
         sup.take_seq();
         match written {
             Ok(n) => {
-                sup.slots[w].push(seq, n as u64);
+                let submitted_ns = if sup.config().item_timing {
+                    shmexec_shm::clock::now_ns()
+                } else {
+                    0
+                };
+                sup.slots[w].push(seq, n as u64, submitted_ns);
                 let totals = &mut sup.totals;
                 totals.items += 1;
                 totals.input_bytes += n as u64;
@@ -306,7 +311,7 @@ impl Call {
         stale_only: bool,
     ) -> Result<Option<Took<T::Output>>> {
         loop {
-            let validate = sup.config().validate_outputs;
+            let (validate, timed) = (sup.config().validate_outputs, sup.config().item_timing);
             let slot = &mut sup.slots[w];
             if stale_only && !slot.has_stale_front() {
                 return Ok(None);
@@ -388,7 +393,7 @@ impl Call {
                     let n = frame.len() as u64;
                     self.stats.output_bytes += n;
                     sup.totals.output_bytes += n;
-                    OutputRef::new(frame.hold(), validate, submitted_ns)
+                    OutputRef::new(frame.hold(), validate, timed.then_some(submitted_ns))
                 }
                 FrameKind::Done => {
                     frame.release();

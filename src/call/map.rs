@@ -6,7 +6,6 @@
 //! that fits nowhere stays in the caller's iterator until a worker frees room.
 
 use std::borrow::Borrow;
-use std::time::Instant;
 
 use super::engine::{Call, Placed};
 use super::feed::{Feed, FillFeed, SerializeFeed, SliceFeed};
@@ -15,7 +14,7 @@ use crate::archive::Sample;
 use crate::error::{BoxError, Error, Result};
 use crate::output::OutputRef;
 use crate::pool::{Pool, Supervisor};
-use crate::stats::CallStats;
+use crate::stats::{CallStats, Doorbell};
 use crate::task::Task;
 
 /// The iterator of one call: results in input order ([`Pool::map`]) or as they come
@@ -25,6 +24,8 @@ pub struct Map<'a, T: Task> {
     pool: &'a mut Pool<T>,
     feed: Box<dyn Feed + 'a>,
     call: Call,
+    /// The pool's doorbell, kept so that a wait costs no reference count.
+    bell: Doorbell,
     /// Archive size of the input the feed holds ready, waiting for ring space.
     prepared: Option<usize>,
     feeding: bool,
@@ -34,10 +35,12 @@ pub struct Map<'a, T: Task> {
 impl<'a, T: Task> Map<'a, T> {
     fn new(pool: &'a mut Pool<T>, feed: Box<dyn Feed + 'a>, ordered: bool) -> Self {
         let call = Call::new(&pool.rt, ordered);
+        let bell = pool.rt.doorbell();
         Map {
             pool,
             feed,
             call,
+            bell,
             prepared: None,
             feeding: true,
             ended: false,
@@ -115,15 +118,12 @@ impl<'a, T: Task> Map<'a, T> {
             if !self.feeding && self.call.pending(sup) == 0 {
                 return Ok(None);
             }
-            let bell = sup.doorbell();
-            let Some(signal) = bell.signal() else {
+            let Some(signal) = self.bell.signal() else {
                 return Err(Error::Broken("the pool's doorbell is missing".into()));
             };
             let mut waiter = std::mem::take(&mut sup.doorbell_waiter);
             let (call, prepared) = (&self.call, self.prepared);
-            let woke = wait::until(signal, &mut waiter, Instant::now() + MAP_SLICE, || {
-                call.ready(sup, prepared)
-            });
+            let woke = wait::until(signal, &mut waiter, MAP_SLICE, || call.ready(sup, prepared));
             sup.doorbell_waiter = waiter;
             if !woke? {
                 let unplaced = self.unplaced();
@@ -181,9 +181,7 @@ pub(crate) fn settle<T: Task>(sup: &mut Supervisor<T>) -> Result<()> {
             return Err(Error::Broken("the pool's doorbell is missing".into()));
         };
         let mut waiter = std::mem::take(&mut sup.doorbell_waiter);
-        let woke = wait::until(signal, &mut waiter, Instant::now() + MAP_SLICE, || {
-            call.ready(sup, None)
-        });
+        let woke = wait::until(signal, &mut waiter, MAP_SLICE, || call.ready(sup, None));
         sup.doorbell_waiter = waiter;
         if !woke? && let Some(e) = call.stalled(sup, Some(0), true)? {
             return Err(e);

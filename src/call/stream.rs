@@ -151,9 +151,11 @@ impl<'p, T: Task> Shared<'p, T> {
         let Some(signal) = self.bell.signal() else {
             return Err(Error::Broken("the pool's doorbell is missing".into()));
         };
-        let slice = Instant::now() + STREAM_SLICE;
-        let deadline = until.map_or(slice, |d| d.min(slice));
-        wait::until(signal, waiter, deadline, || self.check(&mut cond))
+        let slice = match until {
+            Some(d) => STREAM_SLICE.min(d.saturating_duration_since(Instant::now())),
+            None => STREAM_SLICE,
+        };
+        wait::until(signal, waiter, slice, || self.check(&mut cond))
     }
 }
 

@@ -7,7 +7,7 @@
 //! of them. Deadlines are short slices: between them the front end supervises the workers,
 //! which is what notices a death that no ring would report.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use shmexec_shm::{Peer, Signal, Waiter};
 
@@ -21,7 +21,8 @@ pub(crate) const MAP_SLICE: Duration = Duration::from_millis(1);
 /// that an idle stream costs little, short enough that a death is noticed in a few ms.
 pub(crate) const STREAM_SLICE: Duration = Duration::from_millis(5);
 
-/// Waits on `bell` until `ready` returns true (`Ok(true)`) or `deadline` passes (`Ok(false)`).
+/// Waits on `bell` until `ready` returns true (`Ok(true)`) or `slice` has passed (`Ok(false)`);
+/// a condition that holds at once costs no clock read.
 /// `ready` must not block; it may load shared state with `Acquire` (the doorbell's protocol,
 /// `shmexec_shm::signal`, orders it after the ringer's stores).
 ///
@@ -32,12 +33,12 @@ pub(crate) const STREAM_SLICE: Duration = Duration::from_millis(5);
 pub(crate) fn until(
     bell: &Signal,
     waiter: &mut Waiter,
-    deadline: Instant,
+    slice: Duration,
     ready: impl FnMut() -> shmexec_shm::Result<bool>,
 ) -> Result<bool> {
     // The slice bounds the wait; liveness is the supervisor's business between slices, so the
     // doorbell watches no peer of its own.
-    match bell.wait_until(waiter, &Peer::unwatched(), Some(deadline), ready) {
+    match bell.wait_for(waiter, &Peer::unwatched(), slice, ready) {
         Ok(()) => Ok(true),
         Err(shmexec_shm::Error::Timeout { .. }) => Ok(false),
         Err(e) => Err(e.into()),

@@ -42,6 +42,7 @@ pub struct Builder {
     validate_outputs: bool,
     shared_bytes: usize,
     queue_bytes: u64,
+    item_timing: bool,
 }
 
 /// Everything the supervisor needs, resolved from a [`Builder`] once (core plan included).
@@ -68,6 +69,8 @@ pub(crate) struct Config {
     pub(crate) validate_outputs: bool,
     pub(crate) shared_bytes: usize,
     pub(crate) queue_bytes: u64,
+    /// Whether the coordinator stamps each item's submission and delivery.
+    pub(crate) item_timing: bool,
 }
 
 impl Default for Builder {
@@ -87,6 +90,7 @@ impl Default for Builder {
             validate_outputs: true,
             shared_bytes: 0,
             queue_bytes: DEFAULT_QUEUE_BYTES as u64,
+            item_timing: true,
         }
     }
 }
@@ -180,6 +184,16 @@ impl Builder {
         self
     }
 
+    /// Whether each result's [`crate::Timing`] includes when its input was submitted and when
+    /// it was delivered (default on). That is two clock reads per item in the coordinator:
+    /// nothing beside a chunk of kilobytes, but for items of a few bytes, whose whole cost is a
+    /// few hundred nanoseconds, a measurable part of it (`docs/benchmarks.md`). The worker's
+    /// half (started, finished) is always there: it shares its clock reads with the busy time.
+    pub fn item_timing(mut self, on: bool) -> Self {
+        self.item_timing = on;
+        self
+    }
+
     /// Gives the pool a shared region of `bytes` (default 0: none), mapped in every worker: the
     /// program writes its chunks there with [`crate::Pool::shared_mut`] and sends
     /// [`crate::shared::Span`]s, which workers read in place. The memory is allocated when the
@@ -264,6 +278,7 @@ impl Builder {
             validate_outputs: self.validate_outputs,
             shared_bytes: self.shared_bytes,
             queue_bytes: self.queue_bytes,
+            item_timing: self.item_timing,
         })
     }
 }

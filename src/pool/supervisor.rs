@@ -118,15 +118,16 @@ pub(crate) struct WorkerSlot {
 }
 
 impl WorkerSlot {
-    /// Records an item of `bytes` input bytes handed to this worker.
-    pub(crate) fn push(&mut self, seq: u64, bytes: u64) {
+    /// Records an item of `bytes` input bytes handed to this worker at `submitted_ns` (0: not
+    /// timed).
+    pub(crate) fn push(&mut self, seq: u64, bytes: u64, submitted_ns: u64) {
         let end = self.tx.written();
         self.expect.push(Expected {
             seq,
             live: true,
             bytes,
             end,
-            submitted_ns: shmexec_shm::clock::now_ns(),
+            submitted_ns,
         });
         self.live += 1;
     }

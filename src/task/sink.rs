@@ -52,7 +52,7 @@ enum Place {
 /// reads it.
 pub struct OutputSink<'a> {
     tx: &'a mut Producer,
-    before_publish: &'a mut dyn FnMut(usize),
+    before_publish: &'a mut dyn FnMut(usize, u64),
     item: Item,
 }
 
@@ -76,19 +76,20 @@ impl Item {
         mut grant: Grant<'_>,
         n: usize,
         place: Place,
-        before: &mut dyn FnMut(usize),
+        before: &mut dyn FnMut(usize, u64),
     ) {
         let kind = match place {
             Place::More => FrameKind::More,
             Place::Last => FrameKind::Data,
         };
+        let finished_ns = shmexec_shm::clock::now_ns();
         grant
             .truncate(n)
             .set_seq(self.seq)
             .set_kind(kind)
             .set_part(self.parts)
-            .set_words([self.started_ns, shmexec_shm::clock::now_ns()]);
-        before(n);
+            .set_words([self.started_ns, finished_ns]);
+        before(n, finished_ns);
         grant.commit();
         self.parts += 1;
         if place == Place::Last {
@@ -108,7 +109,7 @@ impl<'a> OutputSink<'a> {
         tx: &'a mut Producer,
         seq: u64,
         started_ns: u64,
-        before_publish: &'a mut dyn FnMut(usize),
+        before_publish: &'a mut dyn FnMut(usize, u64),
     ) -> Self {
         OutputSink {
             tx,

@@ -2,7 +2,6 @@
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use shmexec_shm::{FrameKind, Peer, Producer, Ring, Segment, WaitStrategy};
 
@@ -25,10 +24,6 @@ pub(crate) struct Setup<'a> {
     pub(crate) shared: Option<Arc<Segment>>,
     pub(crate) wait: WaitStrategy,
 }
-
-/// How long one wait for input lasts before the worker looks again (the coordinator's liveness
-/// is checked inside every wait, so this only bounds each futex sleep).
-const INPUT_SLICE: Duration = Duration::from_secs(1);
 
 /// Tells the coordinator that this process will not serve (its start-up report is an `Init`
 /// error with `message`), for a spawned process that finds it is not the worker the pool
@@ -92,17 +87,18 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
     // coordinator waiting on the doorbell loads (`crate::call::wait`).
     let bell = setup.stats.doorbell();
     loop {
-        let frame = match rx.peek_until(Instant::now() + INPUT_SLICE) {
-            Ok(f) => f,
-            Err(shmexec_shm::Error::Timeout { .. }) => continue,
-            Err(_) => return EXIT_COORDINATOR_GONE,
+        // No deadline: the wait itself watches the coordinator (or launcher), and a frame that
+        // is already there costs no clock read.
+        let Ok(frame) = rx.peek() else {
+            return EXIT_COORDINATOR_GONE;
         };
         if frame.kind() == FrameKind::End || setup.stats.get(info.index, Field::Stop) != 0 {
             frame.release();
             break;
         }
         let seq = frame.seq();
-        let start = Instant::now();
+        // One clock read at the start and one per output (in the sink) serve both the busy time
+        // and the results' timing.
         let started_ns = shmexec_shm::clock::now_ns();
         let w = info.index;
         // SYNC POINT with `Supervisor::respawn`, which sets `Skip` before it starts this
@@ -124,11 +120,11 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         // sees every chunk in the stats.
         setup.stats.add(w, Field::Chunks, 1);
         setup.stats.add(w, Field::BytesIn, frame.len() as u64);
-        let mut before_publish = |n: usize| {
+        let mut before_publish = |n: usize, finished_ns: u64| {
             setup.stats.add(w, Field::BytesOut, n as u64);
             setup
                 .stats
-                .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
+                .add(w, Field::BusyNs, finished_ns.saturating_sub(started_ns));
         };
         let mut sink = OutputSink::new(&mut tx, seq, started_ns, &mut before_publish);
         let produced = match catch_unwind(AssertUnwindSafe(|| task.run(&frame, &mut sink))) {
@@ -156,9 +152,8 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         };
         if let Some(report) = close {
             setup.stats.add(w, Field::Errors, 1);
-            setup
-                .stats
-                .add(w, Field::BusyNs, start.elapsed().as_nanos() as u64);
+            let busy = shmexec_shm::clock::now_ns().saturating_sub(started_ns);
+            setup.stats.add(w, Field::BusyNs, busy);
             if send_report(&mut tx, seq, parts, report).is_err() {
                 return EXIT_COORDINATOR_GONE;
             }
