@@ -18,15 +18,13 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use shmexec_shm::FrameKind;
-
+use super::collect::Took;
 use super::dispatch;
 use crate::error::{Error, Result};
 use crate::output::OutputRef;
 use crate::pool::Supervisor;
 use crate::stats::CallStats;
 use crate::task::Task;
-use crate::wire::{START_SEQ, read_report};
 
 /// Items handed out between two health checks while results flow without waiting.
 const HEALTH_CHECK_ITEMS: u32 = 16;
@@ -35,14 +33,6 @@ const HEALTH_CHECK_ITEMS: u32 = 16;
 enum Route {
     Worker(usize),
     Failed(Error),
-}
-
-/// What [`Call::take`] found.
-enum Took<O> {
-    /// An output or an item's error; `true` when it closes its item.
-    Output(Result<OutputRef<O>>, bool),
-    /// An item closed with no further output.
-    Closed,
 }
 
 /// What [`Call::place`] did with an input.
@@ -63,7 +53,7 @@ pub(crate) struct Call {
     /// Unordered calls: the worker to look at first.
     next_poll: usize,
     started: Instant,
-    stats: CallStats,
+    pub(super) stats: CallStats,
     respawns_before: u64,
     /// `stats.items` right after the last `OutputsHeld` error was handed out.
     held_error: Option<u64>,
@@ -140,25 +130,25 @@ impl Call {
             self.routes.push_back((seq, Route::Failed(e)));
             return Ok(Placed::Item(seq));
         }
-        let limit = sup.config().queue_bytes;
+        let (limit, timed) = (sup.config().queue_bytes, sup.config().item_timing);
         let seq = sup.peek_seq();
         let Some((w, mut grant)) = dispatch::reserve(&mut sup.slots, len, limit)? else {
             return Ok(Placed::NoRoom);
         };
         // On error the slot is given back unpublished (the grant is dropped).
         let written = write(&mut grant);
+        // Stamped before the commit: once it is published the worker may start at once.
+        let mut submitted_ns = 0;
         if let Ok(n) = written {
+            if timed {
+                submitted_ns = shmexec_shm::clock::now_ns();
+            }
             grant.truncate(n).set_seq(seq);
             grant.commit();
         }
         sup.take_seq();
         match written {
             Ok(n) => {
-                let submitted_ns = if sup.config().item_timing {
-                    shmexec_shm::clock::now_ns()
-                } else {
-                    0
-                };
                 sup.slots[w].push(seq, n as u64, submitted_ns);
                 let totals = &mut sup.totals;
                 totals.items += 1;
@@ -298,129 +288,6 @@ impl Call {
             }
         }
         Ok(None)
-    }
-
-    /// Takes the next frame of worker `w` that means something to the caller, if one is
-    /// there, handling what else its ring holds: a replacement's start-up report, outputs
-    /// published again (by a replacement that re-ran an item its predecessor died on), an
-    /// abandoned call's outputs. With `stale_only`, stops before an output of this call.
-    fn take<T: Task>(
-        &mut self,
-        sup: &mut Supervisor<T>,
-        w: usize,
-        stale_only: bool,
-    ) -> Result<Option<Took<T::Output>>> {
-        loop {
-            let (validate, timed) = (sup.config().validate_outputs, sup.config().item_timing);
-            let slot = &mut sup.slots[w];
-            if stale_only && !slot.has_stale_front() {
-                return Ok(None);
-            }
-            let frame = match slot.rx.try_peek() {
-                Ok(Some(f)) => f,
-                Ok(None) => return Ok(None),
-                Err(shmexec_shm::Error::PeerGone { .. } | shmexec_shm::Error::Closed) => {
-                    // Everything it published has been read: replace it.
-                    sup.respawn(w).map_err(|e| sup.break_with(e))?;
-                    continue;
-                }
-                Err(e) => return Err(sup.break_with(e.into())),
-            };
-            let (seq, kind, part) = (frame.seq(), frame.kind(), frame.part());
-            if seq == START_SEQ {
-                // A replacement's start-up report.
-                let report = (kind == FrameKind::Error).then(|| read_report(w, seq, &frame));
-                frame.release();
-                match report {
-                    None => continue,
-                    Some(e) => return Err(sup.break_with(e)),
-                }
-            }
-            let due = slot.expect.front().map(|e| e.seq);
-            match due {
-                // An item already closed, published again (its first worker died before
-                // releasing the input).
-                Some(due) if seq < due => {
-                    frame.release();
-                    continue;
-                }
-                Some(due) if seq == due => {}
-                _ => {
-                    let e =
-                        Error::Broken(format!("worker {w} returned item {seq}, expected {due:?}"));
-                    return Err(sup.break_with(e));
-                }
-            }
-            let replayed = part < slot.next_part;
-            if replayed && kind == FrameKind::More {
-                frame.release(); // taken already, before its worker died
-                continue;
-            }
-            if part > slot.next_part && kind != FrameKind::Error {
-                let e = Error::Broken(format!(
-                    "worker {w} sent output {part} of item {seq}, expected {}",
-                    slot.next_part
-                ));
-                return Err(sup.break_with(e));
-            }
-            let last = kind != FrameKind::More;
-            let live = slot.expect.front().is_some_and(|e| e.live);
-            let submitted_ns = slot.expect.front().map_or(0, |e| e.submitted_ns);
-            if last {
-                // The item is closed: it leaves the worker's queue (field by field, as the
-                // frame still borrows the ring).
-                slot.expect.pop_front();
-                slot.next_part = 0;
-                if live {
-                    slot.live -= 1;
-                }
-            } else {
-                slot.next_part += 1;
-            }
-            if !live {
-                frame.release(); // an abandoned call's output
-                continue;
-            }
-            let result = match kind {
-                // A closing output at a part taken already: a replacement re-ran the item and
-                // produced fewer outputs than its predecessor; the item is closed with what
-                // was handed out.
-                FrameKind::Data | FrameKind::Done if replayed => {
-                    frame.release();
-                    return Ok(Some(Took::Closed));
-                }
-                FrameKind::Data | FrameKind::More => {
-                    let n = frame.len() as u64;
-                    self.stats.output_bytes += n;
-                    sup.totals.output_bytes += n;
-                    OutputRef::new(frame.hold(), validate, timed.then_some(submitted_ns))
-                }
-                FrameKind::Done => {
-                    frame.release();
-                    return Ok(Some(Took::Closed));
-                }
-                FrameKind::Error => {
-                    let mut e = read_report(w, seq, &frame);
-                    frame.release();
-                    if let Error::WorkerCrashed {
-                        signal, crashes, ..
-                    } = &mut e
-                    {
-                        let record = sup.crash_record(seq);
-                        (*crashes, *signal) = (record.count, record.signal);
-                        if let Some(after) = record.timed_out {
-                            e = Error::ChunkTimeout { seq, after };
-                        }
-                    }
-                    Err(e)
-                }
-                FrameKind::End => {
-                    let e = Error::Broken(format!("worker {w} ended its output unasked"));
-                    return Err(sup.break_with(e));
-                }
-            };
-            return Ok(Some(Took::Output(result, last)));
-        }
     }
 
     /// After a wait slice that found nothing to do: supervises the workers, and reports a

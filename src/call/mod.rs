@@ -6,6 +6,7 @@
 
 #[cfg(feature = "async")]
 pub mod async_stream;
+mod collect;
 mod dispatch;
 mod engine;
 mod feed;
