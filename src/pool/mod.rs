@@ -5,10 +5,13 @@
 
 mod config;
 pub(crate) mod queue;
+mod slot;
+mod start;
 pub(crate) mod supervisor;
 
 pub use config::{Builder, DEFAULT_QUEUE_BYTES, DEFAULT_RING_BYTES, Start};
-pub(crate) use supervisor::{Supervisor, WorkerSlot};
+pub(crate) use slot::WorkerSlot;
+pub(crate) use supervisor::Supervisor;
 
 use crate::error::Result;
 use crate::stats::PoolStats;

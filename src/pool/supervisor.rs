@@ -2,8 +2,9 @@
 //! policy that keeps them running (start, health checks, respawn, shutdown).
 //!
 //! The supervisor owns everything that outlives one call: each worker's slot (process, rings,
-//! the items handed to it and not yet answered), the shared counters, the task as it was before
-//! any worker ran it (replacements fork from it) and the record of items that killed workers.
+//! the items handed to it and not yet answered), the shared counters, how workers start (the
+//! launcher, which holds the task as it was at `build`, or the spawn name) and the record of
+//! items that killed workers.
 //! A call ([`crate::call`]) borrows it and never blocks inside it: every method here returns at
 //! once, except start-up and shutdown, which have their own deadlines.
 
@@ -13,157 +14,19 @@ use std::time::{Duration, Instant};
 
 use std::marker::PhantomData;
 
-use shmexec_shm::{
-    ChildProcess, Consumer, ExitStatus, FrameKind, Launcher, Peer, Producer, Ring, Segment, Waiter,
-};
+use shmexec_shm::{ChildProcess, ExitStatus, FrameKind, Launcher, Peer, Ring, Segment, Waiter};
 
 use super::config::{Config, Start};
-use super::queue::{Expected, Queue};
+use super::queue::Queue;
+use super::slot::WorkerSlot;
+use super::start::{Starter, rings, warm_window, worker_main};
 use crate::error::{Error, Result};
 use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::{Task, WorkerInfo};
-use crate::wire::{EXIT_BAD_SETUP, EXIT_INIT_FAILED, START_SEQ, read_report};
-use crate::worker;
+use crate::wire::{EXIT_INIT_FAILED, START_SEQ, read_report};
 
 /// How often the coordinator looks for dead workers while it waits.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(5);
-
-/// The warm window of the coordinator's input producers (`shmexec_shm::Producer::
-/// set_warm_window`): with short queues, chunks keep reusing the first few MiB of an input ring
-/// (a quarter of a small one) while they are in cache instead of walking all of it.
-///
-/// Output rings keep walking the whole ring: there the run-ahead matters more. In an ordered
-/// call the coordinator waits on one worker while the others' results pile up, and after an
-/// early wrap a worker could only run a window ahead until the coordinator stepped past the
-/// padding.
-fn warm_window(ring: &Ring) -> u64 {
-    (8u64 << 20).min(ring.capacity() as u64 / 4)
-}
-/// How the supervisor starts a worker `index`.
-enum Starter {
-    /// Forked by the pool's launcher (see `shmexec_shm::launcher`), from a copy of this process
-    /// made at `build`, before any thread of the host existed: safe whatever threads the host
-    /// runs by the time a replacement is needed.
-    Launcher(Launcher),
-    /// This program run again (see [`crate::spawn`]).
-    Spawn(String),
-}
-
-/// The function the launcher runs in each worker it forks: the worker loop over worker
-/// `index`'s rings, with the launcher's copy of the task as it was at `build`.
-fn worker_main<T: Task>(
-    config: &Config,
-    task: T,
-    rings: Vec<(Ring, Ring)>,
-    stats: StatsBlock,
-    shared: Option<Arc<Segment>>,
-) -> impl FnMut(u32) -> i32 {
-    let (cores, low_priority, wait) = (
-        config.cores.clone(),
-        config.low_priority.clone(),
-        config.wait,
-    );
-    let mut task = crate::task::bytes::Typed(task);
-    move |index: u32| {
-        let index = index as usize;
-        let Some((input, output)) = rings.get(index) else {
-            return EXIT_BAD_SETUP;
-        };
-        // The launcher holds no pidfd of a worker, so there are no siblings' to close.
-        crate::hygiene::close_pool_descriptors(&[]);
-        let setup = worker::Setup {
-            info: WorkerInfo {
-                index,
-                workers: cores.len(),
-                core: cores[index],
-                low_priority: low_priority[index],
-            },
-            input,
-            output,
-            stats: &stats,
-            shared: shared.clone(),
-            wait,
-        };
-        worker::run(&mut task, setup)
-    }
-}
-
-/// One worker's input and output ring, in a segment of their own.
-fn rings(input: usize, output: usize) -> Result<(Ring, Ring)> {
-    let in_len = Ring::footprint(input);
-    let seg = Arc::new(Segment::new(in_len + Ring::footprint(output))?);
-    let a = Ring::init_in(Arc::clone(&seg), 0, input)?;
-    let b = Ring::init_in(seg, in_len, output)?;
-    Ok((a, b))
-}
-
-/// The coordinator's side of one worker.
-pub(crate) struct WorkerSlot {
-    pub(crate) child: ChildProcess,
-    /// Producer of the worker's input ring.
-    pub(crate) tx: Producer,
-    /// Consumer of the worker's output ring.
-    pub(crate) rx: Consumer,
-    /// The segment of both rings (the input ring first), for a spawned successor after a crash.
-    input: Ring,
-    /// Items handed to this worker whose results are still to come.
-    pub(crate) expect: Queue,
-    /// Outputs of the oldest item in `expect` taken so far: its next output's part.
-    pub(crate) next_part: u32,
-    /// The `live` entries of `expect`.
-    pub(crate) live: usize,
-    pub(crate) respawns: u64,
-    /// The worker's `Field::Current` as last seen and since when (for the chunk timeout).
-    watching: (u64, Instant),
-}
-
-impl WorkerSlot {
-    /// Records an item of `bytes` input bytes handed to this worker at `submitted_ns` (0: not
-    /// timed).
-    pub(crate) fn push(&mut self, seq: u64, bytes: u64, submitted_ns: u64) {
-        let end = self.tx.written();
-        self.expect.push(Expected {
-            seq,
-            live: true,
-            bytes,
-            end,
-            submitted_ns,
-        });
-        self.live += 1;
-    }
-
-    /// Whether this worker has enough queued to take no more now: at least two items it has not
-    /// finished (one to work on, one ready behind it) and `limit` bytes of them.
-    ///
-    /// Finished items whose results the caller has not taken yet do not count. In an ordered
-    /// call the coordinator waits for the oldest item's worker while the others finish theirs;
-    /// counting those would leave the fast workers idle until the slow one answered (measured on
-    /// 2 cores with a serial source: 12 % of the machine idle and workers waiting for input
-    /// another 10 %). Their results are bounded by the output ring instead: a worker whose
-    /// output ring is full stops, and its inputs then count here.
-    pub(crate) fn queue_full(&mut self, limit: u64) -> shmexec_shm::Result<bool> {
-        // What was known finished gives an upper bound on the queue: only when that bound says
-        // full is the worker's side of the ring looked at.
-        let full = |(items, bytes): (usize, u64)| items >= 2 && bytes >= limit;
-        if !full(self.expect.unfinished()) {
-            return Ok(false);
-        }
-        let released = self.tx.released()?;
-        self.expect.refresh(released);
-        Ok(full(self.expect.unfinished()))
-    }
-
-    /// Whether the oldest item handed to this worker belongs to an abandoned call.
-    pub(crate) fn has_stale_front(&self) -> bool {
-        self.expect.front().is_some_and(|e| !e.live)
-    }
-
-    /// The current call ended: results still to come are discarded when they arrive.
-    pub(crate) fn abandon(&mut self) {
-        self.expect.abandon();
-        self.live = 0;
-    }
-}
 
 /// What the pool knows of an item that killed (or hung) its worker.
 #[derive(Clone, Copy, Default)]

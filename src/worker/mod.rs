@@ -37,6 +37,37 @@ pub(crate) fn refuse(setup: Setup<'_>, message: String) -> i32 {
     EXIT_INIT_FAILED
 }
 
+/// Maps the shared region read-only, pins, runs `init`, then tells the coordinator how it went
+/// (the start-up frame). `Err` is the exit code.
+fn start_up(task: &mut dyn ByteTask, setup: &Setup<'_>, tx: &mut Producer) -> Result<(), i32> {
+    let info = &setup.info;
+    let started = setup
+        .shared
+        .clone()
+        .map_or(Ok(()), crate::shared::install)
+        .and_then(|()| info.core.map_or(Ok(()), pin::pin_to))
+        .and_then(|()| {
+            if info.low_priority {
+                pin::lower_priority()
+            } else {
+                Ok(())
+            }
+        })
+        .map_err(|e| e.to_string())
+        .and_then(
+            |()| match catch_unwind(AssertUnwindSafe(|| task.init(info))) {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("init failed: {e}")),
+                Err(p) => Err(format!("init panicked: {}", panic_message(&*p))),
+            },
+        );
+    if let Err(message) = started {
+        let _ = send_report(tx, START_SEQ, 0, Report::new(Code::Init, message));
+        return Err(EXIT_INIT_FAILED);
+    }
+    send_kind(tx, START_SEQ, FrameKind::End).map_err(|_| EXIT_COORDINATOR_GONE)
+}
+
 /// Runs in the forked child; the return value is its exit code.
 pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
     let coordinator = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
@@ -54,33 +85,8 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
     tx.set_wait_strategy(setup.wait);
     let info = &setup.info;
 
-    // Start-up: map the shared region read-only, pin, init, then tell the coordinator how it
-    // went.
-    let started = setup
-        .shared
-        .map_or(Ok(()), crate::shared::install)
-        .and_then(|()| setup.info.core.map_or(Ok(()), pin::pin_to))
-        .and_then(|()| {
-            if setup.info.low_priority {
-                pin::lower_priority()
-            } else {
-                Ok(())
-            }
-        })
-        .map_err(|e| e.to_string())
-        .and_then(
-            |()| match catch_unwind(AssertUnwindSafe(|| task.init(info))) {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("init failed: {e}")),
-                Err(p) => Err(format!("init panicked: {}", panic_message(&*p))),
-            },
-        );
-    if let Err(message) = started {
-        let _ = send_report(&mut tx, START_SEQ, 0, Report::new(Code::Init, message));
-        return EXIT_INIT_FAILED;
-    }
-    if send_kind(&mut tx, START_SEQ, FrameKind::End).is_err() {
-        return EXIT_COORDINATOR_GONE;
+    if let Err(code) = start_up(task, &setup, &mut tx) {
+        return code;
     }
 
     // Rung after each input is released (so after its result is published): that is what a

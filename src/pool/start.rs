@@ -1,0 +1,82 @@
+//! How workers start: forked by the pool's launcher from a copy of the program made at `build`,
+//! or spawned (this program run again); and the rings each one gets.
+
+use std::sync::Arc;
+
+use shmexec_shm::{Launcher, Ring, Segment};
+
+use super::config::Config;
+use crate::error::Result;
+use crate::stats::StatsBlock;
+use crate::task::{Task, WorkerInfo};
+use crate::wire::EXIT_BAD_SETUP;
+use crate::worker;
+
+/// The warm window of the coordinator's input producers (`shmexec_shm::Producer::
+/// set_warm_window`): with short queues, chunks keep reusing the first few MiB of an input ring
+/// (a quarter of a small one) while they are in cache instead of walking all of it.
+///
+/// Output rings keep walking the whole ring: there the run-ahead matters more. In an ordered
+/// call the coordinator waits on one worker while the others' results pile up, and after an
+/// early wrap a worker could only run a window ahead until the coordinator stepped past the
+/// padding.
+pub(super) fn warm_window(ring: &Ring) -> u64 {
+    (8u64 << 20).min(ring.capacity() as u64 / 4)
+}
+/// How the supervisor starts a worker `index`.
+pub(super) enum Starter {
+    /// Forked by the pool's launcher (see `shmexec_shm::launcher`), from a copy of this process
+    /// made at `build`, before any thread of the host existed: safe whatever threads the host
+    /// runs by the time a replacement is needed.
+    Launcher(Launcher),
+    /// This program run again (see [`crate::spawn`]).
+    Spawn(String),
+}
+
+/// The function the launcher runs in each worker it forks: the worker loop over worker
+/// `index`'s rings, with the launcher's copy of the task as it was at `build`.
+pub(super) fn worker_main<T: Task>(
+    config: &Config,
+    task: T,
+    rings: Vec<(Ring, Ring)>,
+    stats: StatsBlock,
+    shared: Option<Arc<Segment>>,
+) -> impl FnMut(u32) -> i32 {
+    let (cores, low_priority, wait) = (
+        config.cores.clone(),
+        config.low_priority.clone(),
+        config.wait,
+    );
+    let mut task = crate::task::bytes::Typed(task);
+    move |index: u32| {
+        let index = index as usize;
+        let Some((input, output)) = rings.get(index) else {
+            return EXIT_BAD_SETUP;
+        };
+        // The launcher holds no pidfd of a worker, so there are no siblings' to close.
+        crate::hygiene::close_pool_descriptors(&[]);
+        let setup = worker::Setup {
+            info: WorkerInfo {
+                index,
+                workers: cores.len(),
+                core: cores[index],
+                low_priority: low_priority[index],
+            },
+            input,
+            output,
+            stats: &stats,
+            shared: shared.clone(),
+            wait,
+        };
+        worker::run(&mut task, setup)
+    }
+}
+
+/// One worker's input and output ring, in a segment of their own.
+pub(super) fn rings(input: usize, output: usize) -> Result<(Ring, Ring)> {
+    let in_len = Ring::footprint(input);
+    let seg = Arc::new(Segment::new(in_len + Ring::footprint(output))?);
+    let a = Ring::init_in(Arc::clone(&seg), 0, input)?;
+    let b = Ring::init_in(seg, in_len, output)?;
+    Ok((a, b))
+}
