@@ -11,43 +11,13 @@
 
 /// Closes, in a freshly forked worker, the shmexec memfds and the pidfds of `siblings`.
 pub(crate) fn close_pool_descriptors(siblings: &[i32]) {
-    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
-        return;
+    let ours = |_fd: i32, target: &str, pidfd_of: Option<i32>| {
+        target.starts_with("/memfd:shmexec") || pidfd_of.is_some_and(|pid| siblings.contains(&pid))
     };
-    // Collect first: the directory's own descriptor is open while it is read.
-    let fds: Vec<i32> = dir
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd > 2)
-        .collect();
-    for fd in fds {
-        let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
-            continue;
-        };
-        let link = link.to_string_lossy();
-        let ours = if link.starts_with("/memfd:shmexec") {
-            true
-        } else if link == "anon_inode:[pidfd]" {
-            pidfd_target(fd).is_some_and(|pid| siblings.contains(&pid))
-        } else {
-            false
-        };
-        if ours {
-            // SAFETY: the descriptor belongs to an `OwnedFd` (a `Segment`'s memfd, or the pidfd
-            // of a sibling's `ChildProcess` or `Peer`) that lives in this child's copy of the
-            // coordinator's memory. The child never uses or drops those values: it runs the
-            // worker loop, which uses only the mappings and descriptors it opens itself, and
-            // then `_exit`s without running destructors. So nothing else closes or reads it.
-            unsafe {
-                libc::close(fd);
-            }
-        }
-    }
-}
-
-/// The pid a pidfd refers to, from `/proc/self/fdinfo`.
-fn pidfd_target(fd: i32) -> Option<i32> {
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix("Pid:"))
-        .and_then(|p| p.trim().parse().ok())
+    // SAFETY: each descriptor picked belongs to an `OwnedFd` (a `Segment`'s memfd, or the pidfd
+    // of a sibling's `ChildProcess` or `Peer`) that lives in this child's copy of the
+    // coordinator's memory. The child never uses or drops those values: it runs the worker
+    // loop, which uses only the mappings and descriptors it opens itself, and then `_exit`s
+    // without running destructors. So nothing else closes or reads them.
+    unsafe { shmexec_shm::process::close_descriptors(ours) }
 }

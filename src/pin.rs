@@ -35,11 +35,7 @@ pub enum Pinning {
 
 /// The cores this process may run on, in increasing order.
 pub fn allowed_cores() -> Result<Vec<usize>> {
-    let set = rustix::thread::sched_getaffinity(None)
-        .map_err(|e| Error::InvalidArgument(format!("sched_getaffinity failed: {e}")))?;
-    Ok((0..rustix::thread::CpuSet::MAX_CPU)
-        .filter(|&c| set.is_set(c))
-        .collect())
+    shmexec_shm::sched::allowed_cores().map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
 /// The core for each of `workers` workers under `pinning`.
@@ -88,25 +84,15 @@ pub(crate) fn low_priority(pinning: &Pinning, core: Option<usize>, allowed: &[us
 /// The nice value of a worker that yields to the coordinator: the lowest priority.
 const LOW_PRIORITY_NICE: i32 = 19;
 
-/// Lowers the calling process's priority to [`LOW_PRIORITY_NICE`] (allowed without privileges:
-/// it only ever lowers it).
+/// Lowers the calling process's priority to [`LOW_PRIORITY_NICE`].
 pub(crate) fn lower_priority() -> Result<()> {
-    // SAFETY: setpriority takes plain integers and touches no memory of ours.
-    let r = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, LOW_PRIORITY_NICE) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        return Err(Error::InvalidArgument(format!(
-            "cannot lower the worker's priority: {e}"
-        )));
-    }
-    Ok(())
+    shmexec_shm::sched::set_nice(LOW_PRIORITY_NICE)
+        .map_err(|e| Error::InvalidArgument(format!("cannot lower the worker's priority: {e}")))
 }
 
 /// Pins the calling process (thread) to `core`.
 pub(crate) fn pin_to(core: usize) -> Result<()> {
-    let mut set = rustix::thread::CpuSet::new();
-    set.set(core);
-    rustix::thread::sched_setaffinity(None, &set)
+    shmexec_shm::sched::pin_to(core)
         .map_err(|e| Error::InvalidArgument(format!("cannot pin to core {core}: {e}")))
 }
 

@@ -36,8 +36,7 @@
 //! loaded late). A spawned worker dies with the *thread* that started it (`PR_SET_PDEATHSIG` is
 //! per thread): build the pool on a thread that lives as long as the pool.
 
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::CommandExt;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -188,7 +187,7 @@ fn attach() -> Result<Attached> {
     let low_priority = num(10)? != 0;
     // Die with the coordinator, and go now if it is already gone (the death signal, set
     // before exec, survives it).
-    if rustix::process::getppid().map(|p| p.as_raw_nonzero().get() as u64) != Some(coordinator) {
+    if shmexec_shm::process::parent_pid() as u64 != coordinator {
         return Err(Error::Start("the coordinator is gone".into()));
     }
     let rings = reopen(ring_fd as i32)?;
@@ -256,25 +255,8 @@ pub(crate) fn spawn_worker(
         .env(ENV_WORKER, spec)
         .env(ENV_TYPES, types)
         .stdin(std::process::Stdio::null());
-    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
-    // work is allowed: it makes raw syscalls only (fcntl to let the segment descriptors through
-    // exec, prctl for the death signal) and allocates nothing. The descriptors are open:
-    // `rings`, `stats` and `shared` own them and outlive this call, which waits for the exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            for fd in [Some(ring_fd), Some(stats_fd), shared_fd]
-                .into_iter()
-                .flatten()
-            {
-                let fd = BorrowedFd::borrow_raw(fd);
-                rustix::io::fcntl_setfd(fd.as_fd(), rustix::io::FdFlags::empty())?;
-            }
-            rustix::process::set_parent_process_death_signal(Some(rustix::process::Signal::KILL))?;
-            Ok(())
-        });
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| Error::Start(format!("cannot spawn a worker: {e}")))?;
-    Ok(ChildProcess::adopt(child.id() as i32)?)
+    let mut keep = vec![rings.fd(), stats.segment().fd()];
+    keep.extend(shared.map(|s| s.fd()));
+    shmexec_shm::process::spawn_keeping(cmd, &keep)
+        .map_err(|e| Error::Start(format!("cannot spawn a worker: {e}")))
 }

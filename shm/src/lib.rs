@@ -18,6 +18,7 @@
 //! | [`ring`]    | the SPSC ring of variable-length, 64-byte aligned frames              |
 //! | [`held`]    | frames kept after the read cursor moved on, released in any order     |
 //! | [`process`] | forked children that die with their parent and their handle           |
+//! | [`sched`]   | the cores a process may use, pinning, priority                         |
 //! | [`launcher`]| a single-threaded process that forks children on request              |
 //!
 //! ```
@@ -44,6 +45,7 @@ pub mod launcher;
 pub mod peer;
 pub mod process;
 pub mod ring;
+pub mod sched;
 pub mod segment;
 pub mod signal;
 pub mod wait;

@@ -165,6 +165,83 @@ pub(crate) fn readable_within(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
     }
 }
 
+/// The parent's pid (0 if there is none any more).
+pub fn parent_pid() -> i32 {
+    rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get())
+}
+
+/// Closes the descriptors above 2 that `which(fd, target, pidfd_pid)` picks: `target` is what
+/// `/proc/self/fd/<fd>` links to, `pidfd_pid` the pid a pidfd refers to.
+///
+/// # Safety
+/// Every descriptor `which` picks must belong to a value this process never uses or drops
+/// afterwards (in a freshly forked child: values of the parent's memory that the child ignores
+/// until it exits without running destructors); otherwise that value would use or close a
+/// descriptor number that may by then be another file.
+pub unsafe fn close_descriptors(which: impl Fn(i32, &str, Option<i32>) -> bool) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    // Collect first: the directory's own descriptor is open while it is read.
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        let Ok(link) = std::fs::read_link(format!("/proc/self/fd/{fd}")) else {
+            continue;
+        };
+        let link = link.to_string_lossy();
+        let pid = (link == "anon_inode:[pidfd]")
+            .then(|| pidfd_target(fd))
+            .flatten();
+        if which(fd, &link, pid) {
+            // SAFETY: the caller guarantees that nothing uses or closes this descriptor again.
+            unsafe {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// The pid a pidfd refers to, from `/proc/self/fdinfo`.
+fn pidfd_target(fd: i32) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// Starts `cmd` (a program to `exec`) as a child that keeps the descriptors `keep` open across
+/// the `exec` and dies with the calling thread (`PR_SET_PDEATHSIG`), and takes charge of it.
+/// The borrows prove the descriptors open until `exec`: `Command::spawn` returns only once the
+/// child has exec'd (or failed to).
+pub fn spawn_keeping(
+    mut cmd: std::process::Command,
+    keep: &[BorrowedFd<'_>],
+) -> Result<ChildProcess> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let fds: Vec<i32> = keep.iter().map(|fd| fd.as_raw_fd()).collect();
+    // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
+    // work is allowed: it makes raw system calls only (fcntl to let the descriptors through
+    // exec, prctl for the death signal) and allocates nothing (`fds` was made before). The
+    // descriptors are open: `keep` borrows them for this whole call, which returns after the
+    // exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &fds {
+                let fd = BorrowedFd::borrow_raw(fd);
+                rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
+            }
+            rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| Error::os("spawn", e))?;
+    ChildProcess::adopt(child.id() as i32)
+}
+
 /// Threads in this process, from `/proc/self/task` (1 if it cannot be read).
 pub fn thread_count() -> usize {
     std::fs::read_dir("/proc/self/task")

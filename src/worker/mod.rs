@@ -29,7 +29,7 @@ pub(crate) struct Setup<'a> {
 /// error with `message`), for a spawned process that finds it is not the worker the pool
 /// expects. Returns the exit code.
 pub(crate) fn refuse(setup: Setup<'_>, message: String) -> i32 {
-    let coordinator = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    let coordinator = shmexec_shm::process::parent_pid();
     let Ok(mut tx) = Peer::process(coordinator).and_then(|peer| setup.output.producer(peer)) else {
         return EXIT_COORDINATOR_GONE;
     };
@@ -70,7 +70,7 @@ fn start_up(task: &mut dyn ByteTask, setup: &Setup<'_>, tx: &mut Producer) -> Re
 
 /// Runs in the forked child; the return value is its exit code.
 pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
-    let coordinator = rustix::process::getppid().map_or(0, |p| p.as_raw_nonzero().get());
+    let coordinator = shmexec_shm::process::parent_pid();
     let (peer_in, peer_out) = match (Peer::process(coordinator), Peer::process(coordinator)) {
         (Ok(a), Ok(b)) => (a, b),
         _ => return EXIT_COORDINATOR_GONE,
