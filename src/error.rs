@@ -147,6 +147,31 @@ pub enum Error {
     Transport(#[from] shmexec_shm::Error),
 }
 
+impl Error {
+    /// Whether this is one item's error, returned in that item's place while the call goes on
+    /// (a task's `Err` or panic, an input or output too large, an item given up after crashes
+    /// or a timeout, ...), rather than one that concerns the pool or the whole call.
+    pub fn is_item(&self) -> bool {
+        self.seq().is_some()
+    }
+
+    /// The item an item error is about: its sequence number (see [`crate::OutputRef::seq`]).
+    pub fn seq(&self) -> Option<u64> {
+        match self {
+            Error::Task { seq, .. }
+            | Error::Panic { seq, .. }
+            | Error::InputTooLarge { seq, .. }
+            | Error::OutputTooLarge { seq, .. }
+            | Error::Encode { seq, .. }
+            | Error::InvalidOutput { seq, .. }
+            | Error::InvalidInput { seq, .. }
+            | Error::WorkerCrashed { seq, .. }
+            | Error::ChunkTimeout { seq, .. } => Some(*seq),
+            _ => None,
+        }
+    }
+}
+
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -24,7 +24,11 @@ fn panics_and_task_errors_are_item_errors_and_the_pool_goes_on() {
             for (i, r) in results.into_iter().enumerate() {
                 let seq = 200 * round + i as u64;
                 match (i, r) {
-                    (13, Err(Error::Task { seq: s, message })) => {
+                    (13, Err(e @ Error::Task { .. })) => {
+                        assert!(e.is_item() && e.seq() == Some(seq), "{e:?}");
+                        let Error::Task { seq: s, message } = e else {
+                            unreachable!()
+                        };
                         assert_eq!((s, message.as_str()), (seq, "unlucky"))
                     }
                     (i, Err(Error::Panic { seq: s, message })) if i % 50 == 7 => {
@@ -270,6 +274,7 @@ fn init_failing_in_a_replacement_worker_ends_the_call_with_an_error() {
             "{:?}",
             errors[0]
         );
+        assert!(!errors[0].is_item());
         assert!(matches!(
             pool.map([1u64]).next(),
             Some(Err(Error::Broken(_)))

@@ -208,3 +208,47 @@ fn owned_halves_run_on_plain_threads_and_shut_the_pool_down() {
     }
     assert_no_children();
 }
+
+#[test]
+fn a_live_source_writes_chunks_in_place_with_their_time_range() {
+    let guard = serial();
+    {
+        // The task sums the samples and returns the chunk's time range with the sum.
+        let task = shmexec::from_fn::<(Vec<i16>, (u64, u64)), _, _>(|c| {
+            let sum: i64 = c.0.samples().iter().map(|&s| s as i64).sum();
+            (c.1.0.to_native(), c.1.1.to_native(), sum)
+        });
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let (tx, rx) = pool.stream();
+        for i in 0..100u64 {
+            let range = (i * 1000, (i + 1) * 1000);
+            tx.send_in_place(4096 + i as usize, &range, |s: &mut [i16]| {
+                s.fill(i as i16);
+                Ok(())
+            })
+            .unwrap();
+        }
+        // A source that fails to fill its slot: that item's error, in its place.
+        tx.send_in_place(16, &(0u64, 0u64), |_: &mut [i16]| {
+            Err("digitizer timeout".into())
+        })
+        .unwrap();
+        drop(tx);
+        for i in 0..100u64 {
+            let out = rx.recv().unwrap().unwrap();
+            let want = (i * 1000, (i + 1) * 1000, (4096 + i as i64) * i as i64);
+            assert_eq!(out.deserialize().unwrap(), want);
+        }
+        match rx.recv() {
+            Some(Err(Error::Encode { reason, .. })) => {
+                assert!(reason.contains("digitizer"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.recv().is_none());
+        drop(rx);
+        // Written in place: the coordinator copied nothing.
+        assert_eq!(pool.stats().input_bytes_copied, 0);
+    }
+    assert_no_children();
+}

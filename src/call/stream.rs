@@ -39,8 +39,10 @@ use shmexec_shm::{WaitStrategy, Waiter};
 use super::dispatch;
 use super::engine::{Call, Placed};
 use super::wait::{self, STREAM_SLICE};
-use crate::archive::{encode_into, encoded_len};
-use crate::error::{Error, Result};
+use crate::archive::{
+    Encode, Prewritten, Ref, Sample, encode_into, encode_into_at, encoded_len, encoded_len_at,
+};
+use crate::error::{BoxError, Error, Result};
 use crate::output::OutputRef;
 use crate::pool::{Pool, Supervisor};
 use crate::stats::{CallStats, Doorbell};
@@ -201,8 +203,20 @@ impl<T: Task> StreamSender<'_, T> {
     }
 
     fn send_until(&self, input: &T::Input, deadline: Option<Instant>) -> Result<Option<u64>> {
+        let mut write = |slot: &mut [u8]| encode_into(input, slot).map_err(|e| e.to_string());
+        self.place_until(Self::input_len(input), true, &mut write, deadline)
+    }
+
+    /// Places one input of archive size `len` (`Err`: it cannot be written, and its error
+    /// takes its place), written by `write`, waiting for room until `deadline`.
+    fn place_until(
+        &self,
+        len: Result<usize, String>,
+        copies: bool,
+        write: &mut dyn FnMut(&mut [u8]) -> Result<usize, String>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<u64>> {
         let shared = &*self.shared;
-        let len = Self::input_len(input);
         let mut waiter = Waiter::new(shared.wait);
         loop {
             {
@@ -221,9 +235,7 @@ impl<T: Task> StreamSender<'_, T> {
                         return Ok(Some(seq));
                     }
                 };
-                let mut write =
-                    |slot: &mut [u8]| encode_into(input, slot).map_err(|e| e.to_string());
-                if let Placed::Item(seq) = call.place(sup, len, true, &mut write)? {
+                if let Placed::Item(seq) = call.place(sup, len, copies, write)? {
                     drop(st);
                     // SYNC POINT with the receiver's `wait_ready`: the item is in the call's
                     // state (stored under the mutex, released above) before this notify; the
@@ -239,6 +251,61 @@ impl<T: Task> StreamSender<'_, T> {
                 unreachable!("handled above")
             };
             self.wait_room(&mut waiter, len, deadline)?;
+        }
+    }
+
+    /// Zero-copy input for a live source: reserves a slot for `n` samples plus `meta` (a chunk's
+    /// time range, its timestamp) in a worker's input ring, lets `fill` write the samples there
+    /// (a digitizer's read, a file's), and publishes it. The task receives a `(Vec<E>, M)`
+    /// archive: the samples in place, and the metadata. Waits for room as
+    /// [`send`](Self::send) does; `fill` runs once a slot is reserved, while the stream's
+    /// state is held (the receiver hands out nothing meanwhile), so keep it to the write
+    /// itself. A `fill` error is that item's [`Error::Encode`].
+    ///
+    /// ```no_run
+    /// use shmexec::{Pool, Samples};
+    /// // Each chunk: samples, and the (start, end) of its time range in ns.
+    /// let task = shmexec::from_fn::<(Vec<i16>, (u64, u64)), _, _>(|c| {
+    ///     (c.1.0.to_native(), c.0.samples().len() as u64)
+    /// });
+    /// let mut pool = Pool::builder().workers(2).build(task)?;
+    /// let (tx, rx) = pool.stream();
+    /// tx.send_in_place(1 << 20, &(0u64, 1_000_000u64), |samples: &mut [i16]| {
+    ///     samples.fill(7); // the digitizer writes here
+    ///     Ok(())
+    /// })?;
+    /// drop(tx);
+    /// let (start, n) = rx.recv().unwrap()?.deserialize()?;
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn send_in_place<E, M>(
+        &self,
+        n: usize,
+        meta: &M,
+        fill: impl FnOnce(&mut [E]) -> Result<(), BoxError>,
+    ) -> Result<u64>
+    where
+        T: Task<Input = (Vec<E>, M)>,
+        E: Sample,
+        M: Encode,
+    {
+        let samples = Prewritten::<E>::new(n);
+        let data = samples.data_len();
+        let pair = (samples, Ref(meta));
+        let len = encoded_len_at(&pair, data).map_err(|e| e.to_string());
+        let mut fill = Some(fill);
+        let mut write = |slot: &mut [u8]| -> Result<usize, String> {
+            let fill = fill.take().ok_or("the slot was filled already")?;
+            let samples: &mut [E] = bytemuck::try_cast_slice_mut(&mut slot[..data])
+                .map_err(|e| format!("slot not aligned for the samples: {e:?}"))?;
+            fill(samples).map_err(|e| e.to_string())?;
+            encode_into_at(&pair, slot, data).map_err(|e| e.to_string())
+        };
+        loop {
+            let until = Some(Instant::now() + Duration::from_secs(3600));
+            if let Some(seq) = self.place_until(len.clone(), false, &mut write, until)? {
+                return Ok(seq);
+            }
         }
     }
 
