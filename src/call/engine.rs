@@ -95,9 +95,13 @@ impl Call {
         }
     }
 
-    /// Supervises the workers every [`HEALTH_CHECK_ITEMS`] steps: results that keep arriving
-    /// never make a wait end, and the check itself reads the clock.
+    /// Says whether the pool is broken (every step), and supervises the workers every
+    /// [`HEALTH_CHECK_ITEMS`] steps: results that keep arriving never make a wait end, and the
+    /// check itself reads the clock.
     pub(crate) fn tick<T: Task>(&mut self, sup: &mut Supervisor<T>) -> Result<()> {
+        if let Some(reason) = &sup.broken {
+            return Err(Error::Broken(reason.clone()));
+        }
         self.since_check += 1;
         if self.since_check >= HEALTH_CHECK_ITEMS {
             self.since_check = 0;

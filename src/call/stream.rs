@@ -225,7 +225,8 @@ impl<T: Task> StreamSender<'_, T> {
                     return Err(Error::StreamClosed);
                 }
                 let (sup, call) = st.parts();
-                sup.supervise()?;
+                // Every few steps, like the receiver's: the check reads the clock.
+                call.tick(sup)?;
                 let len = match &len {
                     Ok(len) => *len,
                     Err(reason) => {

@@ -22,7 +22,8 @@ struct RxShared<T: Task + 'static> {
 }
 
 /// The receiving half of a stream as a [`Stream`] of results, in input order; see the
-/// [module doc](crate::call::async_stream). Built by [`Pool::into_async_stream`] or [`AsyncReceiver::new`].
+/// [module doc](crate::call::async_stream). Built by [`Pool::into_async_stream`] or
+/// [`AsyncReceiver::new`].
 ///
 /// The stream ends (`None`) once the sender is closed and every result was handed out, or
 /// after an error of the pool (handed out first), like [`StreamReceiver::recv`]. Dropping it

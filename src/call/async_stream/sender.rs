@@ -25,8 +25,9 @@ struct TxShared<T: Task + 'static> {
     wanted: Condvar,
 }
 
-/// The sending half of a stream as a [`Sink`] of owned inputs; see the [module doc](crate::call::async_stream).
-/// Built by [`Pool::into_async_stream`] or [`AsyncSender::new`].
+/// The sending half of a stream as a [`Sink`] of owned inputs; see the
+/// [module doc](crate::call::async_stream). Built by [`Pool::into_async_stream`] or
+/// [`AsyncSender::new`].
 ///
 /// It keeps one input: [`Sink::start_send`] takes it, and [`Sink::poll_ready`] /
 /// [`Sink::poll_flush`] are ready once a worker has it (backpressure: they wait while every
