@@ -210,15 +210,18 @@ impl<T: Sample> Prewritten<T> {
     }
 
     /// Bytes of the element area (the root follows, aligned).
+    /// (`usize::MAX` for a count whose bytes do not fit a `usize`: no ring takes that much, so
+    /// the reservation fails with the size error instead of a wrapped, small size.)
     pub(crate) fn data_len(&self) -> usize {
-        self.len * std::mem::size_of::<T>()
+        self.len.saturating_mul(std::mem::size_of::<T>())
     }
 
-    /// Whole archive size.
+    /// Whole archive size (`usize::MAX` when it overflows, as for [`Prewritten::data_len`]).
     pub(crate) fn archive_len(&self) -> usize {
         self.data_len()
-            .next_multiple_of(std::mem::align_of::<ArchivedVec<T::Le>>())
-            + std::mem::size_of::<ArchivedVec<T::Le>>()
+            .checked_next_multiple_of(std::mem::align_of::<ArchivedVec<T::Le>>())
+            .and_then(|n| n.checked_add(std::mem::size_of::<ArchivedVec<T::Le>>()))
+            .unwrap_or(usize::MAX)
     }
 
     /// Writes the root after the elements already in `buf[..data_len]`; returns the archive size.

@@ -57,18 +57,22 @@ pub enum Error {
         bytes: usize,
     },
 
-    /// The call ended before it ran every input, for the reason given: in an ordered call the
-    /// `results` handed out are those of its first `results` inputs, and the inputs from
-    /// there on were not run (`not_run` of them, when the call knows how many its iterator
-    /// still had). Drop the results that block it, then run those inputs again.
+    /// The call ended before it ran every input, for the reason given. `results` inputs had
+    /// all their outputs (or their error) handed out: in an ordered call, its first `results`
+    /// inputs. `outputs` counts the outputs handed out (the same number for a task with one
+    /// output per input; an input whose outputs were only partly handed out counts among the
+    /// inputs not run). `not_run` is how many inputs were not run, when the call knows how
+    /// many its iterator still had. Drop the results that block it, then run those inputs
+    /// again.
     #[error(
-        "the call ended after {results} results with {} not run: {reason}; drop the held \
-         results (or keep deserialize()d copies) and run the rest again (in an ordered call, \
-         the inputs from index {results} on)",
+        "the call ended after the results of {results} inputs ({outputs} outputs) with {} not \
+         run: {reason}; drop the held results (or keep deserialize()d copies) and run the rest \
+         again (in an ordered call, the inputs from index {results} on)",
         match not_run { Some(n) => format!("{n} inputs"), None => "the remaining inputs".to_owned() }
     )]
     CallEnded {
         results: u64,
+        outputs: u64,
         not_run: Option<u64>,
         reason: String,
     },

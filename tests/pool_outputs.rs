@@ -174,3 +174,75 @@ fn an_output_of_unknown_length_is_written_in_place_up_to_a_bound() {
     }
     assert_no_children();
 }
+
+#[test]
+fn a_call_ended_by_held_outputs_counts_inputs_not_outputs() {
+    let guard = serial();
+    {
+        // 100 outputs of 10 KB per input: a 64 KiB ring holds six of them.
+        let task = shmexec::flat_map_fn::<u64, _, _, _>(|&i| {
+            let i = i.to_native() as u8;
+            (0..100).map(move |_| vec![i; 10_000])
+        });
+        let mut pool = builder(&guard)
+            .workers(2)
+            .ring_bytes(1 << 16)
+            .build(task)
+            .unwrap();
+        let all: Vec<_> = pool.map(0..4u64).collect();
+        let outputs = all.iter().filter(|r| r.is_ok()).count() as u64;
+        match all.last() {
+            Some(Err(
+                e @ shmexec::Error::CallEnded {
+                    results,
+                    outputs: handed,
+                    not_run: Some(not_run),
+                    ..
+                },
+            )) => {
+                // Input 0's outputs were only partly handed out: no input is done.
+                assert_eq!((*results, *handed), (0, outputs), "{e}");
+                assert_eq!(results + not_run, 4, "{e}");
+                assert!(e.to_string().contains("from index 0"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_no_children();
+}
+
+/// Reserves room for `max` samples, an impossible number.
+struct Huge(usize);
+
+impl Task for Huge {
+    type Input = u64;
+    type Output = (Vec<f32>, u64);
+    fn process(&mut self, _: &rkyv::Archived<u64>) -> Result<Self::Output, BoxError> {
+        Err("produce only".into())
+    }
+    fn produce(
+        &mut self,
+        _: &rkyv::Archived<u64>,
+        out: &mut OutputSink<'_>,
+    ) -> Result<(), BoxError> {
+        let max = self.0;
+        out.emit_samples_up_to(max, |_: &mut [f32]| Ok((max, 0u64)))
+    }
+}
+
+#[test]
+fn an_impossible_output_size_is_an_error_not_a_short_output() {
+    let guard = serial();
+    {
+        for max in [(1usize << 62) + 1000, usize::MAX] {
+            let mut pool = builder(&guard).workers(1).build(Huge(max)).unwrap();
+            match pool.map([0u64]).next() {
+                Some(Err(shmexec::Error::OutputTooLarge { len, .. })) => {
+                    assert_eq!(len, usize::MAX)
+                }
+                other => panic!("{max}: {other:?}"),
+            }
+        }
+    }
+    assert_no_children();
+}

@@ -8,7 +8,9 @@
 //! with everything it captured) and forks every child from that copy, on request, whatever the
 //! host does meanwhile.
 //!
-//! The host talks to it over two pipes (requests, replies), one synchronous exchange at a time:
+//! The host talks to it over two pipes (requests, replies), one synchronous exchange at a time
+//! (each message carries its request's id, so an answer that comes after its request timed out
+//! is recognised and dropped):
 //! - `Launch(index)` -> `Launched(pid)` or `Failed(errno)`: fork a child that runs
 //!   `make(index)` and exits with its return value.
 //! - `Reap(pid)` -> `Status(pid, how, code)` or `Running(pid)`: reap a child (the launcher is its
@@ -32,8 +34,10 @@ use rustix::process::{Pid, PidfdFlags, Signal, WaitOptions};
 use crate::error::{Error, Result};
 use crate::process::{ChildProcess, ExitStatus, readable_within};
 
-/// How long the host waits for the launcher's answer before it calls the launcher dead.
-const ANSWER_WITHIN: Duration = Duration::from_secs(10);
+/// How long the host waits for the launcher's answer (it answers in the time of a `fork`)
+/// before it gives up on that request. A later request still works: answers carry the id of
+/// their request, and the host drops stale ones.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
 const OP_LAUNCH: u32 = 1;
 const OP_REAP: u32 = 2;
@@ -45,20 +49,23 @@ const RE_STATUS_EXITED: u32 = 3;
 const RE_STATUS_SIGNALED: u32 = 4;
 const RE_RUNNING: u32 = 5;
 
-/// One message either way: an op or answer and two numbers.
-type Message = [u32; 3];
+/// One message either way: an op or answer, two numbers, and the request's id (an answer
+/// repeats its request's).
+type Message = [u32; 4];
 
-fn encode(m: Message) -> [u8; 12] {
-    let mut b = [0u8; 12];
+const MESSAGE_BYTES: usize = 16;
+
+fn encode(m: Message) -> [u8; MESSAGE_BYTES] {
+    let mut b = [0u8; MESSAGE_BYTES];
     for (i, w) in m.iter().enumerate() {
         b[i * 4..i * 4 + 4].copy_from_slice(&w.to_le_bytes());
     }
     b
 }
 
-fn decode(b: &[u8; 12]) -> Message {
+fn decode(b: &[u8; MESSAGE_BYTES]) -> Message {
     let w = |i: usize| u32::from_le_bytes([b[i * 4], b[i * 4 + 1], b[i * 4 + 2], b[i * 4 + 3]]);
-    [w(0), w(1), w(2)]
+    [w(0), w(1), w(2), w(3)]
 }
 
 fn write_all(fd: &OwnedFd, bytes: &[u8]) -> rustix::io::Result<()> {
@@ -76,7 +83,7 @@ fn write_all(fd: &OwnedFd, bytes: &[u8]) -> rustix::io::Result<()> {
 
 /// Reads one message; `Ok(None)` at end of file.
 fn read_message(fd: &OwnedFd) -> rustix::io::Result<Option<Message>> {
-    let mut b = [0u8; 12];
+    let mut b = [0u8; MESSAGE_BYTES];
     let mut done = 0;
     while done < b.len() {
         match rustix::io::read(fd, &mut b[done..]) {
@@ -93,17 +100,31 @@ fn read_message(fd: &OwnedFd) -> rustix::io::Result<Option<Message>> {
 struct Link {
     requests: OwnedFd,
     replies: OwnedFd,
+    /// The id of the next request.
+    next_id: u32,
 }
 
 impl Link {
-    fn ask(&self, m: Message) -> Result<Message> {
-        write_all(&self.requests, &encode(m)).map_err(|e| Error::os("launcher request", e))?;
-        if !readable_within(self.replies.as_fd(), ANSWER_WITHIN) {
-            return Err(Error::os("launcher reply", rustix::io::Errno::TIMEDOUT));
+    /// Sends `[op, a, b]` and returns the answer to it, dropping answers to earlier requests
+    /// that timed out (a launcher that was stopped answers them when it goes on).
+    fn ask(&mut self, [op, a, b]: [u32; 3]) -> Result<[u32; 3]> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        write_all(&self.requests, &encode([op, a, b, id]))
+            .map_err(|e| Error::os("launcher request", e))?;
+        let deadline = std::time::Instant::now() + ANSWER_WITHIN;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if !readable_within(self.replies.as_fd(), left) {
+                return Err(Error::os("launcher reply", rustix::io::Errno::TIMEDOUT));
+            }
+            let [re, x, y, of] = read_message(&self.replies)
+                .map_err(|e| Error::os("launcher reply", e))?
+                .ok_or_else(|| Error::os("launcher reply", rustix::io::Errno::PIPE))?;
+            if of == id {
+                return Ok([re, x, y]);
+            }
         }
-        read_message(&self.replies)
-            .map_err(|e| Error::os("launcher reply", e))?
-            .ok_or_else(|| Error::os("launcher reply", rustix::io::Errno::PIPE))
     }
 }
 
@@ -130,7 +151,7 @@ pub(crate) struct Reaper {
 impl Reaper {
     /// Reaps `pid` if it exited; `Ok(None)` if it still runs.
     pub(crate) fn reap(&self, pid: i32) -> Result<Option<ExitStatus>> {
-        let link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
         let [re, p, code] = link.ask([OP_REAP, pid as u32, 0])?;
         match re {
             RE_STATUS_EXITED if p == pid as u32 => Ok(Some(ExitStatus::Exited(code as i32))),
@@ -183,6 +204,7 @@ impl Launcher {
             link: Arc::new(Mutex::new(Link {
                 requests: host_ends.0,
                 replies: host_ends.1,
+                next_id: 0,
             })),
             process,
         })
@@ -196,7 +218,7 @@ impl Launcher {
     /// Launches child `index`: a [`ChildProcess`] watched by pidfd and reaped through this
     /// launcher.
     pub fn launch(&self, index: u32) -> Result<ChildProcess> {
-        let link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
         let [re, pid, errno] = link.ask([OP_LAUNCH, index, 0])?;
         drop(link);
         match re {
@@ -223,7 +245,7 @@ impl Launcher {
 impl Drop for Launcher {
     fn drop(&mut self) {
         let link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
-        let _ = write_all(&link.requests, &encode([OP_EXIT, 0, 0]));
+        let _ = write_all(&link.requests, &encode([OP_EXIT, 0, 0, u32::MAX]));
         drop(link);
         if !matches!(self.process.wait_timeout(ANSWER_WITHIN), Ok(Some(_))) {
             let _ = self.process.kill();
@@ -259,18 +281,19 @@ fn serve(host: Pid, requests: OwnedFd, replies: OwnedFd, make: &mut impl FnMut(u
             Ok(Some(m)) => m,
             _ => break, // closed: the host is gone
         };
-        let answer = match msg {
-            [OP_LAUNCH, index, _] => launch(index, &requests, &replies, &host_fd, make)
+        let id = msg[3];
+        let [re, x, y] = match msg {
+            [OP_LAUNCH, index, _, _] => launch(index, &requests, &replies, &host_fd, make)
                 .map(|pid| {
                     children.push(pid);
                     [RE_LAUNCHED, pid.as_raw_nonzero().get() as u32, 0]
                 })
                 .unwrap_or_else(|e| [RE_FAILED, 0, e.raw_os_error() as u32]),
-            [OP_REAP, pid, _] => reap(pid as i32, &mut children),
+            [OP_REAP, pid, _, _] => reap(pid as i32, &mut children),
             [OP_EXIT, ..] => break,
             _ => break,
         };
-        if write_all(&replies, &encode(answer)).is_err() {
+        if write_all(&replies, &encode([re, x, y, id])).is_err() {
             break;
         }
     }
@@ -317,7 +340,7 @@ fn launch(
 }
 
 /// Reaps `pid` if it is one of the launcher's children and has exited.
-fn reap(pid: i32, children: &mut Vec<Pid>) -> Message {
+fn reap(pid: i32, children: &mut Vec<Pid>) -> [u32; 3] {
     let Some(at) = children
         .iter()
         .position(|p| p.as_raw_nonzero().get() == pid)

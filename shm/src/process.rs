@@ -293,6 +293,11 @@ impl ChildProcess {
         Peer::process(self.pid)
     }
 
+    /// Whether the child exits within `timeout` (without reaping it).
+    pub fn exits_within(&self, timeout: Duration) -> bool {
+        self.status.is_some() || self.exited_within(timeout)
+    }
+
     /// Whether the child is still running (a zombie counts as dead).
     pub fn is_alive(&self) -> bool {
         self.status.is_none() && !self.exited_within(Duration::ZERO)
@@ -373,9 +378,20 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
-        if self.status.is_none() && !matches!(self.reaper, Reaping::Nobody) {
-            let _ = self.kill();
-            let _ = self.reap();
+        if self.status.is_some() {
+            return;
+        }
+        match self.reaper {
+            Reaping::Parent => {
+                let _ = self.kill();
+                let _ = self.reap();
+            }
+            // Its launcher reaps it, at the latest when the launcher exits: asking now would
+            // wait on a launcher that may be stopped.
+            Reaping::Launcher(_) => {
+                let _ = self.kill();
+            }
+            Reaping::Nobody => {}
         }
     }
 }

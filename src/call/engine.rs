@@ -59,6 +59,9 @@ pub(crate) struct Call {
     held_error: Option<u64>,
     /// `OutputsHeld` errors handed out (they count in `stats.items` but stand for no input).
     held_reports: u64,
+    /// Inputs whose outputs (or error) were all handed out: in an ordered call, a prefix of
+    /// the call's inputs.
+    inputs_done: u64,
     since_check: u32,
 }
 
@@ -73,6 +76,7 @@ impl Call {
             respawns_before: sup.totals.respawns,
             held_error: None,
             held_reports: 0,
+            inputs_done: 0,
             since_check: 0,
         }
     }
@@ -241,6 +245,7 @@ impl Call {
                     let Some((_, Route::Failed(e))) = self.routes.pop_front() else {
                         unreachable!("the front is a failure")
                     };
+                    self.inputs_done += 1;
                     return Ok(Some(Err(e)));
                 }
                 Some((seq, Route::Worker(w))) => (*seq, *w),
@@ -249,12 +254,14 @@ impl Call {
                 None => return Ok(None),
                 Some(Took::Closed) => {
                     self.routes.pop_front(); // no (more) output: on to the next item
+                    self.inputs_done += 1;
                     continue;
                 }
                 Some(Took::Output(r, last)) => (r, last),
             };
             if last {
                 self.routes.pop_front();
+                self.inputs_done += 1;
             }
             if let Ok(out) = &r
                 && out.seq() != seq
@@ -274,6 +281,7 @@ impl Call {
         sup: &mut Supervisor<T>,
     ) -> Result<Option<Result<OutputRef<T::Output>>>> {
         if let Some((_, Route::Failed(e))) = self.routes.pop_front() {
+            self.inputs_done += 1;
             return Ok(Some(Err(e)));
         }
         // Whoever has a result ready, starting after the last one served.
@@ -283,8 +291,9 @@ impl Call {
             while !sup.slots[w].expect.is_empty() {
                 match self.take(sup, w, false)? {
                     None => break,
-                    Some(Took::Closed) => {}
-                    Some(Took::Output(r, _)) => {
+                    Some(Took::Closed) => self.inputs_done += 1,
+                    Some(Took::Output(r, last)) => {
+                        self.inputs_done += u64::from(last);
                         self.next_poll = w + 1;
                         return Ok(Some(r));
                     }
@@ -331,10 +340,11 @@ impl Call {
             // Asked again with nothing handed out since: repeating the error forever would be
             // a hang (`collect()` of every result), so the call ends and says what it did not
             // run.
-            let results = self.stats.items - self.held_reports;
+            let (results, outputs) = (self.inputs_done, self.stats.items - self.held_reports);
             let not_run = unplaced.map(|rest| rest + self.pending(sup));
             return Err(Error::CallEnded {
                 results,
+                outputs,
                 not_run,
                 reason: format!(
                     "worker {w}'s output ring is full of {held} results ({bytes} bytes) that the \

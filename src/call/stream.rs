@@ -62,6 +62,8 @@ struct State<'p, T: Task> {
     /// The stream is over for the receiver (every result handed out, or a pool error), or the
     /// receiver is gone.
     ended: bool,
+    /// The receiver is gone (a sender then gets `StreamClosed`, not the pool's error).
+    receiver_gone: bool,
 }
 
 impl<T: Task> State<'_, T> {
@@ -106,6 +108,7 @@ impl<'p, T: Task> Shared<'p, T> {
                 call,
                 closed: false,
                 ended: false,
+                receiver_gone: false,
             }),
             bell,
             wait,
@@ -221,7 +224,10 @@ impl<T: Task> StreamSender<'_, T> {
         loop {
             {
                 let mut st = shared.lock();
-                if st.ended {
+                if let Some(reason) = &st.parts().0.broken {
+                    return Err(Error::Broken(reason.clone()));
+                }
+                if st.receiver_gone || st.ended {
                     return Err(Error::StreamClosed);
                 }
                 let (sup, call) = st.parts();
@@ -476,7 +482,10 @@ impl<T: Task> Iterator for StreamReceiver<'_, T> {
 impl<T: Task> Drop for StreamReceiver<'_, T> {
     fn drop(&mut self) {
         // A sender waiting for room would wait for nobody: it gets `StreamClosed`.
-        self.shared.lock().ended = true;
+        let mut st = self.shared.lock();
+        st.ended = true;
+        st.receiver_gone = true;
+        drop(st);
         self.shared.bell.ring();
     }
 }

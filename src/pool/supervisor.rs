@@ -260,12 +260,18 @@ impl<T: Task> Supervisor<T> {
     /// and releasing) is dropped by sequence number when it arrives again.
     pub(crate) fn respawn(&mut self, w: usize) -> Result<()> {
         let slot = &mut self.slots[w];
+        // Its exit status says what it died of. A launcher that cannot say (it does not answer)
+        // is asked once: the successor's launch below finds out whether it is there at all.
         let status = match slot.child.wait_timeout(Duration::from_millis(200)) {
             Ok(Some(s)) => Some(s),
-            _ => {
+            Ok(None) => {
                 let _ = slot.child.kill();
-                slot.child.wait().ok()
+                slot.child
+                    .wait_timeout(Duration::from_secs(1))
+                    .ok()
+                    .flatten()
             }
+            Err(_) => None,
         };
         let signal = match status {
             Some(ExitStatus::Signaled(s)) => Some(s),
@@ -372,9 +378,10 @@ impl<T: Task> Supervisor<T> {
                 }
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if !matches!(w.child.wait_timeout(left), Ok(Some(_))) {
+            // Not reaped here: the launcher reaps its workers as it exits (below), and a spawned
+            // worker is reaped when its handle drops.
+            if !w.child.exits_within(left) {
                 let _ = w.child.kill();
-                let _ = w.child.wait();
             }
         }
         // Last: the launcher, which reaped the workers above, kills any left and exits.

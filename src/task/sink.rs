@@ -250,7 +250,7 @@ impl<'a> OutputSink<'a> {
         place: Place,
     ) -> Result<(), BoxError> {
         if !self.open() {
-            return Ok(());
+            return Err(failed());
         }
         let reserved = Prewritten::<E>::new(max).data_len();
         let ring_max = self.tx.max_payload();
@@ -258,21 +258,21 @@ impl<'a> OutputSink<'a> {
             .saturating_add(META_SLACK)
             .min(ring_max.max(reserved));
         let Some(mut grant) = Self::reserve(self.tx, &mut self.item.outcome, guess) else {
-            return Ok(());
+            return Err(failed());
         };
         let Ok(samples) = bytemuck::try_cast_slice_mut::<u8, E>(&mut grant[..reserved]) else {
             self.item.outcome = Some(Outcome::Report(Report::new(
                 Code::Encode,
                 "ring slot not aligned for the samples",
             )));
-            return Ok(());
+            return Err(failed());
         };
         // An error or a panic here drops the grant unpublished.
         let (used, meta) = fill(samples)?;
         if used > max {
             let msg = format!("the task used {used} samples of the {max} it reserved");
             self.item.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
-            return Ok(());
+            return Err(failed());
         }
         let p = Prewritten::<E>::new(used);
         let data = p.data_len();
@@ -281,14 +281,14 @@ impl<'a> OutputSink<'a> {
             Ok(end) => end,
             Err(e) => {
                 self.encode_failed(e);
-                return Ok(());
+                return Err(failed());
             }
         };
         if end > grant.len() {
             // The metadata needs more room than reserved: move the samples to a bigger slot.
             let moved = grant[..data].to_vec();
             let Some(mut bigger) = Self::reserve(self.tx, &mut self.item.outcome, end) else {
-                return Ok(());
+                return Err(failed());
             };
             bigger[..data].copy_from_slice(&moved);
             grant = bigger;
@@ -299,6 +299,7 @@ impl<'a> OutputSink<'a> {
             }
             Err(e) => {
                 self.encode_failed(e);
+                return Err(failed());
             }
         }
         Ok(())
