@@ -7,12 +7,12 @@
 #[cfg(feature = "async")]
 pub mod async_stream;
 mod collect;
-mod dispatch;
-mod engine;
+pub(crate) mod dispatch;
+pub(crate) mod engine;
 mod feed;
 pub mod map;
 pub mod stream;
-mod wait;
+pub(crate) mod wait;
 
 #[cfg(feature = "async")]
 pub use async_stream::{AsyncReceiver, AsyncSender};

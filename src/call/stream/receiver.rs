@@ -1,0 +1,153 @@
+//! [`StreamReceiver`]: the receiving half of a stream.
+
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, Instant};
+
+use shmexec_shm::Waiter;
+
+use super::shared::Shared;
+use crate::error::Result;
+use crate::output::OutputRef;
+use crate::stats::CallStats;
+use crate::task::Task;
+
+/// The receiving half of a stream; see [`Pool::stream`](crate::Pool::stream).
+pub struct StreamReceiver<'p, T: Task> {
+    shared: Arc<Shared<'p, T>>,
+}
+
+impl<'p, T: Task> StreamReceiver<'p, T> {
+    pub(super) fn new(shared: Arc<Shared<'p, T>>) -> Self {
+        StreamReceiver { shared }
+    }
+}
+
+impl<T: Task> StreamReceiver<'_, T> {
+    /// The next result, waiting for it: in input order for [`Pool::stream`](crate::Pool::stream), as they come for
+    /// [`Pool::stream_unordered`](crate::Pool::stream_unordered). `None` once the sender is gone and every result was handed
+    /// out, or after an error of the pool (which is handed out first).
+    pub fn recv(&self) -> Option<Result<OutputRef<T::Output>>> {
+        loop {
+            if let Poll::Ready(r) =
+                self.recv_until(Some(Instant::now() + Duration::from_secs(3600)))
+            {
+                return r;
+            }
+        }
+    }
+
+    /// [`recv`](Self::recv) that does not wait: `Poll::Pending` if no result is ready now.
+    pub fn try_recv(&self) -> Poll<Option<Result<OutputRef<T::Output>>>> {
+        self.recv_until(Some(Instant::now()))
+    }
+
+    /// [`recv`](Self::recv) that waits at most `timeout`: `Poll::Pending` if nothing came.
+    pub fn recv_timeout(&self, timeout: Duration) -> Poll<Option<Result<OutputRef<T::Output>>>> {
+        self.recv_until(Some(Instant::now() + timeout))
+    }
+
+    fn recv_until(&self, deadline: Option<Instant>) -> Poll<Option<Result<OutputRef<T::Output>>>> {
+        let shared = &*self.shared;
+        let mut waiter = Waiter::new(shared.wait);
+        loop {
+            if let Some(r) = self.step() {
+                return Poll::Ready(r);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Poll::Pending;
+            }
+            let woke = self.wait_ready(&mut waiter, deadline);
+            let stalled = woke.and_then(|woke| {
+                if woke {
+                    return Ok(None);
+                }
+                let mut st = shared.lock();
+                let (sup, call) = st.parts();
+                call.stalled(sup, None, false)
+            });
+            match stalled {
+                Ok(None) => {}
+                Ok(Some(e)) => return Poll::Ready(Some(Err(e))),
+                Err(e) => {
+                    shared.lock().ended = true;
+                    return Poll::Ready(Some(Err(e)));
+                }
+            }
+        }
+    }
+
+    /// Waits (one slice at most, or until `deadline`) until a result is ready, the stream ended
+    /// or the sender closed it with nothing left: whatever [`recv`](Self::recv) would not wait
+    /// for. `Ok(false)` if none came. For adapters (async) that wait on a thread of their own.
+    pub(crate) fn wait_ready(
+        &self,
+        waiter: &mut Waiter,
+        deadline: Option<Instant>,
+    ) -> Result<bool> {
+        self.shared.wait(waiter, deadline, |st| {
+            if st.ended {
+                return Ok(true);
+            }
+            let closed = st.closed;
+            let (sup, call) = st.parts();
+            if closed && call.pending(sup) == 0 {
+                return Ok(true);
+            }
+            call.ready(sup, None)
+        })
+    }
+
+    /// One step: the next result if it is ready, the end, or a pool error (`Some(_)`); `None`
+    /// when the caller should wait.
+    fn step(&self) -> Option<Option<Result<OutputRef<T::Output>>>> {
+        let mut st = self.shared.lock();
+        if st.ended {
+            return Some(None);
+        }
+        let closed = st.closed;
+        let (sup, call) = st.parts();
+        let polled = call.tick(sup).and_then(|()| call.poll(sup));
+        match polled {
+            Ok(Some(r)) => Some(Some(r)),
+            Ok(None) if closed && call.pending(sup) == 0 => {
+                st.ended = true;
+                Some(None)
+            }
+            Ok(None) => None,
+            Err(e) => {
+                st.ended = true;
+                Some(Some(Err(e)))
+            }
+        }
+    }
+
+    /// Figures of this stream so far.
+    pub fn stats(&self) -> CallStats {
+        self.shared.stats()
+    }
+
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.shared.worker_pids()
+    }
+}
+
+impl<T: Task> Iterator for StreamReceiver<'_, T> {
+    type Item = Result<OutputRef<T::Output>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.recv()
+    }
+}
+
+impl<T: Task> Drop for StreamReceiver<'_, T> {
+    fn drop(&mut self) {
+        // A sender waiting for room would wait for nobody: it gets `StreamClosed`.
+        let mut st = self.shared.lock();
+        st.ended = true;
+        st.receiver_gone = true;
+        drop(st);
+        self.shared.bell.ring();
+    }
+}

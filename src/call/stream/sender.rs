@@ -1,0 +1,214 @@
+//! [`StreamSender`]: the submitting half of a stream.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use shmexec_shm::Waiter;
+
+use super::shared::Shared;
+use crate::archive::{
+    Encode, Prewritten, Ref, Sample, encode_into, encode_into_at, encoded_len, encoded_len_at,
+};
+use crate::call::dispatch;
+use crate::call::engine::Placed;
+use crate::error::{BoxError, Error, Result};
+use crate::stats::CallStats;
+use crate::task::Task;
+
+/// The submitting half of a stream; see [`Pool::stream`](crate::Pool::stream). Dropping it (or [`close`]) ends the
+/// stream once every result is handed out.
+///
+/// [`close`]: StreamSender::close
+pub struct StreamSender<'p, T: Task> {
+    shared: Arc<Shared<'p, T>>,
+}
+
+impl<'p, T: Task> StreamSender<'p, T> {
+    pub(super) fn new(shared: Arc<Shared<'p, T>>) -> Self {
+        StreamSender { shared }
+    }
+}
+
+impl<T: Task> StreamSender<'_, T> {
+    /// Hands `input` to a worker, waiting while every worker's queue is full (backpressure:
+    /// the receiver is behind, or the workers are). Returns the input's sequence number (see
+    /// [`OutputRef::seq`](crate::OutputRef::seq)); an input that cannot be run (too large for a ring, not
+    /// serializable) still gets one, and its error arrives at the receiver in its place.
+    ///
+    /// An `Err` is the pool's (it cannot go on) or [`Error::StreamClosed`] (the receiver is
+    /// gone).
+    pub fn send(&self, input: &T::Input) -> Result<u64> {
+        loop {
+            if let Some(seq) =
+                self.send_until(input, Some(Instant::now() + Duration::from_secs(3600)))?
+            {
+                return Ok(seq);
+            }
+        }
+    }
+
+    /// [`send`](Self::send) that does not wait: `Ok(None)` if no worker has room now.
+    pub fn try_send(&self, input: &T::Input) -> Result<Option<u64>> {
+        self.send_until(input, Some(Instant::now()))
+    }
+
+    /// [`send`](Self::send) that waits at most `timeout` for room: `Ok(None)` if none came.
+    pub fn send_timeout(&self, input: &T::Input, timeout: Duration) -> Result<Option<u64>> {
+        self.send_until(input, Some(Instant::now() + timeout))
+    }
+
+    fn send_until(&self, input: &T::Input, deadline: Option<Instant>) -> Result<Option<u64>> {
+        let mut write = |slot: &mut [u8]| encode_into(input, slot).map_err(|e| e.to_string());
+        self.place_until(Self::input_len(input), true, &mut write, deadline)
+    }
+
+    /// Places one input of archive size `len` (`Err`: it cannot be written, and its error
+    /// takes its place), written by `write`, waiting for room until `deadline`.
+    fn place_until(
+        &self,
+        len: Result<usize, String>,
+        copies: bool,
+        write: &mut dyn FnMut(&mut [u8]) -> Result<usize, String>,
+        deadline: Option<Instant>,
+    ) -> Result<Option<u64>> {
+        let shared = &*self.shared;
+        let mut waiter = Waiter::new(shared.wait);
+        loop {
+            {
+                let mut st = shared.lock();
+                if let Some(reason) = &st.parts().0.broken {
+                    return Err(Error::Broken(reason.clone()));
+                }
+                if st.receiver_gone || st.ended {
+                    return Err(Error::StreamClosed);
+                }
+                let (sup, call) = st.parts();
+                // Every few steps, like the receiver's: the check reads the clock.
+                call.tick(sup)?;
+                let len = match &len {
+                    Ok(len) => *len,
+                    Err(reason) => {
+                        let seq = call.fail_input(sup, reason.clone());
+                        drop(st);
+                        shared.bell.ring();
+                        return Ok(Some(seq));
+                    }
+                };
+                if let Placed::Item(seq) = call.place(sup, len, copies, write)? {
+                    drop(st);
+                    // SYNC POINT with the receiver's `wait_ready`: the item is in the call's
+                    // state (stored under the mutex, released above) before this notify; the
+                    // receiver may be asleep with nothing in flight.
+                    shared.bell.ring();
+                    return Ok(Some(seq));
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            let Ok(len) = len else {
+                unreachable!("handled above")
+            };
+            self.wait_room(&mut waiter, len, deadline)?;
+        }
+    }
+
+    /// Zero-copy input for a live source: reserves a slot for `n` samples plus `meta` (a chunk's
+    /// time range, its timestamp) in a worker's input ring, lets `fill` write the samples there
+    /// (a digitizer's read, a file's), and publishes it. The task receives a `(Vec<E>, M)`
+    /// archive: the samples in place, and the metadata. Waits for room as
+    /// [`send`](Self::send) does; `fill` runs once a slot is reserved, while the stream's
+    /// state is held (the receiver hands out nothing meanwhile), so keep it to the write
+    /// itself. A `fill` error is that item's [`Error::Encode`].
+    ///
+    /// ```no_run
+    /// use shmexec::{Pool, Samples};
+    /// // Each chunk: samples, and the (start, end) of its time range in ns.
+    /// let task = shmexec::from_fn::<(Vec<i16>, (u64, u64)), _, _>(|c| {
+    ///     (c.1.0.to_native(), c.0.samples().len() as u64)
+    /// });
+    /// let mut pool = Pool::builder().workers(2).build(task)?;
+    /// let (tx, rx) = pool.stream();
+    /// tx.send_in_place(1 << 20, &(0u64, 1_000_000u64), |samples: &mut [i16]| {
+    ///     samples.fill(7); // the digitizer writes here
+    ///     Ok(())
+    /// })?;
+    /// drop(tx);
+    /// let (start, n) = rx.recv().unwrap()?.deserialize()?;
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn send_in_place<E, M>(
+        &self,
+        n: usize,
+        meta: &M,
+        fill: impl FnOnce(&mut [E]) -> Result<(), BoxError>,
+    ) -> Result<u64>
+    where
+        T: Task<Input = (Vec<E>, M)>,
+        E: Sample,
+        M: Encode,
+    {
+        let samples = Prewritten::<E>::new(n);
+        let data = samples.data_len();
+        let pair = (samples, Ref(meta));
+        let len = encoded_len_at(&pair, data).map_err(|e| e.to_string());
+        let mut fill = Some(fill);
+        let mut write = |slot: &mut [u8]| -> Result<usize, String> {
+            let fill = fill.take().ok_or("the slot was filled already")?;
+            let samples: &mut [E] = bytemuck::try_cast_slice_mut(&mut slot[..data])
+                .map_err(|e| format!("slot not aligned for the samples: {e:?}"))?;
+            fill(samples).map_err(|e| e.to_string())?;
+            encode_into_at(&pair, slot, data).map_err(|e| e.to_string())
+        };
+        loop {
+            let until = Some(Instant::now() + Duration::from_secs(3600));
+            if let Some(seq) = self.place_until(len.clone(), false, &mut write, until)? {
+                return Ok(seq);
+            }
+        }
+    }
+
+    /// Waits (one slice at most, or until `deadline`) until a worker has room for an input of
+    /// `len` archive bytes or the stream ended; `Ok(false)` if neither came. For adapters
+    /// (async) that wait on a thread of their own.
+    pub(crate) fn wait_room(
+        &self,
+        waiter: &mut Waiter,
+        len: usize,
+        deadline: Option<Instant>,
+    ) -> Result<bool> {
+        let limit = self.shared.queue_bytes;
+        self.shared.wait(waiter, deadline, |st| {
+            if st.ended {
+                return Ok(true);
+            }
+            dispatch::has_room(&mut st.parts().0.slots, len, limit)
+        })
+    }
+
+    /// The archive size of `input` (`Err`: it cannot be serialized; `send` reports that to the
+    /// receiver in the input's place).
+    pub(crate) fn input_len(input: &T::Input) -> Result<usize, String> {
+        encoded_len(input).map_err(|e| e.to_string())
+    }
+
+    /// Ends the stream: the receiver gets every result still to come, then `None`.
+    pub fn close(self) {}
+
+    /// Figures of this stream so far.
+    pub fn stats(&self) -> CallStats {
+        self.shared.stats()
+    }
+
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    pub fn worker_pids(&self) -> Vec<i32> {
+        self.shared.worker_pids()
+    }
+}
+
+impl<T: Task> Drop for StreamSender<'_, T> {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.bell.ring();
+    }
+}
