@@ -29,19 +29,30 @@ pub struct OutputRef<O> {
 impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
     /// Validates the frame as an archive of `O` (every output is checked once, here), unless
     /// the pool was built with the unsafe [`crate::Builder::trust_outputs`].
-    /// `submitted_ns`: when its input was placed, for a pool that times items (`None`: the
-    /// coordinator's half of [`Timing`] stays 0).
+    /// `stamps`, for a pool that times items: when its input was placed, and a clock reading
+    /// the call took since it last waited, if any, for the delivery (none: read now). `None`:
+    /// the coordinator's half of [`Timing`] stays 0.
     pub(crate) fn new(
         frame: HeldFrame,
         validate: bool,
-        submitted_ns: Option<u64>,
+        stamps: Option<(u64, Option<u64>)>,
     ) -> Result<OutputRef<O>> {
         let [started_ns, finished_ns] = frame.words();
+        let (submitted_ns, delivered_ns) = match stamps {
+            None => (0, 0),
+            // A reading from before the worker finished cannot be the delivery's.
+            Some((submitted, recent)) => (
+                submitted,
+                recent
+                    .filter(|&t| t >= finished_ns)
+                    .unwrap_or_else(shmexec_shm::clock::now_ns),
+            ),
+        };
         let timing = Timing {
-            submitted_ns: submitted_ns.unwrap_or(0),
+            submitted_ns,
             started_ns,
             finished_ns,
-            delivered_ns: submitted_ns.map_or(0, |_| shmexec_shm::clock::now_ns()),
+            delivered_ns,
         };
         if !validate {
             return Ok(OutputRef {

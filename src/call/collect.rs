@@ -86,7 +86,8 @@ impl Call {
                     let n = frame.len() as u64;
                     self.stats.output_bytes += n;
                     sup.totals.output_bytes += n;
-                    OutputRef::new(frame.hold(), validate, timed.then_some(submitted_ns))
+                    let stamps = timed.then_some((submitted_ns, self.clock));
+                    OutputRef::new(frame.hold(), validate, stamps)
                 }
                 FrameKind::Done => {
                     frame.release();

@@ -59,6 +59,10 @@ pub(crate) struct Call {
     held_error: Option<u64>,
     /// `OutputsHeld` errors handed out (they count in `stats.items` but stand for no input).
     held_reports: u64,
+    /// The last clock reading of this step (a placement's), which a result handed out in the
+    /// same step takes as its delivery time instead of reading the clock again; cleared by
+    /// [`Call::waited`].
+    pub(super) clock: Option<u64>,
     /// Inputs whose outputs (or error) were all handed out: in an ordered call, a prefix of
     /// the call's inputs.
     inputs_done: u64,
@@ -76,6 +80,7 @@ impl Call {
             respawns_before: sup.totals.respawns,
             held_error: None,
             held_reports: 0,
+            clock: None,
             inputs_done: 0,
             since_check: 0,
         }
@@ -97,6 +102,12 @@ impl Call {
         } else {
             (self.routes.len() + sup.slots.iter().map(|w| w.live).sum::<usize>()) as u64
         }
+    }
+
+    /// The caller waited (or let time pass) since this call's last clock reading: the next
+    /// result reads the clock for its delivery time.
+    pub(crate) fn waited(&mut self) {
+        self.clock = None;
     }
 
     /// Says whether the pool is broken (every step), and supervises the workers every
@@ -150,6 +161,7 @@ impl Call {
         if let Ok(n) = written {
             if timed {
                 submitted_ns = shmexec_shm::clock::now_ns();
+                self.clock = Some(submitted_ns);
             }
             grant.truncate(n).set_seq(seq);
             grant.commit();

@@ -108,6 +108,8 @@ impl<'a, T: Task> Map<'a, T> {
 
     /// The next result, waiting for it; `Ok(None)` when the call is done.
     fn step(&mut self) -> Result<Option<Result<OutputRef<T::Output>>>> {
+        // The caller ran since the last step: no clock reading of before counts as now.
+        self.call.waited();
         self.call.tick(&mut self.pool.rt)?;
         loop {
             self.pump()?;
@@ -125,6 +127,7 @@ impl<'a, T: Task> Map<'a, T> {
             let (call, prepared) = (&self.call, self.prepared);
             let woke = wait::until(signal, &mut waiter, MAP_SLICE, || call.ready(sup, prepared));
             sup.doorbell_waiter = waiter;
+            self.call.waited();
             if !woke? {
                 let unplaced = self.unplaced();
                 if let Some(e) = self.call.stalled(&mut self.pool.rt, unplaced, true)? {

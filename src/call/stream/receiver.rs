@@ -107,6 +107,8 @@ impl<T: Task> StreamReceiver<'_, T> {
         }
         let closed = st.closed;
         let (sup, call) = st.parts();
+        // A reading the sender took is of its own time, not of this hand-over.
+        call.waited();
         let polled = call.tick(sup).and_then(|()| call.poll(sup));
         match polled {
             Ok(Some(r)) => Some(Some(r)),
