@@ -219,8 +219,9 @@ impl CallStats {
 
 /// When one item passed each stage, in nanoseconds of the machine's monotonic clock (one time
 /// line for all the pool's processes; see `shmexec_shm::clock`). Each result carries it
-/// ([`crate::OutputRef::timing`]); reading it costs nothing, and taking it costs four clock reads
-/// per item, so it is always on.
+/// ([`crate::OutputRef::timing`]); reading it costs nothing, and taking it costs two clock reads
+/// per item in the worker (shared with its busy time) and one or two in the coordinator
+/// (`Builder::item_timing` turns those off).
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Timing {
@@ -230,7 +231,9 @@ pub struct Timing {
     pub started_ns: u64,
     /// The worker finished this output (published it).
     pub finished_ns: u64,
-    /// The result was handed to the caller.
+    /// The result was handed to the caller. (In a step that placed an input just before,
+    /// that placement's clock reading stands for it, when it is not earlier than
+    /// `finished_ns`: one clock read per item instead of two.)
     pub delivered_ns: u64,
 }
 

@@ -185,7 +185,7 @@ impl Builder {
     }
 
     /// Whether each result's [`crate::Timing`] includes when its input was submitted and when
-    /// it was delivered (default on). That is two clock reads per item in the coordinator:
+    /// it was delivered (default on). That is one or two clock reads per item in the coordinator:
     /// nothing beside a chunk of kilobytes, but for items of a few bytes, whose whole cost is a
     /// few hundred nanoseconds, a measurable part of it (`docs/benchmarks.md`). The worker's
     /// half (started, finished) is always there: it shares its clock reads with the busy time.
