@@ -155,13 +155,17 @@ fn a_receiver_awaiting_an_idle_source_neither_hangs_nor_spins() {
 
 #[test]
 fn backpressure_through_the_sink_and_stream_traits() {
-    // 400 KB chunks: two fill a worker's 1 MiB input ring, so the sender has to wait for a
-    // receiver that takes its time.
+    // 400 KB chunks: two fill a worker's 1 MiB input ring, and each takes its worker 2 ms, so
+    // a sender that sends as fast as it can has to wait for room (whatever the host's speed).
     const N: u32 = 60;
     const LEN: u32 = 100_000;
     let guard = serial();
     {
-        let pool = builder(&guard).workers(2).build(sum_task()).unwrap();
+        let slow = shmexec::from_fn::<Vec<u32>, _, _>(|c| {
+            std::thread::sleep(Duration::from_millis(2));
+            c.samples().iter().map(|&x| x as u64).sum::<u64>()
+        });
+        let pool = builder(&guard).workers(2).build(slow).unwrap();
         let (mut tx, mut rx) = pool.into_async_stream();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
