@@ -115,6 +115,7 @@ impl<S: Sample> ArchivedSpan<S> {
                 region: samples,
             });
         }
+        REGION_READ.fetch_add(len * size, std::sync::atomic::Ordering::Relaxed);
         // SAFETY: the bytes [start * size, (start + len) * size) lie inside the mapping (checked
         // just above), which stays mapped for the life of this process (`REGION` holds it and is
         // never emptied). The mapping is page aligned and `size` is a multiple of `S`'s
@@ -130,6 +131,15 @@ impl<S: Sample> ArchivedSpan<S> {
             )
         })
     }
+}
+
+/// Region bytes this worker process read through spans since the worker loop last took them
+/// (`take_region_read`), for its counters.
+static REGION_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The region bytes read through spans since the last call (for the worker's counters).
+pub(crate) fn take_region_read() -> u64 {
+    REGION_READ.swap(0, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The region as mapped in this worker process; set once, before `Task::init`.

@@ -9,9 +9,9 @@ use shmexec_shm::{Segment, Signal};
 
 use crate::error::Result;
 
-/// One cache line of counters per worker, so workers never share a line; line 0 holds the
-/// pool-wide words (the doorbell), worker `w` line `w + 1`.
-const SLOT: usize = 64;
+/// Two cache lines of counters per worker, so workers never share a line; slot 0 holds the
+/// pool-wide words (the doorbell), worker `w` slot `w + 1`.
+const SLOT: usize = 128;
 
 #[derive(Clone, Copy)]
 #[repr(usize)]
@@ -30,6 +30,8 @@ pub(crate) enum Field {
     /// Not a counter: the sequence number + 1 of an item the worker must not run but report as
     /// given up (it crashed its worker `max_retries` times).
     Skip = 56,
+    /// Bytes of the shared region the worker read through spans (`Span::get`).
+    RegionBytes = 64,
 }
 
 /// The shared counters of all workers of a pool.
@@ -123,6 +125,8 @@ pub struct WorkerStats {
     pub bytes_in: u64,
     /// Output archive bytes written.
     pub bytes_out: u64,
+    /// Bytes of the shared region read through spans.
+    pub region_bytes_read: u64,
     /// Time spent in `Task::process` and serializing its output.
     pub busy: Duration,
     /// Chunks that ended in an error (task `Err`, panic, output too large).
@@ -163,6 +167,7 @@ impl PoolStats {
                         chunks: w.chunks.saturating_sub(e.chunks),
                         bytes_in: w.bytes_in.saturating_sub(e.bytes_in),
                         bytes_out: w.bytes_out.saturating_sub(e.bytes_out),
+                        region_bytes_read: w.region_bytes_read.saturating_sub(e.region_bytes_read),
                         busy: w.busy.saturating_sub(e.busy),
                         errors: w.errors.saturating_sub(e.errors),
                         respawns: w.respawns.saturating_sub(e.respawns),
@@ -184,12 +189,16 @@ impl PoolStats {
         }
     }
 
-    /// Copies the coordinator made per input byte: 1 for serialized inputs, 0 for in-place ones.
+    /// Bytes the coordinator copied per byte of input the workers read: 1 for serialized
+    /// inputs, 0 for in-place ones, and for spans of the shared region the few bytes of each
+    /// span against the region bytes it names.
     pub fn copies_per_input_byte(&self) -> f64 {
-        if self.input_bytes == 0 {
+        let region: u64 = self.workers.iter().map(|w| w.region_bytes_read).sum();
+        let read = self.input_bytes + region;
+        if read == 0 {
             0.0
         } else {
-            self.input_bytes_copied as f64 / self.input_bytes as f64
+            self.input_bytes_copied as f64 / read as f64
         }
     }
 }

@@ -106,6 +106,18 @@ fn spans_are_read_in_place_and_see_each_refill() {
             "{} input bytes",
             stats.input_bytes
         );
+        // And the region bytes they name are what the workers read: a copy of a few bytes per
+        // span, against every sample read in place.
+        let region_read: u64 = stats.workers.iter().map(|w| w.region_bytes_read).sum();
+        assert!(
+            region_read > 100 * stats.input_bytes,
+            "{region_read} region bytes read"
+        );
+        assert!(
+            stats.copies_per_input_byte() < 0.01,
+            "{}",
+            stats.copies_per_input_byte()
+        );
     }
     assert_no_children();
     assert_eq!(open_fds(), fds, "descriptors leaked");

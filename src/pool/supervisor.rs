@@ -203,6 +203,7 @@ impl<T: Task> Supervisor<T> {
                 chunks: self.stats.get(i, Field::Chunks),
                 bytes_in: self.stats.get(i, Field::BytesIn),
                 bytes_out: self.stats.get(i, Field::BytesOut),
+                region_bytes_read: self.stats.get(i, Field::RegionBytes),
                 busy: Duration::from_nanos(self.stats.get(i, Field::BusyNs)),
                 errors: self.stats.get(i, Field::Errors),
                 respawns: w.respawns,

@@ -130,6 +130,9 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
             setup.stats.add(w, Field::BytesOut, n as u64);
             setup
                 .stats
+                .add(w, Field::RegionBytes, crate::shared::take_region_read());
+            setup
+                .stats
                 .add(w, Field::BusyNs, finished_ns.saturating_sub(started_ns));
         };
         let mut sink = OutputSink::new(&mut tx, seq, started_ns, &mut before_publish);
@@ -164,6 +167,10 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
                 return EXIT_COORDINATOR_GONE;
             }
         }
+        // What an item read of the region without publishing (it failed) counts too.
+        setup
+            .stats
+            .add(w, Field::RegionBytes, crate::shared::take_region_read());
         // Only now, with the output published, is the input released: a worker that dies
         // before this point leaves the chunk in its input ring for a successor.
         frame.release();
