@@ -24,7 +24,8 @@ compile_error!(
 /// rkyv's error type, used for every serialization and validation here.
 pub type RkyvError = rancor::Error;
 
-/// Where serialization writes: nowhere (counting bytes) or a slice of shared memory.
+/// Where serialization writes: nowhere (counting bytes) or a slice of shared memory. Public
+/// only because [`Encode`]'s bound names it; nothing outside this crate can make one.
 pub struct Sink<'a> {
     buf: Option<&'a mut [u8]>,
     pos: usize,

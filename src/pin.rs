@@ -24,12 +24,11 @@ pub enum Pinning {
     /// run at the lowest priority (nice 19), so the kernel places the coordinator there and it
     /// never waits for them; they take only the time it leaves. While the coordinator waits it
     /// parks at once (unless the wait strategy is `Spin`) instead of spinning, so that time is
-    /// theirs. Measured on 2 cores with 4 MiB chunks (README): a serial source went from a
-    /// median of 0.77x rayon to 0.92x, work descriptors from 0.78x to 1.03x, copied inputs
-    /// stayed about the same. Not the default: with small chunks the parked coordinator pays a
-    /// wake-up every few items (64 KiB chunks ran at about 0.7x the default's speed), and a
-    /// process outside the pool that competes for the first core starves the workers there
-    /// (an ordered call then waits for their items).
+    /// theirs: a serial source and work descriptors gain, copied inputs stay about the same
+    /// (figures in `docs/benchmarks.md`). Not the default: with small chunks the parked
+    /// coordinator pays a wake-up every few items, and a process outside the pool that
+    /// competes for the first core starves the workers there (an ordered call then waits for
+    /// their items).
     SourceFirst,
 }
 

@@ -1,8 +1,9 @@
 //! How a waiter spends the time before its condition holds: spin, then park.
 //!
-//! Measured on the 2-core KVM guest this project is developed on, waking a parked process costs
-//! ~40 us and a futex round trip ~80 us, against ~130 ns for two spinning processes. So the
-//! default, [`WaitStrategy::Adaptive`], spins for a short window first, and parks only after a
+//! Waking a parked process costs tens of microseconds on a VM and a futex round trip about
+//! twice that, against a few hundred nanoseconds for two spinning processes (figures in
+//! `docs/benchmarks.md`). So the default, [`WaitStrategy::Adaptive`], spins for a short window
+//! first, and parks only after a
 //! quiet spell; its window grows when parking proves premature (the event came soon after the
 //! waiter gave up spinning) and shrinks when the waiter slept for long (the stream is idle, and
 //! spinning would only burn a core). An idle waiter therefore costs one futex wake-up per

@@ -47,10 +47,9 @@ impl WorkerSlot {
     ///
     /// Finished items whose results the caller has not taken yet do not count. In an ordered
     /// call the coordinator waits for the oldest item's worker while the others finish theirs;
-    /// counting those would leave the fast workers idle until the slow one answered (measured on
-    /// 2 cores with a serial source: 12 % of the machine idle and workers waiting for input
-    /// another 10 %). Their results are bounded by the output ring instead: a worker whose
-    /// output ring is full stops, and its inputs then count here.
+    /// counting those would leave the fast workers idle until the slow one answered. Their
+    /// results are bounded by the output ring instead: a worker whose output ring is full
+    /// stops, and its inputs then count here.
     pub(crate) fn queue_full(&mut self, limit: u64) -> shmexec_shm::Result<bool> {
         // What was known finished gives an upper bound on the queue: only when that bound says
         // full is the worker's side of the ring looked at.
