@@ -125,6 +125,14 @@ impl Call {
         Ok(())
     }
 
+    /// The worker whose next result an ordered call waits for.
+    fn head_worker(&self) -> Option<usize> {
+        match self.routes.front() {
+            Some((_, Route::Worker(w))) if self.ordered => Some(*w),
+            _ => None,
+        }
+    }
+
     /// Records an input that failed before reaching a worker: its error takes its place.
     pub(crate) fn fail_input<T: Task>(&mut self, sup: &mut Supervisor<T>, reason: String) -> u64 {
         let seq = sup.take_seq();
@@ -199,10 +207,7 @@ impl Call {
         if matches!(self.routes.front(), Some((_, Route::Failed(_)))) {
             return Ok(true);
         }
-        let head = match self.routes.front() {
-            Some((_, Route::Worker(w))) if self.ordered => Some(*w),
-            _ => None,
-        };
+        let head = self.head_worker();
         for (w, slot) in sup.slots.iter_mut().enumerate() {
             let wanted = if self.ordered {
                 head == Some(w) || slot.has_stale_front()
@@ -329,10 +334,7 @@ impl Call {
         end_on_repeat: bool,
     ) -> Result<Option<Error>> {
         sup.supervise()?;
-        let head = match self.routes.front() {
-            Some((_, Route::Worker(w))) if self.ordered => Some(*w),
-            _ => None,
-        };
+        let head = self.head_worker();
         let blocked = (0..sup.slots.len()).find(|&w| {
             let slot = &sup.slots[w];
             // With nothing of its own in flight, an ordered call waits for an abandoned call's

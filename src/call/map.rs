@@ -120,13 +120,8 @@ impl<'a, T: Task> Map<'a, T> {
             if !self.feeding && self.call.pending(sup) == 0 {
                 return Ok(None);
             }
-            let Some(signal) = self.bell.signal() else {
-                return Err(Error::Broken("the pool's doorbell is missing".into()));
-            };
-            let mut waiter = std::mem::take(&mut sup.doorbell_waiter);
             let (call, prepared) = (&self.call, self.prepared);
-            let woke = wait::until(signal, &mut waiter, MAP_SLICE, || call.ready(sup, prepared));
-            sup.doorbell_waiter = waiter;
+            let woke = wait_slice(sup, &self.bell, |sup| call.ready(sup, prepared));
             self.call.waited();
             if !woke? {
                 let unplaced = self.unplaced();
@@ -170,6 +165,22 @@ impl<T: Task> Drop for Map<'_, T> {
     }
 }
 
+/// Waits one slice on the pool's doorbell, with the pool's own waiter, until `ready` holds
+/// (`Ok(true)`) or the slice ends (`Ok(false)`).
+fn wait_slice<T: Task>(
+    sup: &mut Supervisor<T>,
+    bell: &Doorbell,
+    mut ready: impl FnMut(&mut Supervisor<T>) -> shmexec_shm::Result<bool>,
+) -> Result<bool> {
+    let Some(signal) = bell.signal() else {
+        return Err(Error::Broken("the pool's doorbell is missing".into()));
+    };
+    let mut waiter = std::mem::take(&mut sup.doorbell_waiter);
+    let woke = wait::until(signal, &mut waiter, MAP_SLICE, || ready(sup));
+    sup.doorbell_waiter = waiter;
+    woke
+}
+
 /// Waits until every item handed to a worker by an abandoned call is answered, discarding the
 /// results.
 pub(crate) fn settle<T: Task>(sup: &mut Supervisor<T>) -> Result<()> {
@@ -179,13 +190,7 @@ pub(crate) fn settle<T: Task>(sup: &mut Supervisor<T>) -> Result<()> {
         if sup.unanswered() == 0 {
             break;
         }
-        let bell = sup.doorbell();
-        let Some(signal) = bell.signal() else {
-            return Err(Error::Broken("the pool's doorbell is missing".into()));
-        };
-        let mut waiter = std::mem::take(&mut sup.doorbell_waiter);
-        let woke = wait::until(signal, &mut waiter, MAP_SLICE, || call.ready(sup, None));
-        sup.doorbell_waiter = waiter;
+        let woke = wait_slice(sup, &sup.doorbell(), |sup| call.ready(sup, None));
         if !woke? && let Some(e) = call.stalled(sup, Some(0), true)? {
             return Err(e);
         }

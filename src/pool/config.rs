@@ -7,6 +7,7 @@ use shmexec_shm::WaitStrategy;
 
 use crate::error::{Error, Result};
 use crate::pin::{self, Pinning};
+use crate::task::WorkerInfo;
 
 /// Default bytes of each ring (one input and one output ring per worker).
 pub const DEFAULT_RING_BYTES: usize = 64 << 20;
@@ -71,6 +72,18 @@ pub(crate) struct Config {
     pub(crate) queue_bytes: u64,
     /// Whether the coordinator stamps each item's submission and delivery.
     pub(crate) item_timing: bool,
+}
+
+impl Config {
+    /// What worker `index` is told about itself (`Task::init`); a successor gets the same.
+    pub(crate) fn worker_info(&self, index: usize) -> WorkerInfo {
+        WorkerInfo {
+            index,
+            workers: self.cores.len(),
+            core: self.cores[index],
+            low_priority: self.low_priority[index],
+        }
+    }
 }
 
 impl Default for Builder {

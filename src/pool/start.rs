@@ -42,26 +42,20 @@ pub(super) fn worker_main<T: Task>(
     stats: StatsBlock,
     shared: Option<Arc<Segment>>,
 ) -> impl FnMut(u32) -> i32 {
-    let (cores, low_priority, wait) = (
-        config.cores.clone(),
-        config.low_priority.clone(),
-        config.wait,
-    );
+    let infos: Vec<WorkerInfo> = (0..config.cores.len())
+        .map(|i| config.worker_info(i))
+        .collect();
+    let wait = config.wait;
     let mut task = crate::task::bytes::Typed(task);
     move |index: u32| {
         let index = index as usize;
-        let Some((input, output)) = rings.get(index) else {
+        let (Some((input, output)), Some(info)) = (rings.get(index), infos.get(index)) else {
             return EXIT_BAD_SETUP;
         };
         // The launcher holds no pidfd of a worker, so there are no siblings' to close.
         crate::hygiene::close_pool_descriptors(&[]);
         let setup = worker::Setup {
-            info: WorkerInfo {
-                index,
-                workers: cores.len(),
-                core: cores[index],
-                low_priority: low_priority[index],
-            },
+            info: info.clone(),
             input,
             output,
             stats: &stats,

@@ -22,7 +22,7 @@ use super::slot::WorkerSlot;
 use super::start::{Starter, rings, warm_window, worker_main};
 use crate::error::{Error, Result};
 use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
-use crate::task::{Task, WorkerInfo};
+use crate::task::Task;
 use crate::wire::{EXIT_INIT_FAILED, START_SEQ, read_report};
 
 /// How often the coordinator looks for dead workers while it waits.
@@ -141,24 +141,16 @@ impl<T: Task> Supervisor<T> {
             Some(Starter::Launcher(launcher)) => launcher.launch(index as u32).map_err(|e| {
                 Error::Start(format!("the launcher could not fork worker {index}: {e}"))
             }),
-            Some(Starter::Spawn(name)) => {
-                let info = WorkerInfo {
-                    index,
-                    workers: self.config.cores.len(),
-                    core: self.config.cores[index],
-                    low_priority: self.config.low_priority[index],
-                };
-                crate::spawn::spawn_worker(
-                    name,
-                    &crate::spawn::task_types::<T>(),
-                    &info,
-                    input,
-                    Ring::footprint(input.capacity()),
-                    &self.stats,
-                    self.shared.as_deref(),
-                    self.config.wait,
-                )
-            }
+            Some(Starter::Spawn(name)) => crate::spawn::spawn_worker(
+                name,
+                &crate::spawn::task_types::<T>(),
+                &self.config.worker_info(index),
+                input,
+                Ring::footprint(input.capacity()),
+                &self.stats,
+                self.shared.as_deref(),
+                self.config.wait,
+            ),
         }
     }
 
