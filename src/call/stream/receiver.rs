@@ -28,12 +28,10 @@ impl<T: Task> StreamReceiver<'_, T> {
     /// [`Pool::stream_unordered`](crate::Pool::stream_unordered). `None` once the sender is gone and every result was handed
     /// out, or after an error of the pool (which is handed out first).
     pub fn recv(&self) -> Option<Result<OutputRef<T::Output>>> {
-        loop {
-            if let Poll::Ready(r) =
-                self.recv_until(Some(Instant::now() + Duration::from_secs(3600)))
-            {
-                return r;
-            }
+        // Without a deadline the wait ends only with a result, the end or an error.
+        match self.recv_until(None) {
+            Poll::Ready(r) => r,
+            Poll::Pending => unreachable!("a wait without a deadline returns a result"),
         }
     }
 

@@ -38,13 +38,9 @@ impl<T: Task> StreamSender<'_, T> {
     /// An `Err` is the pool's (it cannot go on) or [`Error::StreamClosed`] (the receiver is
     /// gone).
     pub fn send(&self, input: &T::Input) -> Result<u64> {
-        loop {
-            if let Some(seq) =
-                self.send_until(input, Some(Instant::now() + Duration::from_secs(3600)))?
-            {
-                return Ok(seq);
-            }
-        }
+        // Without a deadline the wait ends only with a placement or an error.
+        let seq = self.send_until(input, None)?;
+        Ok(seq.expect("a send without a deadline places its input"))
     }
 
     /// [`send`](Self::send) that does not wait: `Ok(None)` if no worker has room now.
@@ -160,12 +156,8 @@ impl<T: Task> StreamSender<'_, T> {
             fill(samples).map_err(|e| e.to_string())?;
             encode_into_at(&pair, slot, data).map_err(|e| e.to_string())
         };
-        loop {
-            let until = Some(Instant::now() + Duration::from_secs(3600));
-            if let Some(seq) = self.place_until(len.clone(), false, &mut write, until)? {
-                return Ok(seq);
-            }
-        }
+        let seq = self.place_until(len, false, &mut write, None)?;
+        Ok(seq.expect("a send without a deadline places its input"))
     }
 
     /// Waits (one slice at most, or until `deadline`) until a worker has room for an input of
