@@ -329,10 +329,16 @@ pub(crate) fn send_report(
     Ok(())
 }
 
-/// Closes item `seq` after `part` outputs with an empty `Done` frame.
-pub(crate) fn send_done(tx: &mut Producer, seq: u64, part: u32) -> Result<(), shmexec_shm::Error> {
+/// Publishes an empty frame of `kind` for `seq` at `part`: `Done` closes an item after `part`
+/// outputs; `End` is the start-up report and the goodbye.
+pub(crate) fn send_empty(
+    tx: &mut Producer,
+    kind: FrameKind,
+    seq: u64,
+    part: u32,
+) -> Result<(), shmexec_shm::Error> {
     let mut grant = tx.reserve(0)?;
-    grant.set_kind(FrameKind::Done).set_seq(seq).set_part(part);
+    grant.set_kind(kind).set_seq(seq).set_part(part);
     grant.commit();
     Ok(())
 }

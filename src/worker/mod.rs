@@ -9,7 +9,7 @@ use crate::pin;
 use crate::stats::{Field, StatsBlock};
 use crate::task::WorkerInfo;
 use crate::task::bytes::{ByteTask, ItemFailure};
-use crate::task::sink::{Outcome, OutputSink, send_done, send_report};
+use crate::task::sink::{Outcome, OutputSink, send_empty, send_report};
 use crate::wire::{
     Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, Report, START_SEQ, panic_message,
 };
@@ -65,7 +65,7 @@ fn start_up(task: &mut dyn ByteTask, setup: &Setup<'_>, tx: &mut Producer) -> Re
         let _ = send_report(tx, START_SEQ, 0, Report::new(Code::Init, message));
         return Err(EXIT_INIT_FAILED);
     }
-    send_kind(tx, START_SEQ, FrameKind::End).map_err(|_| EXIT_COORDINATOR_GONE)
+    send_empty(tx, FrameKind::End, START_SEQ, 0).map_err(|_| EXIT_COORDINATOR_GONE)
 }
 
 /// Runs in the forked child; the return value is its exit code.
@@ -153,7 +153,7 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
             // Closed by its last output: an error after it has no item left to report on.
             (Some(Outcome::Closed), _) => None,
             (None | Some(Outcome::Open), Ok(())) => {
-                if send_done(&mut tx, seq, parts).is_err() {
+                if send_empty(&mut tx, FrameKind::Done, seq, parts).is_err() {
                     return EXIT_COORDINATOR_GONE;
                 }
                 None
@@ -181,13 +181,6 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         setup.stats.set(w, Field::Current, 0);
     }
     let _ = catch_unwind(AssertUnwindSafe(|| task.finish(info)));
-    let _ = send_kind(&mut tx, 0, FrameKind::End);
+    let _ = send_empty(&mut tx, FrameKind::End, 0, 0);
     EXIT_OK
-}
-
-fn send_kind(tx: &mut Producer, seq: u64, kind: FrameKind) -> Result<(), shmexec_shm::Error> {
-    let mut grant = tx.reserve(0)?;
-    grant.set_kind(kind).set_seq(seq);
-    grant.commit();
-    Ok(())
 }
