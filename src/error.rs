@@ -102,6 +102,15 @@ pub enum Error {
     )]
     ChunkTimeout { seq: u64, after: Duration },
 
+    /// This item was queued to a worker that died and could not be started again
+    /// ([`crate::Builder::max_start_attempts`]); it was not run. The other workers go on.
+    #[error("item {seq} was not run: worker {worker} {reason}; run it again")]
+    WorkerLost {
+        seq: u64,
+        worker: usize,
+        reason: String,
+    },
+
     /// A worker process died and could not be replaced.
     #[error("worker {worker} (pid {pid}) died{}: {status}", match seq { Some(s) => format!(" while item {s} was in flight"), None => String::new() })]
     WorkerDied {
@@ -170,6 +179,7 @@ impl Error {
             | Error::InvalidOutput { seq, .. }
             | Error::InvalidInput { seq, .. }
             | Error::WorkerCrashed { seq, .. }
+            | Error::WorkerLost { seq, .. }
             | Error::ChunkTimeout { seq, .. } => Some(*seq),
             _ => None,
         }

@@ -21,8 +21,9 @@ pub(crate) enum Field {
     BytesOut = 16,
     BusyNs = 24,
     Errors = 32,
-    /// Not a counter: non-zero asks the worker to stop before its next chunk (pool shutdown),
-    /// so dropping a pool does not wait for a full input ring to be worked off.
+    /// Not a counter: [`crate::wire::STOP`] asks the worker to stop before its next chunk
+    /// (pool shutdown), so dropping a pool does not wait for a full input ring to be worked
+    /// off. Any other non-zero value is corruption, and ignored.
     Stop = 40,
     /// Not a counter: the sequence number + 1 of the item the worker is working on (0: none),
     /// so that the coordinator knows which item a dead worker died on.
@@ -32,6 +33,10 @@ pub(crate) enum Field {
     Skip = 56,
     /// Bytes of the shared region the worker read through spans (`Span::get`).
     RegionBytes = 64,
+    /// Not a counter: [`crate::wire::READY`] once the worker's `init` succeeded (0 before), so
+    /// that a death is charged to the worker's start or to its items without reading its exit
+    /// code, which the task can set too.
+    State = 72,
 }
 
 /// The shared counters of all workers of a pool.

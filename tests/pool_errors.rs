@@ -253,7 +253,7 @@ fn failing_init_is_an_error_from_build() {
 }
 
 #[test]
-fn init_failing_in_a_replacement_worker_ends_the_call_with_an_error() {
+fn init_failing_in_a_replacement_worker_gives_that_worker_up_and_the_pool_goes_on() {
     let guard = serial();
     {
         fail_init_marker();
@@ -268,17 +268,15 @@ fn init_failing_in_a_replacement_worker_ends_the_call_with_an_error() {
         let errors: Vec<Error> = pool.map(0..100u64).filter_map(|r| r.err()).collect();
         std::fs::remove_file(fail_init_marker()).unwrap();
         assert!(start.elapsed() < Duration::from_secs(20));
-        assert_eq!(errors.len(), 1, "{errors:?}");
-        assert!(
-            matches!(&errors[0], Error::Init { worker: 1, .. }),
-            "{:?}",
-            errors[0]
-        );
-        assert!(!errors[0].is_item());
-        assert!(matches!(
-            pool.map([1u64]).next(),
-            Some(Err(Error::Broken(_)))
-        ));
+        // The items queued to worker 1 before its death was seen are not run, and say why.
+        assert!(!errors.is_empty());
+        for e in &errors {
+            assert!(matches!(e, Error::WorkerLost { worker: 1, .. }), "{e:?}");
+            assert!(e.is_item());
+            assert!(e.to_string().contains("init failed"), "{e}");
+        }
+        // Worker 0 goes on.
+        assert!(pool.map(0..10u64).all(|r| r.is_ok()));
     }
     assert_no_children();
 }

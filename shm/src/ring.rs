@@ -887,6 +887,31 @@ impl Consumer {
         self.peer = peer;
     }
 
+    /// Whether the producer is blocked in `reserve`, waiting for room (a worker whose results
+    /// nobody has read yet is not slow, it is waiting).
+    pub fn producer_waiting(&self) -> bool {
+        self.view.ctl().producer_need.load(Ordering::Relaxed) != 0
+    }
+
+    /// Drops every frame published and not read yet, for a ring whose contents can no longer
+    /// be trusted (a header failed its checks, so the frames behind it cannot be found). The
+    /// producer must be gone: its `head` no longer moves, and its successor publishes from
+    /// there. Frames already held stay valid. Returns the bytes dropped.
+    pub fn discard_unread(&mut self) -> Result<u64> {
+        let head = self.view.ctl().head.load(Ordering::Acquire);
+        let unread = head.checked_sub(self.read).filter(|&n| n <= self.view.cap);
+        let Some(unread) = unread.filter(|_| head % FRAME_ALIGN as u64 == 0) else {
+            return Err(Error::corrupt(format!(
+                "ring head {head} is not a frame start at most a lap past the read position {}",
+                self.read
+            )));
+        };
+        if unread > 0 {
+            self.advance(unread);
+        }
+        Ok(unread)
+    }
+
     fn next_frame(&mut self, deadline: Option<Instant>, block: bool) -> Result<Option<Located>> {
         let cap = self.view.cap;
         loop {

@@ -8,8 +8,8 @@ use shmexec_shm::FrameKind;
 use super::engine::Call;
 use crate::error::{Error, Result};
 use crate::output::OutputRef;
-use crate::pool::Supervisor;
 use crate::pool::queue::Queue;
+use crate::pool::{Life, Supervisor, WorkerSlot};
 use crate::task::Task;
 use crate::wire::{START_SEQ, read_report};
 
@@ -38,29 +38,53 @@ impl Call {
             if stale_only && !slot.has_stale_front() {
                 return Ok(None);
             }
+            if let Some(lost) = give_up_front(slot, w) {
+                match lost {
+                    Some(e) => return Ok(Some(Took::Output(Err(e), true))),
+                    None => continue,
+                }
+            }
             let frame = match slot.rx.try_peek() {
                 Ok(Some(f)) => f,
-                Ok(None) => return Ok(None),
+                Ok(None) => {
+                    if slot.life == Life::Failed && !slot.expect.is_empty() {
+                        continue; // its items fail above
+                    }
+                    if let Some(reason) = slot.lost_output() {
+                        // Its stamps or headers were overwritten: start the ring afresh.
+                        sup.reset_output(w, &reason)
+                            .map_err(|e| sup.break_with(e))?;
+                        continue; // the items it had finished fail above
+                    }
+                    return Ok(None);
+                }
                 Err(shmexec_shm::Error::PeerGone { .. } | shmexec_shm::Error::Closed) => {
                     // Everything it published has been read: replace it.
-                    sup.respawn(w).map_err(|e| sup.break_with(e))?;
+                    if slot.life != Life::Up {
+                        return Ok(None);
+                    }
+                    sup.on_death(w);
                     continue;
                 }
-                Err(e) => return Err(sup.break_with(e.into())),
+                Err(e) => {
+                    // A header failed its checks: nothing behind it can be found.
+                    sup.reset_output(w, &e.to_string())
+                        .map_err(|e| sup.break_with(e))?;
+                    continue;
+                }
             };
             let (seq, kind) = (frame.seq(), frame.kind());
             if seq == START_SEQ {
-                // A replacement's start-up report.
-                let report = (kind == FrameKind::Error).then(|| read_report(w, seq, &frame));
-                frame.release();
-                match report {
-                    None => continue,
-                    Some(e) => return Err(sup.break_with(e)),
+                // A successor's start-up report: one that will not serve (its `init` failed)
+                // then exits, and that death counts as a failed start.
+                if kind == FrameKind::Error {
+                    slot.init_error = Some(read_report(w, seq, &frame).to_string());
                 }
+                frame.release();
+                continue;
             }
             let screened = screen(
                 (&mut slot.expect, &mut slot.next_part, &mut slot.live),
-                w,
                 (seq, kind, frame.part()),
             );
             let (replayed, submitted_ns) = match screened {
@@ -68,7 +92,24 @@ impl Call {
                     frame.release();
                     continue;
                 }
-                Screen::Broken(e) => return Err(sup.break_with(e)),
+                Screen::Lost { consume, due, live } => {
+                    let part = frame.part();
+                    if consume {
+                        frame.release();
+                    }
+                    if !live {
+                        continue;
+                    }
+                    let e = Error::InvalidOutput {
+                        seq: due,
+                        reason: format!(
+                            "worker {w} sent a {kind:?} frame of item {seq} part {part} where \
+                             this item's output was due: a frame header in its output ring is \
+                             corrupt, and the item's output is lost"
+                        ),
+                    };
+                    return Ok(Some(Took::Output(Err(e), true)));
+                }
                 Screen::Take {
                     replayed,
                     submitted_ns,
@@ -122,58 +163,104 @@ impl Call {
 enum Screen {
     /// Seen already, or of an abandoned call: release it and read on.
     Skip,
-    /// A frame the protocol does not allow there.
-    Broken(Error),
+    /// The item `due` lost its output (its frames were corrupted): it is closed with an error
+    /// (`live`: it belongs to the current call). With `consume`, the frame is taken as that
+    /// item's (its header is garbage); without, it is the next item's and is read again.
+    Lost { consume: bool, due: u64, live: bool },
     /// Hand it out (`replayed`: its part was taken before, see `PROTOCOL.md`).
     Take { replayed: bool, submitted_ns: u64 },
 }
 
 /// Checks a frame against what the worker owes (`expect`: its items in order, `next_part` of
 /// the oldest, `live`: how many belong to the current call), and moves the books past it: an
-/// item whose closing frame this is leaves the queue.
+/// item whose closing frame this is, or whose output is lost, leaves the queue.
 fn screen(
     (expect, next_part, live): (&mut Queue, &mut u32, &mut usize),
-    w: usize,
     (seq, kind, part): (u64, FrameKind, u32),
 ) -> Screen {
-    let due = expect.front().map(|e| e.seq);
-    match due {
-        // An item already closed, published again (its first worker died before releasing
-        // the input).
-        Some(due) if seq < due => return Screen::Skip,
-        Some(due) if seq == due => {}
-        _ => {
-            return Screen::Broken(Error::Broken(format!(
-                "worker {w} returned item {seq}, expected {due:?}"
-            )));
-        }
+    let Some(front) = expect.front().copied() else {
+        // Nothing is due: an item closed already, published again (its worker died before
+        // releasing the input), or garbage.
+        return Screen::Skip;
+    };
+    // An item already closed, published again.
+    if seq < front.seq {
+        return Screen::Skip;
     }
     let replayed = part < *next_part;
-    if replayed && kind == FrameKind::More {
+    if seq == front.seq && replayed && kind == FrameKind::More {
         return Screen::Skip; // taken already, before its worker died
     }
-    if part > *next_part && kind != FrameKind::Error {
-        return Screen::Broken(Error::Broken(format!(
-            "worker {w} sent output {part} of item {seq}, expected {next_part}"
-        )));
-    }
-    let front = expect.front().copied();
-    let is_live = front.is_some_and(|e| e.live);
-    if kind == FrameKind::More {
+    let lost = if seq > front.seq {
+        // The due item's closing frame never came: a later item's frame (read again once the
+        // due item is closed), or one whose seq is garbage (taken as the due item's).
+        Some(!expect.contains(seq))
+    } else if part > *next_part && kind != FrameKind::Error {
+        Some(true) // outputs of this item are missing
+    } else {
+        None
+    };
+    if kind == FrameKind::More && lost.is_none() {
         *next_part += 1;
     } else {
         // The item is closed: it leaves the worker's queue.
         expect.pop_front();
         *next_part = 0;
-        if is_live {
+        if front.live {
             *live -= 1;
         }
     }
-    if !is_live {
+    if let Some(consume) = lost {
+        return Screen::Lost {
+            consume,
+            due: front.seq,
+            live: front.live,
+        };
+    }
+    if !front.live {
         return Screen::Skip; // an abandoned call's output
     }
     Screen::Take {
         replayed,
-        submitted_ns: front.map_or(0, |e| e.submitted_ns),
+        submitted_ns: front.submitted_ns,
     }
+}
+
+/// Closes the front item of worker `slot` (index `w`) without output when it can no longer
+/// come: the worker was given up (`WorkerLost`), or its input was released with no closing
+/// frame left to read (the frame was lost to a corrupt header). `None` when the front item is
+/// not lost; `Some(None)` when it was an abandoned call's (nothing to report).
+fn give_up_front(slot: &mut WorkerSlot, w: usize) -> Option<Option<Error>> {
+    let front = *slot.expect.front()?;
+    let error = if slot.life == Life::Failed {
+        // Published results are read first: only an empty ring means the item is lost.
+        if !matches!(
+            slot.rx.try_peek(),
+            Ok(None) | Err(shmexec_shm::Error::PeerGone { .. } | shmexec_shm::Error::Closed)
+        ) {
+            return None;
+        }
+        Error::WorkerLost {
+            seq: front.seq,
+            worker: w,
+            reason: slot.given_up(),
+        }
+    } else {
+        let (released, reason) = slot.lost_outputs.clone()?;
+        if front.end > released {
+            slot.lost_outputs = None;
+            return None;
+        }
+        Error::InvalidOutput {
+            seq: front.seq,
+            reason: format!("its output was lost: worker {w}'s output ring was corrupt ({reason})"),
+        }
+    };
+    slot.expect.pop_front();
+    slot.next_part = 0;
+    if !front.live {
+        return Some(None);
+    }
+    slot.live -= 1;
+    Some(Some(error))
 }

@@ -3,16 +3,18 @@
 //! nothing to do).
 //!
 //! The rule: the worker with the fewest unfinished items first (ties to the lower index), then
-//! any other; a worker takes the input if its queue is not full (`Builder::queue_bytes`) and its
-//! input ring has room for the archive.
+//! any other; a worker takes the input if its process runs, its queue is not full
+//! (`Builder::queue_bytes`) and its input ring has room for the archive.
 
 use shmexec_shm::Grant;
 
-use crate::pool::WorkerSlot;
+use crate::pool::{Life, WorkerSlot};
 
-/// Whether worker `slot` would take an input of `len` archive bytes now.
+/// Whether worker `slot` would take an input of `len` archive bytes now. A worker whose
+/// process is down (it waits for a successor, or was given up) takes none: its queue waits for
+/// the successor, and new input goes to the others.
 fn takes(slot: &mut WorkerSlot, len: usize, limit: u64) -> shmexec_shm::Result<bool> {
-    Ok(!slot.queue_full(limit)? && slot.tx.fits(len)?)
+    Ok(slot.life == Life::Up && !slot.queue_full(limit)? && slot.tx.fits(len)?)
 }
 
 /// The workers in the order the rule tries them.

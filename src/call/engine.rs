@@ -22,7 +22,7 @@ use super::collect::Took;
 use super::dispatch;
 use crate::error::{Error, Result};
 use crate::output::OutputRef;
-use crate::pool::Supervisor;
+use crate::pool::{Life, Supervisor, WorkerSlot};
 use crate::stats::CallStats;
 use crate::task::Task;
 
@@ -160,6 +160,11 @@ impl Call {
         let (limit, timed) = (sup.config().queue_bytes, sup.config().item_timing);
         let seq = sup.peek_seq();
         let Some((w, mut grant)) = dispatch::reserve(&mut sup.slots, len, limit)? else {
+            // With every worker given up, the call first hands out what its items became
+            // (their results, or `WorkerLost`), then ends here.
+            if self.pending(sup) == 0 {
+                sup.check_usable()?;
+            }
             return Ok(Placed::NoRoom);
         };
         // On error the slot is given back unpublished (the grant is dropped).
@@ -214,7 +219,7 @@ impl Call {
             } else {
                 !slot.expect.is_empty()
             };
-            if wanted && slot.rx.try_peek()?.is_some() {
+            if wanted && has_news(slot)? {
                 return Ok(true);
             }
         }
@@ -375,5 +380,21 @@ impl Call {
             held,
             bytes,
         }))
+    }
+}
+
+/// Whether collecting from worker `slot` would find something: a frame, a death to handle (its
+/// ring closed), or, for a worker given up, its items' errors. A worker waiting for its
+/// successor has nothing until it runs.
+fn has_news(slot: &mut WorkerSlot) -> shmexec_shm::Result<bool> {
+    if slot.life == Life::Failed {
+        return Ok(!slot.expect.is_empty());
+    }
+    match slot.rx.try_peek() {
+        Ok(frame) => Ok(frame.is_some()),
+        Err(shmexec_shm::Error::PeerGone { .. } | shmexec_shm::Error::Closed) => {
+            Ok(slot.life == Life::Up)
+        }
+        Err(e) => Err(e),
     }
 }

@@ -38,6 +38,8 @@ pub struct Builder {
     shutdown_timeout: Duration,
     check_threads: bool,
     max_attempts: u32,
+    max_start_attempts: u32,
+    restart_backoff: Duration,
     chunk_timeout: Option<Duration>,
     start: Start,
     validate_outputs: bool,
@@ -65,6 +67,10 @@ pub(crate) struct Config {
     /// Whether a fork is refused while this process runs other threads.
     pub(crate) check_threads: bool,
     pub(crate) max_attempts: u32,
+    /// Starts in a row that may fail for one worker before it is given up.
+    pub(crate) max_start_attempts: u32,
+    /// The wait before the second of those starts; it doubles for each further one.
+    pub(crate) restart_backoff: Duration,
     pub(crate) chunk_timeout: Option<Duration>,
     pub(crate) start: Start,
     pub(crate) validate_outputs: bool,
@@ -98,6 +104,8 @@ impl Default for Builder {
             shutdown_timeout: Duration::from_secs(5),
             check_threads: true,
             max_attempts: 2,
+            max_start_attempts: 4,
+            restart_backoff: Duration::from_millis(50),
             chunk_timeout: None,
             start: Start::Fork,
             validate_outputs: true,
@@ -151,7 +159,9 @@ impl Builder {
         self
     }
 
-    /// How long `build` waits for every worker's `Task::init` (default 60 s).
+    /// How long a worker may take to start: its process and `Task::init` (default 60 s).
+    /// `build` fails with [`Error::Timeout`] past it; a successor past it is killed, and that
+    /// counts as a failed start ([`Builder::max_start_attempts`]).
     pub fn start_timeout(mut self, t: Duration) -> Self {
         self.start_timeout = t;
         self
@@ -172,9 +182,36 @@ impl Builder {
         self
     }
 
+    /// How many successors in a row may fail to start for one worker before the pool gives
+    /// that worker up (default 4). A successor fails to start when it dies (or is killed by
+    /// the start timeout) before it finished an item: its `init` failed, hung or exited, its
+    /// fork failed, or it died at once. A worker that finished an item starts the count again.
+    /// The first successor starts at once, the next after [`Builder::restart_backoff`], each
+    /// further one after twice the wait before it. A worker given up fails the items queued to
+    /// it ([`Error::WorkerLost`]); the other workers go on, and the pool is unusable once every
+    /// worker is given up.
+    pub fn max_start_attempts(mut self, n: u32) -> Self {
+        self.max_start_attempts = n;
+        self
+    }
+
+    /// The wait before the second successor in a row of a worker that keeps failing to start
+    /// (default 50 ms; it doubles for each further one, up to 10 s); see
+    /// [`Builder::max_start_attempts`].
+    pub fn restart_backoff(mut self, first: Duration) -> Self {
+        self.restart_backoff = first;
+        self
+    }
+
     /// A deadline per chunk (default none): a worker still on one chunk after `t` is killed and
-    /// replaced, and that item is [`Error::ChunkTimeout`] (it is not retried). Checked every
-    /// few milliseconds while the coordinator waits or hands out results.
+    /// replaced, and that item is [`Error::ChunkTimeout`] (it is not retried). A worker that
+    /// leaves queued chunks untouched for `t` (stopped, or hung between chunks) is killed and
+    /// replaced too; its chunks go to the successor.
+    ///
+    /// The deadline counts the time the pool is driven: while a call or a stream half waits on
+    /// it or steps it, with at most 250 ms counted for any longer gap between two steps. So a
+    /// pause of the whole program (Ctrl-Z, a container pause, a debugger) costs no chunk, and
+    /// a worker waiting for the caller to take its results is not counted as slow.
     pub fn chunk_timeout(mut self, t: Duration) -> Self {
         self.chunk_timeout = Some(t);
         self
@@ -286,6 +323,8 @@ impl Builder {
             shutdown_timeout: self.shutdown_timeout,
             check_threads: self.check_threads && self.start == Start::Fork,
             max_attempts: self.max_attempts,
+            max_start_attempts: self.max_start_attempts,
+            restart_backoff: self.restart_backoff,
             chunk_timeout: self.chunk_timeout,
             start: self.start,
             validate_outputs: self.validate_outputs,

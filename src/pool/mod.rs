@@ -10,7 +10,7 @@ mod start;
 pub(crate) mod supervisor;
 
 pub use config::{Builder, DEFAULT_QUEUE_BYTES, DEFAULT_RING_BYTES, Start};
-pub(crate) use slot::WorkerSlot;
+pub(crate) use slot::{Life, WorkerSlot};
 pub(crate) use supervisor::Supervisor;
 
 use crate::error::Result;

@@ -55,6 +55,11 @@ impl Queue {
         self.items.is_empty()
     }
 
+    /// Whether item `seq` is here (items are in increasing sequence order).
+    pub(crate) fn contains(&self, seq: u64) -> bool {
+        self.items.binary_search_by_key(&seq, |e| e.seq).is_ok()
+    }
+
     /// Takes the oldest item off: its result has arrived.
     pub(crate) fn pop_front(&mut self) -> Option<Expected> {
         let e = self.items.pop_front()?;

@@ -7,6 +7,27 @@ use shmexec_shm::{ChildProcess, Consumer, Producer, Ring};
 
 use super::queue::{Expected, Queue};
 
+/// Where a worker's process stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Life {
+    /// A process runs: starting (its `Field::State` is not `READY` yet) or serving.
+    Up,
+    /// Its process died; the successor starts at `at` (a backoff after failed starts).
+    Down { at: Instant },
+    /// Given up after too many failed starts in a row: its items fail with `WorkerLost`.
+    Failed,
+}
+
+/// What the chunk timeout watches of a worker: its `Field::Current` and its input ring's
+/// released position (either moving is progress), and since when (on the supervisor's
+/// watch clock) they have not moved.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Watch {
+    pub(crate) current: u64,
+    pub(crate) released: u64,
+    pub(crate) since: std::time::Duration,
+}
+
 /// The coordinator's side of one worker.
 pub(crate) struct WorkerSlot {
     pub(crate) child: ChildProcess,
@@ -23,8 +44,27 @@ pub(crate) struct WorkerSlot {
     /// The `live` entries of `expect`.
     pub(crate) live: usize,
     pub(crate) respawns: u64,
-    /// The worker's `Field::Current` as last seen and since when (for the chunk timeout).
-    pub(crate) watching: (u64, Instant),
+    /// For the chunk timeout.
+    pub(crate) watching: Watch,
+    pub(crate) life: Life,
+    /// Starts in a row that failed (see `Builder::max_start_attempts`).
+    pub(crate) failed_starts: u32,
+    /// When the running process was started (the supervisor's watch clock), for the start
+    /// timeout.
+    pub(crate) launched: std::time::Duration,
+    /// The input ring's released position when it was started: a worker that moved it
+    /// finished an item.
+    pub(crate) released_at_launch: u64,
+    /// Why the supervisor killed the running process, if it did.
+    pub(crate) kill_reason: Option<String>,
+    /// What went wrong the last time it died or could not be started, for the errors of a
+    /// worker given up.
+    pub(crate) why: Option<String>,
+    /// The last start-up report of a successor that refused to serve (`init` failed).
+    pub(crate) init_error: Option<String>,
+    /// Items whose input frames end at or before this input ring position have lost their
+    /// output (a corrupt output ring was reset), and why.
+    pub(crate) lost_outputs: Option<(u64, String)>,
 }
 
 impl WorkerSlot {
@@ -65,6 +105,43 @@ impl WorkerSlot {
     /// Whether the oldest item handed to this worker belongs to an abandoned call.
     pub(crate) fn has_stale_front(&self) -> bool {
         self.expect.front().is_some_and(|e| !e.live)
+    }
+
+    /// Whether the oldest item's output is lost, and why: its input was released (which the
+    /// worker does only after publishing the item's closing frame), yet no frame is left to
+    /// read. A header or stamp overwritten in the output ring does that.
+    ///
+    /// SYNC POINT with the worker's release of an input after the closing frame is published:
+    /// the released position is loaded (Acquire) before the ring is looked at again, so a
+    /// closing frame published before that release is seen.
+    pub(crate) fn lost_output(&mut self) -> Option<String> {
+        let front = self.expect.front().copied()?;
+        if self.life != Life::Up {
+            return None;
+        }
+        let released = self.tx.released().ok()?;
+        if front.end > released || !matches!(self.rx.try_peek(), Ok(None)) {
+            return None;
+        }
+        Some(format!(
+            "the worker released the input of item {} but no output frame of it can be read",
+            front.seq
+        ))
+    }
+
+    /// Why this worker was given up, for the errors of its items.
+    pub(crate) fn given_up(&self) -> String {
+        let mut reason = format!(
+            "died and failed to start {} times in a row",
+            self.failed_starts
+        );
+        if let Some(why) = &self.why {
+            reason.push_str(&format!(" (last: {why})"));
+        }
+        if let Some(e) = &self.init_error {
+            reason.push_str(&format!("; its last start-up report: {e}"));
+        }
+        reason
     }
 
     /// The current call ended: results still to come are discarded when they arrive.

@@ -18,15 +18,23 @@ use shmexec_shm::{ChildProcess, ExitStatus, FrameKind, Launcher, Peer, Ring, Seg
 
 use super::config::{Config, Start};
 use super::queue::Queue;
-use super::slot::WorkerSlot;
+use super::slot::{Life, Watch, WorkerSlot};
 use super::start::{Starter, rings, warm_window, worker_main};
 use crate::error::{Error, Result};
 use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::Task;
-use crate::wire::{EXIT_INIT_FAILED, START_SEQ, read_report};
+use crate::wire::{READY, START_SEQ, STOP, read_report};
 
 /// How often the coordinator looks for dead workers while it waits.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(5);
+
+/// The most that one gap between two health checks adds to the watch clock (the clock of the
+/// chunk and start timeouts). A longer gap means that the coordinator did not run (the whole
+/// program was stopped, or descheduled) or was not driven: neither is the worker's fault.
+const MAX_COUNTED_GAP: Duration = Duration::from_millis(250);
+
+/// The longest wait between two starts of a worker that keeps failing to start.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 /// What the pool knows of an item that killed (or hung) its worker.
 #[derive(Clone, Copy, Default)]
@@ -54,6 +62,9 @@ pub(crate) struct Supervisor<T: Task> {
     /// Items that crashed a worker: how often, and the last signal.
     crashes: HashMap<u64, Crash>,
     last_health_check: Instant,
+    /// Time the pool was driven (see [`MAX_COUNTED_GAP`]): what the chunk and start timeouts
+    /// of running workers count.
+    watch: Duration,
     /// The shared region, if the builder asked for one.
     pub(crate) shared: Option<Arc<Segment>>,
     /// How the coordinator waits on the workers' doorbell.
@@ -108,6 +119,7 @@ impl<T: Task> Supervisor<T> {
             totals: PoolStats::default(),
             crashes: HashMap::new(),
             last_health_check: Instant::now(),
+            watch: Duration::ZERO,
             shared,
         };
         for (index, (input, output)) in rings.into_iter().enumerate() {
@@ -127,7 +139,15 @@ impl<T: Task> Supervisor<T> {
                 next_part: 0,
                 live: 0,
                 respawns: 0,
-                watching: (0, Instant::now()),
+                watching: Watch::default(),
+                life: Life::Up,
+                failed_starts: 0,
+                launched: Duration::ZERO,
+                released_at_launch: 0,
+                kill_reason: None,
+                why: None,
+                init_error: None,
+                lost_outputs: None,
             });
         }
         sup.await_start()?;
@@ -204,36 +224,36 @@ impl<T: Task> Supervisor<T> {
         s
     }
 
-    /// Replaces dead workers and kills those past the chunk timeout. Cheap (a pidfd poll per
-    /// worker) and done at most every few milliseconds, whoever drives the pool, so a death is
-    /// noticed within a few ms of it mattering, whichever worker the caller waits on.
+    /// Replaces dead workers (at once, or after a backoff for one that keeps failing to
+    /// start), and kills those past the chunk or start timeout. Cheap (a pidfd poll per worker)
+    /// and done at most every few milliseconds, whoever drives the pool, so a death is noticed
+    /// within a few ms of it mattering, whichever worker the caller waits on.
     ///
-    /// An `Err` means a worker could not be replaced: the pool is then broken.
+    /// An `Err` only for a pool broken earlier: a worker that cannot be started again is
+    /// given up (its items fail), and the others go on.
     pub(crate) fn supervise(&mut self) -> Result<()> {
         if let Some(reason) = &self.broken {
             return Err(Error::Broken(reason.clone()));
         }
-        if self.last_health_check.elapsed() < HEALTH_CHECK_EVERY {
+        let now = Instant::now();
+        let gap = now.saturating_duration_since(self.last_health_check);
+        if gap < HEALTH_CHECK_EVERY {
             return Ok(());
         }
-        let now = Instant::now();
         self.last_health_check = now;
+        self.watch += gap.min(MAX_COUNTED_GAP);
         for w in 0..self.slots.len() {
-            if let Some(limit) = self.config.chunk_timeout {
-                let current = self.stats.get(w, Field::Current);
-                let slot = &mut self.slots[w];
-                if current == 0 || slot.watching.0 != current {
-                    slot.watching = (current, now);
-                } else if now.duration_since(slot.watching.1) > limit {
-                    // Stuck: kill it; the respawn below reports the item instead of rerunning.
-                    let seq = current - 1;
-                    self.crashes.entry(seq).or_default().timed_out = Some(limit);
-                    let _ = slot.child.kill();
-                    slot.watching = (0, now);
-                }
+            match self.slots[w].life {
+                Life::Failed => {}
+                Life::Down { at } if now >= at => self.relaunch(w),
+                Life::Down { .. } => {}
+                Life::Up if self.slots[w].child.is_alive() => self.check_deadlines(w),
+                Life::Up => self.on_death(w),
             }
-            if !self.slots[w].child.is_alive() {
-                self.respawn(w).map_err(|e| self.break_with(e))?;
+            // Only the coordinator writes `Stop`, and only at shutdown: anything else there is
+            // garbage (the workers ignore it; see `wire::STOP`).
+            if self.stats.get(w, Field::Stop) != 0 {
+                self.stats.set(w, Field::Stop, 0);
             }
         }
         Ok(())
@@ -245,61 +265,230 @@ impl<T: Task> Supervisor<T> {
         e
     }
 
-    /// Replaces the dead worker `w`: reaps it, charges the item it died on, and starts a
-    /// successor on the same core over the same rings. The successor runs `init`, then takes
-    /// the input ring from its tail: the item its predecessor died on (inputs are released only
-    /// after their output is published) and everything queued behind it. Results already
-    /// published stay in the output ring; a result published twice (a death between publishing
-    /// and releasing) is dropped by sequence number when it arrives again.
-    pub(crate) fn respawn(&mut self, w: usize) -> Result<()> {
+    /// `Err` when no worker can take input any more: each was given up.
+    pub(crate) fn check_usable(&mut self) -> Result<()> {
+        if let Some(reason) = &self.broken {
+            return Err(Error::Broken(reason.clone()));
+        }
+        if self.slots.iter().all(|s| s.life == Life::Failed) {
+            let why = self.slots.first().map(WorkerSlot::given_up);
+            let e = Error::Broken(format!(
+                "every worker was given up; worker 0 {}",
+                why.unwrap_or_default()
+            ));
+            return Err(self.break_with(e));
+        }
+        Ok(())
+    }
+
+    /// Kills worker `w` if it is past its start timeout, or past the chunk timeout on one item
+    /// or with queued items it does not take (stopped, or hung between items). Both count on
+    /// the watch clock, and a worker waiting for room in its output ring (the caller has not
+    /// taken its results) is not counted as slow.
+    fn check_deadlines(&mut self, w: usize) {
+        let watch = self.watch;
+        let (start_timeout, chunk_timeout) = (self.config.start_timeout, self.config.chunk_timeout);
+        let started = self.stats.get(w, Field::State) == READY;
+        let current = self.stats.get(w, Field::Current);
         let slot = &mut self.slots[w];
-        // Its exit status says what it died of. A launcher that cannot say (it does not answer)
-        // is asked once: the successor's launch below finds out whether it is there at all.
+        if !started {
+            if watch.saturating_sub(slot.launched) > start_timeout {
+                slot.kill_reason = Some(format!("did not start within {start_timeout:?}"));
+                let _ = slot.child.kill();
+            }
+            return;
+        }
+        let Some(limit) = chunk_timeout else {
+            return;
+        };
+        let Ok(released) = slot.tx.released() else {
+            return;
+        };
+        let idle = current == 0 && slot.tx.written() <= released;
+        let moved = (current, released) != (slot.watching.current, slot.watching.released);
+        if idle || moved || slot.rx.producer_waiting() {
+            slot.watching = Watch {
+                current,
+                released,
+                since: watch,
+            };
+            return;
+        }
+        if watch.saturating_sub(slot.watching.since) <= limit {
+            return;
+        }
+        match current
+            .checked_sub(1)
+            .filter(|&seq| slot.expect.contains(seq))
+        {
+            // The item is given up when the worker's death is handled (`on_death`).
+            Some(seq) => self.crashes.entry(seq).or_default().timed_out = Some(limit),
+            None => {
+                slot.kill_reason = Some(format!(
+                    "left its queued items untouched for {limit:?} (stopped, or hung between items)"
+                ));
+            }
+        }
+        let _ = slot.child.kill();
+        slot.watching.since = watch;
+    }
+
+    /// Handles the death of worker `w` (seen through its pidfd, or its ring closed): reaps it,
+    /// charges the death to the item it was on (which is skipped after `max_attempts`) or, if
+    /// it had not started, to its start, and starts a successor: at once, after a backoff, or
+    /// never (the worker is given up).
+    ///
+    /// The successor takes over the same rings: it runs `init`, then reads the input ring from
+    /// its tail, that is the item its predecessor died on (inputs are released only after
+    /// their output is published) and everything queued behind it. Results already published
+    /// stay in the output ring; a result published twice (a death between publishing and
+    /// releasing) is dropped by sequence number when it arrives again.
+    pub(crate) fn on_death(&mut self, w: usize) {
+        let slot = &mut self.slots[w];
+        if slot.life != Life::Up {
+            return;
+        }
+        // Its exit status says what it died of (for the errors): a launcher that cannot say
+        // in time does not hold up the successor.
         let status = match slot.child.wait_timeout(Duration::from_millis(200)) {
             Ok(Some(s)) => Some(s),
-            Ok(None) => {
+            _ => {
                 let _ = slot.child.kill();
                 slot.child
-                    .wait_timeout(Duration::from_secs(1))
+                    .wait_timeout(Duration::from_millis(200))
                     .ok()
                     .flatten()
             }
-            Err(_) => None,
         };
         let signal = match status {
             Some(ExitStatus::Signaled(s)) => Some(s),
-            // A successor whose `init` failed: replacing it again would fail again.
-            Some(ExitStatus::Exited(EXIT_INIT_FAILED)) => {
-                return Err(Error::Init {
-                    worker: w,
-                    message: "Task::init failed in a replacement worker".into(),
-                });
-            }
             _ => None,
         };
-        // SYNC POINT with the worker's `Current` store before each item: the worker is dead
-        // (reaped above), so its last store is visible.
+        // SYNC POINT with the worker's `State` and `Current` stores: the worker is dead (seen
+        // through its pidfd), so its last stores are visible.
+        let started = self.stats.get(w, Field::State) == READY;
         let current = self.stats.get(w, Field::Current);
         self.stats.set(w, Field::Current, 0);
-        if let Some(seq) = current.checked_sub(1) {
+        let progressed = slot
+            .tx
+            .released()
+            .is_ok_and(|r| r > slot.released_at_launch);
+        // A value that names no item handed to this worker is garbage: nothing is charged.
+        if let Some(seq) = current
+            .checked_sub(1)
+            .filter(|&seq| slot.expect.contains(seq))
+        {
             let entry = self.crashes.entry(seq).or_default();
             entry.count += 1;
             entry.signal = signal;
             if entry.count >= self.config.max_attempts || entry.timed_out.is_some() {
                 // SYNC POINT with the successor's `Skip` load before it runs this item: this
-                // store comes before the successor is started below.
+                // store comes before the successor is started.
                 self.stats.set(w, Field::Skip, current);
             }
         }
-        let input = self.slots[w].input.clone();
-        let child = self.start_worker(w, &input)?;
+        let how = status.map_or_else(|| "died".to_owned(), |s| format!("{s:?}"));
+        let why = match slot.kill_reason.take() {
+            Some(reason) => format!("killed: it {reason}"),
+            None if !started => format!("{how} before it was ready"),
+            None => how,
+        };
+        slot.why = Some(why);
+        if progressed {
+            slot.failed_starts = 0;
+        }
+        if !started {
+            slot.failed_starts += 1;
+        }
+        self.schedule(w);
+    }
+
+    /// Starts worker `w` again now, or after the backoff its failed starts call for, or gives
+    /// it up.
+    fn schedule(&mut self, w: usize) {
         let slot = &mut self.slots[w];
-        let new_pid = child.pid();
-        slot.tx.set_peer(Peer::process(new_pid)?);
-        slot.rx.set_peer(Peer::process(new_pid)?);
-        slot.child = child;
-        slot.respawns += 1;
-        self.totals.respawns += 1;
+        let failed = slot.failed_starts;
+        if failed >= self.config.max_start_attempts.max(1) {
+            slot.life = Life::Failed;
+            return;
+        }
+        // The first successor starts at once; each one after a failed start waits twice as
+        // long as the one before it.
+        let backoff = match failed {
+            0 | 1 => Duration::ZERO,
+            n => self
+                .config
+                .restart_backoff
+                .saturating_mul(1u32 << (n - 2).min(20))
+                .min(MAX_BACKOFF),
+        };
+        if backoff.is_zero() {
+            self.relaunch(w);
+        } else {
+            slot.life = Life::Down {
+                at: Instant::now() + backoff,
+            };
+        }
+    }
+
+    /// Starts a successor for the dead worker `w`; a start that fails (the fork, the launcher)
+    /// counts as a failed start.
+    fn relaunch(&mut self, w: usize) {
+        // SYNC POINT with the successor's `State` store after its `init`: cleared before it
+        // is started.
+        self.stats.set(w, Field::State, 0);
+        let input = self.slots[w].input.clone();
+        let started = self.start_worker(w, &input).and_then(|child| {
+            let pid = child.pid();
+            Ok((child, Peer::process(pid)?, Peer::process(pid)?))
+        });
+        let watch = self.watch;
+        let slot = &mut self.slots[w];
+        match started {
+            Ok((child, tx_peer, rx_peer)) => {
+                slot.tx.set_peer(tx_peer);
+                slot.rx.set_peer(rx_peer);
+                slot.child = child;
+                slot.life = Life::Up;
+                slot.launched = watch;
+                slot.released_at_launch = slot.tx.released().unwrap_or(0);
+                slot.watching = Watch {
+                    since: watch,
+                    ..Watch::default()
+                };
+                slot.respawns += 1;
+                self.totals.respawns += 1;
+            }
+            Err(e) => {
+                slot.why = Some(format!("could not be started: {e}"));
+                slot.failed_starts += 1;
+                // Not `Up`: `schedule` starts it again or gives it up.
+                slot.life = Life::Down { at: Instant::now() };
+                self.schedule(w);
+            }
+        }
+    }
+
+    /// Worker `w`'s output ring cannot be read (a header failed its checks, `reason`), so
+    /// nothing behind that point can be found: kills the worker, drops what it published and
+    /// nobody read, and starts a successor. The items it had finished lose their output (they
+    /// fail with `InvalidOutput`); the others are run again by the successor. Only `Err` if
+    /// the ring's own indices are garbage.
+    pub(crate) fn reset_output(&mut self, w: usize, reason: &str) -> Result<()> {
+        let slot = &mut self.slots[w];
+        let _ = slot.child.kill();
+        if !slot.child.exits_within(Duration::from_secs(1)) {
+            return Err(Error::Broken(format!(
+                "worker {w}'s output ring is corrupt ({reason}) and the worker does not die"
+            )));
+        }
+        let released = slot.tx.released()?;
+        slot.rx.discard_unread()?;
+        slot.lost_outputs = Some((released, reason.to_owned()));
+        // Killed for the ring, not for the item it was on: nothing is charged to that item.
+        self.stats.set(w, Field::Current, 0);
+        self.slots[w].kill_reason = Some(format!("had a corrupt output ring ({reason})"));
+        self.on_death(w);
         Ok(())
     }
 
@@ -351,7 +540,7 @@ impl<T: Task> Supervisor<T> {
     /// Asks every worker to finish, waits for them (up to the shutdown timeout), kills the rest.
     fn shut_down(&mut self) {
         for (i, w) in self.slots.iter_mut().enumerate() {
-            self.stats.set(i, Field::Stop, 1);
+            self.stats.set(i, Field::Stop, STOP);
             if let Ok(Some(mut g)) = w.tx.try_reserve(0) {
                 g.set_kind(FrameKind::End);
                 g.commit();

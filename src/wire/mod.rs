@@ -8,7 +8,9 @@
 
 use crate::error::Error;
 
-/// Exit codes of a worker process (the coordinator reports them when a worker dies).
+/// Exit codes of a worker process. The coordinator only reports them when a worker dies: a
+/// task can call `exit(n)` itself, so they never decide anything (the `State` control word
+/// says whether a worker had started).
 pub(crate) const EXIT_OK: i32 = 0;
 /// `Task::init` failed (it was reported in the start-up frame too).
 pub(crate) const EXIT_INIT_FAILED: i32 = 1;
@@ -16,6 +18,14 @@ pub(crate) const EXIT_INIT_FAILED: i32 = 1;
 pub(crate) const EXIT_COORDINATOR_GONE: i32 = 3;
 /// A spawned worker's environment is not what the coordinator wrote.
 pub(crate) const EXIT_BAD_SETUP: i32 = 4;
+
+/// `Field::State` of a worker whose `init` succeeded. A value no stray store makes by chance:
+/// anything else (0 while it starts) means it has not started.
+pub(crate) const READY: u64 = 0x5245_4144_5921_0001;
+
+/// `Field::Stop` asking a worker to stop. Any other non-zero value is corruption and ignored,
+/// so that garbage in the counters segment cannot make a worker drop its queue.
+pub(crate) const STOP: u64 = 0x5354_4f50_2121_0001;
 
 /// Sequence number of the start-up frame.
 pub(crate) const START_SEQ: u64 = u64::MAX;

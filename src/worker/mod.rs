@@ -11,7 +11,8 @@ use crate::task::WorkerInfo;
 use crate::task::bytes::{ByteTask, ItemFailure};
 use crate::task::sink::{Outcome, OutputSink, send_empty, send_report};
 use crate::wire::{
-    Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, Report, START_SEQ, panic_message,
+    Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, READY, Report, START_SEQ, STOP,
+    panic_message,
 };
 
 /// Everything a worker needs, prepared by the coordinator before the fork.
@@ -65,6 +66,9 @@ fn start_up(task: &mut dyn ByteTask, setup: &Setup<'_>, tx: &mut Producer) -> Re
         let _ = send_report(tx, START_SEQ, 0, Report::new(Code::Init, message));
         return Err(EXIT_INIT_FAILED);
     }
+    // SYNC POINT with `Supervisor::on_death`, which reads `State` once this process is dead:
+    // from here on a death is charged to the items, not to the start.
+    setup.stats.set(info.index, Field::State, READY);
     send_empty(tx, FrameKind::End, START_SEQ, 0).map_err(|_| EXIT_COORDINATOR_GONE)
 }
 
@@ -98,8 +102,13 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         let Ok(frame) = rx.peek() else {
             return EXIT_COORDINATOR_GONE;
         };
-        if frame.kind() == FrameKind::End || setup.stats.get(info.index, Field::Stop) != 0 {
+        if frame.kind() == FrameKind::End {
             frame.release();
+            break;
+        }
+        // Shutdown with a queue left: the input stays unreleased, like any item not run. Only
+        // the one `STOP` value counts (see `wire::STOP`).
+        if setup.stats.get(info.index, Field::Stop) == STOP {
             break;
         }
         let seq = frame.seq();
