@@ -1,6 +1,7 @@
 //! [`Builder`]: the pool's settings, checked once and turned into one [`Config`] value that the
 //! supervisor owns for the pool's life.
 
+use std::fmt::Debug;
 use std::time::Duration;
 
 use shmexec_shm::WaitStrategy;
@@ -109,7 +110,9 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// Number of worker processes (default: the cores this process may use).
+    /// Number of worker processes (default: the cores this process may use), between 1 and
+    /// 4096: each worker is a process with two rings and a pidfd, and more than a few thousand
+    /// of them only share the same cores.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
         self
@@ -125,20 +128,23 @@ impl Builder {
     /// bounds memory: the coordinator never has more in flight than the rings hold, and the
     /// largest input or output archive is this minus 64 bytes. Several chunks per ring keep the
     /// workers busy while the coordinator hands out results.
+    ///
+    /// Between 4 KiB (a page: room for a frame and its padding) and 1 TiB; the memory is
+    /// allocated at `build`, which fails with an out-of-memory error where the machine lacks it.
     pub fn ring_bytes(mut self, bytes: usize) -> Self {
         self.input_ring_bytes = bytes;
         self.output_ring_bytes = bytes;
         self
     }
 
-    /// Bytes of each input ring alone. It must hold the largest input; how much of it is
-    /// queued at a time is [`Builder::queue_bytes`].
+    /// Bytes of each input ring alone (the range of [`Builder::ring_bytes`]). It must hold the
+    /// largest input; how much of it is queued at a time is [`Builder::queue_bytes`].
     pub fn input_ring_bytes(mut self, bytes: usize) -> Self {
         self.input_ring_bytes = bytes;
         self
     }
 
-    /// Bytes of each output ring alone.
+    /// Bytes of each output ring alone (the range of [`Builder::ring_bytes`]).
     pub fn output_ring_bytes(mut self, bytes: usize) -> Self {
         self.output_ring_bytes = bytes;
         self
@@ -151,13 +157,15 @@ impl Builder {
         self
     }
 
-    /// How long `build` waits for every worker's `Task::init` (default 60 s).
+    /// How long `build` waits for every worker's `Task::init` (default 60 s), between 1 ms
+    /// and one year: no worker starts in no time, and a longer wait is a hang.
     pub fn start_timeout(mut self, t: Duration) -> Self {
         self.start_timeout = t;
         self
     }
 
-    /// How long dropping the pool waits for workers to finish before killing them (default 5 s).
+    /// How long dropping the pool waits for workers to finish before killing them (default 5 s),
+    /// at most one year; zero kills them at once.
     pub fn shutdown_timeout(mut self, t: Duration) -> Self {
         self.shutdown_timeout = t;
         self
@@ -167,6 +175,8 @@ impl Builder {
     /// is given up as [`Error::WorkerCrashed`] (default 2). A dead worker is always replaced
     /// (same core, `init` run again) and the items it had not finished are delivered to its
     /// successor, so one poison chunk costs a few respawns, not the run.
+    ///
+    /// Between 1 (no retry) and 1000: each try costs a respawn and its `init`.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n;
         self
@@ -175,6 +185,9 @@ impl Builder {
     /// A deadline per chunk (default none): a worker still on one chunk after `t` is killed and
     /// replaced, and that item is [`Error::ChunkTimeout`] (it is not retried). Checked every
     /// few milliseconds while the coordinator waits or hands out results.
+    ///
+    /// Between 1 ms and one year (the check runs every few ms, so a shorter one means "kill
+    /// every worker that takes a chunk").
     pub fn chunk_timeout(mut self, t: Duration) -> Self {
         self.chunk_timeout = Some(t);
         self
@@ -192,6 +205,8 @@ impl Builder {
     /// again at its beginning whenever that is free
     /// (`shmexec_shm::Producer::set_warm_window`), so the same few MiB are reused while they are
     /// in cache. Small chunks still queue by the hundred. Figures: `docs/benchmarks.md`.
+    ///
+    /// Between 1 byte (only the two items always queued) and 1 TiB (the most a ring holds).
     pub fn queue_bytes(mut self, bytes: usize) -> Self {
         self.queue_bytes = bytes as u64;
         self
@@ -211,6 +226,8 @@ impl Builder {
     /// program writes its chunks there with [`crate::Pool::shared_mut`] and sends
     /// [`crate::shared::Span`]s, which workers read in place. The memory is allocated when the
     /// pool is built (an `Err` if there is not enough). See [`crate::shared`].
+    ///
+    /// At most 64 TiB (half of a 47-bit address space); 0 means no region.
     pub fn shared_bytes(mut self, bytes: usize) -> Self {
         self.shared_bytes = bytes;
         self
@@ -218,7 +235,8 @@ impl Builder {
 
     /// Starts workers by running this program again instead of forking, serving the task that
     /// `main` registered under `name` with [`crate::spawn::serve`]. Safe in a process that runs
-    /// other threads; see [`crate::spawn`] for when to use which.
+    /// other threads; see [`crate::spawn`] for when to use which. The name must not be empty
+    /// nor hold a NUL byte (it travels in an environment variable).
     pub fn spawn(mut self, name: &str) -> Self {
         self.start = Start::Spawn(name.to_owned());
         self
@@ -257,15 +275,42 @@ impl Builder {
         self
     }
 
+    /// Checks every setting against its range (one line per setting, the ranges in
+    /// [`limits`]), so that nothing later computes with a value it cannot take: a size that
+    /// overflows, a deadline past the clock's end. `workers` is the number the pool will have
+    /// (the default resolved).
+    fn check(&self, workers: usize) -> Result<()> {
+        use limits::*;
+        WORKERS.check("workers", workers as u64)?;
+        let (input, output) = (self.input_ring_bytes as u64, self.output_ring_bytes as u64);
+        if input == output {
+            RING_BYTES.check("ring_bytes", input)?;
+        }
+        RING_BYTES.check("input_ring_bytes", input)?;
+        RING_BYTES.check("output_ring_bytes", output)?;
+        QUEUE_BYTES.check("queue_bytes", self.queue_bytes)?;
+        SHARED_BYTES.check("shared_bytes", self.shared_bytes as u64)?;
+        START_TIMEOUT.check("start_timeout", self.start_timeout)?;
+        SHUTDOWN_TIMEOUT.check("shutdown_timeout", self.shutdown_timeout)?;
+        if let Some(t) = self.chunk_timeout {
+            CHUNK_TIMEOUT.check("chunk_timeout", t)?;
+        }
+        MAX_ATTEMPTS.check("max_attempts", u64::from(self.max_attempts))?;
+        if let Start::Spawn(name) = &self.start {
+            if name.is_empty() || name.contains('\0') {
+                return Err(Error::InvalidArgument(format!(
+                    "spawn's task name is {name:?}; it must be non-empty and hold no NUL byte"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the settings and resolves them (the core plan) into the value the pool keeps.
     pub(crate) fn into_config(self) -> Result<Config> {
         let allowed = pin::allowed_cores()?;
         let n = self.workers.unwrap_or(allowed.len());
-        if n == 0 {
-            return Err(Error::InvalidArgument(
-                "a pool needs at least one worker".into(),
-            ));
-        }
+        self.check(n)?;
         let cores = pin::plan(&self.pinning, n, &allowed)?;
         let low_priority = cores
             .iter()
@@ -293,5 +338,53 @@ impl Builder {
             queue_bytes: self.queue_bytes,
             item_timing: self.item_timing,
         })
+    }
+}
+
+/// The range of each setting, stated once: [`Builder::check`] holds every setting to its
+/// range, and each setting's documentation says the same in words.
+mod limits {
+    use super::*;
+
+    const KIB: u64 = 1 << 10;
+    const TIB: u64 = 1 << 40;
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+    pub(super) const WORKERS: Limit<u64> = Limit::new(1, 4096, "between 1 and 4096");
+    pub(super) const RING_BYTES: Limit<u64> = Limit::new(4 * KIB, TIB, "between 4 KiB and 1 TiB");
+    pub(super) const QUEUE_BYTES: Limit<u64> = Limit::new(1, TIB, "between 1 byte and 1 TiB");
+    pub(super) const SHARED_BYTES: Limit<u64> =
+        Limit::new(0, 64 * TIB, "at most 64 TiB (0: no region)");
+    pub(super) const START_TIMEOUT: Limit<Duration> =
+        Limit::new(Duration::from_millis(1), YEAR, "between 1 ms and one year");
+    pub(super) const SHUTDOWN_TIMEOUT: Limit<Duration> =
+        Limit::new(Duration::ZERO, YEAR, "at most one year");
+    pub(super) const CHUNK_TIMEOUT: Limit<Duration> =
+        Limit::new(Duration::from_millis(1), YEAR, "between 1 ms and one year");
+    pub(super) const MAX_ATTEMPTS: Limit<u64> = Limit::new(1, 1000, "between 1 and 1000");
+
+    /// The inclusive range of one setting, and how its error states it.
+    pub(super) struct Limit<T> {
+        min: T,
+        max: T,
+        says: &'static str,
+    }
+
+    impl<T: PartialOrd + Debug> Limit<T> {
+        const fn new(min: T, max: T, says: &'static str) -> Self {
+            Limit { min, max, says }
+        }
+
+        /// `Err(InvalidArgument)` naming `setting`, its value and its range, if `value` is out
+        /// of it.
+        pub(super) fn check(&self, setting: &str, value: T) -> Result<()> {
+            if value < self.min || value > self.max {
+                return Err(Error::InvalidArgument(format!(
+                    "{setting} is {value:?}; it must be {}",
+                    self.says
+                )));
+            }
+            Ok(())
+        }
     }
 }

@@ -69,7 +69,10 @@ pub(super) fn worker_main<T: Task>(
 /// One worker's input and output ring, in a segment of their own.
 pub(super) fn rings(input: usize, output: usize) -> Result<(Ring, Ring)> {
     let in_len = Ring::footprint(input);
-    let seg = Arc::new(Segment::new(in_len + Ring::footprint(output))?);
+    // Saturates: sizes no ring can have (the builder refuses them) make a segment refused.
+    let seg = Arc::new(Segment::new(
+        in_len.saturating_add(Ring::footprint(output)),
+    )?);
     let a = Ring::init_in(Arc::clone(&seg), 0, input)?;
     let b = Ring::init_in(seg, in_len, output)?;
     Ok((a, b))

@@ -324,7 +324,11 @@ impl<T: Task> Supervisor<T> {
     /// Waits for every worker's start-up frame.
     fn await_start(&mut self) -> Result<()> {
         let timeout = self.config.start_timeout;
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "start_timeout {timeout:?} is past the clock's range"
+            ))
+        })?;
         for (i, w) in self.slots.iter_mut().enumerate() {
             let pid = w.child.pid();
             let frame = w.rx.peek_until(deadline).map_err(|e| match e {
