@@ -52,8 +52,6 @@ pub(super) fn worker_main<T: Task>(
         let (Some((input, output)), Some(info)) = (rings.get(index), infos.get(index)) else {
             return EXIT_BAD_SETUP;
         };
-        // The launcher holds no pidfd of a worker, so there are no siblings' to close.
-        crate::hygiene::close_pool_descriptors(&[]);
         let setup = worker::Setup {
             info: info.clone(),
             input,
@@ -64,6 +62,14 @@ pub(super) fn worker_main<T: Task>(
         };
         worker::run(&mut task, setup)
     }
+}
+
+/// What the launcher runs once, before it forks any worker: it closes the pool's descriptors
+/// there, so that no worker inherits them. (Each worker closing them itself would scan every
+/// descriptor of the pool, two per worker, in each worker: a build quadratic in the workers.)
+pub(super) fn launcher_setup() {
+    // The launcher is forked before any worker exists: it holds no pidfd of one.
+    crate::hygiene::close_pool_descriptors(&[]);
 }
 
 /// One worker's input and output ring, in a segment of their own.

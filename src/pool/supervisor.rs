@@ -19,7 +19,7 @@ use shmexec_shm::{ChildProcess, ExitStatus, FrameKind, Launcher, Peer, Ring, Seg
 use super::config::{Config, Start};
 use super::queue::Queue;
 use super::slot::WorkerSlot;
-use super::start::{Starter, rings, warm_window, worker_main};
+use super::start::{Starter, launcher_setup, rings, warm_window, worker_main};
 use crate::error::{Error, Result};
 use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::Task;
@@ -88,10 +88,10 @@ impl<T: Task> Supervisor<T> {
                     }
                 }
                 let main = worker_main(&config, task, rings.clone(), stats.clone(), shared.clone());
-                // SAFETY: `start_unchecked` requires that no other thread hold a lock the
+                // SAFETY: `start_with_unchecked` requires that no other thread hold a lock the
                 // launcher or the workers take: this process has one thread (checked above), or
                 // the user vouched for it with the unsafe `Builder::allow_threads`.
-                let launcher = unsafe { Launcher::start_unchecked(main) }
+                let launcher = unsafe { Launcher::start_with_unchecked(launcher_setup, main) }
                     .map_err(|e| Error::Start(format!("cannot fork the launcher: {e}")))?;
                 Starter::Launcher(launcher)
             }
