@@ -6,6 +6,7 @@
 //! output depends only on the values and the start position (0 both times), so the two passes
 //! agree; the second pass still checks every write against the slot's end.
 
+use std::cell::Cell;
 use std::marker::PhantomData;
 
 use rkyv::api::high::{HighSerializer, HighValidator};
@@ -24,26 +25,32 @@ compile_error!(
 /// rkyv's error type, used for every serialization and validation here.
 pub type RkyvError = rancor::Error;
 
+/// The largest archive shmexec writes. rkyv's relative pointers are 32-bit (its default
+/// pointer width), so an offset inside an archive must fit an `i32`: a pointer into a larger
+/// archive would make rkyv panic or truncate a length. Every byte goes through a [`Sink`],
+/// which refuses to pass this size, so the pointers rkyv resolves afterwards (at the position
+/// reached, over the root's inline bytes) stay in range; the margin is for those inline bytes,
+/// which rkyv builds on the stack and are far smaller.
+pub(crate) const MAX_ARCHIVE: usize = (1 << 31) - (16 << 20);
+
+/// The error of a value whose archive would pass [`MAX_ARCHIVE`].
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "its archive would be {need} bytes or more, past the {MAX_ARCHIVE} bytes that rkyv's 32-bit \
+     offsets address: split the chunk"
+)]
+pub(crate) struct ArchiveTooLarge {
+    pub(crate) need: u128,
+}
+
 /// Where serialization writes: nowhere (counting bytes) or a slice of shared memory. Public
 /// only because [`Encode`]'s bound names it; nothing outside this crate can make one.
 pub struct Sink<'a> {
     buf: Option<&'a mut [u8]>,
     pos: usize,
-}
-
-impl<'a> Sink<'a> {
-    /// A sink that only counts, starting at `pos`.
-    pub(crate) fn counter_at(pos: usize) -> Sink<'a> {
-        Sink { buf: None, pos }
-    }
-
-    /// A sink writing into `buf` from offset `pos` (bytes before it are already written).
-    pub(crate) fn slice(buf: &'a mut [u8], pos: usize) -> Sink<'a> {
-        Sink {
-            buf: Some(buf),
-            pos,
-        }
-    }
+    /// Where a write past [`MAX_ARCHIVE`] leaves the size it needed: rkyv's error keeps no
+    /// message in release builds, and this one tells the caller what to do.
+    too_large: &'a Cell<usize>,
 }
 
 impl Positional for Sink<'_> {
@@ -54,7 +61,11 @@ impl Positional for Sink<'_> {
 
 impl<E: rancor::Source> Writer<E> for Sink<'_> {
     fn write(&mut self, bytes: &[u8]) -> Result<(), E> {
-        let end = self.pos + bytes.len();
+        let end = self.pos.saturating_add(bytes.len());
+        if end > MAX_ARCHIVE {
+            self.too_large.set(end);
+            return Err(E::new(ArchiveTooLarge { need: end as u128 }));
+        }
         if let Some(buf) = self.buf.as_deref_mut() {
             let Some(dst) = buf.get_mut(self.pos..end) else {
                 return Err(E::new(SlotOverflow {
@@ -95,18 +106,27 @@ pub trait Decode: Portable + for<'a> CheckBytes<HighValidator<'a, RkyvError>> {}
 
 impl<T> Decode for T where T: Portable + for<'a> CheckBytes<HighValidator<'a, RkyvError>> {}
 
+/// Why a value could not be serialized.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EncodeError {
+    #[error(transparent)]
+    TooLarge(ArchiveTooLarge),
+    #[error(transparent)]
+    Rkyv(RkyvError),
+}
+
 /// Serialized size of `value`.
-pub(crate) fn encoded_len<T: Encode>(value: &T) -> Result<usize, RkyvError> {
+pub(crate) fn encoded_len<T: Encode>(value: &T) -> Result<usize, EncodeError> {
     encoded_len_at(value, 0)
 }
 
 /// End of the archive of `value` serialized after `pos` bytes already in place.
-pub(crate) fn encoded_len_at<T: Encode>(value: &T, pos: usize) -> Result<usize, RkyvError> {
-    Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Sink::counter_at(pos))?.pos)
+pub(crate) fn encoded_len_at<T: Encode>(value: &T, pos: usize) -> Result<usize, EncodeError> {
+    serialize(value, None, pos)
 }
 
 /// Serializes `value` into `buf` (sized by [`encoded_len`]); returns the bytes written.
-pub(crate) fn encode_into<T: Encode>(value: &T, buf: &mut [u8]) -> Result<usize, RkyvError> {
+pub(crate) fn encode_into<T: Encode>(value: &T, buf: &mut [u8]) -> Result<usize, EncodeError> {
     encode_into_at(value, buf, 0)
 }
 
@@ -115,8 +135,29 @@ pub(crate) fn encode_into_at<T: Encode>(
     value: &T,
     buf: &mut [u8],
     pos: usize,
-) -> Result<usize, RkyvError> {
-    Ok(rkyv::api::high::to_bytes_in::<_, RkyvError>(value, Sink::slice(buf, pos))?.pos)
+) -> Result<usize, EncodeError> {
+    serialize(value, Some(buf), pos)
+}
+
+/// Serializes `value` from `pos` into `buf`, or only counts (`None`); returns the archive end.
+fn serialize<T: Encode>(
+    value: &T,
+    buf: Option<&mut [u8]>,
+    pos: usize,
+) -> Result<usize, EncodeError> {
+    let too_large = Cell::new(0);
+    let sink = Sink {
+        buf,
+        pos,
+        too_large: &too_large,
+    };
+    match rkyv::api::high::to_bytes_in::<_, RkyvError>(value, sink) {
+        Ok(sink) => Ok(sink.pos),
+        Err(_) if too_large.get() > 0 => Err(EncodeError::TooLarge(ArchiveTooLarge {
+            need: too_large.get() as u128,
+        })),
+        Err(e) => Err(EncodeError::Rkyv(e)),
+    }
 }
 
 /// Checks that `bytes` hold a valid archive of `A` and returns it, without copying.
@@ -203,30 +244,37 @@ pub(crate) struct Prewritten<T> {
 }
 
 impl<T: Sample> Prewritten<T> {
-    pub(crate) fn new(len: usize) -> Self {
-        Prewritten {
+    /// `len` samples, or `Err` (the item's error) if their bytes would make an archive larger
+    /// than [`MAX_ARCHIVE`]: rkyv could not point at them.
+    pub(crate) fn new(len: usize) -> Result<Self, ArchiveTooLarge> {
+        let size = std::mem::size_of::<T>() as u128;
+        // The bytes after the samples: padding and the root (8 bytes), with room to spare.
+        if (len as u128) * size + 64 > MAX_ARCHIVE as u128 {
+            return Err(ArchiveTooLarge {
+                need: (len as u128) * size,
+            });
+        }
+        Ok(Prewritten {
             len,
             _t: PhantomData,
-        }
+        })
     }
 
-    /// Bytes of the element area (the root follows, aligned).
-    /// (`usize::MAX` for a count whose bytes do not fit a `usize`: no ring takes that much, so
-    /// the reservation fails with the size error instead of a wrapped, small size.)
+    /// Bytes of the element area (the root follows, aligned). Cannot overflow: `new` bounds it
+    /// by [`MAX_ARCHIVE`].
     pub(crate) fn data_len(&self) -> usize {
-        self.len.saturating_mul(std::mem::size_of::<T>())
+        self.len * std::mem::size_of::<T>()
     }
 
-    /// Whole archive size (`usize::MAX` when it overflows, as for [`Prewritten::data_len`]).
+    /// Whole archive size.
     pub(crate) fn archive_len(&self) -> usize {
         self.data_len()
-            .checked_next_multiple_of(std::mem::align_of::<ArchivedVec<T::Le>>())
-            .and_then(|n| n.checked_add(std::mem::size_of::<ArchivedVec<T::Le>>()))
-            .unwrap_or(usize::MAX)
+            .next_multiple_of(std::mem::align_of::<ArchivedVec<T::Le>>())
+            + std::mem::size_of::<ArchivedVec<T::Le>>()
     }
 
     /// Writes the root after the elements already in `buf[..data_len]`; returns the archive size.
-    pub(crate) fn finish(&self, buf: &mut [u8]) -> Result<usize, RkyvError> {
+    pub(crate) fn finish(&self, buf: &mut [u8]) -> Result<usize, EncodeError> {
         encode_into_at(self, buf, self.data_len())
     }
 }
@@ -290,7 +338,7 @@ mod tests {
     fn prewritten_samples_and_metadata_form_a_pair_archive() {
         let samples: Vec<f32> = (0..777).map(|i| i as f32 * 0.25).collect();
         let meta = (42u64, String::from("a name longer than inline"));
-        let p = Prewritten::<f32>::new(samples.len());
+        let p = Prewritten::<f32>::new(samples.len()).unwrap();
         let mut buf = rkyv::util::AlignedVec::<64>::with_capacity(8192);
         buf.resize(8192, 0);
         bytemuck::cast_slice_mut(&mut buf[..p.data_len()]).copy_from_slice(&samples);
@@ -307,7 +355,7 @@ mod tests {
     #[test]
     fn prewritten_elements_form_a_vec_archive() {
         for n in [0usize, 1, 3, 1000] {
-            let p = Prewritten::<i16>::new(n);
+            let p = Prewritten::<i16>::new(n).unwrap();
             let mut buf = rkyv::util::AlignedVec::<64>::with_capacity(p.archive_len());
             buf.resize(p.archive_len(), 0);
             let data: &mut [i16] = bytemuck::cast_slice_mut(&mut buf[..p.data_len()]);

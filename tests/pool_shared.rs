@@ -173,7 +173,7 @@ fn without_a_region_spans_and_views_are_errors() {
         // And a pool whose region cannot be allocated is an error from build.
         let huge = builder(&guard)
             .workers(1)
-            .shared_bytes(1 << 50)
+            .shared_bytes(1 << 46)
             .build(span_task());
         assert!(
             matches!(

@@ -170,7 +170,21 @@ impl Launcher {
     /// As for [`crate::fork_unchecked`]: no other thread of this process may hold, at this
     /// moment, a lock that the launcher or `make` could take. (The launcher itself then has one
     /// thread, so its own forks are safe.)
-    pub unsafe fn start_unchecked(mut make: impl FnMut(u32) -> i32) -> Result<Launcher> {
+    pub unsafe fn start_unchecked(make: impl FnMut(u32) -> i32) -> Result<Launcher> {
+        // SAFETY: passed on from the caller.
+        unsafe { Self::start_with_unchecked(|| {}, make) }
+    }
+
+    /// [`Launcher::start_unchecked`] that first runs `setup` once in the launcher, before it
+    /// serves: for what the children should not inherit from the host (descriptors they would
+    /// otherwise each close, which costs every child the scan of all of them).
+    ///
+    /// # Safety
+    /// As for [`Launcher::start_unchecked`], for `setup` too.
+    pub unsafe fn start_with_unchecked(
+        setup: impl FnOnce(),
+        mut make: impl FnMut(u32) -> i32,
+    ) -> Result<Launcher> {
         let (req_r, req_w) =
             rustix::pipe::pipe_with(PipeFlags::CLOEXEC).map_err(|e| Error::os("pipe", e))?;
         let (rep_r, rep_w) =
@@ -195,6 +209,7 @@ impl Launcher {
             let Some((requests, replies)) = launcher_ends.take() else {
                 return 1;
             };
+            setup();
             serve(host, requests, replies, &mut make)
         };
         // SAFETY: the caller guarantees that no other thread holds a lock the launcher needs.

@@ -147,19 +147,20 @@ fn run_child(parent: Pid, die_with_parent: bool, child: impl FnOnce() -> i32) ->
 }
 
 /// Whether `fd` becomes readable within `timeout` (a pidfd: the process exited; a pipe: data
-/// or end of file). Interrupted polls resume with the time left.
+/// or end of file). Interrupted polls resume with the time left. A timeout past the clock's
+/// range waits without a deadline.
 pub(crate) fn readable_within(fd: BorrowedFd<'_>, timeout: Duration) -> bool {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now().checked_add(timeout);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let ts = rustix::time::Timespec {
-            tv_sec: left.as_secs() as i64,
+        let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+        let ts = left.map(|left| rustix::time::Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
             tv_nsec: left.subsec_nanos() as _,
-        };
+        });
         let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&ts)) {
+        match rustix::event::poll(&mut fds, ts.as_ref()) {
             Ok(n) => return n > 0,
-            Err(rustix::io::Errno::INTR) if !left.is_zero() => continue,
+            Err(rustix::io::Errno::INTR) if left.is_none_or(|l| !l.is_zero()) => continue,
             Err(_) => return false,
         }
     }

@@ -81,6 +81,12 @@ const CONSUMER_CLOSED: u32 = 2;
 /// Smallest data area: one empty frame plus room to pad.
 const MIN_CAPACITY: usize = 2 * FRAME_ALIGN;
 
+/// Largest data area: positions are `u64`s that only grow, and a producer computes
+/// `tail + capacity`; a capacity of at most a quarter of their range leaves them room for
+/// longer than any process runs. (A machine's memory is the tighter bound: [`Segment::new`]
+/// refuses what it cannot back.)
+pub const MAX_CAPACITY: u64 = 1 << 62;
+
 /// The shared control block. All fields are atomics, so any bit pattern a peer writes is a valid
 /// value, and all-zero is "uninitialised" (no magic).
 #[repr(C)]
@@ -236,14 +242,34 @@ impl std::fmt::Debug for Ring {
 
 impl Ring {
     /// Bytes of segment a ring of `capacity` data bytes needs (control block included), after
-    /// rounding `capacity` up to 64.
+    /// rounding `capacity` up to 64. Saturates at `usize::MAX` for a capacity that cannot be
+    /// a ring's (above [`MAX_CAPACITY`]), a size that no segment is made with.
     pub fn footprint(capacity: usize) -> usize {
-        CONTROL_LEN + capacity.next_multiple_of(FRAME_ALIGN)
+        Self::data_bytes(capacity)
+            .ok()
+            .and_then(|cap| usize::try_from(cap).ok())
+            .and_then(|cap| cap.checked_add(CONTROL_LEN))
+            .unwrap_or(usize::MAX)
+    }
+
+    /// `capacity` rounded up to 64, if a ring may have it.
+    fn data_bytes(capacity: usize) -> Result<u64> {
+        let cap = (capacity as u64).checked_next_multiple_of(FRAME_ALIGN as u64);
+        match cap {
+            Some(cap) if capacity >= MIN_CAPACITY && cap <= MAX_CAPACITY => Ok(cap),
+            _ => Err(Error::InvalidArgument {
+                what: format!(
+                    "ring capacity {capacity} is not between {MIN_CAPACITY} bytes and \
+                     {MAX_CAPACITY} bytes"
+                ),
+            }),
+        }
     }
 
     /// Creates a ring with `capacity` data bytes (rounded up to a multiple of 64) in a segment
     /// of its own.
     pub fn create(capacity: usize) -> Result<Ring> {
+        Self::data_bytes(capacity)?;
         let seg = Arc::new(Segment::new(Self::footprint(capacity))?);
         Self::init_in(seg, 0, capacity)
     }
@@ -251,14 +277,7 @@ impl Ring {
     /// Initialises a ring at `offset` (a multiple of [`CONTROL_LEN`]) of `seg`, overwriting
     /// whatever was there. No other ring may use that range.
     pub fn init_in(seg: Arc<Segment>, offset: usize, capacity: usize) -> Result<Ring> {
-        if capacity < MIN_CAPACITY {
-            return Err(Error::InvalidArgument {
-                what: format!(
-                    "ring capacity {capacity} is below the minimum of {MIN_CAPACITY} bytes"
-                ),
-            });
-        }
-        let cap = capacity.next_multiple_of(FRAME_ALIGN) as u64;
+        let cap = Self::data_bytes(capacity)?;
         let view = View::new(seg, offset, cap)?;
         let ctl = view.ctl();
         ctl.magic.store(0, Ordering::Relaxed);

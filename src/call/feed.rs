@@ -110,7 +110,10 @@ where
 {
     fn prepare(&mut self) -> Option<Result<usize, String>> {
         let len = self.lens.next()?;
-        let p = Prewritten::<E>::new(len);
+        let p = match Prewritten::<E>::new(len) {
+            Ok(p) => p,
+            Err(e) => return Some(Err(format!("an in-place chunk of {len} samples: {e}"))),
+        };
         let n = p.archive_len();
         self.pending = Some(p);
         Some(Ok(n))
@@ -163,8 +166,13 @@ where
 {
     fn prepare(&mut self) -> Option<Result<usize, String>> {
         let slice = self.slices.next()?;
-        self.pending = Some(slice);
-        Some(Ok(Prewritten::<E>::new(slice.len()).archive_len()))
+        match Prewritten::<E>::new(slice.len()) {
+            Ok(p) => {
+                self.pending = Some(slice);
+                Some(Ok(p.archive_len()))
+            }
+            Err(e) => Some(Err(format!("a slice of {} samples: {e}", slice.len()))),
+        }
     }
 
     fn skip(&mut self) {
@@ -173,7 +181,7 @@ where
 
     fn write(&mut self, slot: &mut [u8]) -> Result<usize, String> {
         let slice = self.pending.take().ok_or("no input prepared")?;
-        let p = Prewritten::<E>::new(slice.len());
+        let p = Prewritten::<E>::new(slice.len()).map_err(|e| e.to_string())?;
         let data: &mut [E] = bytemuck::try_cast_slice_mut(&mut slot[..p.data_len()])
             .map_err(|e| format!("slot not aligned for the samples: {e:?}"))?;
         data.copy_from_slice(slice);

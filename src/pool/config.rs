@@ -1,6 +1,7 @@
 //! [`Builder`]: the pool's settings, checked once and turned into one [`Config`] value that the
 //! supervisor owns for the pool's life.
 
+use std::fmt::Debug;
 use std::time::Duration;
 
 use shmexec_shm::WaitStrategy;
@@ -117,7 +118,9 @@ impl Default for Builder {
 }
 
 impl Builder {
-    /// Number of worker processes (default: the cores this process may use).
+    /// Number of worker processes (default: the cores this process may use), between 1 and
+    /// 4096: each worker is a process with two rings and a pidfd, and more than a few thousand
+    /// of them only share the same cores.
     pub fn workers(mut self, n: usize) -> Self {
         self.workers = Some(n);
         self
@@ -133,20 +136,23 @@ impl Builder {
     /// bounds memory: the coordinator never has more in flight than the rings hold, and the
     /// largest input or output archive is this minus 64 bytes. Several chunks per ring keep the
     /// workers busy while the coordinator hands out results.
+    ///
+    /// Between 4 KiB (a page: room for a frame and its padding) and 1 TiB; the memory is
+    /// allocated at `build`, which fails with an out-of-memory error where the machine lacks it.
     pub fn ring_bytes(mut self, bytes: usize) -> Self {
         self.input_ring_bytes = bytes;
         self.output_ring_bytes = bytes;
         self
     }
 
-    /// Bytes of each input ring alone. It must hold the largest input; how much of it is
-    /// queued at a time is [`Builder::queue_bytes`].
+    /// Bytes of each input ring alone (the range of [`Builder::ring_bytes`]). It must hold the
+    /// largest input; how much of it is queued at a time is [`Builder::queue_bytes`].
     pub fn input_ring_bytes(mut self, bytes: usize) -> Self {
         self.input_ring_bytes = bytes;
         self
     }
 
-    /// Bytes of each output ring alone.
+    /// Bytes of each output ring alone (the range of [`Builder::ring_bytes`]).
     pub fn output_ring_bytes(mut self, bytes: usize) -> Self {
         self.output_ring_bytes = bytes;
         self
@@ -159,7 +165,8 @@ impl Builder {
         self
     }
 
-    /// How long a worker may take to start: its process and `Task::init` (default 60 s).
+    /// How long a worker may take to start: its process and `Task::init` (default 60 s),
+    /// between 1 ms and one year (no worker starts in no time, and a longer wait is a hang).
     /// `build` fails with [`Error::Timeout`] past it; a successor past it is killed, and that
     /// counts as a failed start ([`Builder::max_start_attempts`]).
     pub fn start_timeout(mut self, t: Duration) -> Self {
@@ -167,7 +174,8 @@ impl Builder {
         self
     }
 
-    /// How long dropping the pool waits for workers to finish before killing them (default 5 s).
+    /// How long dropping the pool waits for workers to finish before killing them (default 5 s),
+    /// at most one year; zero kills them at once.
     pub fn shutdown_timeout(mut self, t: Duration) -> Self {
         self.shutdown_timeout = t;
         self
@@ -177,6 +185,8 @@ impl Builder {
     /// is given up as [`Error::WorkerCrashed`] (default 2). A dead worker is always replaced
     /// (same core, `init` run again) and the items it had not finished are delivered to its
     /// successor, so one poison chunk costs a few respawns, not the run.
+    ///
+    /// Between 1 (no retry) and 1000: each try costs a respawn and its `init`.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.max_attempts = n;
         self
@@ -189,14 +199,14 @@ impl Builder {
     /// The first successor starts at once, the next after [`Builder::restart_backoff`], each
     /// further one after twice the wait before it. A worker given up fails the items queued to
     /// it ([`Error::WorkerLost`]); the other workers go on, and the pool is unusable once every
-    /// worker is given up.
+    /// worker is given up. Between 1 and 1000.
     pub fn max_start_attempts(mut self, n: u32) -> Self {
         self.max_start_attempts = n;
         self
     }
 
     /// The wait before the second successor in a row of a worker that keeps failing to start
-    /// (default 50 ms; it doubles for each further one, up to 10 s); see
+    /// (default 50 ms, at most 10 s; it doubles for each further one, up to 10 s); see
     /// [`Builder::max_start_attempts`].
     pub fn restart_backoff(mut self, first: Duration) -> Self {
         self.restart_backoff = first;
@@ -212,6 +222,9 @@ impl Builder {
     /// it or steps it, with at most 250 ms counted for any longer gap between two steps. So a
     /// pause of the whole program (Ctrl-Z, a container pause, a debugger) costs no chunk, and
     /// a worker waiting for the caller to take its results is not counted as slow.
+    ///
+    /// Between 1 ms and one year (the check runs every few ms, so a shorter one means "kill
+    /// every worker that takes a chunk").
     pub fn chunk_timeout(mut self, t: Duration) -> Self {
         self.chunk_timeout = Some(t);
         self
@@ -229,6 +242,8 @@ impl Builder {
     /// again at its beginning whenever that is free
     /// (`shmexec_shm::Producer::set_warm_window`), so the same few MiB are reused while they are
     /// in cache. Small chunks still queue by the hundred. Figures: `docs/benchmarks.md`.
+    ///
+    /// Between 1 byte (only the two items always queued) and 1 TiB (the most a ring holds).
     pub fn queue_bytes(mut self, bytes: usize) -> Self {
         self.queue_bytes = bytes as u64;
         self
@@ -248,6 +263,8 @@ impl Builder {
     /// program writes its chunks there with [`crate::Pool::shared_mut`] and sends
     /// [`crate::shared::Span`]s, which workers read in place. The memory is allocated when the
     /// pool is built (an `Err` if there is not enough). See [`crate::shared`].
+    ///
+    /// At most 64 TiB (half of a 47-bit address space); 0 means no region.
     pub fn shared_bytes(mut self, bytes: usize) -> Self {
         self.shared_bytes = bytes;
         self
@@ -255,7 +272,8 @@ impl Builder {
 
     /// Starts workers by running this program again instead of forking, serving the task that
     /// `main` registered under `name` with [`crate::spawn::serve`]. Safe in a process that runs
-    /// other threads; see [`crate::spawn`] for when to use which.
+    /// other threads; see [`crate::spawn`] for when to use which. The name must not be empty
+    /// nor hold a NUL byte (it travels in an environment variable).
     pub fn spawn(mut self, name: &str) -> Self {
         self.start = Start::Spawn(name.to_owned());
         self
@@ -294,15 +312,44 @@ impl Builder {
         self
     }
 
+    /// Checks every setting against its range (one line per setting, the ranges in
+    /// [`limits`]), so that nothing later computes with a value it cannot take: a size that
+    /// overflows, a deadline past the clock's end. `workers` is the number the pool will have
+    /// (the default resolved).
+    fn check(&self, workers: usize) -> Result<()> {
+        use limits::*;
+        WORKERS.check("workers", workers as u64)?;
+        let (input, output) = (self.input_ring_bytes as u64, self.output_ring_bytes as u64);
+        if input == output {
+            RING_BYTES.check("ring_bytes", input)?;
+        }
+        RING_BYTES.check("input_ring_bytes", input)?;
+        RING_BYTES.check("output_ring_bytes", output)?;
+        QUEUE_BYTES.check("queue_bytes", self.queue_bytes)?;
+        SHARED_BYTES.check("shared_bytes", self.shared_bytes as u64)?;
+        START_TIMEOUT.check("start_timeout", self.start_timeout)?;
+        SHUTDOWN_TIMEOUT.check("shutdown_timeout", self.shutdown_timeout)?;
+        if let Some(t) = self.chunk_timeout {
+            CHUNK_TIMEOUT.check("chunk_timeout", t)?;
+        }
+        MAX_ATTEMPTS.check("max_attempts", u64::from(self.max_attempts))?;
+        MAX_START_ATTEMPTS.check("max_start_attempts", u64::from(self.max_start_attempts))?;
+        RESTART_BACKOFF.check("restart_backoff", self.restart_backoff)?;
+        if let Start::Spawn(name) = &self.start {
+            if name.is_empty() || name.contains('\0') {
+                return Err(Error::InvalidArgument(format!(
+                    "spawn's task name is {name:?}; it must be non-empty and hold no NUL byte"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the settings and resolves them (the core plan) into the value the pool keeps.
     pub(crate) fn into_config(self) -> Result<Config> {
         let allowed = pin::allowed_cores()?;
         let n = self.workers.unwrap_or(allowed.len());
-        if n == 0 {
-            return Err(Error::InvalidArgument(
-                "a pool needs at least one worker".into(),
-            ));
-        }
+        self.check(n)?;
         let cores = pin::plan(&self.pinning, n, &allowed)?;
         let low_priority = cores
             .iter()
@@ -332,5 +379,56 @@ impl Builder {
             queue_bytes: self.queue_bytes,
             item_timing: self.item_timing,
         })
+    }
+}
+
+/// The range of each setting, stated once: [`Builder::check`] holds every setting to its
+/// range, and each setting's documentation says the same in words.
+mod limits {
+    use super::*;
+
+    const KIB: u64 = 1 << 10;
+    const TIB: u64 = 1 << 40;
+    const YEAR: Duration = Duration::from_secs(365 * 24 * 3600);
+
+    pub(super) const WORKERS: Limit<u64> = Limit::new(1, 4096, "between 1 and 4096");
+    pub(super) const RING_BYTES: Limit<u64> = Limit::new(4 * KIB, TIB, "between 4 KiB and 1 TiB");
+    pub(super) const QUEUE_BYTES: Limit<u64> = Limit::new(1, TIB, "between 1 byte and 1 TiB");
+    pub(super) const SHARED_BYTES: Limit<u64> =
+        Limit::new(0, 64 * TIB, "at most 64 TiB (0: no region)");
+    pub(super) const START_TIMEOUT: Limit<Duration> =
+        Limit::new(Duration::from_millis(1), YEAR, "between 1 ms and one year");
+    pub(super) const SHUTDOWN_TIMEOUT: Limit<Duration> =
+        Limit::new(Duration::ZERO, YEAR, "at most one year");
+    pub(super) const CHUNK_TIMEOUT: Limit<Duration> =
+        Limit::new(Duration::from_millis(1), YEAR, "between 1 ms and one year");
+    pub(super) const MAX_ATTEMPTS: Limit<u64> = Limit::new(1, 1000, "between 1 and 1000");
+    pub(super) const MAX_START_ATTEMPTS: Limit<u64> = Limit::new(1, 1000, "between 1 and 1000");
+    pub(super) const RESTART_BACKOFF: Limit<Duration> =
+        Limit::new(Duration::ZERO, Duration::from_secs(10), "at most 10 s");
+
+    /// The inclusive range of one setting, and how its error states it.
+    pub(super) struct Limit<T> {
+        min: T,
+        max: T,
+        says: &'static str,
+    }
+
+    impl<T: PartialOrd + Debug> Limit<T> {
+        const fn new(min: T, max: T, says: &'static str) -> Self {
+            Limit { min, max, says }
+        }
+
+        /// `Err(InvalidArgument)` naming `setting`, its value and its range, if `value` is out
+        /// of it.
+        pub(super) fn check(&self, setting: &str, value: T) -> Result<()> {
+            if value < self.min || value > self.max {
+                return Err(Error::InvalidArgument(format!(
+                    "{setting} is {value:?}; it must be {}",
+                    self.says
+                )));
+            }
+            Ok(())
+        }
     }
 }

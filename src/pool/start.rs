@@ -52,8 +52,6 @@ pub(super) fn worker_main<T: Task>(
         let (Some((input, output)), Some(info)) = (rings.get(index), infos.get(index)) else {
             return EXIT_BAD_SETUP;
         };
-        // The launcher holds no pidfd of a worker, so there are no siblings' to close.
-        crate::hygiene::close_pool_descriptors(&[]);
         let setup = worker::Setup {
             info: info.clone(),
             input,
@@ -66,10 +64,21 @@ pub(super) fn worker_main<T: Task>(
     }
 }
 
+/// What the launcher runs once, before it forks any worker: it closes the pool's descriptors
+/// there, so that no worker inherits them. (Each worker closing them itself would scan every
+/// descriptor of the pool, two per worker, in each worker: a build quadratic in the workers.)
+pub(super) fn launcher_setup() {
+    // The launcher is forked before any worker exists: it holds no pidfd of one.
+    crate::hygiene::close_pool_descriptors(&[]);
+}
+
 /// One worker's input and output ring, in a segment of their own.
 pub(super) fn rings(input: usize, output: usize) -> Result<(Ring, Ring)> {
     let in_len = Ring::footprint(input);
-    let seg = Arc::new(Segment::new(in_len + Ring::footprint(output))?);
+    // Saturates: sizes no ring can have (the builder refuses them) make a segment refused.
+    let seg = Arc::new(Segment::new(
+        in_len.saturating_add(Ring::footprint(output)),
+    )?);
     let a = Ring::init_in(Arc::clone(&seg), 0, input)?;
     let b = Ring::init_in(seg, in_len, output)?;
     Ok((a, b))

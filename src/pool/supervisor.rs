@@ -19,7 +19,7 @@ use shmexec_shm::{ChildProcess, ExitStatus, FrameKind, Launcher, Peer, Ring, Seg
 use super::config::{Config, Start};
 use super::queue::Queue;
 use super::slot::{Life, Watch, WorkerSlot};
-use super::start::{Starter, rings, warm_window, worker_main};
+use super::start::{Starter, launcher_setup, rings, warm_window, worker_main};
 use crate::error::{Error, Result};
 use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::Task;
@@ -99,10 +99,10 @@ impl<T: Task> Supervisor<T> {
                     }
                 }
                 let main = worker_main(&config, task, rings.clone(), stats.clone(), shared.clone());
-                // SAFETY: `start_unchecked` requires that no other thread hold a lock the
+                // SAFETY: `start_with_unchecked` requires that no other thread hold a lock the
                 // launcher or the workers take: this process has one thread (checked above), or
                 // the user vouched for it with the unsafe `Builder::allow_threads`.
-                let launcher = unsafe { Launcher::start_unchecked(main) }
+                let launcher = unsafe { Launcher::start_with_unchecked(launcher_setup, main) }
                     .map_err(|e| Error::Start(format!("cannot fork the launcher: {e}")))?;
                 Starter::Launcher(launcher)
             }
@@ -513,7 +513,11 @@ impl<T: Task> Supervisor<T> {
     /// Waits for every worker's start-up frame.
     fn await_start(&mut self) -> Result<()> {
         let timeout = self.config.start_timeout;
-        let deadline = Instant::now() + timeout;
+        let deadline = Instant::now().checked_add(timeout).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "start_timeout {timeout:?} is past the clock's range"
+            ))
+        })?;
         for (i, w) in self.slots.iter_mut().enumerate() {
             let pid = w.child.pid();
             let frame = w.rx.peek_until(deadline).map_err(|e| match e {

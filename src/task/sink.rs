@@ -252,7 +252,9 @@ impl<'a> OutputSink<'a> {
         if !self.open() {
             return Err(failed());
         }
-        let reserved = Prewritten::<E>::new(max).data_len();
+        // More samples than an archive addresses: `usize::MAX` bytes, which no ring takes, so the
+        // reservation below fails with the output's size error.
+        let reserved = Prewritten::<E>::new(max).map_or(usize::MAX, |p| p.data_len());
         let ring_max = self.tx.max_payload();
         let guess = reserved
             .saturating_add(META_SLACK)
@@ -274,7 +276,10 @@ impl<'a> OutputSink<'a> {
             self.item.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
             return Err(failed());
         }
-        let p = Prewritten::<E>::new(used);
+        // `used <= max`, whose size passed above.
+        let Ok(p) = Prewritten::<E>::new(used) else {
+            return Err(failed());
+        };
         let data = p.data_len();
         let pair = (p, Ref(&meta));
         let end = match encoded_len_at(&pair, data) {

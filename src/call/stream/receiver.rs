@@ -40,9 +40,10 @@ impl<T: Task> StreamReceiver<'_, T> {
         self.recv_until(Some(Instant::now()))
     }
 
-    /// [`recv`](Self::recv) that waits at most `timeout`: `Poll::Pending` if nothing came.
+    /// [`recv`](Self::recv) that waits at most `timeout`: `Poll::Pending` if nothing came. A
+    /// timeout past the clock's range waits as `recv` does.
     pub fn recv_timeout(&self, timeout: Duration) -> Poll<Option<Result<OutputRef<T::Output>>>> {
-        self.recv_until(Some(Instant::now() + timeout))
+        self.recv_until(Instant::now().checked_add(timeout))
     }
 
     fn recv_until(&self, deadline: Option<Instant>) -> Poll<Option<Result<OutputRef<T::Output>>>> {

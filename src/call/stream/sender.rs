@@ -49,8 +49,9 @@ impl<T: Task> StreamSender<'_, T> {
     }
 
     /// [`send`](Self::send) that waits at most `timeout` for room: `Ok(None)` if none came.
+    /// A timeout past the clock's range waits as `send` does.
     pub fn send_timeout(&self, input: &T::Input, timeout: Duration) -> Result<Option<u64>> {
-        self.send_until(input, Some(Instant::now() + timeout))
+        self.send_until(input, Instant::now().checked_add(timeout))
     }
 
     fn send_until(&self, input: &T::Input, deadline: Option<Instant>) -> Result<Option<u64>> {
@@ -144,7 +145,15 @@ impl<T: Task> StreamSender<'_, T> {
         E: Sample,
         M: Encode,
     {
-        let samples = Prewritten::<E>::new(n);
+        let samples = match Prewritten::<E>::new(n) {
+            Ok(samples) => samples,
+            Err(e) => {
+                let reason = format!("an in-place chunk of {n} samples: {e}");
+                let mut refuse = |_: &mut [u8]| -> Result<usize, String> { Err("unused".into()) };
+                let seq = self.place_until(Err(reason), false, &mut refuse, None)?;
+                return Ok(seq.expect("an input that cannot be written gets its sequence number"));
+            }
+        };
         let data = samples.data_len();
         let pair = (samples, Ref(meta));
         let len = encoded_len_at(&pair, data).map_err(|e| e.to_string());
