@@ -2,6 +2,8 @@
 
 use std::time::Duration;
 
+use shmexec_shm::memory::Bytes;
+
 /// What went wrong with one item of a call, or with the pool.
 ///
 /// Item errors ([`Error::Task`], [`Error::Panic`], [`Error::InputTooLarge`], ...) are returned in
@@ -146,6 +148,25 @@ pub enum Error {
          Builder::shared_bytes (the coordinator reads the region with Pool::shared)"
     )]
     NoSharedRegion,
+
+    /// The pool's shared memory does not fit the memory this process may still take: a memory
+    /// cgroup's limit (a container's), the machine's available RAM or `RLIMIT_AS`, whichever
+    /// leaves the least (`limit` names it). Checked before anything is allocated, so that the
+    /// build fails instead of the kernel's OOM killer ending the process. `needed` counts every
+    /// worker's rings, the counters, the shared region and a margin for the processes
+    /// themselves; `parts` spells that sum out.
+    #[error(
+        "not enough memory for the pool: it needs {} ({parts}), but {limit} leaves {}; lower \
+         Builder::ring_bytes (or input_ring_bytes / output_ring_bytes), Builder::workers or \
+         Builder::shared_bytes, or raise that limit",
+        Bytes(*needed), Bytes(*available)
+    )]
+    OutOfMemory {
+        needed: u64,
+        available: u64,
+        limit: String,
+        parts: String,
+    },
 
     /// A builder setting is impossible (no cores, an unknown core, zero workers...).
     #[error("invalid setting: {0}")]

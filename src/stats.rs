@@ -48,8 +48,13 @@ pub(crate) struct StatsBlock {
 impl StatsBlock {
     pub(crate) fn new(workers: usize) -> Result<StatsBlock> {
         Ok(StatsBlock {
-            seg: Arc::new(Segment::new((workers + 1) * SLOT)?),
+            seg: Arc::new(Segment::new(Self::footprint(workers))?),
         })
+    }
+
+    /// Bytes of the segment for `workers` workers' counters.
+    pub(crate) fn footprint(workers: usize) -> usize {
+        (workers + 1) * SLOT
     }
 
     /// The counters of a pool whose segment this (spawned) worker received.

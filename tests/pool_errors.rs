@@ -437,8 +437,8 @@ fn rings_larger_than_memory_are_an_error_from_build() {
         let task = shmexec::from_fn::<u64, _, _>(|&n| n.to_native());
         let r = builder(&guard).workers(2).ring_bytes(1 << 40).build(task);
         match r {
-            Err(e @ Error::Transport(shmexec::shm::Error::OutOfMemory { .. })) => {
-                assert!(!e.to_string().is_empty())
+            Err(e @ Error::OutOfMemory { .. }) => {
+                assert!(e.to_string().contains("Builder::ring_bytes"), "{e}")
             }
             other => panic!("{other:?}"),
         }

@@ -19,17 +19,22 @@ pub enum Error {
         what: String,
     },
 
-    /// The machine cannot back a segment of this size. Reported at creation, so the process
-    /// never meets a SIGBUS later when it touches a page that could not be allocated.
+    /// A limit on this process's memory (a memory cgroup, the machine's RAM, `RLIMIT_AS`; see
+    /// [`crate::memory`]) leaves too little for a segment of this size. Reported at creation,
+    /// so the process is neither killed by the OOM killer nor meets a SIGBUS on a page that
+    /// could not be allocated.
     #[error(
-        "not enough memory for a shared segment of {requested} bytes ({available} bytes available); \
-         use smaller rings or fewer workers"
+        "not enough memory for a shared segment of {}: {limit} leaves {}; use smaller rings or \
+         fewer workers, or raise that limit",
+        crate::memory::Bytes(*requested), crate::memory::Bytes(*available)
     )]
     OutOfMemory {
         /// Bytes asked for.
         requested: u64,
-        /// Bytes the kernel reported as available when asked.
+        /// Bytes the tightest limit left when asked.
         available: u64,
+        /// That limit, named for a person (see [`crate::memory::Limit`]).
+        limit: String,
     },
 
     /// A system call failed.

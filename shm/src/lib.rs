@@ -10,6 +10,7 @@
 //! |-------------|-----------------------------------------------------------------------|
 //! | [`clock`]   | the monotonic clock, one time line for all the pool's processes      |
 //! | [`segment`] | anonymous shared memory (`memfd`), allocated up front, `MAP_SHARED`   |
+//! | [`memory`]  | the memory this process may still take (cgroups, RAM, `RLIMIT_AS`)    |
 //! | [`futex`]   | the raw shared-futex wait and wake                                     |
 //! | [`peer`]    | liveness of the process at the other end (pidfd)                       |
 //! | [`wait`]    | how a waiter spends its time: spin, then park                          |
@@ -42,6 +43,7 @@ pub mod frame;
 pub mod futex;
 pub mod held;
 pub mod launcher;
+pub mod memory;
 pub mod peer;
 pub mod process;
 pub mod ring;

@@ -5,8 +5,10 @@
 //!   `/dev/shm`: there is no file to leak after `kill -9`, to collide with, or to fill a small
 //!   `/dev/shm` (a container's 64 MB default). The memory is freed when the last descriptor and
 //!   the last mapping are gone, in whatever order the processes die.
-//! - **Allocated at creation.** The pages are reserved with `fallocate`, so a machine without the
+//! - **Allocated at creation.** The pages are reserved with `fallocate`, so a process without the
 //!   memory says so with [`Error::OutOfMemory`] here instead of a SIGBUS on first touch later.
+//!   The size is checked first against every limit on this process's memory
+//!   ([`crate::memory::headroom`]: its memory cgroups, RAM, `RLIMIT_AS`).
 //! - **Shared across `fork`.** The mapping is `MAP_SHARED`; a forked child sees the same bytes.
 //!   For a re-executed child (`spawn`), pass [`Segment::fd`] across with CLOEXEC cleared and
 //!   re-open it with [`Segment::from_fd`].
@@ -57,17 +59,16 @@ impl Segment {
                 what: "a segment must have at least one byte".into(),
             });
         }
-        check_memory_available(len as u64)?;
+        // fallocate on shmem does not fail at a memory cgroup's limit: it wakes the cgroup's
+        // OOM killer. Refusing here, against every limit, is the clean error.
+        crate::memory::ensure_fits(len as u64)?;
         let fd = rustix::fs::memfd_create("shmexec", MemfdFlags::CLOEXEC)
             .map_err(|e| Error::os("memfd_create", e))?;
         // fallocate reserves every page now: ENOSPC/ENOMEM here instead of SIGBUS on first touch.
         if let Err(e) = rustix::fs::fallocate(&fd, FallocateFlags::empty(), 0, len as u64) {
             return Err(match e {
                 rustix::io::Errno::NOSPC | rustix::io::Errno::NOMEM | rustix::io::Errno::FBIG => {
-                    Error::OutOfMemory {
-                        requested: len as u64,
-                        available: available_memory(),
-                    }
+                    crate::memory::out_of_memory(len as u64, crate::memory::headroom())
                 }
                 e => Error::os("fallocate", e),
             });
@@ -227,40 +228,4 @@ impl Drop for Segment {
             let _ = rustix::mm::munmap(self.ptr.as_ptr().cast::<c_void>(), self.len);
         }
     }
-}
-
-/// Refuses sizes the machine could never back.
-///
-/// `fallocate` on the kernel's internal shmem mount has no size limit of its own: asked for more
-/// than the machine has, it would push the system into reclaim and wake the OOM killer before it
-/// failed. Comparing against `MemAvailable` first turns that into a clean error.
-fn check_memory_available(len: u64) -> Result<()> {
-    let available = available_memory();
-    if len > available {
-        return Err(Error::OutOfMemory {
-            requested: len,
-            available,
-        });
-    }
-    Ok(())
-}
-
-/// `MemAvailable` from `/proc/meminfo`, or free RAM from `sysinfo` where that file is unreadable.
-fn available_memory() -> u64 {
-    let from_meminfo = std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("MemAvailable:"))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map(|kb| kb * 1024)
-    });
-    from_meminfo.unwrap_or_else(|| {
-        let info = rustix::system::sysinfo();
-        (info.freeram as u64).saturating_mul(u64::from(info.mem_unit))
-    })
 }

@@ -4,6 +4,7 @@
 //! Calls ([`crate::call`]) are built on top: this module never imports them.
 
 mod config;
+mod memory;
 pub(crate) mod queue;
 mod slot;
 mod start;

@@ -74,6 +74,8 @@ pub(crate) struct Supervisor<T: Task> {
 impl<T: Task> Supervisor<T> {
     /// Starts every worker (fork or spawn), runs `init` in each and waits until all are ready.
     pub(crate) fn start(config: Config, task: T) -> Result<Supervisor<T>> {
+        // Before any segment exists: a pool too large for its cgroup is an error, not a kill.
+        super::memory::admit(&config)?;
         let n = config.cores.len();
         let stats = StatsBlock::new(n)?;
         let shared = match config.shared_bytes {

@@ -38,10 +38,22 @@ pub(crate) fn refuse(setup: Setup<'_>, message: String) -> i32 {
     EXIT_INIT_FAILED
 }
 
-/// Maps the shared region read-only, pins, runs `init`, then tells the coordinator how it went
+/// How much a worker raises its OOM score adjustment over the coordinator's (capped at the
+/// kernel's 1000). When a cgroup or the machine runs out of memory, the kernel kills the process
+/// with the highest score: its resident memory plus the adjustment in thousandths of the memory
+/// it could use. The coordinator maps every ring, so by resident memory alone it is often the
+/// largest process of the pool even while a worker leaks; +500 (half the memory) makes the
+/// leaking worker the one killed, which the pool replaces and whose item it retries, instead of
+/// the coordinator that holds every result. Not 1000: at the cap a worker would be killed first
+/// for any shortage, even one caused by a much larger process beside the pool.
+const OOM_SCORE_RAISE: i32 = 500;
+
+/// Raises its OOM score, maps the shared region read-only, pins, runs `init`, then tells the coordinator how it went
 /// (the start-up frame). `Err` is the exit code.
 fn start_up(task: &mut dyn ByteTask, setup: &Setup<'_>, tx: &mut Producer) -> Result<(), i32> {
     let info = &setup.info;
+    // Best effort: where /proc is read-only the worker is merely not preferred.
+    let _ = shmexec_shm::memory::raise_oom_score(OOM_SCORE_RAISE);
     let started = setup
         .shared
         .clone()
