@@ -6,8 +6,8 @@
 //! already has them mapped, and the mapping is what it uses) and the pidfds watching its
 //! sibling workers. The launcher closes them once, as it starts, so that the workers never
 //! inherit them (the launcher, forked before any worker, holds no pidfd of one). A spawned
-//! worker needs none of this: everything but its memfds (rings, statistics, the shared region)
-//! is close-on-exec.
+//! worker inherits only its memfds (rings, statistics, the shared region: everything else is
+//! close-on-exec), and closes those once it has reopened them.
 //!
 //! (A task that carries a `shmexec_shm::Segment` of its own into a forked worker keeps the
 //! mapping, which is what it reads, but not the descriptor.)
@@ -25,4 +25,17 @@ pub(crate) fn close_pool_descriptors(siblings: &[i32]) {
     // loop, which uses only the mappings and descriptors it opens itself, and each `_exit`s
     // without running destructors. So nothing else closes or reads them.
     unsafe { shmexec_shm::process::close_descriptors(ours) }
+}
+
+/// Closes, in a freshly spawned worker, the descriptors it inherited across `exec` (numbered in
+/// its environment), once it has reopened them: left open, they would pass into every program
+/// its task runs, keeping the pool's memory alive as long as those run.
+pub(crate) fn close_inherited(fds: &[i32]) {
+    let inherited = |fd: i32, target: &str, _: Option<i32>| {
+        fds.contains(&fd) && target.starts_with("/memfd:shmexec")
+    };
+    // SAFETY: the descriptors picked came through `exec` and no value in this process owns them:
+    // the worker reopened each through `/proc/self/fd` (a descriptor of its own, in a
+    // `Segment`) instead of taking it, and nothing else in the program knows their numbers.
+    unsafe { shmexec_shm::process::close_descriptors(inherited) }
 }

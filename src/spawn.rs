@@ -33,14 +33,35 @@
 //! included, are forked by the pool's launcher, a single-threaded copy of the program made at
 //! `build`, so threads started after `build` never matter. `spawn` is right for programs that
 //! already run threads when they build a pool (a pool built inside a tokio service, a plugin
-//! loaded late). A spawned worker dies with the *thread* that started it (`PR_SET_PDEATHSIG` is
-//! per thread): build the pool on a thread that lives as long as the pool.
+//! loaded late).
+//!
+//! Lifetimes. Every spawned worker, replacements included, is started by the pool's spawner
+//! thread (`shmexec_shm::spawner`), which lives as long as the pool: the kernel's death signal
+//! (`PR_SET_PDEATHSIG`) fires when the thread that created a child exits, so a worker started by
+//! the thread that happened to drive the pool (a tokio blocking thread, a scoped thread) would
+//! die with that thread. The spawner also holds the program file open from `build` and runs it
+//! through that descriptor, so a replacement started after the program was upgraded or deleted
+//! on disk runs the program the pool started with.
+//!
+//! What a task starts. A spawned worker leads a process group of its own, and the pool kills
+//! that group when it reaps the worker (after a death, before the replacement starts) and when
+//! it drops the worker: a child a task started (`Command::spawn`, a forked helper) dies with its
+//! worker and does not keep the rings mapped after the pool is gone. The coordinator cannot be
+//! a child subreaper for them (as a forked pool's launcher is): that is a setting of the whole
+//! host process, which would then inherit, and have to reap, the orphans of every child it
+//! ever starts. Limits, and the price of the group: a process that leaves the group (`setsid`,
+//! `setpgid`) escapes; so does every group member if the coordinator dies without dropping the
+//! pool (the workers die by their death signal, nobody kills their groups); and the workers
+//! are out of the terminal's job control: Ctrl-C and Ctrl-Z reach the coordinator, not them (a
+//! stopped coordinator leaves its workers idle; an interrupted one takes them down with it),
+//! and a worker that reads the terminal, or writes to it under `stty tostop`, is stopped by
+//! SIGTTIN or SIGTTOU (their standard input is `/dev/null`).
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use shmexec_shm::{ChildProcess, Ring, Segment, WaitStrategy};
+use shmexec_shm::{ChildProcess, Ring, Segment, Spawner, WaitStrategy};
 
 use crate::error::{Error, Result};
 use crate::stats::StatsBlock;
@@ -198,6 +219,10 @@ fn attach() -> Result<Attached> {
         NONE => None,
         fd => Some(reopen(fd as i32)?),
     };
+    // Reopened above: the inherited numbers themselves would pass, open, into every program the
+    // task runs.
+    let inherited = [ring_fd, stats_fd, shared_fd];
+    crate::hygiene::close_inherited(&inherited.map(|fd| fd as i32));
     let types = std::env::var(ENV_TYPES).unwrap_or_default();
     Ok(Attached {
         types,
@@ -219,9 +244,11 @@ fn attach() -> Result<Attached> {
     })
 }
 
-/// Starts a worker of task `name` as a new process running this program.
+/// Starts a worker of task `name` as a new process running this program, through the pool's
+/// `spawner`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn spawn_worker(
+    spawner: &Spawner,
     name: &str,
     types: &str,
     info: &WorkerInfo,
@@ -231,32 +258,32 @@ pub(crate) fn spawn_worker(
     shared: Option<&Segment>,
     wait: WaitStrategy,
 ) -> Result<ChildProcess> {
-    let rings = input.segment();
-    let (ring_fd, stats_fd) = (rings.fd().as_raw_fd(), stats.segment().fd().as_raw_fd());
-    let shared_fd = shared.map(|s| s.fd().as_raw_fd());
-    let me = std::process::id();
-    let spec = format!(
-        "{} {} {} {} {me} {ring_fd} 0 {output_offset} {stats_fd} {} {}",
-        info.index,
-        info.workers,
-        info.core.map_or(NONE, |c| c as u64),
-        match wait {
-            WaitStrategy::Spin => 0,
-            WaitStrategy::Park => 1,
-            WaitStrategy::Adaptive => 2,
-        },
-        shared_fd.map_or(NONE, |fd| fd as u64),
-        u8::from(info.low_priority),
-    );
-    let exe = std::env::current_exe()
-        .map_err(|e| Error::Start(format!("cannot find this program to spawn it: {e}")))?;
-    let mut cmd = std::process::Command::new(exe);
-    cmd.env(ENV_TASK, name)
-        .env(ENV_WORKER, spec)
-        .env(ENV_TYPES, types)
-        .stdin(std::process::Stdio::null());
-    let mut keep = vec![rings.fd(), stats.segment().fd()];
+    let mut keep = vec![input.segment().fd(), stats.segment().fd()];
     keep.extend(shared.map(|s| s.fd()));
-    shmexec_shm::process::spawn_keeping(cmd, &keep)
+    let me = std::process::id();
+    // The child gets the kept descriptors under the numbers the spawner gives them.
+    let configure = |cmd: &mut std::process::Command, fds: &[i32]| {
+        let spec = format!(
+            "{} {} {} {} {me} {} 0 {output_offset} {} {} {}",
+            info.index,
+            info.workers,
+            info.core.map_or(NONE, |c| c as u64),
+            match wait {
+                WaitStrategy::Spin => 0,
+                WaitStrategy::Park => 1,
+                WaitStrategy::Adaptive => 2,
+            },
+            fds[0],
+            fds[1],
+            fds.get(2).map_or(NONE, |&fd| fd as u64),
+            u8::from(info.low_priority),
+        );
+        cmd.env(ENV_TASK, name)
+            .env(ENV_WORKER, spec)
+            .env(ENV_TYPES, types)
+            .stdin(std::process::Stdio::null());
+    };
+    spawner
+        .spawn(&keep, true, configure)
         .map_err(|e| Error::Start(format!("cannot spawn a worker: {e}")))
 }

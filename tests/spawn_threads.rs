@@ -14,11 +14,17 @@ use std::time::{Duration, Instant};
 use shmexec::shared::Span;
 use shmexec::{Error, Pool, Samples, Task};
 
-const NAMES: [&str; 3] = [
+const NAMES: [&str; 5] = [
     "fork_pool_replaces_workers_while_threads_run",
     "spawn_from_a_threaded_program",
     "spawned_workers_prove_their_task",
+    "a_replacement_outlives_the_thread_that_started_it",
+    "a_replacement_runs_the_program_the_pool_started_with",
 ];
+
+/// The argument that makes this program the coordinator of
+/// [`a_replacement_runs_the_program_the_pool_started_with`], run from a copy of its file.
+const MOVED_COORDINATOR: &str = "--moved-coordinator";
 
 fn sum_task() -> impl Task<Input = Vec<i32>, Output = i64> {
     shmexec::from_fn::<Vec<i32>, _, _>(|c| {
@@ -38,6 +44,10 @@ fn main() {
     shmexec::spawn::serve("span_sum", span_sum_task);
 
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == MOVED_COORDINATOR) {
+        coordinate_after_the_file_is_replaced();
+        return;
+    }
     if args.iter().any(|a| a == "--list") {
         if !args.iter().any(|a| a == "--ignored") {
             for name in NAMES {
@@ -52,16 +62,19 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let selected = |name: &str| filters.iter().all(|f| name.contains(f.as_str()));
-    let tests: [fn(); 3] = [
+    let tests: [fn(); 5] = [
         fork_pool_replaces_workers_while_threads_run,
         spawn_from_a_threaded_program,
         spawned_workers_prove_their_task,
+        a_replacement_outlives_the_thread_that_started_it,
+        a_replacement_runs_the_program_the_pool_started_with,
     ];
     let mut ran = 0;
     for (name, test) in NAMES.into_iter().zip(tests) {
         if selected(name) {
+            let start = Instant::now();
             test();
-            println!("test {name} ... ok");
+            println!("test {name} ... ok ({:.2?})", start.elapsed());
             ran += 1;
         }
     }
@@ -251,4 +264,132 @@ fn spawned_workers_prove_their_task() {
         other => panic!("an unknown task name must fail the build: {other:?}"),
     }
     assert_no_children();
+}
+
+/// The state letter of `pid` in `/proc/<pid>/stat` (`None`: no such process).
+fn state_of(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: the fields after it follow the last ')'.
+    stat[stat.rfind(')')? + 2..].chars().next()
+}
+
+/// Whether `pid` runs (a zombie, killed and not reaped yet, does not).
+fn runs(pid: i32) -> bool {
+    !matches!(state_of(pid), None | Some('Z') | Some('X'))
+}
+
+fn sums(pool: &mut Pool<impl Task<Input = Vec<i32>, Output = i64>>) -> Vec<i64> {
+    let inputs: Vec<Vec<i32>> = (0..400).map(|i| vec![i; 100]).collect();
+    let start = Instant::now();
+    pool.map(&inputs)
+        .map(|r| {
+            assert!(start.elapsed() < Duration::from_secs(60), "stuck");
+            r.expect("every item succeeds").to_native()
+        })
+        .collect()
+}
+
+fn expected_sums() -> Vec<i64> {
+    (0..400).map(|i| 100 * i as i64).collect()
+}
+
+fn a_replacement_outlives_the_thread_that_started_it() {
+    let mut pool = Pool::builder()
+        .workers(2)
+        .ring_bytes(1 << 20)
+        .spawn("sum")
+        .build(sum_task())
+        .expect("spawned pool");
+    let victim = pool.pids()[0];
+    kill(victim);
+    let start = Instant::now();
+    while runs(victim) {
+        assert!(start.elapsed() < Duration::from_secs(10), "the kill took");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // One call on a thread that then exits: the call finds the death and starts the
+    // replacement on that thread's watch (a tokio blocking thread that respawns inline).
+    std::thread::scope(|s| {
+        s.spawn(|| assert_eq!(sums(&mut pool), expected_sums()));
+    });
+    assert_eq!(pool.stats().respawns, 1);
+    let replacement = pool.pids()[0];
+    assert_ne!(replacement, victim);
+    // The thread is gone; a death signal tied to it would have fired at its exit.
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(1) {
+        assert!(
+            runs(replacement),
+            "the replacement died {:?} after the thread that started it ended",
+            watched.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(sums(&mut pool), expected_sums());
+    assert_eq!(
+        pool.stats().respawns,
+        1,
+        "the replacement served, nothing died"
+    );
+    drop(pool);
+    assert_no_children();
+}
+
+/// Runs a copy of this program, from a directory of its own, as [`MOVED_COORDINATOR`]: it
+/// builds a spawned pool, replaces its own file with another program, kills a worker and needs
+/// a replacement.
+fn a_replacement_runs_the_program_the_pool_started_with() {
+    let dir = std::env::temp_dir().join(format!("shmexec-moved-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let copy = dir.join("coordinator");
+    std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+    let log = dir.join("out");
+    let mut child = std::process::Command::new(&copy)
+        .arg(MOVED_COORDINATOR)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("run the copy");
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let _ = child.kill();
+            panic!("the coordinator run from a replaced file is stuck");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = std::fs::read_to_string(&log).unwrap_or_default();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(status.success(), "{status:?}: {out}");
+    assert!(out.contains("the replacement served"), "{out}");
+    assert_no_children();
+}
+
+/// [`MOVED_COORDINATOR`]'s part, in the copy.
+fn coordinate_after_the_file_is_replaced() {
+    let mut pool = Pool::builder()
+        .workers(2)
+        .ring_bytes(1 << 20)
+        .spawn("sum")
+        .build(sum_task())
+        .expect("spawned pool");
+    assert_eq!(sums(&mut pool), expected_sums());
+    // An upgrade on disk: the file goes, another program takes its name.
+    let me = std::env::current_exe().unwrap();
+    std::fs::remove_file(&me).unwrap();
+    std::fs::write(&me, "#!/bin/sh\nexit 7\n").unwrap();
+    std::fs::set_permissions(&me, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let link = std::fs::read_link("/proc/self/exe").unwrap();
+    assert!(link.to_string_lossy().ends_with(" (deleted)"), "{link:?}");
+    let victim = pool.pids()[0];
+    kill(victim);
+    assert_eq!(sums(&mut pool), expected_sums());
+    assert_eq!(pool.stats().respawns, 1);
+    assert_ne!(pool.pids()[0], victim);
+    drop(pool);
+    assert_no_children();
+    println!("the replacement served");
 }

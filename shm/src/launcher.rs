@@ -22,6 +22,21 @@
 //! *thread* exits, and a host may build on a short-lived thread). It watches the host's pidfd
 //! instead, and a closed request pipe: either means the host is gone, and it kills its children
 //! and exits. Its children do use the death signal: the launcher has one thread.
+//!
+//! What the children start: the launcher is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so a
+//! process that a child started (a helper a task runs, a `sleep` it forgot) and that outlives
+//! that child is reparented to the launcher instead of to init. After every `Reap` request
+//! (the host asks for it once it has seen a child die, before it replaces it) and at `Exit`,
+//! the launcher kills and reaps every child of its own that is not one of the children it
+//! launched and has not reaped: nothing a dead child started keeps running, or keeps the
+//! host's shared memory mapped, after its replacement is up or the launcher has gone. This
+//! catches double forks and `setsid` (neither leaves the launcher's subtree), and costs no job
+//! control (the children stay in the host's process group, so the terminal's Ctrl-C and Ctrl-Z
+//! reach them). Limits: a process started by a child that is still alive is left alone while
+//! its parent lives; one that was orphaned already (a daemon a live child double-forked) is
+//! killed at the next `Reap` of any child; orphans that exit on their own stay zombies until
+//! then; and a launcher killed by SIGKILL cannot do any of it (its children die by their death
+//! signal, their own children are reparented above it).
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -278,6 +293,9 @@ fn serve(host: Pid, requests: OwnedFd, replies: OwnedFd, make: &mut impl FnMut(u
     if rustix::process::getppid() != Some(host) {
         return 1;
     }
+    // Orphans of the launched children come here rather than to init (see the module doc).
+    // If the kernel refuses, they are reparented above the launcher as without it.
+    let _ = rustix::process::set_child_subreaper(Some(rustix::process::getpid()));
     let mut children: Vec<Pid> = Vec::new();
     loop {
         let mut fds = [
@@ -304,7 +322,11 @@ fn serve(host: Pid, requests: OwnedFd, replies: OwnedFd, make: &mut impl FnMut(u
                     [RE_LAUNCHED, pid.as_raw_nonzero().get() as u32, 0]
                 })
                 .unwrap_or_else(|e| [RE_FAILED, 0, e.raw_os_error() as u32]),
-            [OP_REAP, pid, _, _] => reap(pid as i32, &mut children),
+            [OP_REAP, pid, _, _] => {
+                let status = reap(pid as i32, &mut children);
+                kill_orphans(&children);
+                status
+            }
             [OP_EXIT, ..] => break,
             _ => break,
         };
@@ -318,7 +340,34 @@ fn serve(host: Pid, requests: OwnedFd, replies: OwnedFd, make: &mut impl FnMut(u
     for pid in children {
         let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
     }
+    kill_orphans(&[]);
     0
+}
+
+/// How many generations of orphans [`kill_orphans`] goes through: killing one reparents its own
+/// children to the launcher, to be killed in the next round.
+const ORPHAN_ROUNDS: usize = 64;
+
+/// Kills and reaps every child of the launcher that is not in `launched` (those are its own
+/// children, reaped when the host asks): orphans of launched children that died, reparented
+/// here because the launcher is a child subreaper. Each pid listed is still the orphan's: only
+/// the launcher reaps its children, and it has not reaped these yet.
+fn kill_orphans(launched: &[Pid]) {
+    for _ in 0..ORPHAN_ROUNDS {
+        let orphans: Vec<Pid> = crate::process::children()
+            .into_iter()
+            .filter(|p| !launched.contains(p))
+            .collect();
+        if orphans.is_empty() {
+            return;
+        }
+        for &pid in &orphans {
+            let _ = rustix::process::kill_process(pid, Signal::KILL);
+        }
+        for pid in orphans {
+            let _ = rustix::process::waitpid(Some(pid), WaitOptions::empty());
+        }
+    }
 }
 
 /// Forks one child that runs `make(index)`.

@@ -21,6 +21,7 @@
 //! | [`process`] | forked children that die with their parent and their handle           |
 //! | [`sched`]   | the cores a process may use, pinning, priority                         |
 //! | [`launcher`]| a single-threaded process that forks children on request              |
+//! | [`spawner`] | a thread that runs this program again as children that die with the process |
 //!
 //! ```
 //! use shmexec_shm::{Peer, Ring};
@@ -50,6 +51,7 @@ pub mod ring;
 pub mod sched;
 pub mod segment;
 pub mod signal;
+pub mod spawner;
 pub mod wait;
 
 pub use error::{Error, Result};
@@ -61,4 +63,5 @@ pub use process::{ChildProcess, ExitStatus, fork, fork_unchecked};
 pub use ring::{CONTROL_LEN, Consumer, Frame, Grant, Producer, Ring};
 pub use segment::Segment;
 pub use signal::Signal;
+pub use spawner::Spawner;
 pub use wait::{WaitStrategy, Waiter};

@@ -8,6 +8,11 @@
 //! locked forever in the child, so [`fork`] refuses to run in a multi-threaded process, and
 //! [`fork_unchecked`] (unsafe) is for callers that know their other threads hold nothing the
 //! child needs.
+//!
+//! A child that leads a process group of its own (started by a [`crate::spawner::Spawner`]
+//! with `own_group`) takes its group with it: its handle kills the group when it kills, reaps
+//! or drops the child, while the child is unreaped, so the group's id (the child's pid) cannot
+//! name anyone else's group yet.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::time::{Duration, Instant};
@@ -41,6 +46,9 @@ pub struct ChildProcess {
     pidfd: OwnedFd,
     status: Option<ExitStatus>,
     reaper: Reaping,
+    /// It leads a process group of its own (its pid is the group's id), killed with it. The id
+    /// cannot name another group while the child is unreaped: a zombie keeps its pid.
+    group: bool,
 }
 
 /// Who reaps the child: this process (its parent), its launcher, or nobody (the handle let go).
@@ -132,6 +140,7 @@ unsafe fn fork_with(child: impl FnOnce() -> i32, die_with_parent: bool) -> Resul
         pidfd,
         status: None,
         reaper: Reaping::Parent,
+        group: false,
     })
 }
 
@@ -216,31 +225,91 @@ fn pidfd_target(fd: i32) -> Option<i32> {
 /// Starts `cmd` (a program to `exec`) as a child that keeps the descriptors `keep` open across
 /// the `exec` and dies with the calling thread (`PR_SET_PDEATHSIG`), and takes charge of it.
 /// The borrows prove the descriptors open until `exec`: `Command::spawn` returns only once the
-/// child has exec'd (or failed to).
-pub fn spawn_keeping(
+/// child has exec'd (or failed to). (A [`crate::spawner::Spawner`] makes the death signal
+/// follow a thread that lives as long as its owner.)
+pub fn spawn_keeping(cmd: std::process::Command, keep: &[BorrowedFd<'_>]) -> Result<ChildProcess> {
+    spawn_keeping_with(cmd, keep, false)
+}
+
+/// [`spawn_keeping`]; with `own_group`, the child also leads a process group of its own, which
+/// its handle kills with it: everything the child starts (that stays in its group) is then
+/// killed when the child is killed, reaped or dropped.
+pub(crate) fn spawn_keeping_with(
     mut cmd: std::process::Command,
     keep: &[BorrowedFd<'_>],
+    own_group: bool,
 ) -> Result<ChildProcess> {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     let fds: Vec<i32> = keep.iter().map(|fd| fd.as_raw_fd()).collect();
     // SAFETY: the hook runs in the child between fork and exec, where only async-signal-safe
     // work is allowed: it makes raw system calls only (fcntl to let the descriptors through
-    // exec, prctl for the death signal) and allocates nothing (`fds` was made before). The
-    // descriptors are open: `keep` borrows them for this whole call, which returns after the
-    // exec.
+    // exec, setpgid for the group, prctl for the death signal) and allocates nothing (`fds` was
+    // made before). The descriptors are open: `keep` borrows them for this whole call, which
+    // returns after the exec.
     unsafe {
         cmd.pre_exec(move || {
             for &fd in &fds {
                 let fd = BorrowedFd::borrow_raw(fd);
                 rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
             }
+            if own_group {
+                rustix::process::setpgid(None, None)?;
+            }
             rustix::process::set_parent_process_death_signal(Some(Signal::KILL))?;
             Ok(())
         });
     }
     let child = cmd.spawn().map_err(|e| Error::os("spawn", e))?;
-    ChildProcess::adopt(child.id() as i32)
+    let mut child = ChildProcess::adopt(child.id() as i32)?;
+    child.group = own_group;
+    Ok(child)
+}
+
+/// The children of this process (running or exited, not yet reaped), from
+/// `/proc/self/task/<tid>/children`, or from every process's parent in `/proc/<pid>/stat` where
+/// the kernel has no such file.
+pub(crate) fn children() -> Vec<Pid> {
+    let mut found = Vec::new();
+    let mut listed = false;
+    for task in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            listed = true;
+            found.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
+        }
+    }
+    if !listed {
+        let me = rustix::process::getpid().as_raw_nonzero().get();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // The command name may hold spaces: the fields after it follow the last ')'.
+            let ppid = stat
+                .rfind(')')
+                .and_then(|at| stat[at + 2..].split(' ').nth(1)?.parse::<i32>().ok());
+            if ppid == Some(me) {
+                found.push(pid);
+            }
+        }
+    }
+    found.sort_unstable();
+    found.dedup();
+    found.into_iter().filter_map(Pid::from_raw).collect()
 }
 
 /// Threads in this process, from `/proc/self/task` (1 if it cannot be read).
@@ -267,6 +336,7 @@ impl ChildProcess {
             pidfd,
             status: None,
             reaper: Reaping::Parent,
+            group: false,
         })
     }
 
@@ -304,11 +374,13 @@ impl ChildProcess {
         self.status.is_none() && !self.exited_within(Duration::ZERO)
     }
 
-    /// Sends SIGKILL (a no-op if the child was already reaped).
+    /// Sends SIGKILL (a no-op if the child was already reaped); to its whole group if it leads
+    /// one.
     pub fn kill(&self) -> Result<()> {
         if self.status.is_some() {
             return Ok(());
         }
+        self.kill_group();
         rustix::process::pidfd_send_signal(&self.pidfd, Signal::KILL)
             .or_else(|e| {
                 if e == rustix::io::Errno::SRCH {
@@ -340,6 +412,15 @@ impl ChildProcess {
         self.reap().map(Some)
     }
 
+    /// Kills the rest of the child's group, if it leads one: called while the child is unreaped
+    /// (its zombie keeps the group's id from being reused), so it reaches only that group.
+    fn kill_group(&self) {
+        if let (true, None, Some(pid)) = (self.group, self.status, Pid::from_raw(self.pid)) {
+            // ESRCH: the group is empty, nothing to kill.
+            let _ = rustix::process::kill_process_group(pid, Signal::KILL);
+        }
+    }
+
     fn exited_within(&self, timeout: Duration) -> bool {
         readable_within(self.pidfd.as_fd(), timeout)
     }
@@ -359,6 +440,9 @@ impl ChildProcess {
         }
         let pid = Pid::from_raw(self.pid)
             .ok_or_else(|| Error::os("waitpid", rustix::io::Errno::INVAL))?;
+        // What the child started in its group dies with it, before the zombie (and with it the
+        // group's id) goes.
+        self.kill_group();
         let status = loop {
             match rustix::process::waitpid(Some(pid), WaitOptions::empty()) {
                 Ok(Some((_, st))) => break st,

@@ -3,10 +3,10 @@
 
 use std::sync::Arc;
 
-use shmexec_shm::{Launcher, Ring, Segment};
+use shmexec_shm::{Launcher, Ring, Segment, Spawner};
 
 use super::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::stats::StatsBlock;
 use crate::task::{Task, WorkerInfo};
 use crate::wire::EXIT_BAD_SETUP;
@@ -29,8 +29,21 @@ pub(super) enum Starter {
     /// made at `build`, before any thread of the host existed: safe whatever threads the host
     /// runs by the time a replacement is needed.
     Launcher(Launcher),
-    /// This program run again (see [`crate::spawn`]).
-    Spawn(String),
+    /// This program run again (see [`crate::spawn`]) as the task `name`, by `spawner`, the
+    /// pool's thread that starts every spawned worker.
+    Spawn { name: String, spawner: Spawner },
+}
+
+impl Starter {
+    /// Spawned workers serving `name`: opens the program file and starts the spawner thread.
+    pub(super) fn spawn(name: &str) -> Result<Starter> {
+        let spawner = Spawner::start()
+            .map_err(|e| Error::Start(format!("cannot start the spawner thread: {e}")))?;
+        Ok(Starter::Spawn {
+            name: name.to_owned(),
+            spawner,
+        })
+    }
 }
 
 /// The function the launcher runs in each worker it forks: the worker loop over worker

@@ -87,7 +87,7 @@ impl<T: Task> Supervisor<T> {
             .map(|_| rings(config.input_ring_bytes, config.output_ring_bytes))
             .collect::<Result<Vec<_>>>()?;
         let starter = match &config.start {
-            Start::Spawn(name) => Starter::Spawn(name.clone()),
+            Start::Spawn(name) => Starter::spawn(name)?,
             Start::Fork => {
                 if config.check_threads {
                     let threads = shmexec_shm::process::thread_count();
@@ -163,7 +163,8 @@ impl<T: Task> Supervisor<T> {
             Some(Starter::Launcher(launcher)) => launcher.launch(index as u32).map_err(|e| {
                 Error::Start(format!("the launcher could not fork worker {index}: {e}"))
             }),
-            Some(Starter::Spawn(name)) => crate::spawn::spawn_worker(
+            Some(Starter::Spawn { name, spawner }) => crate::spawn::spawn_worker(
+                spawner,
                 name,
                 &crate::spawn::task_types::<T>(),
                 &self.config.worker_info(index),
