@@ -160,11 +160,8 @@ impl Call {
         let (limit, timed) = (sup.config().queue_bytes, sup.config().item_timing);
         let seq = sup.peek_seq();
         let Some((w, mut grant)) = dispatch::reserve(&mut sup.slots, len, limit)? else {
-            // With every worker given up, the call first hands out what its items became
-            // (their results, or `WorkerLost`), then ends here.
-            if self.pending(sup) == 0 {
-                sup.check_usable()?;
-            }
+            // No room for good once every worker was given up.
+            sup.check_usable()?;
             return Ok(Placed::NoRoom);
         };
         // On error the slot is given back unpublished (the grant is dropped).

@@ -29,6 +29,9 @@ pub struct Map<'a, T: Task> {
     /// Archive size of the input the feed holds ready, waiting for ring space.
     prepared: Option<usize>,
     feeding: bool,
+    /// Why no more input can be placed (every worker was given up): reported once the items
+    /// in flight are handed out.
+    refused: Option<Error>,
     ended: bool,
 }
 
@@ -43,6 +46,7 @@ impl<'a, T: Task> Map<'a, T> {
             bell,
             prepared: None,
             feeding: true,
+            refused: None,
             ended: false,
         }
     }
@@ -83,7 +87,17 @@ impl<'a, T: Task> Map<'a, T> {
             let placed = self.call.place(sup, len, copies, &mut |slot| {
                 wrote = true;
                 feed.write(slot)
-            })?;
+            });
+            let placed = match placed {
+                Ok(p) => p,
+                // What is in flight is handed out first (results, or why each was not run).
+                Err(e) if self.call.pending(sup) > 0 => {
+                    self.feeding = false;
+                    self.refused = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             match placed {
                 Placed::NoRoom => break,
                 Placed::Item(_) => {
@@ -118,7 +132,7 @@ impl<'a, T: Task> Map<'a, T> {
                 return Ok(Some(r));
             }
             if !self.feeding && self.call.pending(sup) == 0 {
-                return Ok(None);
+                return self.refused.take().map_or(Ok(None), Err);
             }
             let (call, prepared) = (&self.call, self.prepared);
             let woke = wait_slice(sup, &self.bell, |sup| call.ready(sup, prepared));

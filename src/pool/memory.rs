@@ -125,20 +125,4 @@ mod tests {
             needs.parts
         );
     }
-
-    #[test]
-    fn sizes_that_overflow_need_everything() {
-        let config = Builder::default()
-            .workers(2)
-            .ring_bytes(usize::MAX)
-            .into_config()
-            .unwrap();
-        assert_eq!(Needs::of(&config).total, u64::MAX);
-        let config = Builder::default()
-            .workers(2)
-            .shared_bytes(usize::MAX)
-            .into_config()
-            .unwrap();
-        assert_eq!(Needs::of(&config).total, u64::MAX);
-    }
 }

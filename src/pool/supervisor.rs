@@ -275,11 +275,11 @@ impl<T: Task> Supervisor<T> {
         }
         if self.slots.iter().all(|s| s.life == Life::Failed) {
             let why = self.slots.first().map(WorkerSlot::given_up);
-            let e = Error::Broken(format!(
+            // Not recorded in `broken`: what is in flight is still handed out.
+            return Err(Error::Broken(format!(
                 "every worker was given up; worker 0 {}",
                 why.unwrap_or_default()
-            ));
-            return Err(self.break_with(e));
+            )));
         }
         Ok(())
     }
