@@ -1,59 +1,25 @@
 //! Memory limits with a real memory cgroup: a pool too large for its cgroup is an error from
 //! `build`, and a task that leaks gets its worker killed by the OOM killer, not the coordinator.
 //!
-//! The test process itself stays out of the cgroup (the harness runs other tests beside it): each
-//! test makes a cgroup of its own and runs this binary again inside it, for one `child_*` test,
-//! with [`CHILD_ENV`] set. The shell that starts it writes its own pid into the cgroup before it
-//! execs, so the child is charged from its first allocation. Without [`CHILD_ENV`] the `child_*`
-//! tests do nothing. Where no cgroup can be made (not root, no memory controller, a read-only
-//! mount) the tests say why and pass.
+//! Each test makes a memory cgroup of its own and runs this binary again inside it, for one
+//! `child_*` test (see `support::cgroup`): the child joins the cgroup before it execs, so it is
+//! charged from its first allocation. Where no cgroup can be made (not root, no memory
+//! controller, a read-only mount) the tests say why and pass.
 
 mod support;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use shmexec::shm::memory::{self, Limit};
 use shmexec::{Error, Pool};
+use support::cgroup::{self, Cgroup, Version, assert_child_passed, child_cgroup};
 use support::{builder, serial};
 
-/// Set in a child run inside a test cgroup: the cgroup's name (its last path component).
-const CHILD_ENV: &str = "SHMEXEC_TEST_MEMORY_CGROUP";
-
-/// How long a child may run before the test kills it.
-const CHILD_DEADLINE: Duration = Duration::from_secs(120);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Version {
-    V1,
-    V2,
-}
-
-/// A memory cgroup made for one test, removed on drop (after its processes are gone).
-struct Cgroup {
-    dir: PathBuf,
-    version: Version,
-}
-
-impl Cgroup {
-    /// A new cgroup limited to `limit` bytes of memory and no swap, or why none can be made.
-    fn new(limit: u64) -> Result<Cgroup, String> {
-        if !rustix::process::geteuid().is_root() {
-            return Err("not root".into());
-        }
-        let (parent, version) = parent_dir()?;
-        let name = format!(
-            "shmexec-test-{}-{}",
-            std::process::id(),
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos())
-        );
-        let dir = parent.join(name);
-        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        let cgroup = Cgroup { dir, version };
-        let (limit_file, swap) = match version {
+/// A memory cgroup of `limit` bytes and no swap for this test, or `None` (said on stderr) where
+/// none can be made.
+fn cgroup_or_skip(limit: u64) -> Option<Cgroup> {
+    cgroup::or_skip("memory", |cgroup| {
+        let (limit_file, swap) = match cgroup.version() {
             Version::V1 => ("memory.limit_in_bytes", "memory.swappiness"),
             Version::V2 => ("memory.max", "memory.swap.max"),
         };
@@ -61,143 +27,20 @@ impl Cgroup {
         // No swap, so that a leak meets the OOM killer instead of filling a swap device. Where
         // swap cannot be set there is none to use, or the limit counts it (memsw) too.
         let _ = cgroup.write(swap, "0");
-        if version == Version::V1 {
+        if cgroup.version() == Version::V1 {
             let _ = cgroup.write("memory.memsw.limit_in_bytes", &limit.to_string());
         }
-        Ok(cgroup)
-    }
-
-    fn name(&self) -> String {
-        self.dir.file_name().unwrap().to_string_lossy().into_owned()
-    }
-
-    fn write(&self, file: &str, value: &str) -> Result<(), String> {
-        std::fs::write(self.dir.join(file), value)
-            .map_err(|e| format!("cannot write {value} to {}/{file}: {e}", self.dir.display()))
-    }
-
-    /// The OOM kills in this cgroup so far.
-    fn oom_kills(&self) -> Option<u64> {
-        let file = match self.version {
-            Version::V1 => "memory.oom_control",
-            Version::V2 => "memory.events",
-        };
-        std::fs::read_to_string(self.dir.join(file))
-            .ok()?
-            .lines()
-            .find_map(|l| l.strip_prefix("oom_kill "))
-            .and_then(|n| n.trim().parse().ok())
-    }
-
-    /// Runs the test `test` of this binary inside the cgroup, as a child (see the module doc).
-    fn run(&self, test: &str) -> Output {
-        let exe = std::env::current_exe().unwrap();
-        let procs = self.dir.join("cgroup.procs");
-        let mut child = Command::new("sh")
-            .arg("-c")
-            .arg(r#"echo $$ > "$1" && shift && exec "$@""#)
-            .arg("sh")
-            .arg(&procs)
-            .arg(exe)
-            .args(["--exact", test, "--nocapture", "--test-threads=1"])
-            .env(CHILD_ENV, self.name())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while child.try_wait().unwrap().is_none() {
-            if started.elapsed() > CHILD_DEADLINE {
-                let _ = child.kill();
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        child.wait_with_output().unwrap()
-    }
+        Ok(())
+    })
 }
 
-impl Drop for Cgroup {
-    fn drop(&mut self) {
-        // rmdir fails while the cgroup has processes: a child's workers may take a moment to
-        // follow it.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::fs::remove_dir(&self.dir).is_err() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if self.dir.exists() {
-            eprintln!("could not remove the test cgroup {}", self.dir.display());
-        }
-    }
-}
-
-/// Where to make a test cgroup: below this process's own v1 memory cgroup (so that its
-/// parent's limits apply too), or at the root of a v2 hierarchy that has the memory
-/// controller (elsewhere a v2 cgroup with processes cannot have children with controllers).
-fn parent_dir() -> Result<(PathBuf, Version), String> {
-    let v2 = Path::new("/sys/fs/cgroup");
-    if let Ok(controllers) = std::fs::read_to_string(v2.join("cgroup.controllers")) {
-        if !controllers.split_whitespace().any(|c| c == "memory") {
-            return Err("cgroup v2 without the memory controller".into());
-        }
-        let subtree =
-            std::fs::read_to_string(v2.join("cgroup.subtree_control")).unwrap_or_default();
-        if !subtree.split_whitespace().any(|c| c == "memory") {
-            std::fs::write(v2.join("cgroup.subtree_control"), "+memory")
-                .map_err(|e| format!("cannot enable the memory controller for children: {e}"))?;
-        }
-        return Ok((v2.to_path_buf(), Version::V2));
-    }
-    let v1 = Path::new("/sys/fs/cgroup/memory");
-    if !v1.join("memory.limit_in_bytes").exists() {
-        return Err("no memory cgroup controller mounted at /sys/fs/cgroup/memory".into());
-    }
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
-            controllers
-                .split(',')
-                .any(|c| c == "memory")
-                .then(|| v1.join(path.trim_start_matches('/')))
-        })
-        .filter(|dir| dir.join("memory.limit_in_bytes").exists())
-        .unwrap_or_else(|| v1.to_path_buf());
-    Ok((own, Version::V1))
-}
-
-/// A cgroup of `limit` bytes for this test, or `None` (said on stderr) where none can be made.
-fn cgroup_or_skip(limit: u64) -> Option<Cgroup> {
-    match Cgroup::new(limit) {
-        Ok(cgroup) => Some(cgroup),
-        Err(why) => {
-            eprintln!("skipped: no test memory cgroup: {why}");
-            None
-        }
-    }
-}
-
-/// Panics unless the child exited 0 after running its one test.
-fn assert_child_passed(out: &Output) {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    println!("--- child stdout\n{stdout}--- child stderr\n{stderr}---");
-    assert!(
-        out.status.success(),
-        "the child in the cgroup ended with {:?} (signal 9: OOM-killed; exit 101: its test failed)",
-        out.status
-    );
-    assert!(
-        stdout.contains("1 passed"),
-        "the child ran no test: {stdout}"
-    );
-}
-
-/// The name of the test cgroup this process runs in, if it is a child.
-fn child_cgroup() -> Option<String> {
-    std::env::var(CHILD_ENV).ok()
+/// The OOM kills in `cgroup` so far.
+fn oom_kills(cgroup: &Cgroup) -> Option<u64> {
+    let file = match cgroup.version() {
+        Version::V1 => "memory.oom_control",
+        Version::V2 => "memory.events",
+    };
+    cgroup::read_number(cgroup.dir(), file, Some("oom_kill"))
 }
 
 #[test]
@@ -238,7 +81,7 @@ fn a_pool_larger_than_its_cgroup_is_an_error_from_build() {
         return;
     };
     assert_child_passed(&cgroup.run("child_a_pool_larger_than_its_cgroup"));
-    assert_eq!(cgroup.oom_kills().unwrap_or(0), 0, "nothing was OOM-killed");
+    assert_eq!(oom_kills(&cgroup).unwrap_or(0), 0, "nothing was OOM-killed");
 }
 
 #[test]
@@ -312,7 +155,7 @@ fn a_task_that_leaks_gets_its_worker_killed_not_the_coordinator() {
     let out = cgroup.run("child_a_task_that_leaks");
     println!("child ran {:?}", started.elapsed());
     assert_child_passed(&out);
-    let kills = cgroup.oom_kills();
+    let kills = oom_kills(&cgroup);
     println!("OOM kills in the cgroup: {kills:?}");
     if let Some(kills) = kills {
         assert!(

@@ -12,6 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use shmexec::Builder;
 
+pub mod cgroup;
 pub mod fuzz;
 
 static FORK_LOCK: Mutex<()> = Mutex::new(());
