@@ -418,3 +418,52 @@ fn a_corrupt_output_ring_costs_the_items_in_it_not_the_pool() {
     let _ = std::fs::remove_dir_all(&dir);
     assert_no_children();
 }
+
+#[test]
+fn a_death_is_noticed_while_the_other_workers_keep_the_call_busy() {
+    let guard = serial();
+    let _dog = watchdog(
+        60,
+        "a_death_is_noticed_while_the_other_workers_keep_the_call_busy",
+    );
+    {
+        // Chunks of 64 KiB, a few dozen to a ring, each about a millisecond of work: after one
+        // worker dies, the live one frees room for the next chunk about as often as the
+        // coordinator's wait slice ends, for as long as the input lasts.
+        let task = shmexec::from_fn::<Vec<f32>, _, _>(|c| {
+            let mut s = 0.0f64;
+            for k in 0..16 {
+                s += c
+                    .iter()
+                    .map(|v| f64::from(v.to_native()) * f64::from(k))
+                    .sum::<f64>();
+            }
+            s
+        });
+        let mut pool = builder(&guard)
+            .workers(2)
+            .ring_bytes(4 << 20)
+            .build(task)
+            .unwrap();
+        let victim = pool.pids()[1];
+        let chunk = vec![1.0f32; 16 << 10];
+        let mut it = pool.map(std::iter::repeat_n(&chunk, 5_000));
+        for _ in 0..20 {
+            assert!(it.next().unwrap().is_ok());
+        }
+        kill(victim);
+        let t = Instant::now();
+        let mut replaced = None;
+        while let Some(r) = it.next() {
+            assert!(r.is_ok());
+            if replaced.is_none() && it.stats().respawns == 1 {
+                replaced = Some(t.elapsed());
+            }
+        }
+        // Seen within the health checks' few milliseconds plus a fork, not after the wake-ups
+        // for room happened to leave a wait slice idle; bounded loosely for a loaded machine.
+        let replaced = replaced.expect("the dead worker was replaced");
+        assert!(replaced < Duration::from_millis(500), "{replaced:?}");
+    }
+    assert_no_children();
+}

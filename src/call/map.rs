@@ -135,9 +135,14 @@ impl<'a, T: Task> Map<'a, T> {
                 return self.refused.take().map_or(Ok(None), Err);
             }
             let (call, prepared) = (&self.call, self.prepared);
-            let woke = wait_slice(sup, &self.bell, |sup| call.ready(sup, prepared));
+            let woke = wait_slice(sup, &self.bell, |sup| call.ready(sup, prepared))?;
             self.call.waited();
-            if !woke? {
+            if woke {
+                // Woken for room while the result it waits for is late (its worker may be
+                // dead): such wake-ups can go on for as long as the other workers keep up, so
+                // they count toward the health check too.
+                self.call.tick(&mut self.pool.rt)?;
+            } else {
                 let unplaced = self.unplaced();
                 if let Some(e) = self.call.stalled(&mut self.pool.rt, unplaced, true)? {
                     return Ok(Some(Err(e)));

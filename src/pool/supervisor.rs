@@ -418,11 +418,11 @@ impl<T: Task> Supervisor<T> {
         // The first successor starts at once; each one after a failed start waits twice as
         // long as the one before it.
         let backoff = match failed {
-            0 | 1 => Duration::ZERO,
+            0 => Duration::ZERO,
             n => self
                 .config
                 .restart_backoff
-                .saturating_mul(1u32 << (n - 2).min(20))
+                .saturating_mul(1u32 << (n - 1).min(20))
                 .min(MAX_BACKOFF),
         };
         if backoff.is_zero() {
