@@ -92,3 +92,66 @@ fn dropping_a_pool_whose_launcher_is_stopped_is_bounded() {
     }
     assert_no_children();
 }
+
+/// The children of `pid`, from `/proc`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let alive = std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .is_ok_and(|s| !s[s.rfind(')').unwrap_or(0) + 2..].starts_with('Z'));
+        if alive && std::fs::metadata(format!("/proc/{p}")).is_ok() && parent_of(p) == pid {
+            found.push(p);
+        }
+    }
+    found
+}
+
+#[test]
+fn a_launcher_stopped_past_its_deadline_leaves_no_stray_worker() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<u64, _, _>(|&n| n.to_native());
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        let launcher = parent_of(pool.pids()[0]);
+        assert!(pool.map(0..100u64).all(|r| r.is_ok()));
+        signal(launcher, rustix::process::Signal::STOP);
+        kill(pool.pids()[1]);
+        // The dead worker's reaping, then its successor's launch, wait for the launcher past
+        // their 2 s deadlines; the launcher then serves the launch the pool gave up on.
+        let resume = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(7));
+            signal(launcher, rustix::process::Signal::CONT);
+        });
+        let got: Vec<u64> = pool
+            .map(0..2000u64)
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        resume.join().unwrap();
+        assert_eq!(got, (0..2000).collect::<Vec<_>>());
+        // The launches served late were killed: once the pool settles, the launcher's only
+        // live children are the two workers.
+        let t = Instant::now();
+        loop {
+            assert!(pool.map(0..200u64).all(|r| r.is_ok()));
+            let mut pids = pool.pids();
+            pids.sort_unstable();
+            let mut children = children_of(launcher);
+            children.sort_unstable();
+            if children == pids && pids.iter().all(|&p| p != 0) {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "launcher children {children:?}, workers {pids:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // No storm: a few failed starts while the launcher was stopped, not thousands.
+        let respawns = pool.stats().respawns;
+        assert!(respawns <= 8, "{respawns}");
+    }
+    assert_no_children();
+}

@@ -268,26 +268,30 @@ fn group_leader(
     (child, pid, BufReader::new(std::fs::File::from(r)))
 }
 
-#[test]
-fn a_pause_of_the_whole_process_group_loses_no_item() {
-    let guard = serial();
-    let _dog = watchdog(60, "a_pause_of_the_whole_process_group");
-    let (mut child, pgid, mut lines) = group_leader(&guard, |out| {
-        let task = shmexec::from_fn::<u64, _, _>(|&n| {
-            std::thread::sleep(Duration::from_millis(100));
+/// Maps `items` items of `item` each through 2 workers with `chunk_timeout(timeout)` in a
+/// process group of its own, stops the whole group `pauses` times for `pause` (the first after
+/// 300 ms, then every 300 ms of running), and checks that every item was delivered.
+fn paused_run(
+    guard: &std::sync::MutexGuard<'static, ()>,
+    (timeout, item, items): (Duration, Duration, u64),
+    (pauses, pause): (u32, Duration),
+) {
+    let (mut child, pgid, mut lines) = group_leader(guard, move |out| {
+        let task = shmexec::from_fn::<u64, _, _>(move |&n| {
+            std::thread::sleep(item);
             n.to_native()
         });
         let Ok(mut pool) = shmexec::Pool::builder()
             .workers(2)
             .ring_bytes(1 << 20)
-            .chunk_timeout(Duration::from_secs(2))
+            .chunk_timeout(timeout)
             .build(task)
         else {
             return 3;
         };
         let _ = writeln!(out, "ready");
         let mut delivered = 0;
-        for (i, r) in pool.map(0..40u64).enumerate() {
+        for (i, r) in pool.map(0..items).enumerate() {
             match r {
                 Ok(v) if v.to_native() == i as u64 => delivered += 1,
                 other => {
@@ -301,11 +305,13 @@ fn a_pause_of_the_whole_process_group_loses_no_item() {
     let mut line = String::new();
     lines.read_line(&mut line).unwrap();
     assert_eq!(line.trim(), "ready");
-    std::thread::sleep(Duration::from_millis(300));
     let group = rustix::process::Pid::from_raw(pgid).unwrap();
-    rustix::process::kill_process_group(group, rustix::process::Signal::STOP).unwrap();
-    std::thread::sleep(Duration::from_secs(5));
-    rustix::process::kill_process_group(group, rustix::process::Signal::CONT).unwrap();
+    for _ in 0..pauses {
+        std::thread::sleep(Duration::from_millis(300));
+        rustix::process::kill_process_group(group, rustix::process::Signal::STOP).unwrap();
+        std::thread::sleep(pause);
+        rustix::process::kill_process_group(group, rustix::process::Signal::CONT).unwrap();
+    }
     let mut report = String::new();
     for l in lines.lines() {
         let l = l.unwrap();
@@ -315,8 +321,19 @@ fn a_pause_of_the_whole_process_group_loses_no_item() {
             break;
         }
     }
-    assert_eq!(report, "delivered 40\n");
+    assert_eq!(report, format!("delivered {items}\n"), "{timeout:?}");
     assert_eq!(child.wait().unwrap(), shmexec::shm::ExitStatus::Exited(0));
+}
+
+#[test]
+fn a_pause_of_the_whole_process_group_loses_no_item() {
+    let guard = serial();
+    let _dog = watchdog(60, "a_pause_of_the_whole_process_group");
+    let ms = Duration::from_millis;
+    // One pause of 5 s with 2 s chunk timeouts; then three of 1 s with a 100 ms timeout and
+    // items of 30 ms, which the first check after a pause must not use up.
+    paused_run(&guard, (ms(2000), ms(100), 40), (1, ms(5000)));
+    paused_run(&guard, (ms(100), ms(30), 60), (3, ms(1000)));
     assert_no_children();
 }
 
@@ -465,5 +482,48 @@ fn a_death_is_noticed_while_the_other_workers_keep_the_call_busy() {
         let replaced = replaced.expect("the dead worker was replaced");
         assert!(replaced < Duration::from_millis(500), "{replaced:?}");
     }
+    assert_no_children();
+}
+
+#[test]
+fn a_stream_whose_every_worker_is_given_up_says_so_while_its_sender_lives() {
+    let guard = serial();
+    let _dog = watchdog(60, "a_stream_whose_every_worker_is_given_up");
+    let dir = scratch("stream-given-up");
+    {
+        let mut pool = builder(&guard)
+            .workers(1)
+            .max_start_attempts(1)
+            .build(Flaky { dir: dir.clone() })
+            .unwrap();
+        std::fs::write(dir.join("mode"), "err").unwrap();
+        let victim = pool.pids()[0];
+        let (tx, rx) = pool.stream();
+        for n in 0..3u64 {
+            tx.send(&n).unwrap();
+        }
+        kill(victim);
+        // The sender stays: the receiver must not wait for it.
+        let mut got = Vec::new();
+        while let Some(r) = rx.recv() {
+            got.push(r);
+        }
+        let (last, before) = got.split_last().expect("an error at least");
+        assert!(
+            matches!(last, Err(Error::Broken(m)) if m.contains("given up")),
+            "{last:?}"
+        );
+        // Each item sent is accounted for: a result from before the kill, or not run.
+        assert_eq!(before.len(), 3, "{before:?}");
+        assert!(
+            before
+                .iter()
+                .all(|r| r.is_ok() || matches!(r, Err(Error::WorkerLost { .. }))),
+            "{before:?}"
+        );
+        assert!(matches!(tx.send(&9), Err(Error::Broken(_))));
+        drop(tx);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     assert_no_children();
 }

@@ -117,6 +117,9 @@ struct Link {
     replies: OwnedFd,
     /// The id of the next request.
     next_id: u32,
+    /// Children launched for requests the host had given up on: killed, to be reaped. Until
+    /// they are, their pids still hold the rings they claimed.
+    stale: Vec<u32>,
 }
 
 impl Link {
@@ -139,7 +142,36 @@ impl Link {
             if of == id {
                 return Ok([re, x, y]);
             }
+            if re == RE_LAUNCHED {
+                // A launch the host gave up on (the launcher was stopped past the deadline)
+                // was served after all: that child would take over rings whose worker was
+                // started again meanwhile. It is the launcher's and not reaped yet (the host
+                // never asked), so its pid is still its own.
+                kill_unreaped(x as i32);
+                self.stale.push(x);
+            }
         }
+    }
+
+    /// Asks the launcher to reap the stale children killed so far; those not dead yet are
+    /// asked for again after the next exchange.
+    fn reap_stale(&mut self) {
+        let stale = std::mem::take(&mut self.stale);
+        for pid in stale {
+            if let Ok([RE_RUNNING, ..]) = self.ask([OP_REAP, pid, 0]) {
+                self.stale.push(pid);
+            }
+        }
+    }
+}
+
+/// Kills a launched child that nobody will use (the launcher reaps it when it exits).
+fn kill_unreaped(pid: i32) {
+    let Some(pid) = Pid::from_raw(pid) else {
+        return;
+    };
+    if let Ok(fd) = rustix::process::pidfd_open(pid, PidfdFlags::empty()) {
+        let _ = rustix::process::pidfd_send_signal(&fd, Signal::KILL);
     }
 }
 
@@ -167,7 +199,9 @@ impl Reaper {
     /// Reaps `pid` if it exited; `Ok(None)` if it still runs.
     pub(crate) fn reap(&self, pid: i32) -> Result<Option<ExitStatus>> {
         let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
-        let [re, p, code] = link.ask([OP_REAP, pid as u32, 0])?;
+        let answer = link.ask([OP_REAP, pid as u32, 0]);
+        link.reap_stale();
+        let [re, p, code] = answer?;
         match re {
             RE_STATUS_EXITED if p == pid as u32 => Ok(Some(ExitStatus::Exited(code as i32))),
             RE_STATUS_SIGNALED if p == pid as u32 => Ok(Some(ExitStatus::Signaled(code as i32))),
@@ -235,6 +269,7 @@ impl Launcher {
                 requests: host_ends.0,
                 replies: host_ends.1,
                 next_id: 0,
+                stale: Vec::new(),
             })),
             process,
         })
@@ -249,7 +284,9 @@ impl Launcher {
     /// launcher.
     pub fn launch(&self, index: u32) -> Result<ChildProcess> {
         let mut link = self.link.lock().unwrap_or_else(PoisonError::into_inner);
-        let [re, pid, errno] = link.ask([OP_LAUNCH, index, 0])?;
+        let answer = link.ask([OP_LAUNCH, index, 0]);
+        link.reap_stale();
+        let [re, pid, errno] = answer?;
         drop(link);
         match re {
             RE_LAUNCHED => ChildProcess::launched(

@@ -56,7 +56,8 @@ impl<'a, T: Task> Map<'a, T> {
         self.call.stats(&self.pool.rt)
     }
 
-    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced; 0
+    /// for one that has no process now, see [`Pool::pids`](crate::Pool::pids)).
     pub fn worker_pids(&self) -> Vec<i32> {
         self.pool.pids()
     }

@@ -194,8 +194,9 @@ impl Builder {
 
     /// How many successors in a row may fail to start for one worker before the pool gives
     /// that worker up (default 4). A successor fails to start when it dies (or is killed by
-    /// the start timeout) before it finished an item: its `init` failed, hung or exited, its
-    /// fork failed, or it died at once. A worker that finished an item starts the count again.
+    /// the start timeout) before it is ready: its `init` failed, hung, exited or crashed, or
+    /// its fork failed. A worker that finished an item starts the count again; a death at work
+    /// is charged to its item instead ([`Builder::max_attempts`]).
     /// The first successor starts at once, the next after [`Builder::restart_backoff`], each
     /// further one after twice the wait before it. A worker given up fails the items queued to
     /// it ([`Error::WorkerLost`]); the other workers go on, and the pool is unusable once every
@@ -219,9 +220,11 @@ impl Builder {
     /// replaced too; its chunks go to the successor.
     ///
     /// The deadline counts the time the pool is driven: while a call or a stream half waits on
-    /// it or steps it, with at most 250 ms counted for any longer gap between two steps. So a
-    /// pause of the whole program (Ctrl-Z, a container pause, a debugger) costs no chunk, and
-    /// a worker waiting for the caller to take its results is not counted as slow.
+    /// it or steps it, with at most a tenth of `t` (and at most 250 ms) counted for any longer
+    /// gap between two steps. So a pause of the whole program (Ctrl-Z, a container pause, a
+    /// debugger) costs no chunk that had a tenth of its time left, and a worker waiting for the
+    /// caller to take its results is not counted as slow. A program that drives the pool less
+    /// often than that (a `try_recv` every second, say) sees the deadline counted slower.
     ///
     /// Between 1 ms and one year (the check runs every few ms, so a shorter one means "kill
     /// every worker that takes a chunk").

@@ -73,9 +73,10 @@ impl<T: Task> Pool<T> {
     }
 
     /// Process ids of the workers, in worker order (they change when a dead worker is
-    /// replaced).
+    /// replaced; 0 for a worker that has no process now: waiting to be started again, or given
+    /// up).
     pub fn pids(&self) -> Vec<i32> {
-        self.rt.slots.iter().map(|w| w.child.pid()).collect()
+        self.rt.slots.iter().map(WorkerSlot::pid).collect()
     }
 
     /// The largest input archive a worker's ring takes.

@@ -129,6 +129,16 @@ impl WorkerSlot {
         ))
     }
 
+    /// The pid of its running process; 0 while it has none (its successor waits for a
+    /// backoff, or it was given up): the last one was reaped, and its pid may be reused.
+    pub(crate) fn pid(&self) -> i32 {
+        if self.life == Life::Up {
+            self.child.pid()
+        } else {
+            0
+        }
+    }
+
     /// Why this worker was given up, for the errors of its items.
     pub(crate) fn given_up(&self) -> String {
         let mut reason = format!(

@@ -28,10 +28,18 @@ use crate::wire::{READY, START_SEQ, STOP, read_report};
 /// How often the coordinator looks for dead workers while it waits.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(5);
 
-/// The most that one gap between two health checks adds to the watch clock (the clock of the
-/// chunk and start timeouts). A longer gap means that the coordinator did not run (the whole
-/// program was stopped, or descheduled) or was not driven: neither is the worker's fault.
+/// The most that one gap between two health checks adds to a watch clock (the clock of the
+/// chunk or start timeout), and (`TIMEOUT_SHARE`) at most this share of that timeout. A longer
+/// gap means that the coordinator did not run (the whole program was stopped, or descheduled)
+/// or was not driven: neither is the worker's fault. The share keeps a short timeout from being
+/// used up by the first check after a pause.
 const MAX_COUNTED_GAP: Duration = Duration::from_millis(250);
+const TIMEOUT_SHARE: u32 = 10;
+
+/// What a gap of `gap` between two health checks adds to the watch clock of `timeout`.
+fn counted(gap: Duration, timeout: Duration) -> Duration {
+    gap.min(MAX_COUNTED_GAP).min(timeout / TIMEOUT_SHARE)
+}
 
 /// The longest wait between two starts of a worker that keeps failing to start.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -62,9 +70,10 @@ pub(crate) struct Supervisor<T: Task> {
     /// Items that crashed a worker: how often, and the last signal.
     crashes: HashMap<u64, Crash>,
     last_health_check: Instant,
-    /// Time the pool was driven (see [`MAX_COUNTED_GAP`]): what the chunk and start timeouts
-    /// of running workers count.
+    /// Time the pool was driven, as the start timeout counts it (see [`MAX_COUNTED_GAP`]).
     watch: Duration,
+    /// The same as the chunk timeout counts it.
+    chunk_watch: Duration,
     /// The shared region, if the builder asked for one.
     pub(crate) shared: Option<Arc<Segment>>,
     /// How the coordinator waits on the workers' doorbell.
@@ -122,6 +131,7 @@ impl<T: Task> Supervisor<T> {
             crashes: HashMap::new(),
             last_health_check: Instant::now(),
             watch: Duration::ZERO,
+            chunk_watch: Duration::ZERO,
             shared,
         };
         for (index, (input, output)) in rings.into_iter().enumerate() {
@@ -213,7 +223,7 @@ impl<T: Task> Supervisor<T> {
             .enumerate()
             .map(|(i, w)| WorkerStats {
                 index: i,
-                pid: w.child.pid(),
+                pid: w.pid(),
                 core: self.config.cores[i],
                 chunks: self.stats.get(i, Field::Chunks),
                 bytes_in: self.stats.get(i, Field::BytesIn),
@@ -244,7 +254,10 @@ impl<T: Task> Supervisor<T> {
             return Ok(());
         }
         self.last_health_check = now;
-        self.watch += gap.min(MAX_COUNTED_GAP);
+        self.watch += counted(gap, self.config.start_timeout);
+        if let Some(t) = self.config.chunk_timeout {
+            self.chunk_watch += counted(gap, t);
+        }
         for w in 0..self.slots.len() {
             match self.slots[w].life {
                 Life::Failed => {}
@@ -268,12 +281,17 @@ impl<T: Task> Supervisor<T> {
         e
     }
 
+    /// Whether every worker was given up (see `Builder::max_start_attempts`).
+    pub(crate) fn all_given_up(&self) -> bool {
+        self.slots.iter().all(|s| s.life == Life::Failed)
+    }
+
     /// `Err` when no worker can take input any more: each was given up.
     pub(crate) fn check_usable(&mut self) -> Result<()> {
         if let Some(reason) = &self.broken {
             return Err(Error::Broken(reason.clone()));
         }
-        if self.slots.iter().all(|s| s.life == Life::Failed) {
+        if self.all_given_up() {
             let why = self.slots.first().map(WorkerSlot::given_up);
             // Not recorded in `broken`: what is in flight is still handed out.
             return Err(Error::Broken(format!(
@@ -289,7 +307,7 @@ impl<T: Task> Supervisor<T> {
     /// the watch clock, and a worker waiting for room in its output ring (the caller has not
     /// taken its results) is not counted as slow.
     fn check_deadlines(&mut self, w: usize) {
-        let watch = self.watch;
+        let (watch, chunk_watch) = (self.watch, self.chunk_watch);
         let (start_timeout, chunk_timeout) = (self.config.start_timeout, self.config.chunk_timeout);
         let started = self.stats.get(w, Field::State) == READY;
         let current = self.stats.get(w, Field::Current);
@@ -313,11 +331,11 @@ impl<T: Task> Supervisor<T> {
             slot.watching = Watch {
                 current,
                 released,
-                since: watch,
+                since: chunk_watch,
             };
             return;
         }
-        if watch.saturating_sub(slot.watching.since) <= limit {
+        if chunk_watch.saturating_sub(slot.watching.since) <= limit {
             return;
         }
         match current
@@ -333,7 +351,7 @@ impl<T: Task> Supervisor<T> {
             }
         }
         let _ = slot.child.kill();
-        slot.watching.since = watch;
+        slot.watching.since = chunk_watch;
     }
 
     /// Handles the death of worker `w` (seen through its pidfd, or its ring closed): reaps it,
@@ -445,7 +463,7 @@ impl<T: Task> Supervisor<T> {
             let pid = child.pid();
             Ok((child, Peer::process(pid)?, Peer::process(pid)?))
         });
-        let watch = self.watch;
+        let (watch, chunk_watch) = (self.watch, self.chunk_watch);
         let slot = &mut self.slots[w];
         match started {
             Ok((child, tx_peer, rx_peer)) => {
@@ -456,7 +474,7 @@ impl<T: Task> Supervisor<T> {
                 slot.launched = watch;
                 slot.released_at_launch = slot.tx.released().unwrap_or(0);
                 slot.watching = Watch {
-                    since: watch,
+                    since: chunk_watch,
                     ..Watch::default()
                 };
                 slot.respawns += 1;

@@ -90,7 +90,7 @@ impl<T: Task> StreamReceiver<'_, T> {
             }
             let closed = st.closed;
             let (sup, call) = st.parts();
-            if closed && call.pending(sup) == 0 {
+            if (closed || sup.all_given_up()) && call.pending(sup) == 0 {
                 return Ok(true);
             }
             call.ready(sup, None)
@@ -115,6 +115,13 @@ impl<T: Task> StreamReceiver<'_, T> {
                 st.ended = true;
                 Some(None)
             }
+            // Nothing in flight and no worker left to run more: the stream cannot go on, and
+            // says why, whether or not the sender is still there.
+            Ok(None) if call.pending(sup) == 0 && sup.all_given_up() => {
+                let why = sup.check_usable().err();
+                st.ended = true;
+                Some(why.map(Err))
+            }
             Ok(None) => None,
             Err(e) => {
                 st.ended = true;
@@ -128,7 +135,8 @@ impl<T: Task> StreamReceiver<'_, T> {
         self.shared.stats()
     }
 
-    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced; 0
+    /// for one that has no process now, see [`Pool::pids`](crate::Pool::pids)).
     pub fn worker_pids(&self) -> Vec<i32> {
         self.shared.worker_pids()
     }

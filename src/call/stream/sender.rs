@@ -77,6 +77,8 @@ impl<T: Task> StreamSender<'_, T> {
                     return Err(Error::Broken(reason.clone()));
                 }
                 if st.receiver_gone || st.ended {
+                    // A receiver that ended because every worker was given up: that is why.
+                    st.parts().0.check_usable()?;
                     return Err(Error::StreamClosed);
                 }
                 let (sup, call) = st.parts();
@@ -201,7 +203,8 @@ impl<T: Task> StreamSender<'_, T> {
         self.shared.stats()
     }
 
-    /// Process ids of the pool's workers now (they change when a dead worker is replaced).
+    /// Process ids of the pool's workers now (they change when a dead worker is replaced; 0
+    /// for one that has no process now, see [`Pool::pids`](crate::Pool::pids)).
     pub fn worker_pids(&self) -> Vec<i32> {
         self.shared.worker_pids()
     }

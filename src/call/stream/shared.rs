@@ -9,7 +9,7 @@ use shmexec_shm::{WaitStrategy, Waiter};
 use crate::call::engine::Call;
 use crate::call::wait::{self, STREAM_SLICE};
 use crate::error::{Error, Result};
-use crate::pool::{Pool, Supervisor};
+use crate::pool::{Pool, Supervisor, WorkerSlot};
 use crate::stats::{CallStats, Doorbell};
 use crate::task::Task;
 
@@ -108,7 +108,7 @@ impl<'p, T: Task> Shared<'p, T> {
 
     pub(super) fn worker_pids(&self) -> Vec<i32> {
         let mut st = self.lock();
-        st.parts().0.slots.iter().map(|w| w.child.pid()).collect()
+        st.parts().0.slots.iter().map(WorkerSlot::pid).collect()
     }
 
     /// Waits on the doorbell until `cond` holds or `until` passes (`Ok(false)`).
