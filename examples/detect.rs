@@ -127,6 +127,7 @@ fn main() {
                 let index = (k as usize) % workers;
                 let before = starts(&log);
                 let Some(&(_, pid, _)) = before.iter().rev().find(|s| s.0 == index) else {
+                    eprintln!("detect: kill {k}: no start of worker {index} logged yet");
                     continue;
                 };
                 let t = now_ns();
@@ -171,6 +172,10 @@ fn main() {
         let _ = s.join();
     }
     let _ = std::fs::remove_file(&log);
+    if latencies.is_empty() {
+        eprintln!("detect: no kill was measured (no worker start was logged in {log:?})");
+        std::process::exit(1);
+    }
     latencies.sort_unstable();
     let ms = |q: f64| {
         let i = ((latencies.len() as f64 * q).ceil() as usize).clamp(1, latencies.len()) - 1;

@@ -444,41 +444,32 @@ fn a_death_is_noticed_while_the_other_workers_keep_the_call_busy() {
         "a_death_is_noticed_while_the_other_workers_keep_the_call_busy",
     );
     {
-        // Chunks of 64 KiB, a few dozen to a ring, each about a millisecond of work: after one
-        // worker dies, the live one frees room for the next chunk about as often as the
-        // coordinator's wait slice ends, for as long as the input lasts.
-        let task = shmexec::from_fn::<Vec<f32>, _, _>(|c| {
-            let mut s = 0.0f64;
-            for k in 0..16 {
-                s += c
-                    .iter()
-                    .map(|v| f64::from(v.to_native()) * f64::from(k))
-                    .sum::<f64>();
-            }
-            s
-        });
-        let mut pool = builder(&guard)
-            .workers(2)
-            .ring_bytes(4 << 20)
-            .build(task)
-            .unwrap();
+        // A source slower than the workers: there is always room for the next input, so
+        // placing inputs alone could keep the call busy until the source runs out.
+        let task = shmexec::from_fn::<u64, _, _>(|&n| n.to_native());
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
         let victim = pool.pids()[1];
-        let chunk = vec![1.0f32; 16 << 10];
-        let mut it = pool.map(std::iter::repeat_n(&chunk, 5_000));
-        for _ in 0..20 {
-            assert!(it.next().unwrap().is_ok());
-        }
-        kill(victim);
-        let t = Instant::now();
+        let killed = std::sync::OnceLock::new();
+        let source = (0..20_000u64).inspect(|&i| {
+            std::thread::sleep(Duration::from_micros(100));
+            if i == 2_000 {
+                kill(victim);
+                let _ = killed.set(Instant::now());
+            }
+        });
+        let mut it = pool.map(source);
         let mut replaced = None;
+        let mut i = 0u64;
         while let Some(r) = it.next() {
-            assert!(r.is_ok());
+            assert_eq!(r.unwrap().to_native(), i);
+            i += 1;
             if replaced.is_none() && it.stats().respawns == 1 {
-                replaced = Some(t.elapsed());
+                replaced = killed.get().map(Instant::elapsed);
             }
         }
-        // Seen within the health checks' few milliseconds plus a fork, not after the wake-ups
-        // for room happened to leave a wait slice idle; bounded loosely for a loaded machine.
+        assert_eq!(i, 20_000);
+        // Seen within the health checks' few milliseconds plus a fork, not once the source ran
+        // out (seconds later); bounded loosely for a loaded machine.
         let replaced = replaced.expect("the dead worker was replaced");
         assert!(replaced < Duration::from_millis(500), "{replaced:?}");
     }

@@ -35,6 +35,11 @@ pub struct Map<'a, T: Task> {
     ended: bool,
 }
 
+/// The most inputs one step places before it looks for results: with workers that keep up
+/// with the source, room never runs out, and the caller would get no result until the input
+/// did.
+const PUMP_AT_MOST: u32 = 64;
+
 impl<'a, T: Task> Map<'a, T> {
     fn new(pool: &'a mut Pool<T>, feed: Box<dyn Feed + 'a>, ordered: bool) -> Self {
         let call = Call::new(&pool.rt, ordered);
@@ -62,10 +67,17 @@ impl<'a, T: Task> Map<'a, T> {
         self.pool.pids()
     }
 
-    /// Places inputs until no worker has room or the inputs run out. Never waits.
+    /// Places inputs until no worker has room, the inputs run out or [`PUMP_AT_MOST`] were
+    /// placed. Never waits.
     fn pump(&mut self) -> Result<()> {
         let sup = &mut self.pool.rt;
-        while self.feeding {
+        for _ in 0..PUMP_AT_MOST {
+            if !self.feeding {
+                break;
+            }
+            // Workers that keep up with the source keep making room, so placing could go on
+            // for the whole input: the health check counts placements too.
+            self.call.tick(sup)?;
             // An input stays prepared in the feed while no ring has room for it.
             let len = match self.prepared {
                 Some(len) => len,
