@@ -14,7 +14,17 @@ use crate::pool::{Life, WorkerSlot};
 /// process is down (it waits for a successor, or was given up) takes none: its queue waits for
 /// the successor, and new input goes to the others.
 fn takes(slot: &mut WorkerSlot, len: usize, limit: u64) -> shmexec_shm::Result<bool> {
-    Ok(slot.life == Life::Up && !slot.queue_full(limit)? && slot.tx.fits(len)?)
+    if slot.life != Life::Up {
+        return Ok(false);
+    }
+    let room = slot
+        .queue_full(limit)
+        .and_then(|full| Ok(!full && slot.tx.fits(len)?));
+    match room {
+        // Its process closed the ring as it exited: a death the supervisor has yet to see.
+        Err(shmexec_shm::Error::Closed | shmexec_shm::Error::PeerGone { .. }) => Ok(false),
+        other => other,
+    }
 }
 
 /// The workers in the order the rule tries them.
@@ -57,5 +67,9 @@ pub(crate) fn reserve(
     let Some(w) = chosen else {
         return Ok(None);
     };
-    Ok(slots[w].tx.try_reserve(len)?.map(|g| (w, g)))
+    match slots[w].tx.try_reserve(len) {
+        Ok(grant) => Ok(grant.map(|g| (w, g))),
+        Err(shmexec_shm::Error::Closed | shmexec_shm::Error::PeerGone { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }

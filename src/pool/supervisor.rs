@@ -5,8 +5,14 @@
 //! the items handed to it and not yet answered), the shared counters, how workers start (the
 //! launcher, which holds the task as it was at `build`, or the spawn name) and the record of
 //! items that killed workers.
-//! A call ([`crate::call`]) borrows it and never blocks inside it: every method here returns at
-//! once, except start-up and shutdown, which have their own deadlines.
+//! A call ([`crate::call`]) borrows it and does not wait inside it: every method here returns at
+//! once, except start-up and shutdown, which have their own deadlines, and replacing a dead
+//! worker, which reaps it and forks its successor through the launcher (a millisecond or two;
+//! at most the launcher's 2 s answer deadline per exchange if the launcher itself is stopped).
+//! A backoff between failed starts is never waited for here: the worker is down until then.
+//!
+//! What a death costs, and the watch clock the timeouts count on, are written down in
+//! `src/wire/PROTOCOL.md` ("What a death costs").
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -287,7 +293,7 @@ impl<T: Task> Supervisor<T> {
     }
 
     /// `Err` when no worker can take input any more: each was given up.
-    pub(crate) fn check_usable(&mut self) -> Result<()> {
+    pub(crate) fn check_usable(&self) -> Result<()> {
         if let Some(reason) = &self.broken {
             return Err(Error::Broken(reason.clone()));
         }
