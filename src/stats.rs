@@ -37,6 +37,12 @@ pub(crate) enum Field {
     /// that a death is charged to the worker's start or to its items without reading its exit
     /// code, which the task can set too.
     State = 72,
+    /// Not a counter: items below this seq belong to calls that ended (their results would be
+    /// discarded), so the worker closes them without running them. Honoured only beside a
+    /// matching `DiscardCheck` (see [`crate::wire::discard_check`]), so that garbage here can
+    /// never make a worker skip an item of a live call.
+    Discard = 80,
+    DiscardCheck = 88,
 }
 
 /// The shared counters of all workers of a pool.

@@ -524,3 +524,37 @@ fn collecting_two_thousand_results_through_1_mib_rings_says_what_was_not_run() {
     }
     assert_no_children();
 }
+
+#[test]
+fn a_dropped_call_does_not_hold_up_the_next_one() {
+    let guard = serial();
+    {
+        let task = shmexec::from_fn::<u64, _, _>(|&n| {
+            std::thread::sleep(Duration::from_millis(5));
+            n.to_native()
+        });
+        let mut pool = builder(&guard).workers(2).build(task).unwrap();
+        {
+            // Thousands of 5 ms items queued (small archives, 1 MiB rings), five taken.
+            let mut it = pool.map(0..5_000u64);
+            for i in 0..5 {
+                assert_eq!(it.next().unwrap().unwrap().to_native(), i);
+            }
+        }
+        let queued_at_drop = pool.stats().workers.iter().map(|w| w.chunks).sum::<u64>();
+        let t = Instant::now();
+        let got: Vec<u64> = pool
+            .map(100..110u64)
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(got, (100..110).collect::<Vec<_>>());
+        // Run behind the abandoned items, this call would take seconds (thousands x 5 ms / 2).
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let ran = pool.stats().workers.iter().map(|w| w.chunks).sum::<u64>();
+        assert!(
+            ran < queued_at_drop + 10 + 10,
+            "{queued_at_drop} then {ran}"
+        );
+    }
+    assert_no_children();
+}

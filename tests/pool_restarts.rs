@@ -367,9 +367,9 @@ fn scribble(addr: u64, bytes: &[u8]) {
 }
 
 #[test]
-fn garbage_in_a_stop_word_is_ignored() {
+fn garbage_in_the_stop_and_discard_words_is_ignored() {
     let guard = serial();
-    let _dog = watchdog(60, "garbage_in_a_stop_word");
+    let _dog = watchdog(60, "garbage_in_the_stop_and_discard_words");
     let dir = scratch("stop-word");
     {
         let mut pool = builder(&guard)
@@ -377,10 +377,11 @@ fn garbage_in_a_stop_word_is_ignored() {
             .build(Flaky { dir: dir.clone() })
             .unwrap();
         // The counters segment: one page, lines of 128 bytes, worker w at line w + 1, its stop
-        // word at byte 40 of its line (`src/stats.rs`).
+        // word at byte 40 of its line, its discard mark at byte 80 (`src/stats.rs`).
         let stats = segment_of_len(4096);
         for w in 0..2u64 {
             scribble(stats + (w + 1) * 128 + 40, &0xDEAD_BEEFu64.to_le_bytes());
+            scribble(stats + (w + 1) * 128 + 80, &u64::MAX.to_le_bytes());
         }
         let got: Vec<u64> = pool
             .map(0..200u64)

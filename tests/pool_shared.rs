@@ -193,13 +193,26 @@ fn shared_mut_waits_for_the_items_of_an_abandoned_call() {
         assert!(call.next().unwrap().is_ok());
         drop(call); // the other items are still queued or running in the workers
         let done = |pool: &Pool<_>| pool.stats().workers.iter().map(|w| w.chunks).sum::<u64>();
+        // Busy time is added as an item's result is published: it stops moving once no worker
+        // runs an item.
+        let busy = |pool: &Pool<_>| {
+            pool.stats()
+                .workers
+                .iter()
+                .map(|w| w.busy)
+                .sum::<Duration>()
+        };
         assert!(done(&pool) < 20, "the slow items finished too soon to test");
         fill(&mut pool, 2);
+        let after = busy(&pool);
+        std::thread::sleep(Duration::from_millis(100));
         assert_eq!(
-            done(&pool),
-            20,
+            busy(&pool),
+            after,
             "shared_mut returned while workers still read"
         );
+        // The items not started when the call was dropped were closed unrun.
+        assert!(done(&pool) < 20, "{}", done(&pool));
         check(&mut pool, &spans);
     }
     assert_no_children();

@@ -29,7 +29,7 @@ use super::start::{Starter, launcher_setup, rings, warm_window, worker_main};
 use crate::error::{Error, Result};
 use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::Task;
-use crate::wire::{READY, START_SEQ, STOP, read_report};
+use crate::wire::{READY, START_SEQ, STOP, discard_check, read_report};
 
 /// How often the coordinator looks for dead workers while it waits.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(5);
@@ -525,10 +525,20 @@ impl<T: Task> Supervisor<T> {
     }
 
     /// Results still to come belong to nobody now (their call ended): they are discarded as
-    /// they arrive.
+    /// they arrive, and workers close the items they have not started without running them,
+    /// so the next call does not wait behind them.
     pub(crate) fn abandon_all(&mut self) {
-        for w in &mut self.slots {
+        let below = self.next_seq;
+        for (i, w) in self.slots.iter_mut().enumerate() {
+            if w.expect.is_empty() {
+                continue;
+            }
             w.abandon();
+            // SYNC POINT with the worker's loads before each item: both words are written
+            // here only, and a worker honours a pair only if they match, so a torn read (one
+            // old, one new) just runs the item.
+            self.stats.set(i, Field::Discard, below);
+            self.stats.set(i, Field::DiscardCheck, discard_check(below));
         }
     }
 

@@ -27,6 +27,12 @@ pub(crate) const READY: u64 = 0x5245_4144_5921_0001;
 /// so that garbage in the counters segment cannot make a worker drop its queue.
 pub(crate) const STOP: u64 = 0x5354_4f50_2121_0001;
 
+/// The check word written beside `Field::Discard`: a worker skips items below a discard mark
+/// only if its check word matches, so a stray store cannot discard live items.
+pub(crate) fn discard_check(below: u64) -> u64 {
+    below ^ 0x4449_5343_4152_4421
+}
+
 /// Sequence number of the start-up frame.
 pub(crate) const START_SEQ: u64 = u64::MAX;
 

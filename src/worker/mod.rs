@@ -12,7 +12,7 @@ use crate::task::bytes::{ByteTask, ItemFailure};
 use crate::task::sink::{Outcome, OutputSink, send_empty, send_report};
 use crate::wire::{
     Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, READY, Report, START_SEQ, STOP,
-    panic_message,
+    discard_check, panic_message,
 };
 
 /// Everything a worker needs, prepared by the coordinator before the fork.
@@ -128,7 +128,18 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         // and the results' timing.
         let started_ns = shmexec_shm::clock::now_ns();
         let w = info.index;
-        // SYNC POINT with `Supervisor::respawn`, which sets `Skip` before it starts this
+        // SYNC POINT with `Supervisor::abandon_all`: an item of a call that ended is closed
+        // unrun (its result would be discarded); see `wire::discard_check`.
+        let below = setup.stats.get(info.index, Field::Discard);
+        if seq < below && setup.stats.get(info.index, Field::DiscardCheck) == discard_check(below) {
+            if send_empty(&mut tx, FrameKind::Done, seq, 0).is_err() {
+                return EXIT_COORDINATOR_GONE;
+            }
+            frame.release();
+            bell.ring();
+            continue;
+        }
+        // SYNC POINT with `Supervisor::on_death`, which sets `Skip` before it starts this
         // process (the fork orders the store before this load).
         if setup.stats.get(w, Field::Skip) == seq.wrapping_add(1) {
             // It crashed its workers too often: report it given up instead of running it.
