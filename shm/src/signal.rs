@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::futex;
 use crate::peer::Peer;
-use crate::wait::{PARK_SLICE, SPIN_PEER_CHECK, Waiter, YIELD_AFTER};
+use crate::wait::{MAX_PARK_SLICE, PARK_SLICE, SPIN_PEER_CHECK, Waiter, YIELD_AFTER};
 
 /// A wake-up channel in shared memory for one condition. See the module documentation for the
 /// protocol and why no wake-up is lost.
@@ -144,6 +144,7 @@ impl Signal {
         }
 
         let park_start = Instant::now();
+        let mut park = PARK_SLICE;
         loop {
             // Announce (state 3 of the protocol).
             self.sleepers.fetch_add(1, Ordering::SeqCst);
@@ -160,12 +161,13 @@ impl Signal {
             }
             let now = Instant::now();
             let slice = match deadline {
-                Some(d) => PARK_SLICE.min(d.saturating_duration_since(now)),
-                None => PARK_SLICE,
+                Some(d) => park.min(d.saturating_duration_since(now)),
+                None => park,
             };
             if !slice.is_zero() {
                 futex::wait(&self.epoch, epoch, Some(slice));
             }
+            park = (park * 2).min(MAX_PARK_SLICE);
             self.sleepers.fetch_sub(1, Ordering::Relaxed);
 
             if ready()? {

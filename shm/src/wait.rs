@@ -7,7 +7,7 @@
 //! quiet spell; its window grows when parking proves premature (the event came soon after the
 //! waiter gave up spinning) and shrinks when the waiter slept for long (the stream is idle, and
 //! spinning would only burn a core). An idle waiter therefore costs one futex wake-up per
-//! [`PARK_SLICE`] to check its peer, about nothing.
+//! [`MAX_PARK_SLICE`] to check its peer, about nothing.
 
 use std::time::Duration;
 
@@ -25,9 +25,15 @@ pub enum WaitStrategy {
     Adaptive,
 }
 
-/// The longest a parked waiter sleeps before it re-checks its peer's liveness and its deadline.
-/// Bounds how late a peer's death is noticed.
+/// How long a parked waiter first sleeps before it re-checks its peer's liveness and its
+/// deadline. Each further sleep of the same wait is twice as long, up to [`MAX_PARK_SLICE`]: a
+/// peer's death is noticed within 10 ms early in a wait and within 100 ms in a long one, and
+/// an idle waiter wakes ten times a second, not a hundred (which, over hundreds of idle
+/// workers, was most of a machine's time).
 pub const PARK_SLICE: Duration = Duration::from_millis(10);
+
+/// The longest sleep of a parked waiter; see [`PARK_SLICE`].
+pub const MAX_PARK_SLICE: Duration = Duration::from_millis(100);
 
 /// While spinning, how often the (syscall-priced) liveness check runs.
 pub(crate) const SPIN_PEER_CHECK: Duration = Duration::from_millis(2);
