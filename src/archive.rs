@@ -1,5 +1,5 @@
 //! rkyv glue: serializing straight into a ring slot, reading archives in place, and numeric
-//! arrays as plain slices.
+//! arrays and arrays of plain structs ([`records`]) as plain slices.
 //!
 //! Serializing into shared memory needs the exact size before the slot is reserved, so values are
 //! serialized twice: once into a [`Sink`] that only counts, then into the reserved slot. rkyv's
@@ -21,6 +21,10 @@ use rkyv::{Archive, Place, Portable, Serialize};
 compile_error!(
     "shmexec reads numeric arrays in place as native slices, which needs a little-endian target"
 );
+
+pub mod records;
+
+pub use records::{ArchivedRecords, Record, Records};
 
 /// rkyv's error type, used for every serialization and validation here.
 pub type RkyvError = rancor::Error;
@@ -235,20 +239,42 @@ pub trait Samples {
     fn samples(&self) -> &[Self::Item];
 }
 
-/// Stands for a `Vec<T>` whose `len` elements were already written at offset 0 of the slot:
-/// serializing it writes only the `ArchivedVec` root after them. This is how in-place input
-/// (see [`crate::Pool::map_in_place`]) becomes a valid archive of `Vec<T>` without a copy.
-pub(crate) struct Prewritten<T> {
-    len: usize,
-    _t: PhantomData<T>,
+/// An owned array whose archive is its elements' bytes, then a root that says where they are
+/// and how many: a `Vec` of [`Sample`]s, or [`Records`]. Its elements can be written in place
+/// before the root ([`Prewritten`]), which is how in-place input and in-place outputs avoid a
+/// copy.
+pub(crate) trait Array: Archive<Resolver = VecResolver> {
+    /// The element type, as the producer writes it and the reader sees it.
+    type Elem: bytemuck::Pod;
+    /// What the elements are called in an item's error ("samples", "records").
+    const NOUN: &'static str;
+    /// Writes the root of `len` elements whose bytes start at the resolver's position.
+    fn resolve_len(len: usize, resolver: VecResolver, out: Place<Self::Archived>);
 }
 
-impl<T: Sample> Prewritten<T> {
-    /// `len` samples, or `Err` (the item's error) if their bytes would make an archive larger
+impl<E: Sample> Array for Vec<E> {
+    type Elem = E;
+    const NOUN: &'static str = "samples";
+    fn resolve_len(len: usize, resolver: VecResolver, out: Place<ArchivedVec<E::Le>>) {
+        ArchivedVec::<E::Le>::resolve_from_len(len, resolver, out);
+    }
+}
+
+/// Stands for an [`Array`] `V` whose `len` elements were already written at offset 0 of the
+/// slot: serializing it writes only the root after them. This is how in-place input (see
+/// [`crate::Pool::map_in_place`]) becomes a valid archive of `V` without a copy. Offset 0 of a
+/// slot is 64-byte aligned, so it is aligned for every element type that can travel.
+pub(crate) struct Prewritten<V> {
+    len: usize,
+    _v: PhantomData<V>,
+}
+
+impl<V: Array> Prewritten<V> {
+    /// `len` elements, or `Err` (the item's error) if their bytes would make an archive larger
     /// than [`MAX_ARCHIVE`]: rkyv could not point at them.
     pub(crate) fn new(len: usize) -> Result<Self, ArchiveTooLarge> {
-        let size = std::mem::size_of::<T>() as u128;
-        // The bytes after the samples: padding and the root (8 bytes), with room to spare.
+        let size = std::mem::size_of::<V::Elem>() as u128;
+        // The bytes after the elements: padding and the root (8 bytes), with room to spare.
         if (len as u128) * size + 64 > MAX_ARCHIVE as u128 {
             return Err(ArchiveTooLarge {
                 need: (len as u128) * size,
@@ -256,39 +282,48 @@ impl<T: Sample> Prewritten<T> {
         }
         Ok(Prewritten {
             len,
-            _t: PhantomData,
+            _v: PhantomData,
         })
     }
 
     /// Bytes of the element area (the root follows, aligned). Cannot overflow: `new` bounds it
     /// by [`MAX_ARCHIVE`].
     pub(crate) fn data_len(&self) -> usize {
-        self.len * std::mem::size_of::<T>()
+        self.len * std::mem::size_of::<V::Elem>()
     }
 
     /// Whole archive size.
     pub(crate) fn archive_len(&self) -> usize {
         self.data_len()
-            .next_multiple_of(std::mem::align_of::<ArchivedVec<T::Le>>())
-            + std::mem::size_of::<ArchivedVec<T::Le>>()
+            .next_multiple_of(std::mem::align_of::<V::Archived>())
+            + std::mem::size_of::<V::Archived>()
     }
 
     /// Writes the root after the elements already in `buf[..data_len]`; returns the archive size.
     pub(crate) fn finish(&self, buf: &mut [u8]) -> Result<usize, EncodeError> {
         encode_into_at(self, buf, self.data_len())
     }
-}
 
-impl<T: Sample> Archive for Prewritten<T> {
-    type Archived = ArchivedVec<T::Le>;
-    type Resolver = VecResolver;
-
-    fn resolve(&self, resolver: VecResolver, out: Place<Self::Archived>) {
-        ArchivedVec::<T::Le>::resolve_from_len(self.len, resolver, out);
+    /// The element area of `slot` as elements, for the producer to write.
+    pub(crate) fn elements<'s>(&self, slot: &'s mut [u8]) -> Result<&'s mut [V::Elem], String> {
+        let area = slot
+            .get_mut(..self.data_len())
+            .ok_or_else(|| format!("the slot is shorter than the {}", V::NOUN))?;
+        bytemuck::try_cast_slice_mut(area)
+            .map_err(|e| format!("slot not aligned for the {}: {e:?}", V::NOUN))
     }
 }
 
-impl<T: Sample, S: Fallible + ?Sized> Serialize<S> for Prewritten<T> {
+impl<V: Array> Archive for Prewritten<V> {
+    type Archived = V::Archived;
+    type Resolver = VecResolver;
+
+    fn resolve(&self, resolver: VecResolver, out: Place<Self::Archived>) {
+        V::resolve_len(self.len, resolver, out);
+    }
+}
+
+impl<V: Array, S: Fallible + ?Sized> Serialize<S> for Prewritten<V> {
     fn serialize(&self, _: &mut S) -> Result<VecResolver, S::Error> {
         // The elements start at position 0 of the archive.
         Ok(VecResolver::from_pos(0))
@@ -338,7 +373,7 @@ mod tests {
     fn prewritten_samples_and_metadata_form_a_pair_archive() {
         let samples: Vec<f32> = (0..777).map(|i| i as f32 * 0.25).collect();
         let meta = (42u64, String::from("a name longer than inline"));
-        let p = Prewritten::<f32>::new(samples.len()).unwrap();
+        let p = Prewritten::<Vec<f32>>::new(samples.len()).unwrap();
         let mut buf = rkyv::util::AlignedVec::<64>::with_capacity(8192);
         buf.resize(8192, 0);
         bytemuck::cast_slice_mut(&mut buf[..p.data_len()]).copy_from_slice(&samples);
@@ -355,7 +390,7 @@ mod tests {
     #[test]
     fn prewritten_elements_form_a_vec_archive() {
         for n in [0usize, 1, 3, 1000] {
-            let p = Prewritten::<i16>::new(n).unwrap();
+            let p = Prewritten::<Vec<i16>>::new(n).unwrap();
             let mut buf = rkyv::util::AlignedVec::<64>::with_capacity(p.archive_len());
             buf.resize(p.archive_len(), 0);
             let data: &mut [i16] = bytemuck::cast_slice_mut(&mut buf[..p.data_len()]);

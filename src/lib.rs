@@ -27,7 +27,7 @@
 //! | [`call`]    | one call's engine; [`Map`] and streams on top of it (async: `async`)  |
 //! | [`output`]  | [`OutputRef`], a result read in place                                 |
 //! | [`shared`]  | the shared region: chunks the workers read where the program put them |
-//! | [`archive`] | rkyv glue: serializing into a ring slot, numeric slices in place      |
+//! | [`archive`] | rkyv glue: serializing into a ring slot; samples, records in place    |
 //! | [`spawn`]   | the `spawn` start method, for programs that run threads               |
 //! | [`pin`]     | which core each worker runs on, and at what priority                  |
 //! | [`stats`]   | counters per worker and per call; the coordinator's doorbell          |
@@ -48,7 +48,7 @@ pub mod task;
 mod wire;
 mod worker;
 
-pub use archive::{Decode, Encode, Sample, Samples};
+pub use archive::{ArchivedRecords, Decode, Encode, Record, Records, Sample, Samples};
 #[cfg(feature = "async")]
 pub use call::{AsyncReceiver, AsyncSender};
 pub use call::{Map, StreamReceiver, StreamSender};

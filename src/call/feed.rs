@@ -4,7 +4,7 @@
 use std::borrow::Borrow;
 use std::marker::PhantomData;
 
-use crate::archive::{Encode, Prewritten, Sample, encode_into, encoded_len};
+use crate::archive::{Array, Encode, Prewritten, encode_into, encoded_len};
 use crate::error::BoxError;
 
 /// A source of inputs for one call.
@@ -82,16 +82,17 @@ where
     }
 }
 
-/// Inputs written in place by the caller's fill function: no copy
-/// ([`crate::Pool::map_in_place`]).
-pub(crate) struct FillFeed<L, F, E> {
+/// Inputs written in place by the caller's fill function, as archives of the array `V` (a
+/// `Vec` of samples or [`crate::Records`]): no copy ([`crate::Pool::map_in_place`],
+/// [`crate::Pool::map_records_in_place`]).
+pub(crate) struct FillFeed<L, F, V> {
     lens: L,
     fill: F,
-    pending: Option<Prewritten<E>>,
+    pending: Option<Prewritten<V>>,
     index: u64,
 }
 
-impl<L, F, E> FillFeed<L, F, E> {
+impl<L, F, V> FillFeed<L, F, V> {
     pub(crate) fn new(lens: L, fill: F) -> Self {
         FillFeed {
             lens,
@@ -102,17 +103,17 @@ impl<L, F, E> FillFeed<L, F, E> {
     }
 }
 
-impl<L, F, E> Feed for FillFeed<L, F, E>
+impl<L, F, V> Feed for FillFeed<L, F, V>
 where
     L: Iterator<Item = usize>,
-    F: FnMut(u64, &mut [E]) -> Result<(), BoxError>,
-    E: Sample,
+    F: FnMut(u64, &mut [V::Elem]) -> Result<(), BoxError>,
+    V: Array,
 {
     fn prepare(&mut self) -> Option<Result<usize, String>> {
         let len = self.lens.next()?;
-        let p = match Prewritten::<E>::new(len) {
+        let p = match Prewritten::<V>::new(len) {
             Ok(p) => p,
-            Err(e) => return Some(Err(format!("an in-place chunk of {len} samples: {e}"))),
+            Err(e) => return Some(Err(format!("an in-place chunk of {len} {}: {e}", V::NOUN))),
         };
         let n = p.archive_len();
         self.pending = Some(p);
@@ -128,9 +129,7 @@ where
         let p = self.pending.take().ok_or("no input prepared")?;
         let index = self.index;
         self.index += 1;
-        let data: &mut [E] = bytemuck::try_cast_slice_mut(&mut slot[..p.data_len()])
-            .map_err(|e| format!("slot not aligned for the samples: {e:?}"))?;
-        (self.fill)(index, data).map_err(|e| e.to_string())?;
+        (self.fill)(index, p.elements(slot)?).map_err(|e| e.to_string())?;
         p.finish(slot).map_err(|e| e.to_string())
     }
 
@@ -143,14 +142,15 @@ where
     }
 }
 
-/// Inputs that are slices of the caller's memory, each copied once into the ring as a `Vec<E>`
-/// archive ([`crate::Pool::map_slices`]): no `Vec` per chunk on the way.
-pub(crate) struct SliceFeed<'s, I, E> {
+/// Inputs that are slices of the caller's memory, each copied once into the ring as an archive
+/// of the array `V` ([`crate::Pool::map_slices`], [`crate::Pool::map_record_slices`]): no `Vec`
+/// per chunk on the way.
+pub(crate) struct SliceFeed<'s, I, V: Array> {
     slices: I,
-    pending: Option<&'s [E]>,
+    pending: Option<&'s [V::Elem]>,
 }
 
-impl<'s, I, E> SliceFeed<'s, I, E> {
+impl<'s, I, V: Array> SliceFeed<'s, I, V> {
     pub(crate) fn new(slices: I) -> Self {
         SliceFeed {
             slices,
@@ -159,19 +159,19 @@ impl<'s, I, E> SliceFeed<'s, I, E> {
     }
 }
 
-impl<'s, I, E> Feed for SliceFeed<'s, I, E>
+impl<'s, I, V> Feed for SliceFeed<'s, I, V>
 where
-    I: Iterator<Item = &'s [E]>,
-    E: Sample,
+    I: Iterator<Item = &'s [V::Elem]>,
+    V: Array,
 {
     fn prepare(&mut self) -> Option<Result<usize, String>> {
         let slice = self.slices.next()?;
-        match Prewritten::<E>::new(slice.len()) {
+        match Prewritten::<V>::new(slice.len()) {
             Ok(p) => {
                 self.pending = Some(slice);
                 Some(Ok(p.archive_len()))
             }
-            Err(e) => Some(Err(format!("a slice of {} samples: {e}", slice.len()))),
+            Err(e) => Some(Err(format!("a slice of {} {}: {e}", slice.len(), V::NOUN))),
         }
     }
 
@@ -181,10 +181,8 @@ where
 
     fn write(&mut self, slot: &mut [u8]) -> Result<usize, String> {
         let slice = self.pending.take().ok_or("no input prepared")?;
-        let p = Prewritten::<E>::new(slice.len()).map_err(|e| e.to_string())?;
-        let data: &mut [E] = bytemuck::try_cast_slice_mut(&mut slot[..p.data_len()])
-            .map_err(|e| format!("slot not aligned for the samples: {e:?}"))?;
-        data.copy_from_slice(slice);
+        let p = Prewritten::<V>::new(slice.len()).map_err(|e| e.to_string())?;
+        p.elements(slot)?.copy_from_slice(slice);
         p.finish(slot).map_err(|e| e.to_string())
     }
 

@@ -10,7 +10,7 @@ use std::borrow::Borrow;
 use super::engine::{Call, Placed};
 use super::feed::{Feed, FillFeed, SerializeFeed, SliceFeed};
 use super::wait::{self, MAP_SLICE};
-use crate::archive::Sample;
+use crate::archive::{Record, Records, Sample};
 use crate::error::{BoxError, Error, Result};
 use crate::output::OutputRef;
 use crate::pool::{Pool, Supervisor};
@@ -308,7 +308,43 @@ impl<T: Task> Pool<T> {
         L::IntoIter: 'a,
         G: FnMut(u64, &mut [E]) -> Result<(), BoxError> + 'a,
     {
-        let feed = FillFeed::new(lens.into_iter(), fill);
+        let feed = FillFeed::<_, _, Vec<E>>::new(lens.into_iter(), fill);
+        Map::new(self, Box::new(feed), true)
+    }
+
+    /// [`Pool::map_in_place`] for chunks of [records](crate::archive::records): for each length
+    /// in `lens`, `fill(index, records)` writes that many records straight into a worker's
+    /// input ring, and the worker receives a [`Records<R>`] archive that it reads in place.
+    ///
+    /// ```no_run
+    /// use bytemuck::{Pod, Zeroable};
+    /// use shmexec::{Pool, Records};
+    ///
+    /// #[derive(Clone, Copy, Pod, Zeroable)]
+    /// #[repr(C)]
+    /// struct Hit { time: i64, area: f32, channel: i16, _pad: i16 }
+    ///
+    /// let task = shmexec::from_fn::<Records<Hit>, _, _>(|c| {
+    ///     c.records().iter().map(|h| h.area as f64).sum::<f64>()
+    /// });
+    /// let mut pool = Pool::builder().workers(2).build(task)?;
+    /// for area in pool.map_records_in_place(vec![10_000; 8], |i, hits: &mut [Hit]| {
+    ///     hits.fill(Hit { time: i as i64, area: 0.5, channel: 3, _pad: 0 });
+    ///     Ok(())
+    /// }) {
+    ///     assert_eq!(area?.to_native(), 5000.0);
+    /// }
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn map_records_in_place<'a, R, L, G>(&'a mut self, lens: L, fill: G) -> Map<'a, T>
+    where
+        T: Task<Input = Records<R>>,
+        R: Record,
+        L: IntoIterator<Item = usize>,
+        L::IntoIter: 'a,
+        G: FnMut(u64, &mut [R]) -> Result<(), BoxError> + 'a,
+    {
+        let feed = FillFeed::<_, _, Records<R>>::new(lens.into_iter(), fill);
         Map::new(self, Box::new(feed), true)
     }
 
@@ -333,7 +369,21 @@ impl<T: Task> Pool<T> {
         I: IntoIterator<Item = &'a [E]>,
         I::IntoIter: 'a,
     {
-        let feed = SliceFeed::new(slices.into_iter());
+        let feed = SliceFeed::<_, Vec<E>>::new(slices.into_iter());
+        Map::new(self, Box::new(feed), true)
+    }
+
+    /// [`Pool::map_slices`] for [records](crate::archive::records): each slice of the caller's
+    /// records is copied once into a worker's input ring as the [`Records<R>`] archive the task
+    /// reads (a run's records read into one buffer, cut into chunks).
+    pub fn map_record_slices<'a, R, I>(&'a mut self, slices: I) -> Map<'a, T>
+    where
+        T: Task<Input = Records<R>>,
+        R: Record,
+        I: IntoIterator<Item = &'a [R]>,
+        I::IntoIter: 'a,
+    {
+        let feed = SliceFeed::<_, Records<R>>::new(slices.into_iter());
         Map::new(self, Box::new(feed), true)
     }
 

@@ -4,7 +4,8 @@
 //! reserved at its exact size: one copy, made in the worker, in parallel with the others. Tasks
 //! whose output is a big sample array plus a little metadata ([`crate::ArrayTask`]) skip even
 //! that copy: they write their samples straight into the reserved slot, and when they only know
-//! an upper bound on the count beforehand they reserve that and publish what they used.
+//! an upper bound on the count beforehand they reserve that and publish what they used. Arrays
+//! of [records](crate::archive::records) are written the same way, by the same code.
 //!
 //! An input may give zero, one or many outputs. Every output but the item's last is published
 //! as a `More` frame as soon as it is written; the item is closed by its last output (`Data`),
@@ -16,13 +17,14 @@
 use shmexec_shm::{FrameKind, Grant, Producer};
 
 use crate::archive::{
-    Encode, Prewritten, Ref, Sample, encode_into, encode_into_at, encoded_len, encoded_len_at,
+    Array, Encode, Prewritten, Record, Records, Ref, Sample, encode_into, encode_into_at,
+    encoded_len, encoded_len_at,
 };
 use crate::error::BoxError;
 use crate::wire::{Code, Report};
 
-/// Room reserved after the samples for the metadata of an in-place output. Metadata that needs
-/// more (a long string, a vector) still works: the samples are moved to a bigger slot, once.
+/// Room reserved after the elements for the metadata of an in-place output. Metadata that needs
+/// more (a long string, a vector) still works: the elements are moved to a bigger slot, once.
 const META_SLACK: usize = 4096;
 
 /// How an item's outputs ended.
@@ -223,7 +225,7 @@ impl<'a> OutputSink<'a> {
         n: usize,
         fill: impl FnOnce(&mut [E]) -> Result<M, BoxError>,
     ) -> Result<(), BoxError> {
-        self.samples_up_to(
+        self.array_up_to::<Vec<E>, M>(
             n,
             |samples| fill(samples).map(|m| (samples.len(), m)),
             Place::Last,
@@ -240,21 +242,71 @@ impl<'a> OutputSink<'a> {
         max: usize,
         fill: impl FnOnce(&mut [E]) -> Result<(usize, M), BoxError>,
     ) -> Result<(), BoxError> {
-        self.samples_up_to(max, fill, Place::More)
+        self.array_up_to::<Vec<E>, M>(max, fill, Place::More)
     }
 
-    fn samples_up_to<E: Sample, M: Encode>(
+    /// [`emit_samples_up_to`](Self::emit_samples_up_to) for
+    /// [records](crate::archive::records): `fill` writes up to `max` records straight into the
+    /// ring and says how many it used; the output archives as `(Records<T>, M)`.
+    ///
+    /// ```
+    /// use bytemuck::{Pod, Zeroable};
+    /// use shmexec::{BoxError, OutputSink, Records, Task};
+    ///
+    /// #[derive(Clone, Copy, Pod, Zeroable)]
+    /// #[repr(C)]
+    /// struct Hit { time: i64, area: f32, channel: u32 }
+    ///
+    /// /// Finds the hits of a chunk of samples: at most one per sample above threshold.
+    /// struct HitFinder;
+    ///
+    /// impl Task for HitFinder {
+    ///     type Input = Vec<f32>;
+    ///     type Output = (Records<Hit>, u64);
+    ///     fn process(&mut self, _: &rkyv::Archived<Vec<f32>>) -> Result<Self::Output, BoxError> {
+    ///         Err("runs through produce".into())
+    ///     }
+    ///     fn produce(
+    ///         &mut self,
+    ///         input: &rkyv::Archived<Vec<f32>>,
+    ///         out: &mut OutputSink<'_>,
+    ///     ) -> Result<(), BoxError> {
+    ///         let samples = input.as_slice();
+    ///         out.emit_records_up_to(samples.len(), |hits: &mut [Hit]| {
+    ///             let mut n = 0;
+    ///             for (i, s) in samples.iter().enumerate() {
+    ///                 if s.to_native() > 1.0 {
+    ///                     hits[n] = Hit { time: i as i64, area: s.to_native(), channel: 0 };
+    ///                     n += 1;
+    ///                 }
+    ///             }
+    ///             Ok((n, samples.len() as u64))
+    ///         })
+    ///     }
+    /// }
+    /// ```
+    pub fn emit_records_up_to<T: Record, M: Encode>(
         &mut self,
         max: usize,
-        fill: impl FnOnce(&mut [E]) -> Result<(usize, M), BoxError>,
+        fill: impl FnOnce(&mut [T]) -> Result<(usize, M), BoxError>,
+    ) -> Result<(), BoxError> {
+        self.array_up_to::<Records<T>, M>(max, fill, Place::More)
+    }
+
+    /// Writes one output of `(V, M)` in place: up to `max` elements by `fill`, then the root and
+    /// the metadata after the ones it used.
+    fn array_up_to<V: Array, M: Encode>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [V::Elem]) -> Result<(usize, M), BoxError>,
         place: Place,
     ) -> Result<(), BoxError> {
         if !self.open() {
             return Err(failed());
         }
-        // More samples than an archive addresses: `usize::MAX` bytes, which no ring takes, so the
+        // More elements than an archive addresses: `usize::MAX` bytes, which no ring takes, so the
         // reservation below fails with the output's size error.
-        let reserved = Prewritten::<E>::new(max).map_or(usize::MAX, |p| p.data_len());
+        let reserved = Prewritten::<V>::new(max).map_or(usize::MAX, |p| p.data_len());
         let ring_max = self.tx.max_payload();
         let guess = reserved
             .saturating_add(META_SLACK)
@@ -262,22 +314,21 @@ impl<'a> OutputSink<'a> {
         let Some(mut grant) = Self::reserve(self.tx, &mut self.item.outcome, guess) else {
             return Err(failed());
         };
-        let Ok(samples) = bytemuck::try_cast_slice_mut::<u8, E>(&mut grant[..reserved]) else {
-            self.item.outcome = Some(Outcome::Report(Report::new(
-                Code::Encode,
-                "ring slot not aligned for the samples",
-            )));
+        let Ok(elements) = bytemuck::try_cast_slice_mut::<u8, V::Elem>(&mut grant[..reserved])
+        else {
+            let msg = format!("ring slot not aligned for the {}", V::NOUN);
+            self.item.outcome = Some(Outcome::Report(Report::new(Code::Encode, msg)));
             return Err(failed());
         };
         // An error or a panic here drops the grant unpublished.
-        let (used, meta) = fill(samples)?;
+        let (used, meta) = fill(elements)?;
         if used > max {
-            let msg = format!("the task used {used} samples of the {max} it reserved");
+            let msg = format!("the task used {used} {} of the {max} it reserved", V::NOUN);
             self.item.outcome = Some(Outcome::Report(Report::new(Code::Task, msg)));
             return Err(failed());
         }
         // `used <= max`, whose size passed above.
-        let Ok(p) = Prewritten::<E>::new(used) else {
+        let Ok(p) = Prewritten::<V>::new(used) else {
             return Err(failed());
         };
         let data = p.data_len();
@@ -290,7 +341,7 @@ impl<'a> OutputSink<'a> {
             }
         };
         if end > grant.len() {
-            // The metadata needs more room than reserved: move the samples to a bigger slot.
+            // The metadata needs more room than reserved: move the elements to a bigger slot.
             let moved = grant[..data].to_vec();
             let Some(mut bigger) = Self::reserve(self.tx, &mut self.item.outcome, end) else {
                 return Err(failed());

@@ -7,7 +7,8 @@ use shmexec_shm::Waiter;
 
 use super::shared::Shared;
 use crate::archive::{
-    Encode, Prewritten, Ref, Sample, encode_into, encode_into_at, encoded_len, encoded_len_at,
+    Array, Encode, Prewritten, Record, Records, Ref, Sample, encode_into, encode_into_at,
+    encoded_len, encoded_len_at,
 };
 use crate::call::dispatch;
 use crate::call::engine::Placed;
@@ -147,24 +148,75 @@ impl<T: Task> StreamSender<'_, T> {
         E: Sample,
         M: Encode,
     {
-        let samples = match Prewritten::<E>::new(n) {
-            Ok(samples) => samples,
+        self.send_array_in_place::<Vec<E>, M>(n, meta, fill)
+    }
+
+    /// [`send_in_place`](Self::send_in_place) for a chunk of `n` [records](crate::archive::records):
+    /// `fill` writes them in the input ring, and the task receives a `(Records<R>, M)` archive
+    /// whose records it reads in place.
+    ///
+    /// ```no_run
+    /// use bytemuck::{Pod, Zeroable};
+    /// use shmexec::{Pool, Records};
+    ///
+    /// #[derive(Clone, Copy, Pod, Zeroable)]
+    /// #[repr(C, packed)]
+    /// struct RawRecord { time: i64, length: i32, channel: i16, data: [i16; 5] }
+    ///
+    /// // Each chunk: records, and the (start, end) of its time range in ns.
+    /// let task = shmexec::from_fn::<(Records<RawRecord>, (i64, i64)), _, _>(|c| {
+    ///     // A packed field is copied out before it is read (no reference into a packed struct).
+    ///     c.0.records().iter().map(|r| { r.data }.iter().map(|&s| s as i64).sum::<i64>()).sum::<i64>()
+    /// });
+    /// let mut pool = Pool::builder().workers(2).build(task)?;
+    /// let (tx, rx) = pool.stream();
+    /// tx.send_records_in_place(1000, &(0i64, 1_000_000i64), |records: &mut [RawRecord]| {
+    ///     for (i, r) in records.iter_mut().enumerate() {
+    ///         *r = RawRecord { time: i as i64 * 1000, length: 5, channel: 0, data: [1; 5] };
+    ///     }
+    ///     Ok(())
+    /// })?;
+    /// drop(tx);
+    /// assert_eq!(rx.recv().unwrap()?.to_native(), 5000);
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn send_records_in_place<R, M>(
+        &self,
+        n: usize,
+        meta: &M,
+        fill: impl FnOnce(&mut [R]) -> Result<(), BoxError>,
+    ) -> Result<u64>
+    where
+        T: Task<Input = (Records<R>, M)>,
+        R: Record,
+        M: Encode,
+    {
+        self.send_array_in_place::<Records<R>, M>(n, meta, fill)
+    }
+
+    /// Places an archive of `(V, M)` whose `n` elements `fill` writes in the slot.
+    fn send_array_in_place<V: Array, M: Encode>(
+        &self,
+        n: usize,
+        meta: &M,
+        fill: impl FnOnce(&mut [V::Elem]) -> Result<(), BoxError>,
+    ) -> Result<u64> {
+        let elements = match Prewritten::<V>::new(n) {
+            Ok(elements) => elements,
             Err(e) => {
-                let reason = format!("an in-place chunk of {n} samples: {e}");
+                let reason = format!("an in-place chunk of {n} {}: {e}", V::NOUN);
                 let mut refuse = |_: &mut [u8]| -> Result<usize, String> { Err("unused".into()) };
                 let seq = self.place_until(Err(reason), false, &mut refuse, None)?;
                 return Ok(seq.expect("an input that cannot be written gets its sequence number"));
             }
         };
-        let data = samples.data_len();
-        let pair = (samples, Ref(meta));
+        let data = elements.data_len();
+        let pair = (elements, Ref(meta));
         let len = encoded_len_at(&pair, data).map_err(|e| e.to_string());
         let mut fill = Some(fill);
         let mut write = |slot: &mut [u8]| -> Result<usize, String> {
             let fill = fill.take().ok_or("the slot was filled already")?;
-            let samples: &mut [E] = bytemuck::try_cast_slice_mut(&mut slot[..data])
-                .map_err(|e| format!("slot not aligned for the samples: {e:?}"))?;
-            fill(samples).map_err(|e| e.to_string())?;
+            fill(pair.0.elements(slot)?).map_err(|e| e.to_string())?;
             encode_into_at(&pair, slot, data).map_err(|e| e.to_string())
         };
         let seq = self.place_until(len, false, &mut write, None)?;
