@@ -47,9 +47,6 @@ impl Call {
             let frame = match slot.rx.try_peek() {
                 Ok(Some(f)) => f,
                 Ok(None) => {
-                    if slot.life == Life::Failed && !slot.expect.is_empty() {
-                        continue; // its items fail above
-                    }
                     if let Some(reason) = slot.lost_output() {
                         // Its stamps or headers were overwritten: start the ring afresh.
                         sup.reset_output(w, &reason)

@@ -139,6 +139,14 @@ impl WorkerSlot {
         }
     }
 
+    /// The item a `Field::Current` value of this worker names (seq + 1; 0 is none), if it is
+    /// one queued to this worker: any other value is garbage and names nothing.
+    pub(crate) fn current_item(&self, current: u64) -> Option<u64> {
+        current
+            .checked_sub(1)
+            .filter(|&seq| self.expect.contains(seq))
+    }
+
     /// Why this worker was given up, for the errors of its items.
     pub(crate) fn given_up(&self) -> String {
         let mut reason = format!(

@@ -344,10 +344,7 @@ impl<T: Task> Supervisor<T> {
         if chunk_watch.saturating_sub(slot.watching.since) <= limit {
             return;
         }
-        match current
-            .checked_sub(1)
-            .filter(|&seq| slot.expect.contains(seq))
-        {
+        match slot.current_item(current) {
             // The item is given up when the worker's death is handled (`on_death`).
             Some(seq) => self.crashes.entry(seq).or_default().timed_out = Some(limit),
             None => {
@@ -401,10 +398,7 @@ impl<T: Task> Supervisor<T> {
             .released()
             .is_ok_and(|r| r > slot.released_at_launch);
         // A value that names no item handed to this worker is garbage: nothing is charged.
-        if let Some(seq) = current
-            .checked_sub(1)
-            .filter(|&seq| slot.expect.contains(seq))
-        {
+        if let Some(seq) = slot.current_item(current) {
             let entry = self.crashes.entry(seq).or_default();
             entry.count += 1;
             entry.signal = signal;

@@ -124,14 +124,11 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
             break;
         }
         let seq = frame.seq();
-        // One clock read at the start and one per output (in the sink) serve both the busy time
-        // and the results' timing.
-        let started_ns = shmexec_shm::clock::now_ns();
         let w = info.index;
         // SYNC POINT with `Supervisor::abandon_all`: an item of a call that ended is closed
         // unrun (its result would be discarded); see `wire::discard_check`.
-        let below = setup.stats.get(info.index, Field::Discard);
-        if seq < below && setup.stats.get(info.index, Field::DiscardCheck) == discard_check(below) {
+        let below = setup.stats.get(w, Field::Discard);
+        if seq < below && setup.stats.get(w, Field::DiscardCheck) == discard_check(below) {
             if send_empty(&mut tx, FrameKind::Done, seq, 0).is_err() {
                 return EXIT_COORDINATOR_GONE;
             }
@@ -139,6 +136,9 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
             bell.ring();
             continue;
         }
+        // One clock read at the start and one per output (in the sink) serve both the busy time
+        // and the results' timing.
+        let started_ns = shmexec_shm::clock::now_ns();
         // SYNC POINT with `Supervisor::on_death`, which sets `Skip` before it starts this
         // process (the fork orders the store before this load).
         if setup.stats.get(w, Field::Skip) == seq.wrapping_add(1) {
