@@ -176,6 +176,12 @@ pub enum Error {
     #[error("cannot start workers: {0}")]
     Start(String),
 
+    /// An item failed in a stage of a [pipeline](crate::pipeline): `error` is what went wrong
+    /// there (a task's error or panic, an output too large, ...) and `stage` the stage's name.
+    /// The item's later stages did not run: the error takes its place in the results.
+    #[error("stage '{stage}': {error}")]
+    Stage { stage: String, error: Box<Error> },
+
     /// The shared-memory transport failed (out of memory for the rings, a corrupt frame...).
     #[error(transparent)]
     Transport(#[from] shmexec_shm::Error),
@@ -202,6 +208,7 @@ impl Error {
             | Error::WorkerCrashed { seq, .. }
             | Error::WorkerLost { seq, .. }
             | Error::ChunkTimeout { seq, .. } => Some(*seq),
+            Error::Stage { error, .. } => error.seq(),
             _ => None,
         }
     }

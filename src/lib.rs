@@ -25,6 +25,7 @@
 //! | [`task`]    | what a worker runs: the [`Task`] trait, array tasks, closures, sinks  |
 //! | [`pool`]    | [`Pool`] and [`Builder`]; the supervisor (start, health, respawn)     |
 //! | [`call`]    | one call's engine; [`Map`] and streams on top of it (async: `async`)  |
+//! | [`pipeline`]| chains of stages (map, filter, flat_map, each), fused in the workers  |
 //! | [`output`]  | [`OutputRef`], a result read in place                                 |
 //! | [`shared`]  | the shared region: chunks the workers read where the program put them |
 //! | [`archive`] | rkyv glue: serializing into a ring slot; samples, records in place    |
@@ -40,6 +41,7 @@ pub mod error;
 mod hygiene;
 pub mod output;
 pub mod pin;
+pub mod pipeline;
 pub mod pool;
 pub mod shared;
 pub mod spawn;
@@ -55,6 +57,7 @@ pub use call::{Map, StreamReceiver, StreamSender};
 pub use error::{BoxError, Error, Result};
 pub use output::OutputRef;
 pub use pin::Pinning;
+pub use pipeline::Pipeline;
 pub use pool::{Builder, DEFAULT_QUEUE_BYTES, DEFAULT_RING_BYTES, Pool, Start};
 pub use shmexec_shm as shm;
 pub use shmexec_shm::WaitStrategy;

@@ -114,7 +114,7 @@ pub fn serve<T: Task>(name: &str, make: impl FnOnce() -> T) {
                     ),
                 )
             } else {
-                let mut task = crate::task::bytes::Typed(make());
+                let mut task = make().into_worker(crate::task::Token(()));
                 worker::run(&mut task, setup)
             }
         }

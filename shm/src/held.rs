@@ -141,6 +141,7 @@ pub struct HeldFrame {
     off: u64,
     len: usize,
     seq: u64,
+    part: u32,
     kind: FrameKind,
     words: [u64; 2],
 }
@@ -155,6 +156,7 @@ impl HeldFrame {
         off: u64,
         len: usize,
         seq: u64,
+        part: u32,
         kind: FrameKind,
         words: [u64; 2],
     ) -> HeldFrame {
@@ -166,6 +168,7 @@ impl HeldFrame {
             off,
             len,
             seq,
+            part,
             kind,
             words,
         }
@@ -179,6 +182,16 @@ impl HeldFrame {
     /// The sequence number the producer gave the frame.
     pub fn seq(&self) -> u64 {
         self.seq
+    }
+
+    /// The frame's part: its position among the frames of its sequence number.
+    pub fn part(&self) -> u32 {
+        self.part
+    }
+
+    /// The frame's ring position, for [`crate::Ring::read_held`] in another process.
+    pub fn position(&self) -> u64 {
+        self.pos
     }
 
     /// The two words the producer set with [`crate::Grant::set_words`].

@@ -331,6 +331,57 @@ impl Ring {
         &self.view.seg
     }
 
+    /// Reads a frame that another process's consumer holds, where it lies: the frame at ring
+    /// position `pos` (see [`HeldFrame::position`]), which must still carry that position's
+    /// stamp and the length, sequence number and part given. This is how a process that is
+    /// neither producer nor consumer of the ring (the next stage of a pipeline) reads a frame
+    /// the consumer handed it by descriptor. The consumer keeps the frame held, so the
+    /// producer does not write it, until the reader says it is done (by a protocol above this
+    /// one); a descriptor whose frame was released and overwritten fails the stamp or header
+    /// checks instead of returning other bytes.
+    pub fn read_held(&self, pos: u64, len: u64, seq: u64, part: u32) -> Result<&[u8]> {
+        let view = &self.view;
+        let cap = view.cap;
+        let off = pos % cap;
+        let stale = |what: &str| {
+            Err(Error::corrupt(format!(
+                "no frame of {len} bytes (seq {seq}, part {part}) at ring position {pos}: {what}"
+            )))
+        };
+        if off % FRAME_ALIGN as u64 != 0 || off + HEADER_LEN as u64 > cap {
+            return stale("not a frame position");
+        }
+        // SYNC POINT with the stamp store in `View::publish_header`: the frame's fields and
+        // payload were written before it; the consumer saw it published before it handed the
+        // position on.
+        if view.stamp(off).load(Ordering::Acquire) != stamp(pos) {
+            return stale("its stamp is gone (the frame was released)");
+        }
+        match view.read_fields(off).decode(pos) {
+            Ok(Decoded::Frame {
+                kind: FrameKind::Data | FrameKind::More,
+                part: p,
+                len: l,
+                seq: s,
+            }) if (p, l, s) == (part, len, seq) => {}
+            Ok(_) => return stale("another frame is there"),
+            Err(e) => return Err(e),
+        }
+        let (Some(total), Ok(n)) = (frame_bytes(len), usize::try_from(len)) else {
+            return stale("a length past the ring");
+        };
+        if total > cap - off {
+            return stale("a length past the ring end");
+        }
+        // SAFETY: the frame lies inside the data area (checked above: `off + total <= cap`)
+        // and the view keeps the mapping alive for the returned borrow. Its bytes were
+        // published before the stamp we loaded with Acquire, and the ring's consumer holds them
+        // (the caller's protocol), so the producer does not write them meanwhile; a hostile
+        // process could, but they are bytes, valid at any value, and checked by the layer
+        // above before use.
+        Ok(unsafe { std::slice::from_raw_parts(view.payload_ptr(off), n) })
+    }
+
     /// Claims the producer side for this process; `peer` is the consumer's process, watched by
     /// every blocking call. Fails with [`Error::AlreadyClaimed`] while another live handle holds
     /// it; a holder that died without dropping its handle is replaced.
@@ -1110,7 +1161,7 @@ impl Frame<'_> {
             seq,
             kind,
             total,
-            part: _,
+            part,
             words,
         } = self.at;
         let consumer = self.consumer;
@@ -1124,6 +1175,7 @@ impl Frame<'_> {
             off,
             len,
             seq,
+            part,
             kind,
             words,
         )
@@ -1184,6 +1236,35 @@ mod tests {
         let f = rx.try_peek().unwrap().unwrap();
         assert_eq!(f.len(), 200);
         f.release();
+    }
+
+    #[test]
+    fn a_held_frame_is_read_by_position_and_a_stale_descriptor_fails() {
+        let ring = Ring::create(64 * 8).unwrap();
+        let mut tx = ring.producer(Peer::unwatched()).unwrap();
+        let mut rx = ring.consumer(Peer::unwatched()).unwrap();
+        let reader = ring.clone();
+        let mut g = tx.reserve(10).unwrap();
+        g.copy_from_slice(&[7; 10]);
+        g.set_seq(42).set_kind(FrameKind::More).set_part(3);
+        g.commit();
+        let held = rx.try_peek().unwrap().unwrap().hold();
+        let (pos, part) = (held.position(), held.part());
+        assert_eq!(part, 3);
+        let bytes = reader.read_held(pos, 10, 42, 3).unwrap();
+        assert_eq!(bytes, &[7; 10]);
+        assert_eq!(bytes.as_ptr(), held.as_ptr(), "read in place");
+        for (len, seq, part) in [(11, 42, 3), (10, 41, 3), (10, 42, 2)] {
+            assert!(reader.read_held(pos, len, seq, part).is_err());
+        }
+        assert!(reader.read_held(pos + 8, 10, 42, 3).is_err());
+        // Released and overwritten: the old descriptor no longer finds its frame.
+        drop(held);
+        for i in 0..8u8 {
+            tx.send(&[i; 100]).unwrap();
+            rx.try_peek().unwrap().unwrap().release();
+        }
+        assert!(reader.read_held(pos, 10, 42, 3).is_err());
     }
 
     #[test]

@@ -75,7 +75,7 @@ impl Call {
                 // A successor's start-up report: one that will not serve (its `init` failed)
                 // then exits, and that death counts as a failed start.
                 if kind == FrameKind::Error {
-                    slot.init_error = Some(read_report(w, seq, &frame).to_string());
+                    slot.init_error = Some(read_report(w, seq, &frame, &[]).to_string());
                 }
                 frame.release();
                 continue;
@@ -132,7 +132,7 @@ impl Call {
                     return Ok(Some(Took::Closed));
                 }
                 FrameKind::Error => {
-                    let mut e = read_report(w, seq, &frame);
+                    let mut e = read_report(w, seq, &frame, &sup.config.stage_names);
                     frame.release();
                     if let Error::WorkerCrashed {
                         signal, crashes, ..

@@ -47,6 +47,8 @@ pub struct Builder {
     shared_bytes: usize,
     queue_bytes: u64,
     item_timing: bool,
+    /// The names of the fused pipeline stages the workers run, if any (set by the pipeline).
+    stage_names: Vec<String>,
 }
 
 /// Everything the supervisor needs, resolved from a [`Builder`] once (core plan included).
@@ -79,6 +81,9 @@ pub(crate) struct Config {
     pub(crate) queue_bytes: u64,
     /// Whether the coordinator stamps each item's submission and delivery.
     pub(crate) item_timing: bool,
+    /// The names of the fused pipeline stages the workers run (empty for a plain pool): error
+    /// reports name a stage by its index here.
+    pub(crate) stage_names: Vec<String>,
 }
 
 impl Config {
@@ -113,7 +118,16 @@ impl Default for Builder {
             shared_bytes: 0,
             queue_bytes: DEFAULT_QUEUE_BYTES as u64,
             item_timing: true,
+            stage_names: Vec::new(),
         }
+    }
+}
+
+impl Builder {
+    /// The names of the fused stages a pipeline's workers run.
+    pub(crate) fn stage_names(mut self, names: Vec<String>) -> Self {
+        self.stage_names = names;
+        self
     }
 }
 
@@ -381,6 +395,7 @@ impl Builder {
             shared_bytes: self.shared_bytes,
             queue_bytes: self.queue_bytes,
             item_timing: self.item_timing,
+            stage_names: self.stage_names,
         })
     }
 }

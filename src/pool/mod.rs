@@ -58,8 +58,18 @@ impl Builder {
     /// Starts the workers (fork or spawn), runs `Task::init` in each, and returns when all are
     /// ready.
     pub fn build<T: Task>(self, task: T) -> Result<Pool<T>> {
+        self.build_with(|_| Ok(task))
+    }
+
+    /// [`build`](Builder::build) with a task made from the resolved settings (a pipeline's
+    /// counters are sized by the number of workers).
+    pub(crate) fn build_with<T: Task>(
+        self,
+        make: impl FnOnce(&config::Config) -> Result<T>,
+    ) -> Result<Pool<T>> {
         crate::spawn::refuse_if_unserved();
         let config = self.into_config()?;
+        let task = make(&config)?;
         Ok(Pool {
             rt: Supervisor::start(config, task)?,
         })

@@ -59,7 +59,7 @@ pub(super) fn worker_main<T: Task>(
         .map(|i| config.worker_info(i))
         .collect();
     let wait = config.wait;
-    let mut task = crate::task::bytes::Typed(task);
+    let mut task = task.into_worker(crate::task::Token(()));
     move |index: u32| {
         let index = index as usize;
         let (Some((input, output)), Some(info)) = (rings.get(index), infos.get(index)) else {

@@ -63,7 +63,7 @@ pub(crate) struct Crash {
 pub(crate) struct Supervisor<T: Task> {
     pub(crate) slots: Vec<WorkerSlot>,
     stats: StatsBlock,
-    config: Config,
+    pub(crate) config: Config,
     /// `None` only once the pool has shut down.
     starter: Option<Starter>,
     /// The task itself lives in the launcher (fork) or is made by each worker (spawn).
@@ -561,7 +561,7 @@ impl<T: Task> Supervisor<T> {
             })?;
             let result = match frame.kind() {
                 FrameKind::End if frame.seq() == START_SEQ => Ok(()),
-                FrameKind::Error => Err(read_report(i, START_SEQ, &frame)),
+                FrameKind::Error => Err(read_report(i, START_SEQ, &frame, &[])),
                 k => Err(Error::Start(format!(
                     "worker {i} sent a {k:?} frame instead of its start-up report"
                 ))),

@@ -9,7 +9,15 @@ use crate::error::BoxError;
 pub mod bytes;
 pub mod sink;
 
+use bytes::ByteTask;
 use sink::OutputSink;
+
+/// The argument of [`Task::into_worker`]: a type no one outside this crate can name, so the
+/// method can be neither called nor overridden there.
+mod hook {
+    pub struct Token(pub(crate) ());
+}
+pub(crate) use hook::Token;
 
 /// Facts about the worker a task runs in, given to [`Task::init`] and [`Task::finish`].
 #[derive(Debug, Clone)]
@@ -89,6 +97,16 @@ pub trait Task {
         out.serialize(&value);
         self.recycle(value);
         Ok(())
+    }
+
+    /// What a worker runs: the task behind a check that each input is an archive of
+    /// `Self::Input`. A pipeline's fused stages override it with their chain.
+    #[doc(hidden)]
+    fn into_worker(self, _: hook::Token) -> impl ByteTask
+    where
+        Self: Sized,
+    {
+        bytes::Typed(self)
     }
 }
 

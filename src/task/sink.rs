@@ -14,6 +14,8 @@
 //! drops the outputs a replacement worker publishes again after its predecessor died mid-item
 //! (`src/wire/PROTOCOL.md`).
 
+use std::ops::{Deref, DerefMut};
+
 use shmexec_shm::{FrameKind, Grant, Producer};
 
 use crate::archive::{
@@ -37,6 +39,8 @@ pub(crate) enum Outcome {
     Report(Report),
     /// The ring is gone (the coordinator died or closed it).
     Gone,
+    /// A later stage of a fused chain failed on an output (the chain holds its report).
+    Downstream,
 }
 
 /// Whether an output is the item's last.
@@ -46,16 +50,74 @@ enum Place {
     Last,
 }
 
-/// Where a task's outputs go: reserved slots of the worker's output ring. Only the executor
-/// makes one; tasks receive it in [`crate::Task::produce`].
+/// Where a task's outputs go: reserved slots of the worker's output ring, or, in a fused
+/// [pipeline](crate::pipeline), the next stage of the same worker. Only the executor makes
+/// one; tasks receive it in [`crate::Task::produce`].
 ///
 /// The `emit` methods publish one output each (an item may have any number, or none: a
 /// filter); the value must be of the task's output type, which the caller checks when it
 /// reads it.
 pub struct OutputSink<'a> {
-    tx: &'a mut Producer,
-    before_publish: &'a mut dyn FnMut(usize, u64),
+    target: Target<'a>,
     item: Item,
+}
+
+/// Where published outputs go.
+enum Target<'a> {
+    /// The worker's output ring; `before_publish` counts each output (its bytes, when it was
+    /// finished) before it becomes visible.
+    Ring {
+        tx: &'a mut Producer,
+        before_publish: &'a mut dyn FnMut(usize, u64),
+    },
+    /// The next stage of a fused chain, run on each output as soon as it is written.
+    Stage(&'a mut dyn NextStage),
+}
+
+/// The next stage of a fused chain, as a sink of the stage before it sees it: room to write an
+/// output in, and a way to run the next stage on it. Implemented by `crate::pipeline::fuse`.
+pub(crate) trait NextStage {
+    /// The largest output it takes.
+    fn max_payload(&self) -> usize;
+    /// Makes the room at least `len` bytes, keeping its contents (so that a slot can grow
+    /// with what was written in it).
+    fn grow(&mut self, len: usize);
+    /// The room: a 64-byte aligned buffer, as long as the last `grow` asked.
+    fn room(&self) -> &[u8];
+    /// The room, to write in.
+    fn room_mut(&mut self) -> &mut [u8];
+    /// Runs the next stage on the first `n` bytes of the room. `Err` is the failure of a later
+    /// stage, which the chain keeps and reports for the item (the stage before only learns that
+    /// its output could not be written).
+    fn deliver(&mut self, n: usize) -> Result<(), ()>;
+    /// Runs the next stage on `bytes` as they are (a filter passing its input on): no copy.
+    fn forward(&mut self, bytes: &[u8]) -> Result<(), ()>;
+}
+
+/// A reserved output slot: a grant of the ring (with the counting to do when it is
+/// published), or the next stage's room (with the stage to run on it).
+enum Slot<'t> {
+    Ring(Grant<'t>, &'t mut dyn FnMut(usize, u64)),
+    Room(&'t mut dyn NextStage),
+}
+
+impl Deref for Slot<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Slot::Ring(g, _) => g,
+            Slot::Room(next) => next.room(),
+        }
+    }
+}
+
+impl DerefMut for Slot<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Slot::Ring(g, _) => g,
+            Slot::Room(next) => next.room_mut(),
+        }
+    }
 }
 
 /// The item a sink writes for (apart from the ring, so that a grant of the ring and the item
@@ -66,8 +128,13 @@ struct Item {
     started_ns: u64,
     /// Frames published for this item so far.
     parts: u32,
+    /// Payload bytes published for this item so far.
+    bytes: u64,
     /// Set once the item is closed or failed; nothing more is published then.
     outcome: Option<Outcome>,
+    /// Whether every output is published as `More`, the closing left to the worker (the last
+    /// stage of a fused chain, which runs once per output of the stage before).
+    keep_open: bool,
 }
 
 impl Item {
@@ -80,6 +147,7 @@ impl Item {
         place: Place,
         before: &mut dyn FnMut(usize, u64),
     ) {
+        let place = if self.keep_open { Place::More } else { place };
         let kind = match place {
             Place::More => FrameKind::More,
             Place::Last => FrameKind::Data,
@@ -93,7 +161,34 @@ impl Item {
             .set_words([self.started_ns, finished_ns]);
         before(n, finished_ns);
         grant.commit();
+        self.published(n, place);
+    }
+
+    /// Publishes the first `n` bytes of `slot`: commits the ring frame, or runs the next stage
+    /// on them; a later stage's failure fails the item (the chain holds its report).
+    fn publish_slot(&mut self, slot: Slot<'_>, n: usize, place: Place) -> Result<(), BoxError> {
+        match slot {
+            Slot::Ring(grant, before) => {
+                self.publish(grant, n, place, before);
+                Ok(())
+            }
+            Slot::Room(next) => {
+                self.published(n, place);
+                next.deliver(n).map_err(|()| self.downstream_failed())
+            }
+        }
+    }
+
+    /// Records that a later stage failed on an output: nothing more is published for the item.
+    fn downstream_failed(&mut self) -> BoxError {
+        self.outcome = Some(Outcome::Downstream);
+        failed()
+    }
+
+    fn published(&mut self, n: usize, place: Place) {
+        let place = if self.keep_open { Place::More } else { place };
         self.parts += 1;
+        self.bytes += n as u64;
         if place == Place::Last {
             self.outcome = Some(Outcome::Closed);
         }
@@ -113,15 +208,58 @@ impl<'a> OutputSink<'a> {
         started_ns: u64,
         before_publish: &'a mut dyn FnMut(usize, u64),
     ) -> Self {
+        Self::with_target(Target::Ring { tx, before_publish }, seq, started_ns)
+    }
+
+    /// A sink whose outputs are the inputs of the next stage of a fused chain.
+    pub(crate) fn to_stage(next: &'a mut dyn NextStage, seq: u64, started_ns: u64) -> Self {
+        Self::with_target(Target::Stage(next), seq, started_ns)
+    }
+
+    fn with_target(target: Target<'a>, seq: u64, started_ns: u64) -> Self {
         OutputSink {
-            tx,
-            before_publish,
+            target,
             item: Item {
                 seq,
                 started_ns,
                 parts: 0,
+                bytes: 0,
                 outcome: None,
+                keep_open: false,
             },
+        }
+    }
+
+    /// The item's sequence number.
+    pub(crate) fn seq(&self) -> u64 {
+        self.item.seq
+    }
+
+    /// When the worker started the item.
+    pub(crate) fn started_ns(&self) -> u64 {
+        self.item.started_ns
+    }
+
+    /// Payload bytes published so far.
+    pub(crate) fn published_bytes(&self) -> u64 {
+        self.item.bytes
+    }
+
+    /// Outputs published so far.
+    pub(crate) fn published_parts(&self) -> u32 {
+        self.item.parts
+    }
+
+    /// Publishes every output from now on as one of more to come: the item is closed by the
+    /// worker, not by an output.
+    pub(crate) fn keep_open(&mut self) {
+        self.item.keep_open = true;
+    }
+
+    /// Names `stage` in the report the sink made itself (an output too large), if any.
+    pub(crate) fn blame_stage(&mut self, stage: u32) {
+        if let Some(Outcome::Report(report)) = &mut self.item.outcome {
+            report.stage.get_or_insert(stage);
         }
     }
 
@@ -137,23 +275,62 @@ impl<'a> OutputSink<'a> {
 
     /// Reserves `len` bytes; on failure records the outcome and returns `None`.
     fn reserve<'t>(
-        tx: &'t mut Producer,
+        target: &'t mut Target<'_>,
         outcome: &mut Option<Outcome>,
         len: usize,
-    ) -> Option<Grant<'t>> {
-        match tx.reserve(len) {
-            Ok(g) => Some(g),
-            Err(shmexec_shm::Error::FrameTooLarge { len, max }) => {
-                let mut r = Report::new(Code::OutputTooLarge, "");
-                (r.a, r.b) = (len as u64, max as u64);
-                *outcome = Some(Outcome::Report(r));
-                None
-            }
-            Err(_) => {
-                *outcome = Some(Outcome::Gone);
-                None
+    ) -> Option<Slot<'t>> {
+        let too_large = |outcome: &mut Option<Outcome>, max: usize| {
+            let mut r = Report::new(Code::OutputTooLarge, "");
+            (r.a, r.b) = (len as u64, max as u64);
+            *outcome = Some(Outcome::Report(r));
+            None
+        };
+        match target {
+            Target::Ring { tx, before_publish } => match tx.reserve(len) {
+                Ok(g) => Some(Slot::Ring(g, &mut **before_publish)),
+                Err(shmexec_shm::Error::FrameTooLarge { max, .. }) => too_large(outcome, max),
+                Err(_) => {
+                    *outcome = Some(Outcome::Gone);
+                    None
+                }
+            },
+            Target::Stage(next) => {
+                let max = next.max_payload();
+                if len > max {
+                    return too_large(outcome, max);
+                }
+                next.grow(len);
+                Some(Slot::Room(&mut **next))
             }
         }
+    }
+
+    /// The largest output the target takes.
+    fn max_payload(&self) -> usize {
+        match &self.target {
+            Target::Ring { tx, .. } => tx.max_payload(),
+            Target::Stage(next) => next.max_payload(),
+        }
+    }
+
+    /// Publishes `bytes`, an archive of the output type as it is (a filter passing its input
+    /// on): copied into the ring once, or handed to the next fused stage with no copy.
+    pub(crate) fn emit_archive(&mut self, bytes: &[u8]) -> Result<(), BoxError> {
+        if !self.open() {
+            return Err(failed());
+        }
+        if let Target::Stage(next) = &mut self.target {
+            self.item.published(bytes.len(), Place::More);
+            return next
+                .forward(bytes)
+                .map_err(|()| self.item.downstream_failed());
+        }
+        let Some(mut slot) = Self::reserve(&mut self.target, &mut self.item.outcome, bytes.len())
+        else {
+            return Err(failed());
+        };
+        slot[..bytes.len()].copy_from_slice(bytes);
+        self.item.publish_slot(slot, bytes.len(), Place::More)
     }
 
     fn encode_failed(&mut self, e: impl std::fmt::Display) {
@@ -203,14 +380,11 @@ impl<'a> OutputSink<'a> {
                 return Err(failed());
             }
         };
-        let Some(mut grant) = Self::reserve(self.tx, &mut self.item.outcome, len) else {
+        let Some(mut slot) = Self::reserve(&mut self.target, &mut self.item.outcome, len) else {
             return Err(failed());
         };
-        match encode_into(value, &mut grant) {
-            Ok(n) => {
-                self.item.publish(grant, n, place, self.before_publish);
-                Ok(())
-            }
+        match encode_into(value, &mut slot) {
+            Ok(n) => self.item.publish_slot(slot, n, place),
             Err(e) => {
                 self.encode_failed(e);
                 Err(failed())
@@ -307,11 +481,11 @@ impl<'a> OutputSink<'a> {
         // More elements than an archive addresses: `usize::MAX` bytes, which no ring takes, so the
         // reservation below fails with the output's size error.
         let reserved = Prewritten::<V>::new(max).map_or(usize::MAX, |p| p.data_len());
-        let ring_max = self.tx.max_payload();
+        let ring_max = self.max_payload();
         let guess = reserved
             .saturating_add(META_SLACK)
             .min(ring_max.max(reserved));
-        let Some(mut grant) = Self::reserve(self.tx, &mut self.item.outcome, guess) else {
+        let Some(mut grant) = Self::reserve(&mut self.target, &mut self.item.outcome, guess) else {
             return Err(failed());
         };
         let Ok(elements) = bytemuck::try_cast_slice_mut::<u8, V::Elem>(&mut grant[..reserved])
@@ -341,24 +515,28 @@ impl<'a> OutputSink<'a> {
             }
         };
         if end > grant.len() {
-            // The metadata needs more room than reserved: move the elements to a bigger slot.
-            let moved = grant[..data].to_vec();
-            let Some(mut bigger) = Self::reserve(self.tx, &mut self.item.outcome, end) else {
+            // The metadata needs more room than reserved: move the elements to a bigger slot
+            // (a stage's room grows in place, keeping them).
+            let moved = match grant {
+                Slot::Ring(g, _) => Some(g[..data].to_vec()),
+                Slot::Room(_) => None,
+            };
+            let Some(mut bigger) = Self::reserve(&mut self.target, &mut self.item.outcome, end)
+            else {
                 return Err(failed());
             };
-            bigger[..data].copy_from_slice(&moved);
+            if let Some(moved) = moved {
+                bigger[..data].copy_from_slice(&moved);
+            }
             grant = bigger;
         }
         match encode_into_at(&pair, &mut grant, data) {
-            Ok(n) => {
-                self.item.publish(grant, n, place, self.before_publish);
-            }
+            Ok(n) => self.item.publish_slot(grant, n, place),
             Err(e) => {
                 self.encode_failed(e);
-                return Err(failed());
+                Err(failed())
             }
         }
-        Ok(())
     }
 }
 

@@ -3,7 +3,8 @@
 //! workers (frames, parts, control words, the launch pipes, the spawn spec) is written down in
 //! `src/wire/PROTOCOL.md`, beside this file.
 //!
-//! An `Error` payload is one code byte, two little-endian u64 (sizes, for the size errors) and a
+//! An `Error` payload is one code byte, two little-endian u64 (sizes, for the size errors), a
+//! little-endian u32 naming the stage of a fused pipeline that failed (`u32::MAX`: none) and a
 //! UTF-8 message.
 
 use crate::error::Error;
@@ -49,13 +50,19 @@ pub(crate) enum Code {
     Crashed = 7,
 }
 
-const HEAD: usize = 1 + 8 + 8;
+const HEAD: usize = 1 + 8 + 8 + 4;
+
+/// The stage word of a report that names no stage.
+const NO_STAGE: u32 = u32::MAX;
 
 /// An error report as the worker writes it.
+#[derive(Debug)]
 pub(crate) struct Report {
     pub(crate) code: Code,
     pub(crate) a: u64,
     pub(crate) b: u64,
+    /// The index of the pipeline stage that failed, when the worker runs fused stages.
+    pub(crate) stage: Option<u32>,
     pub(crate) message: String,
 }
 
@@ -65,6 +72,7 @@ impl Report {
             code,
             a: 0,
             b: 0,
+            stage: None,
             message: message.into(),
         }
     }
@@ -78,14 +86,31 @@ impl Report {
         buf[0] = self.code as u8;
         buf[1..9].copy_from_slice(&self.a.to_le_bytes());
         buf[9..17].copy_from_slice(&self.b.to_le_bytes());
+        let stage = self.stage.unwrap_or(NO_STAGE);
+        buf[17..21].copy_from_slice(&stage.to_le_bytes());
         buf[HEAD..self.len()].copy_from_slice(self.message.as_bytes());
     }
 }
 
-/// Turns the payload of an `Error` frame for item `seq` of `worker` into the error it reports.
-/// The payload comes from another process, so anything is possible: a malformed one is still an
-/// error for that item, with the bytes described.
-pub(crate) fn read_report(worker: usize, seq: u64, payload: &[u8]) -> Error {
+/// Turns the payload of an `Error` frame for item `seq` of `worker` into the error it reports,
+/// inside an [`Error::Stage`] naming the stage when the report names one of `stages` (the
+/// pool's fused pipeline stages, if any). The payload comes from another process, so anything
+/// is possible: a malformed one is still an error for that item, with the bytes described.
+pub(crate) fn read_report(worker: usize, seq: u64, payload: &[u8], stages: &[String]) -> Error {
+    let e = read_error(worker, seq, payload);
+    let stage = payload
+        .get(17..21)
+        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    match stage.and_then(|i| stages.get(i as usize)) {
+        Some(name) => Error::Stage {
+            stage: name.clone(),
+            error: Box::new(e),
+        },
+        None => e,
+    }
+}
+
+fn read_error(worker: usize, seq: u64, payload: &[u8]) -> Error {
     if payload.len() < HEAD {
         return Error::InvalidOutput {
             seq,

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use shmexec_shm::{FrameKind, Peer, Producer, Ring, Segment, WaitStrategy};
 
 use crate::pin;
+use crate::pipeline::StageFailure;
 use crate::stats::{Field, StatsBlock};
 use crate::task::WorkerInfo;
 use crate::task::bytes::{ByteTask, ItemFailure};
@@ -171,7 +172,10 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         let produced = match catch_unwind(AssertUnwindSafe(|| task.run(&frame, &mut sink))) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(ItemFailure::InvalidInput(e))) => Err(Report::new(Code::InvalidInput, e)),
-            Ok(Err(ItemFailure::Failed(e))) => Err(Report::new(Code::Task, e.to_string())),
+            Ok(Err(ItemFailure::Failed(e))) => Err(match e.downcast::<StageFailure>() {
+                Ok(failure) => failure.0,
+                Err(e) => Report::new(Code::Task, e.to_string()),
+            }),
             Err(p) => Err(Report::new(Code::Panic, panic_message(&*p))),
         };
         let (outcome, parts) = sink.into_outcome();
@@ -179,12 +183,11 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         // large says its size; the task saw only that `emit` failed).
         let close = match (outcome, produced) {
             (Some(Outcome::Gone), _) => return EXIT_COORDINATOR_GONE,
-            (Some(Outcome::Report(report)), _) | (None | Some(Outcome::Open), Err(report)) => {
-                Some(report)
-            }
+            (Some(Outcome::Report(report)), _)
+            | (None | Some(Outcome::Open | Outcome::Downstream), Err(report)) => Some(report),
             // Closed by its last output: an error after it has no item left to report on.
             (Some(Outcome::Closed), _) => None,
-            (None | Some(Outcome::Open), Ok(())) => {
+            (None | Some(Outcome::Open | Outcome::Downstream), Ok(())) => {
                 if send_empty(&mut tx, FrameKind::Done, seq, parts).is_err() {
                     return EXIT_COORDINATOR_GONE;
                 }

@@ -1,0 +1,302 @@
+//! Pipelines of fused stages with real worker processes: every stage kind, results in input
+//! order against a sequential reference, errors that name their stage and take the item's
+//! place, crashes in a middle stage, per-stage counters.
+
+mod support;
+
+use std::path::PathBuf;
+
+use shmexec::pipeline::Pipeline;
+use shmexec::{BoxError, Error, OutputSink, Samples, Task, WorkerInfo};
+use support::{assert_no_children, builder, serial};
+
+/// The reference: what the pipeline of [`three_stages`] gives for chunk `i`.
+fn reference(i: u64) -> Vec<u64> {
+    let chunk: Vec<f32> = (0..64).map(|j| (i * 64 + j) as f32).collect();
+    let doubled: Vec<f32> = chunk.iter().map(|x| x * 2.0).collect();
+    if !doubled.iter().any(|&x| x as u64 % 5 == 0 && i % 4 != 3) {
+        return vec![];
+    }
+    doubled
+        .chunks(16)
+        .map(|c| c.iter().map(|&x| x as u64).sum::<u64>())
+        .collect()
+}
+
+fn chunk(i: u64) -> Vec<f32> {
+    (0..64).map(|j| (i * 64 + j) as f32).collect()
+}
+
+/// map (double) -> filter (drops every fourth chunk) -> flat_map (one sum per 16 samples).
+fn three_stages(guard: &std::sync::MutexGuard<'static, ()>) -> Pipeline<Vec<f32>, u64> {
+    Pipeline::<Vec<f32>>::builder()
+        .map_fn("double", |c| {
+            c.samples().iter().map(|x| x * 2.0).collect::<Vec<f32>>()
+        })
+        .filter("keep", |c| {
+            // The chunk's index is its first sample / 128.
+            let first = c.samples()[0] as u64 / 128;
+            first % 4 != 3 && c.samples().iter().any(|&x| x as u64 % 5 == 0)
+        })
+        .flat_map("sums", |c| {
+            c.samples()
+                .chunks(16)
+                .map(|s| s.iter().map(|&x| x as u64).sum::<u64>())
+                .collect::<Vec<u64>>()
+        })
+        .build(builder(guard).workers(2))
+        .expect("pipeline")
+}
+
+#[test]
+fn fused_stages_give_the_reference_in_input_order() {
+    let guard = serial();
+    {
+        let mut p = three_stages(&guard);
+        assert_eq!(p.plan().fused(), vec![vec!["double", "keep", "sums"]]);
+        assert_eq!(p.plan().workers(), 2);
+        let chunks: Vec<Vec<f32>> = (0..400).map(chunk).collect();
+        let got: Vec<u64> = p.run(&chunks).map(|r| r.unwrap().to_native()).collect();
+        let want: Vec<u64> = (0..400).flat_map(reference).collect();
+        assert_eq!(got, want);
+
+        let stats = p.stats();
+        let [double, keep, sums] = &stats.stages[..] else {
+            panic!("three stages: {stats:?}");
+        };
+        assert_eq!(double.items, 400);
+        assert_eq!(double.outputs, 400);
+        assert_eq!(keep.items, 400);
+        let kept = (0..400).filter(|&i| !reference(i).is_empty()).count() as u64;
+        assert_eq!(keep.outputs, kept);
+        // The filter passes its input on as it is.
+        assert_eq!(keep.bytes_out, double.bytes_out * kept / 400);
+        assert_eq!(sums.items, kept);
+        assert_eq!(sums.outputs, want.len() as u64);
+        assert!(stats.bottleneck().is_some());
+        // Unordered gives the same outputs.
+        let mut got: Vec<u64> = p
+            .run_unordered(&chunks)
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        got.sort_unstable();
+        let mut want = want;
+        want.sort_unstable();
+        assert_eq!(got, want);
+        assert_eq!(p.stats().since(&stats).stages[0].items, 400);
+    }
+    assert_no_children();
+}
+
+#[test]
+fn a_failing_stage_is_named_and_the_item_goes_no_further() {
+    let guard = serial();
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("plus_one", |&n| n.to_native() + 1)
+            .map(
+                "picky",
+                shmexec::try_from_fn::<u64, _, _>(|&n| {
+                    let n = n.to_native();
+                    match n % 10 {
+                        3 => Err(format!("{n} is unlucky").into()),
+                        7 => panic!("{n} is worse"),
+                        _ => Ok(n * 100),
+                    }
+                }),
+            )
+            .map_fn("last", |&n| n.to_native() + 5)
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        let results: Vec<_> = p.run(0..50u64).collect();
+        assert_eq!(results.len(), 50);
+        for (i, r) in results.into_iter().enumerate() {
+            let n = i as u64 + 1;
+            match (n % 10, r) {
+                (3, Err(Error::Stage { stage, error })) => {
+                    assert_eq!(stage, "picky");
+                    assert!(
+                        matches!(*error, Error::Task { seq, ref message } if seq == i as u64 && message.contains("unlucky")),
+                        "{error}"
+                    );
+                }
+                (7, Err(Error::Stage { stage, error })) => {
+                    assert_eq!(stage, "picky");
+                    assert!(matches!(*error, Error::Panic { .. }), "{error}");
+                }
+                (_, Ok(v)) => assert_eq!(v.to_native(), n * 100 + 5),
+                (_, other) => panic!("item {i}: {other:?}"),
+            }
+        }
+        let stats = p.stats();
+        assert_eq!(stats.stages[1].errors, 10);
+        // The items that failed in `picky` never reached `last`.
+        assert_eq!(stats.stages[2].items, 40);
+        let e = Error::Stage {
+            stage: "picky".into(),
+            error: Box::new(Error::Task {
+                seq: 2,
+                message: "x".into(),
+            }),
+        };
+        assert_eq!(e.seq(), Some(2));
+        assert!(e.to_string().starts_with("stage 'picky': "), "{e}");
+    }
+    assert_no_children();
+}
+
+/// A stage whose `init` and `finish` write marker files, and that kills its worker the first
+/// time it sees item 5 (a marker file says it did).
+struct CrashOnce {
+    dir: PathBuf,
+}
+
+impl Task for CrashOnce {
+    type Input = u64;
+    type Output = u64;
+    fn init(&mut self, w: &WorkerInfo) -> Result<(), BoxError> {
+        std::fs::write(
+            self.dir.join(format!("init-{}", std::process::id())),
+            [w.index as u8],
+        )?;
+        Ok(())
+    }
+    fn process(&mut self, n: &rkyv::Archived<u64>) -> Result<u64, BoxError> {
+        let n = n.to_native();
+        let marker = self.dir.join("crashed");
+        if n == 6 && !marker.exists() {
+            std::fs::write(&marker, b"")?;
+            std::process::abort();
+        }
+        Ok(n * 3)
+    }
+    fn finish(&mut self, _: &WorkerInfo) {
+        let _ = std::fs::write(self.dir.join(format!("finish-{}", std::process::id())), b"");
+    }
+}
+
+#[test]
+fn a_crash_in_a_middle_stage_reruns_the_item_and_init_and_finish_run_per_worker() {
+    let guard = serial();
+    let dir = std::env::temp_dir().join(format!("shmexec-pipeline-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("first", |&n| n.to_native() + 1)
+            .map("crashy", CrashOnce { dir: dir.clone() })
+            .flat_map("twice", |&n| [n.to_native(), n.to_native()])
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        let got: Vec<u64> = p.run(0..40u64).map(|r| r.unwrap().to_native()).collect();
+        let want: Vec<u64> = (0..40u64).flat_map(|n| [(n + 1) * 3; 2]).collect();
+        assert_eq!(got, want);
+        assert_eq!(p.pool().stats().respawns, 1);
+    }
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    // Two workers and one successor started; the two live at the end finished.
+    assert_eq!(names.iter().filter(|n| n.starts_with("init-")).count(), 3);
+    assert_eq!(names.iter().filter(|n| n.starts_with("finish-")).count(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_children();
+}
+
+#[test]
+fn a_sink_stage_gives_only_errors_and_records_pass_through_a_filter() {
+    let guard = serial();
+    {
+        let mut p = Pipeline::<Vec<f32>>::builder()
+            .filter("nonempty", |c| !c.is_empty())
+            .each("check", |c| {
+                if c.samples().iter().all(|&x| x >= 0.0) {
+                    Ok(())
+                } else {
+                    Err("negative sample".into())
+                }
+            })
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        let chunks: Vec<Vec<f32>> = (0..30)
+            .map(|i| match i % 3 {
+                0 => vec![],
+                1 => vec![1.0; 100],
+                _ => vec![-1.0; 100],
+            })
+            .collect();
+        let errors: Vec<Error> = p.run(&chunks).map(|r| r.unwrap_err()).collect();
+        assert_eq!(errors.len(), 10);
+        for (k, e) in errors.iter().enumerate() {
+            assert_eq!(e.seq(), Some(3 * k as u64 + 2), "{e}");
+            assert!(
+                matches!(e, Error::Stage { stage, .. } if stage == "check"),
+                "{e}"
+            );
+        }
+        let stats = p.stats();
+        assert_eq!(stats.stages[0].items, 30);
+        assert_eq!(stats.stages[1].items, 20);
+        assert_eq!(stats.stages[1].outputs, 0);
+    }
+    assert_no_children();
+}
+
+/// Writes one output bigger than the 1 MiB rings of the test pools.
+struct TooBig;
+
+impl Task for TooBig {
+    type Input = u64;
+    type Output = Vec<u8>;
+    fn process(&mut self, _: &rkyv::Archived<u64>) -> Result<Vec<u8>, BoxError> {
+        Ok(vec![0; 2 << 20])
+    }
+    fn produce(
+        &mut self,
+        n: &rkyv::Archived<u64>,
+        out: &mut OutputSink<'_>,
+    ) -> Result<(), BoxError> {
+        if n.to_native() % 2 == 0 {
+            out.emit_last(&vec![1u8; 10])
+        } else {
+            out.emit_last(&self.process(n)?)
+        }
+    }
+}
+
+#[test]
+fn settings_are_checked_and_an_output_too_large_names_its_stage() {
+    let guard = serial();
+    let empty = Pipeline::<u64>::builder().build(builder(&guard));
+    assert!(matches!(empty, Err(Error::InvalidArgument(_))));
+    let twice = Pipeline::<u64>::builder()
+        .map_fn("a", |&n| n.to_native())
+        .map_fn("a", |&n| n.to_native())
+        .build(builder(&guard));
+    assert!(matches!(twice, Err(Error::InvalidArgument(m)) if m.contains("'a'")));
+    let spawn = Pipeline::<u64>::builder()
+        .map_fn("a", |&n| n.to_native())
+        .build(builder(&guard).spawn("x"));
+    assert!(matches!(spawn, Err(Error::InvalidArgument(m)) if m.contains("fork")));
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("first", |&n| n.to_native())
+            .map("big", TooBig)
+            .build(builder(&guard).workers(1))
+            .unwrap();
+        let results: Vec<_> = p.run(0..4u64).collect();
+        for (i, r) in results.into_iter().enumerate() {
+            match r {
+                Ok(v) => assert!(i % 2 == 0 && v.len() == 10),
+                Err(Error::Stage { stage, error }) => {
+                    assert_eq!(stage, "big");
+                    assert!(matches!(*error, Error::OutputTooLarge { .. }), "{error}");
+                    assert_eq!(i % 2, 1);
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    assert_no_children();
+}
