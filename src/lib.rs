@@ -28,6 +28,7 @@
 //! | [`pipeline`]| chains of stages (map, filter, flat_map, each), fused in the workers  |
 //! | [`output`]  | [`OutputRef`], a result read in place                                 |
 //! | [`shared`]  | the shared region: chunks the workers read where the program put them |
+//! | [`store`]   | stage outputs saved to disk as they are, mapped back, read in place   |
 //! | [`archive`] | rkyv glue: serializing into a ring slot; samples, records in place    |
 //! | [`spawn`]   | the `spawn` start method, for programs that run threads               |
 //! | [`pin`]     | which core each worker runs on, and at what priority                  |
@@ -46,6 +47,7 @@ pub mod pool;
 pub mod shared;
 pub mod spawn;
 pub mod stats;
+pub mod store;
 pub mod task;
 mod wire;
 mod worker;

@@ -11,6 +11,7 @@
 //! | [`clock`]   | the monotonic clock, one time line for all the pool's processes      |
 //! | [`segment`] | anonymous shared memory (`memfd`), allocated up front, `MAP_SHARED`   |
 //! | [`memory`]  | the memory this process may still take (cgroups, RAM, `RLIMIT_AS`)    |
+//! | [`mapped`]  | a file mapped read-only: its bytes read in place, no copy             |
 //! | [`futex`]   | the raw shared-futex wait and wake                                     |
 //! | [`peer`]    | liveness of the process at the other end (pidfd)                       |
 //! | [`wait`]    | how a waiter spends its time: spin, then park                          |
@@ -44,6 +45,7 @@ pub mod frame;
 pub mod futex;
 pub mod held;
 pub mod launcher;
+pub mod mapped;
 pub mod memory;
 pub mod peer;
 pub mod process;
@@ -58,6 +60,7 @@ pub use error::{Error, Result};
 pub use frame::{FRAME_ALIGN, FrameKind, HEADER_LEN};
 pub use held::HeldFrame;
 pub use launcher::Launcher;
+pub use mapped::MappedFile;
 pub use peer::Peer;
 pub use process::{ChildProcess, ExitStatus, fork, fork_unchecked};
 pub use ring::{CONTROL_LEN, Consumer, Frame, Grant, Producer, Ring};
