@@ -33,6 +33,7 @@
 //! | [`spawn`]   | the `spawn` start method, for programs that run threads               |
 //! | [`pin`]     | which core each worker runs on, and at what priority                  |
 //! | [`stats`]   | counters per worker and per call; the coordinator's doorbell          |
+//! | [`time`]    | time chunks: their laws, rechunking, synchronization by containment   |
 //! | `wire`      | what crosses the process boundary besides archives (`PROTOCOL.md`)    |
 //! | `worker`    | the loop a worker process runs                                        |
 
@@ -49,6 +50,7 @@ pub mod spawn;
 pub mod stats;
 pub mod store;
 pub mod task;
+pub mod time;
 mod wire;
 mod worker;
 
@@ -70,3 +72,4 @@ pub use task::{
     ArrayOutput, ArrayTask, FlatMapTask, Task, TryFnTask, WorkerInfo, flat_map_fn, from_fn,
     try_from_fn,
 };
+pub use time::{Continuity, Interval, Rechunker, Synchronizer, TimeError, TimeRange};
