@@ -49,12 +49,23 @@ pub(crate) enum Field {
 #[derive(Clone)]
 pub(crate) struct StatsBlock {
     seg: Arc<Segment>,
+    /// Where the doorbell is: line 0 of `seg`, or of another pool's segment when several
+    /// pools share one coordinator wait (the groups of a pipeline).
+    bell: Arc<Segment>,
 }
 
 impl StatsBlock {
-    pub(crate) fn new(workers: usize) -> Result<StatsBlock> {
-        Ok(StatsBlock {
-            seg: Arc::new(Segment::new(Self::footprint(workers))?),
+    /// Counters for `workers` workers, whose doorbell is `bell` if given (else their own).
+    pub(crate) fn new(workers: usize, bell: Option<&Doorbell>) -> Result<StatsBlock> {
+        let seg = Arc::new(Segment::new(Self::footprint(workers))?);
+        let bell = bell.map_or_else(|| Arc::clone(&seg), |b| Arc::clone(&b.seg));
+        Ok(StatsBlock { seg, bell })
+    }
+
+    /// A doorbell of its own, for pools to share (`Config::doorbell`).
+    pub(crate) fn lone_doorbell() -> Result<Doorbell> {
+        Ok(Doorbell {
+            seg: Arc::new(Segment::new(SLOT)?),
         })
     }
 
@@ -65,7 +76,10 @@ impl StatsBlock {
 
     /// The counters of a pool whose segment this (spawned) worker received.
     pub(crate) fn from_segment(seg: Arc<Segment>) -> StatsBlock {
-        StatsBlock { seg }
+        StatsBlock {
+            bell: Arc::clone(&seg),
+            seg,
+        }
     }
 
     pub(crate) fn segment(&self) -> &Arc<Segment> {
@@ -81,7 +95,7 @@ impl StatsBlock {
     /// result also wakes when another worker could take more input (`crate::call::wait`).
     pub(crate) fn doorbell(&self) -> Doorbell {
         Doorbell {
-            seg: Arc::clone(&self.seg),
+            seg: Arc::clone(&self.bell),
         }
     }
 
@@ -108,6 +122,12 @@ impl StatsBlock {
 #[derive(Clone)]
 pub(crate) struct Doorbell {
     seg: Arc<Segment>,
+}
+
+impl std::fmt::Debug for Doorbell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Doorbell")
+    }
 }
 
 impl Doorbell {

@@ -37,9 +37,9 @@ enum Route {
 
 /// What [`Call::place`] did with an input.
 pub(crate) enum Placed {
-    /// It is item `seq` of the pool: in a ring, or failed in place (too large, not encodable),
-    /// its error waiting in the call's order.
-    Item(u64),
+    /// It is item `seq` of the pool: in the input ring of `worker`, or (`None`) failed in
+    /// place (too large, not encodable), its error waiting in the call's order.
+    Item { seq: u64, worker: Option<usize> },
     /// No worker has room now; the input stays with the caller.
     NoRoom,
 }
@@ -133,6 +133,14 @@ impl Call {
         }
     }
 
+    /// Records an item that failed before this pool (in an earlier group of a pipeline): it
+    /// takes a sequence number here, and its error its place in the call's order.
+    pub(crate) fn pass_error<T: Task>(&mut self, sup: &mut Supervisor<T>, e: Error) -> u64 {
+        let seq = sup.take_seq();
+        self.routes.push_back((seq, Route::Failed(e)));
+        seq
+    }
+
     /// Records an input that failed before reaching a worker: its error takes its place.
     pub(crate) fn fail_input<T: Task>(&mut self, sup: &mut Supervisor<T>, reason: String) -> u64 {
         let seq = sup.take_seq();
@@ -155,7 +163,7 @@ impl Call {
             let seq = sup.take_seq();
             let e = Error::InputTooLarge { seq, len, max };
             self.routes.push_back((seq, Route::Failed(e)));
-            return Ok(Placed::Item(seq));
+            return Ok(Placed::Item { seq, worker: None });
         }
         let (limit, timed) = (sup.config().queue_bytes, sup.config().item_timing);
         let seq = sup.peek_seq();
@@ -177,6 +185,7 @@ impl Call {
             grant.commit();
         }
         sup.take_seq();
+        let worker = written.is_ok().then_some(w);
         match written {
             Ok(n) => {
                 sup.slots[w].push(seq, n as u64, submitted_ns);
@@ -195,7 +204,7 @@ impl Call {
                 .routes
                 .push_back((seq, Route::Failed(Error::Encode { seq, reason }))),
         }
-        Ok(Placed::Item(seq))
+        Ok(Placed::Item { seq, worker })
     }
 
     /// Whether a waiter has something to do: a result of this call (or an abandoned call's,

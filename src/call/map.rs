@@ -113,7 +113,7 @@ impl<'a, T: Task> Map<'a, T> {
             };
             match placed {
                 Placed::NoRoom => break,
-                Placed::Item(_) => {
+                Placed::Item { .. } => {
                     if !wrote {
                         self.feed.skip(); // too large for any ring: its error takes its place
                     }

@@ -8,6 +8,7 @@ use shmexec_shm::WaitStrategy;
 
 use crate::error::{Error, Result};
 use crate::pin::{self, Pinning};
+use crate::stats::Doorbell;
 use crate::task::WorkerInfo;
 
 /// Default bytes of each ring (one input and one output ring per worker).
@@ -49,6 +50,8 @@ pub struct Builder {
     item_timing: bool,
     /// The names of the fused pipeline stages the workers run, if any (set by the pipeline).
     stage_names: Vec<String>,
+    /// A doorbell shared with other pools (a pipeline's groups), if any.
+    doorbell: Option<Doorbell>,
 }
 
 /// Everything the supervisor needs, resolved from a [`Builder`] once (core plan included).
@@ -84,6 +87,9 @@ pub(crate) struct Config {
     /// The names of the fused pipeline stages the workers run (empty for a plain pool): error
     /// reports name a stage by its index here.
     pub(crate) stage_names: Vec<String>,
+    /// The doorbell the workers ring, when it is shared with other pools (the groups of one
+    /// pipeline, so that their coordinator waits on one word for all of them).
+    pub(crate) doorbell: Option<Doorbell>,
 }
 
 impl Config {
@@ -119,6 +125,7 @@ impl Default for Builder {
             queue_bytes: DEFAULT_QUEUE_BYTES as u64,
             item_timing: true,
             stage_names: Vec::new(),
+            doorbell: None,
         }
     }
 }
@@ -128,6 +135,24 @@ impl Builder {
     pub(crate) fn stage_names(mut self, names: Vec<String>) -> Self {
         self.stage_names = names;
         self
+    }
+
+    /// Workers that ring `bell`, shared with other pools, instead of a doorbell of their own.
+    pub(crate) fn doorbell(mut self, bell: Doorbell) -> Self {
+        self.doorbell = Some(bell);
+        self
+    }
+
+    /// Outputs handed out as frames, not checked as archives: a pipeline group whose outputs
+    /// only the next group's workers read (and check).
+    pub(crate) fn frames_only(mut self) -> Self {
+        self.validate_outputs = false;
+        self
+    }
+
+    /// Whether outputs are checked as archives of the output type.
+    pub(crate) fn validates_outputs(&self) -> bool {
+        self.validate_outputs
     }
 }
 
@@ -396,6 +421,7 @@ impl Builder {
             queue_bytes: self.queue_bytes,
             item_timing: self.item_timing,
             stage_names: self.stage_names,
+            doorbell: self.doorbell,
         })
     }
 }

@@ -84,6 +84,9 @@ pub(crate) struct Supervisor<T: Task> {
     pub(crate) shared: Option<Arc<Segment>>,
     /// How the coordinator waits on the workers' doorbell.
     pub(crate) doorbell_waiter: Waiter,
+    /// Each worker's output ring, for the next group of a pipeline to read frames of in place
+    /// (its workers are forked after these exist, so they map them too).
+    pub(crate) output_rings: Vec<Ring>,
 }
 
 impl<T: Task> Supervisor<T> {
@@ -92,7 +95,7 @@ impl<T: Task> Supervisor<T> {
         // Before any segment exists: a pool too large for its cgroup is an error, not a kill.
         super::memory::admit(&config)?;
         let n = config.cores.len();
-        let stats = StatsBlock::new(n)?;
+        let stats = StatsBlock::new(n, config.doorbell.as_ref())?;
         let shared = match config.shared_bytes {
             0 => None,
             bytes => Some(Arc::new(Segment::new(bytes)?)),
@@ -139,7 +142,9 @@ impl<T: Task> Supervisor<T> {
             watch: Duration::ZERO,
             chunk_watch: Duration::ZERO,
             shared,
+            output_rings: Vec::new(),
         };
+        sup.output_rings = rings.iter().map(|(_, output)| output.clone()).collect();
         for (index, (input, output)) in rings.into_iter().enumerate() {
             let child = sup.start_worker(index, &input)?;
             let pid = child.pid();

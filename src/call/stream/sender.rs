@@ -94,7 +94,7 @@ impl<T: Task> StreamSender<'_, T> {
                         return Ok(Some(seq));
                     }
                 };
-                if let Placed::Item(seq) = call.place(sup, len, copies, write)? {
+                if let Placed::Item { seq, .. } = call.place(sup, len, copies, write)? {
                     drop(st);
                     // SYNC POINT with the receiver's `wait_ready`: the item is in the call's
                     // state (stored under the mutex, released above) before this notify; the
