@@ -195,6 +195,29 @@ impl Error {
         self.seq().is_some()
     }
 
+    /// The same error about item `seq` instead (a pipeline numbers an error by the input it
+    /// came from, whichever stage it happened in).
+    pub(crate) fn with_seq(mut self, to: u64) -> Error {
+        match &mut self {
+            Error::Task { seq, .. }
+            | Error::Panic { seq, .. }
+            | Error::InputTooLarge { seq, .. }
+            | Error::OutputTooLarge { seq, .. }
+            | Error::Encode { seq, .. }
+            | Error::InvalidOutput { seq, .. }
+            | Error::InvalidInput { seq, .. }
+            | Error::WorkerCrashed { seq, .. }
+            | Error::WorkerLost { seq, .. }
+            | Error::ChunkTimeout { seq, .. } => *seq = to,
+            Error::Stage { error, .. } => {
+                let inner = std::mem::replace(&mut **error, Error::StreamClosed);
+                **error = inner.with_seq(to);
+            }
+            _ => {}
+        }
+        self
+    }
+
     /// The item an item error is about: its sequence number (see [`crate::OutputRef::seq`]).
     pub fn seq(&self) -> Option<u64> {
         match self {

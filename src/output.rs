@@ -23,6 +23,9 @@ use crate::stats::Timing;
 pub struct OutputRef<O> {
     frame: HeldFrame,
     timing: Timing,
+    /// The item's number: the frame's, or, out of a pipeline, the number of the input it
+    /// came from.
+    seq: u64,
     _out: PhantomData<fn() -> O>,
 }
 
@@ -54,24 +57,38 @@ impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
             finished_ns,
             delivered_ns,
         };
-        if !validate {
-            return Ok(OutputRef {
-                frame,
-                timing,
-                _out: PhantomData,
-            });
-        }
-        if let Err(e) = decode::<Archived<O>>(&frame) {
+        let seq = frame.seq();
+        Self::checked(frame, timing, seq, validate)
+    }
+
+    fn checked(frame: HeldFrame, timing: Timing, seq: u64, validate: bool) -> Result<Self> {
+        if validate && let Err(e) = decode::<Archived<O>>(&frame) {
             return Err(Error::InvalidOutput {
-                seq: frame.seq(),
+                seq,
                 reason: e.to_string(),
             });
         }
         Ok(OutputRef {
             frame,
             timing,
+            seq,
             _out: PhantomData,
         })
+    }
+
+    /// The same frame as an output of type `P`, numbered `seq` (checked as an archive of `P`
+    /// if `validate`): the last group of a pipeline hands its frames out this way.
+    pub(crate) fn retype<P: rkyv::Archive<Archived: Decode>>(
+        self,
+        seq: u64,
+        validate: bool,
+    ) -> Result<OutputRef<P>> {
+        OutputRef::<P>::checked(self.frame, self.timing, seq, validate)
+    }
+
+    /// The frame itself, held.
+    pub(crate) fn into_frame(self) -> HeldFrame {
+        self.frame
     }
 
     /// When this result's input was handed to a worker, when the worker started and finished
@@ -84,7 +101,7 @@ impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
     /// The item's sequence number: its 0-based position in the pool's input stream (all calls
     /// of the pool count on from one another).
     pub fn seq(&self) -> u64 {
-        self.frame.seq()
+        self.seq
     }
 
     /// The archive's bytes in the ring.

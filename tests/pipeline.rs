@@ -54,7 +54,7 @@ fn fused_stages_give_the_reference_in_input_order() {
     {
         let mut p = three_stages(&guard);
         assert_eq!(p.plan().fused(), vec![vec!["double", "keep", "sums"]]);
-        assert_eq!(p.plan().workers(), 2);
+        assert_eq!(p.plan().workers(), vec![2]);
         let chunks: Vec<Vec<f32>> = (0..400).map(chunk).collect();
         let got: Vec<u64> = p.run(&chunks).map(|r| r.unwrap().to_native()).collect();
         let want: Vec<u64> = (0..400).flat_map(reference).collect();
@@ -74,16 +74,10 @@ fn fused_stages_give_the_reference_in_input_order() {
         assert_eq!(sums.items, kept);
         assert_eq!(sums.outputs, want.len() as u64);
         assert!(stats.bottleneck().is_some());
-        // Unordered gives the same outputs.
-        let mut got: Vec<u64> = p
-            .run_unordered(&chunks)
-            .map(|r| r.unwrap().to_native())
-            .collect();
-        got.sort_unstable();
-        let mut want = want;
-        want.sort_unstable();
-        assert_eq!(got, want);
-        assert_eq!(p.stats().since(&stats).stages[0].items, 400);
+        // A second run numbers its items on from the first.
+        let again: Vec<u64> = p.run(&chunks[..10]).map(|r| r.unwrap().seq()).collect();
+        assert_eq!(again.first(), Some(&400));
+        assert_eq!(p.stats().since(&stats).stages[0].items, 10);
     }
     assert_no_children();
 }
@@ -191,7 +185,7 @@ fn a_crash_in_a_middle_stage_reruns_the_item_and_init_and_finish_run_per_worker(
         let got: Vec<u64> = p.run(0..40u64).map(|r| r.unwrap().to_native()).collect();
         let want: Vec<u64> = (0..40u64).flat_map(|n| [(n + 1) * 3; 2]).collect();
         assert_eq!(got, want);
-        assert_eq!(p.pool().stats().respawns, 1);
+        assert_eq!(p.group_stats()[0].respawns, 1);
     }
     let names: Vec<String> = std::fs::read_dir(&dir)
         .unwrap()
@@ -298,5 +292,136 @@ fn settings_are_checked_and_an_output_too_large_names_its_stage() {
             }
         }
     }
+    assert_no_children();
+}
+
+/// Numbers the items it sees: the output is (input, how many items this worker saw before).
+fn numbering() -> impl Task<Input = u64, Output = (u64, u64)> {
+    let mut count = 0u64;
+    shmexec::from_fn::<u64, _, _>(move |&n| {
+        count += 1;
+        (n.to_native(), count - 1)
+    })
+}
+
+#[test]
+fn groups_hand_items_on_by_hop_in_order_with_no_copy() {
+    let guard = serial();
+    {
+        let mut p = Pipeline::<Vec<f32>>::builder()
+            .map_fn("sum", |c| {
+                c.samples().iter().map(|&x| x as u64).sum::<u64>()
+            })
+            .filter("even", |n| n.to_native() % 2 == 0)
+            .map("number", numbering())
+            .serial()
+            .map_fn("pack", |pair| vec![pair.0.to_native(), pair.1.to_native()])
+            .workers(2)
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        assert_eq!(
+            p.plan().fused(),
+            vec![vec!["sum", "even"], vec!["number"], vec!["pack"]]
+        );
+        assert_eq!(p.plan().workers(), vec![2, 1, 2]);
+        let plan = p.plan().to_string();
+        assert!(plan.contains("number: serial, 1 worker"), "{plan}");
+        let chunks: Vec<Vec<f32>> = (0..300u64).map(|i| vec![i as f32; 1000]).collect();
+        let got: Vec<(u64, Vec<u64>)> = p
+            .run(&chunks)
+            .map(|r| {
+                let r = r.unwrap();
+                (r.seq(), r.iter().map(|x| x.to_native()).collect())
+            })
+            .collect();
+        let evens: Vec<u64> = (0..300u64).filter(|i| (i * 1000) % 2 == 0).collect();
+        assert_eq!(got.len(), evens.len());
+        for (k, ((seq, pair), &i)) in got.iter().zip(&evens).enumerate() {
+            // Numbered in input order, without gaps, by the one serial worker; the result
+            // carries the number of the input it came from.
+            assert_eq!(*seq, i);
+            assert_eq!(pair, &vec![i * 1000, k as u64]);
+        }
+        let stats = p.stats();
+        assert_eq!(stats.copied_between_groups, 0);
+        assert_eq!(stats.stages[2].items, evens.len() as u64);
+        assert_eq!(stats.stages[2].workers, 1);
+        // The coordinator moved hops, not the chunks' sums, into the later groups.
+        let groups = p.group_stats();
+        assert_eq!(groups[1].input_bytes, 32 * evens.len() as u64);
+        assert_eq!(groups[1].input_bytes_copied, 0);
+    }
+    assert_no_children();
+}
+
+#[test]
+fn errors_travel_through_later_groups_in_their_place() {
+    let guard = serial();
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .map(
+                "first",
+                shmexec::try_from_fn::<u64, _, _>(|&n| match n.to_native() {
+                    n if n % 7 == 3 => Err(format!("{n} fails first").into()),
+                    n => Ok(n),
+                }),
+            )
+            .map(
+                "second",
+                shmexec::try_from_fn::<u64, _, _>(|&n| match n.to_native() {
+                    n if n % 7 == 5 => Err(format!("{n} fails second").into()),
+                    n => Ok(n * 2),
+                }),
+            )
+            .alone()
+            .map_fn("third", |&n| n.to_native() + 1)
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        assert_eq!(p.plan().fused().len(), 3);
+        for (i, r) in p.run(0..200u64).enumerate() {
+            let i = i as u64;
+            match (i % 7, r) {
+                (3, Err(Error::Stage { stage, error })) => {
+                    assert_eq!(stage, "first");
+                    assert_eq!(error.seq(), Some(i));
+                }
+                (5, Err(Error::Stage { stage, error })) => {
+                    assert_eq!(stage, "second");
+                    assert_eq!(error.seq(), Some(i), "{error}");
+                }
+                (_, Ok(v)) => {
+                    assert_eq!(v.seq(), i);
+                    assert_eq!(v.to_native(), i * 2 + 1);
+                }
+                (_, other) => panic!("item {i}: {other:?}"),
+            }
+        }
+    }
+    assert_no_children();
+}
+
+#[test]
+fn a_crash_in_a_later_group_reads_the_held_frame_again() {
+    let guard = serial();
+    let dir =
+        std::env::temp_dir().join(format!("shmexec-pipeline-hop-crash-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("first", |&n| n.to_native() + 1)
+            .map("crashy", CrashOnce { dir: dir.clone() })
+            .workers(1)
+            .map_fn("last", |&n| n.to_native() * 10)
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        assert_eq!(p.plan().workers(), vec![2, 1, 2]);
+        let got: Vec<u64> = p.run(0..60u64).map(|r| r.unwrap().to_native()).collect();
+        let want: Vec<u64> = (0..60u64).map(|n| (n + 1) * 3 * 10).collect();
+        assert_eq!(got, want);
+        let respawns: Vec<u64> = p.group_stats().iter().map(|s| s.respawns).collect();
+        assert_eq!(respawns, vec![0, 1, 0]);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
     assert_no_children();
 }

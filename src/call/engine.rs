@@ -44,6 +44,26 @@ pub(crate) enum Placed {
     NoRoom,
 }
 
+/// A result handed out by [`Call::poll_from`].
+pub(crate) struct Polled<O> {
+    /// The item of this pool it is of (the item's place in the call, for an error failed in
+    /// place or passed on from an earlier pool, whose own number may be another pool's).
+    pub(crate) seq: u64,
+    /// The worker whose output ring holds it (`None`: an error made without one).
+    pub(crate) worker: Option<usize>,
+    pub(crate) result: Result<OutputRef<O>>,
+}
+
+impl<O> Polled<O> {
+    fn failed(seq: u64, e: Error) -> Self {
+        Polled {
+            seq,
+            worker: None,
+            result: Err(e),
+        }
+    }
+}
+
 /// The state of one call; see the module documentation.
 pub(crate) struct Call {
     ordered: bool,
@@ -244,6 +264,15 @@ impl Call {
         &mut self,
         sup: &mut Supervisor<T>,
     ) -> Result<Option<Result<OutputRef<T::Output>>>> {
+        Ok(self.poll_from(sup)?.map(|p| p.result))
+    }
+
+    /// [`Call::poll`], saying which item of this pool the result is of and which worker's
+    /// ring holds it.
+    pub(crate) fn poll_from<T: Task>(
+        &mut self,
+        sup: &mut Supervisor<T>,
+    ) -> Result<Option<Polled<T::Output>>> {
         let r = if self.ordered {
             self.poll_ordered(sup)?
         } else {
@@ -258,7 +287,7 @@ impl Call {
     fn poll_ordered<T: Task>(
         &mut self,
         sup: &mut Supervisor<T>,
-    ) -> Result<Option<Result<OutputRef<T::Output>>>> {
+    ) -> Result<Option<Polled<T::Output>>> {
         // Results of an abandoned call sit in front of this call's: discard them, so that their
         // workers' rings make room.
         for w in 0..sup.slots.len() {
@@ -270,11 +299,11 @@ impl Call {
             let (seq, w) = match self.routes.front() {
                 None => return Ok(None),
                 Some((_, Route::Failed(_))) => {
-                    let Some((_, Route::Failed(e))) = self.routes.pop_front() else {
+                    let Some((seq, Route::Failed(e))) = self.routes.pop_front() else {
                         unreachable!("the front is a failure")
                     };
                     self.inputs_done += 1;
-                    return Ok(Some(Err(e)));
+                    return Ok(Some(Polled::failed(seq, e)));
                 }
                 Some((seq, Route::Worker(w))) => (*seq, *w),
             };
@@ -300,17 +329,21 @@ impl Call {
                 ));
                 return Err(sup.break_with(e));
             }
-            return Ok(Some(r));
+            return Ok(Some(Polled {
+                seq,
+                worker: Some(w),
+                result: r,
+            }));
         }
     }
 
     fn poll_unordered<T: Task>(
         &mut self,
         sup: &mut Supervisor<T>,
-    ) -> Result<Option<Result<OutputRef<T::Output>>>> {
-        if let Some((_, Route::Failed(e))) = self.routes.pop_front() {
+    ) -> Result<Option<Polled<T::Output>>> {
+        if let Some((seq, Route::Failed(e))) = self.routes.pop_front() {
             self.inputs_done += 1;
-            return Ok(Some(Err(e)));
+            return Ok(Some(Polled::failed(seq, e)));
         }
         // Whoever has a result ready, starting after the last one served.
         let n = sup.slots.len();
@@ -323,7 +356,16 @@ impl Call {
                     Some(Took::Output(r, last)) => {
                         self.inputs_done += u64::from(last);
                         self.next_poll = w + 1;
-                        return Ok(Some(r));
+                        // An output, or an item error of this pool's: both carry their item.
+                        let seq = match &r {
+                            Ok(out) => out.seq(),
+                            Err(e) => e.seq().unwrap_or(u64::MAX),
+                        };
+                        return Ok(Some(Polled {
+                            seq,
+                            worker: Some(w),
+                            result: r,
+                        }));
                     }
                 }
             }

@@ -7,8 +7,9 @@
 
 use std::borrow::Borrow;
 
-use super::engine::{Call, Placed};
+use super::engine::Call;
 use super::feed::{Feed, FillFeed, SerializeFeed, SliceFeed};
+use super::source::Source;
 use super::wait::{self, MAP_SLICE};
 use crate::archive::{Record, Records, Sample};
 use crate::error::{BoxError, Error, Result};
@@ -22,23 +23,12 @@ use crate::task::Task;
 /// by the pool.
 pub struct Map<'a, T: Task> {
     pool: &'a mut Pool<T>,
-    feed: Box<dyn Feed + 'a>,
+    source: Source<'a>,
     call: Call,
     /// The pool's doorbell, kept so that a wait costs no reference count.
     bell: Doorbell,
-    /// Archive size of the input the feed holds ready, waiting for ring space.
-    prepared: Option<usize>,
-    feeding: bool,
-    /// Why no more input can be placed (every worker was given up): reported once the items
-    /// in flight are handed out.
-    refused: Option<Error>,
     ended: bool,
 }
-
-/// The most inputs one step places before it looks for results: with workers that keep up
-/// with the source, room never runs out, and the caller would get no result until the input
-/// did.
-const PUMP_AT_MOST: u32 = 64;
 
 impl<'a, T: Task> Map<'a, T> {
     fn new(pool: &'a mut Pool<T>, feed: Box<dyn Feed + 'a>, ordered: bool) -> Self {
@@ -46,12 +36,9 @@ impl<'a, T: Task> Map<'a, T> {
         let bell = pool.rt.doorbell();
         Map {
             pool,
-            feed,
+            source: Source::new(feed),
             call,
             bell,
-            prepared: None,
-            feeding: true,
-            refused: None,
             ended: false,
         }
     }
@@ -67,87 +54,21 @@ impl<'a, T: Task> Map<'a, T> {
         self.pool.pids()
     }
 
-    /// Places inputs until no worker has room, the inputs run out or [`PUMP_AT_MOST`] were
-    /// placed. Never waits.
-    fn pump(&mut self) -> Result<()> {
-        let sup = &mut self.pool.rt;
-        for _ in 0..PUMP_AT_MOST {
-            if !self.feeding {
-                break;
-            }
-            // Workers that keep up with the source keep making room, so placing could go on
-            // for the whole input: the health check counts placements too.
-            self.call.tick(sup)?;
-            // An input stays prepared in the feed while no ring has room for it.
-            let len = match self.prepared {
-                Some(len) => len,
-                None => match self.feed.prepare() {
-                    None => {
-                        self.feeding = false;
-                        break;
-                    }
-                    Some(Err(reason)) => {
-                        self.call.fail_input(sup, reason);
-                        continue;
-                    }
-                    Some(Ok(len)) => len,
-                },
-            };
-            self.prepared = Some(len);
-            let copies = self.feed.copies();
-            let mut wrote = false;
-            let feed = &mut self.feed;
-            let placed = self.call.place(sup, len, copies, &mut |slot| {
-                wrote = true;
-                feed.write(slot)
-            });
-            let placed = match placed {
-                Ok(p) => p,
-                // What is in flight is handed out first (results, or why each was not run).
-                Err(e) if self.call.pending(sup) > 0 => {
-                    self.feeding = false;
-                    self.refused = Some(e);
-                    break;
-                }
-                Err(e) => return Err(e),
-            };
-            match placed {
-                Placed::NoRoom => break,
-                Placed::Item { .. } => {
-                    if !wrote {
-                        self.feed.skip(); // too large for any ring: its error takes its place
-                    }
-                    self.prepared = None;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Inputs the caller has not had placed yet, if known.
-    fn unplaced(&self) -> Option<u64> {
-        if !self.feeding {
-            return Some(0);
-        }
-        let rest = self.feed.remaining()?;
-        Some(rest + u64::from(self.prepared.is_some()))
-    }
-
     /// The next result, waiting for it; `Ok(None)` when the call is done.
     fn step(&mut self) -> Result<Option<Result<OutputRef<T::Output>>>> {
         // The caller ran since the last step: no clock reading of before counts as now.
         self.call.waited();
         self.call.tick(&mut self.pool.rt)?;
         loop {
-            self.pump()?;
+            self.source.pump(&mut self.call, &mut self.pool.rt)?;
             let sup: &mut Supervisor<T> = &mut self.pool.rt;
             if let Some(r) = self.call.poll(sup)? {
                 return Ok(Some(r));
             }
-            if !self.feeding && self.call.pending(sup) == 0 {
-                return self.refused.take().map_or(Ok(None), Err);
+            if !self.source.feeding() && self.call.pending(sup) == 0 {
+                return self.source.take_refused().map_or(Ok(None), Err);
             }
-            let (call, prepared) = (&self.call, self.prepared);
+            let (call, prepared) = (&self.call, self.source.prepared());
             let woke = wait_slice(sup, &self.bell, |sup| call.ready(sup, prepared))?;
             self.call.waited();
             if woke {
@@ -156,7 +77,7 @@ impl<'a, T: Task> Map<'a, T> {
                 // they count toward the health check too.
                 self.call.tick(&mut self.pool.rt)?;
             } else {
-                let unplaced = self.unplaced();
+                let unplaced = self.source.unplaced();
                 if let Some(e) = self.call.stalled(&mut self.pool.rt, unplaced, true)? {
                     return Ok(Some(Err(e)));
                 }

@@ -9,8 +9,9 @@ pub mod async_stream;
 mod collect;
 pub(crate) mod dispatch;
 pub(crate) mod engine;
-mod feed;
+pub(crate) mod feed;
 pub mod map;
+pub(crate) mod source;
 pub mod stream;
 pub(crate) mod wait;
 

@@ -43,9 +43,13 @@
 
 mod counters;
 mod fuse;
+mod group;
+mod hop;
+mod run;
 mod stages;
 
 use std::borrow::Borrow;
+use std::collections::VecDeque;
 use std::fmt;
 use std::marker::PhantomData;
 use std::time::Duration;
@@ -53,33 +57,58 @@ use std::time::Duration;
 use rkyv::Archived;
 
 use crate::archive::{Decode, Encode};
-use crate::call::Map;
+use crate::call::feed::SerializeFeed;
+use crate::call::source::Source;
 use crate::error::{BoxError, Error, Result};
 use crate::pool::{Builder, Pool, Start};
+use crate::stats::{PoolStats, StatsBlock};
 use crate::task::bytes::ByteTask;
 use crate::task::{Task, Token, flat_map_fn, from_fn};
 use counters::StageCounters;
 pub(crate) use fuse::StageFailure;
 use fuse::{Chain, Stage};
+use group::{GroupTask, GroupWorker, Groups};
+use hop::HopReader;
+pub use run::Run;
+
+/// Where a stage runs: with the pool's workers, fused with its neighbours (the default), or in
+/// workers of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Placement {
+    /// Its own worker count (else the pool's).
+    workers: Option<usize>,
+    /// One worker that sees every item in input order.
+    serial: bool,
+    /// Fused with no neighbour.
+    alone: bool,
+}
+
+impl Placement {
+    /// Whether a stage placed so can be fused with the stage before it, placed `before`.
+    fn fuses_with(&self, before: &Placement) -> bool {
+        !self.alone && !before.alone && self == before
+    }
+}
 
 /// A pipeline's stages, being listed; see the [module documentation](self).
 ///
 /// `In` is the type of the chunks the pipeline takes, `Out` the output type of its last stage.
 pub struct Stages<In, Out> {
-    stages: Vec<Stage>,
+    stages: Vec<(Stage, Placement)>,
+    /// A placement method called before any stage was added.
+    misuse: Option<String>,
     _types: PhantomData<fn(In) -> Out>,
 }
 
 /// A pipeline whose workers are running: [`run`](Pipeline::run) it over chunks, read its
 /// [`stats`](Pipeline::stats). Dropping it stops the workers.
-pub struct Pipeline<In, Out = In>
-where
-    In: Encode<Archived: Decode>,
-    Out: Encode<Archived: Decode>,
-{
-    pool: Pool<Fused<In, Out>>,
+pub struct Pipeline<In, Out = In> {
+    groups: Groups,
     plan: Plan,
-    counters: StageCounters,
+    /// Each group's counters (indexed by pipeline-wide stage numbers).
+    counters: Vec<StageCounters>,
+    validate: bool,
+    _types: PhantomData<fn(In) -> Out>,
 }
 
 impl<In: Encode<Archived: Decode>> Pipeline<In, In> {
@@ -87,6 +116,7 @@ impl<In: Encode<Archived: Decode>> Pipeline<In, In> {
     pub fn builder() -> Stages<In, In> {
         Stages {
             stages: Vec::new(),
+            misuse: None,
             _types: PhantomData,
         }
     }
@@ -98,14 +128,28 @@ where
     Out: Encode<Archived: Decode> + 'static,
 {
     fn then<Next>(mut self, name: &str, task: Box<dyn ByteTask>) -> Stages<In, Next> {
-        self.stages.push(Stage {
+        let stage = Stage {
             name: name.to_owned(),
             task,
-        });
+        };
+        self.stages.push((stage, Placement::default()));
         Stages {
             stages: self.stages,
+            misuse: self.misuse,
             _types: PhantomData,
         }
+    }
+
+    /// Changes where the stage added last runs.
+    fn placed(mut self, what: &str, change: impl FnOnce(&mut Placement)) -> Self {
+        match self.stages.last_mut() {
+            Some((_, place)) => change(place),
+            None => {
+                self.misuse
+                    .get_or_insert(format!("{what}() was called before any stage was added"));
+            }
+        }
+        self
     }
 
     /// Adds a stage that runs `task` on each item (its `init` and `finish` run once per worker,
@@ -157,43 +201,119 @@ where
         self.then(name, Box::new(stages::Each::<Out, F>::new(f)))
     }
 
-    /// Starts the pipeline's workers with the pool settings of `pool` (workers, ring sizes,
-    /// timeouts, failure policy): every stage runs in each worker, fused. Fails as
-    /// [`crate::Builder::build`] does, and with [`Error::InvalidArgument`] for a pipeline
-    /// without stages, a stage without a name or two stages of one name.
-    pub fn build(self, pool: Builder) -> Result<Pipeline<In, Out>> {
-        let names: Vec<String> = self.stages.iter().map(|s| s.name.clone()).collect();
-        check_names(&names)?;
-        let plan = Plan {
-            stages: names.clone(),
-            workers: 0,
-        };
-        let mut counters = None;
-        let stages = self.stages;
-        let pool = pool.stage_names(names.clone()).build_with(|config| {
-            if let Start::Spawn(_) = config.start {
-                return Err(Error::InvalidArgument(
-                    "a pipeline's workers start by fork: spawned workers cannot run its stages"
-                        .to_owned(),
-                ));
-            }
-            let c = StageCounters::new(config.cores.len(), names.len())?;
-            counters = Some(c.clone());
-            Ok(Fused {
-                chain: Chain::new(0, stages, c),
-                _types: PhantomData,
-            })
-        })?;
-        let counters = counters.expect("the pool was built with its counters");
-        Ok(Pipeline {
-            plan: Plan {
-                workers: pool.workers(),
-                ..plan
-            },
-            pool,
-            counters,
+    /// Runs the stage added last on `n` workers of its own (fused with neighbours that run on
+    /// `n` workers too), instead of the pool's. A stage that is much slower or faster than the
+    /// rest gets the share of the cores it needs this way.
+    pub fn workers(self, n: usize) -> Self {
+        self.placed("workers", |p| p.workers = Some(n))
+    }
+
+    /// Runs the stage added last on one worker that sees every item in input order (strax's
+    /// event numbering, a saver writing one file), while the other stages run in parallel.
+    /// Adjacent serial stages share that worker.
+    pub fn serial(self) -> Self {
+        self.placed("serial", |p| {
+            p.serial = true;
+            p.workers = Some(1);
         })
     }
+
+    /// Runs the stage added last in workers of its own, fused with no neighbour.
+    pub fn alone(self) -> Self {
+        self.placed("alone", |p| p.alone = true)
+    }
+
+    /// Starts the pipeline's workers with the pool settings of `pool` (workers, ring sizes,
+    /// timeouts, failure policy), one set of workers per group of fused stages
+    /// ([`Pipeline::plan`]). Fails as [`crate::Builder::build`] does, and with
+    /// [`Error::InvalidArgument`] for a pipeline without stages, a stage without a name, two
+    /// stages of one name, or a pool that spawns its workers (a pipeline's workers are forked,
+    /// so that each group maps the rings of the group before it).
+    pub fn build(self, pool: Builder) -> Result<Pipeline<In, Out>> {
+        if let Some(misuse) = self.misuse {
+            return Err(Error::InvalidArgument(misuse));
+        }
+        let names: Vec<String> = self.stages.iter().map(|(s, _)| s.name.clone()).collect();
+        check_names(&names)?;
+        let validate = pool.validates_outputs();
+        let bell = StatsBlock::lone_doorbell()?;
+        let mut groups = Groups {
+            pools: Vec::new(),
+            pins: Vec::new(),
+            origins: Vec::new(),
+            bell: bell.clone(),
+        };
+        let mut counters = Vec::new();
+        let mut plan = Plan {
+            stages: names.clone(),
+            groups: Vec::new(),
+        };
+        for (first, group) in split_groups(self.stages) {
+            let place = group[0].1;
+            let stages: Vec<Stage> = group.into_iter().map(|(s, _)| s).collect();
+            let count = stages.len();
+            let mut builder = pool
+                .clone()
+                .stage_names(names.clone())
+                .doorbell(bell.clone())
+                .frames_only();
+            if let Some(n) = place.workers {
+                builder = builder.workers(n);
+            }
+            let upstream = groups.pools.last().map(|p| p.rt.output_rings.clone());
+            let mut made = None;
+            let built = builder.build_with(|config| {
+                if let Start::Spawn(_) = config.start {
+                    return Err(Error::InvalidArgument(
+                        "a pipeline's workers start by fork: spawned workers cannot run its \
+                         stages"
+                            .to_owned(),
+                    ));
+                }
+                let c = StageCounters::new(config.cores.len(), names.len())?;
+                made = Some(c.clone());
+                let chain = Chain::new(first as u32, stages, c);
+                let worker = match upstream {
+                    None => GroupWorker::First(chain),
+                    Some(upstream) => GroupWorker::Next(HopReader { upstream, chain }),
+                };
+                Ok(GroupTask { worker })
+            })?;
+            let workers = built.workers();
+            groups
+                .pins
+                .push((0..workers).map(|_| VecDeque::new()).collect());
+            groups.origins.push(VecDeque::new());
+            groups.pools.push(built);
+            counters.push(made.expect("the group was built with its counters"));
+            plan.groups.push(GroupPlan {
+                stages: (first..first + count).collect(),
+                workers,
+                serial: place.serial,
+            });
+        }
+        Ok(Pipeline {
+            groups,
+            plan,
+            counters,
+            validate,
+            _types: PhantomData,
+        })
+    }
+}
+
+/// The stages split into groups of fused neighbours, each with the index of its first stage.
+fn split_groups(stages: Vec<(Stage, Placement)>) -> Vec<(usize, Vec<(Stage, Placement)>)> {
+    let mut groups: Vec<(usize, Vec<(Stage, Placement)>)> = Vec::new();
+    for (i, (stage, place)) in stages.into_iter().enumerate() {
+        match groups.last_mut() {
+            Some((_, group)) if place.fuses_with(&group[group.len() - 1].1) => {
+                group.push((stage, place));
+            }
+            _ => groups.push((i, vec![(stage, place)])),
+        }
+    }
+    groups
 }
 
 /// Refuses a pipeline without stages and stage names that are empty or repeated: errors and
@@ -217,61 +337,24 @@ fn check_names(names: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The task a pipeline's workers run: its stages, fused. Made only by [`Stages::build`].
-pub struct Fused<In, Out> {
-    chain: Chain,
-    _types: PhantomData<fn(In) -> Out>,
-}
-
-impl<In, Out> Task for Fused<In, Out>
-where
-    In: Encode<Archived: Decode>,
-    Out: Encode<Archived: Decode>,
-{
-    type Input = In;
-    type Output = Out;
-
-    /// Never called: the workers run the chain itself (`into_worker`).
-    fn process(&mut self, _: &Archived<In>) -> std::result::Result<Out, BoxError> {
-        Err("a pipeline's stages run in its workers only".into())
-    }
-
-    fn into_worker(self, _: Token) -> impl ByteTask {
-        self.chain
-    }
-}
-
 impl<In, Out> Pipeline<In, Out>
 where
     In: Encode<Archived: Decode>,
     Out: Encode<Archived: Decode>,
 {
     /// Runs the pipeline over `inputs`: each result (the last stage's outputs, or an item's
-    /// error) in input order, as [`Pool::map`] gives them.
-    pub fn run<'a, I>(&'a mut self, inputs: I) -> Map<'a, Fused<In, Out>>
+    /// error in its place) in input order. A result's [`crate::OutputRef::seq`] and an error's
+    /// [`Error::seq`] are the number of the input it came from (counting on from one run to
+    /// the next). The pass is lazy and bounded as [`Pool::map`] is: inputs are taken as the
+    /// rings have room, and a slow stage holds back the ones before it.
+    pub fn run<'a, I>(&'a mut self, inputs: I) -> Run<'a, In, Out>
     where
         I: IntoIterator,
         I::IntoIter: 'a,
         I::Item: Borrow<In>,
     {
-        self.pool.map(inputs)
-    }
-
-    /// [`run`](Pipeline::run), with results in the order they are ready.
-    pub fn run_unordered<'a, I>(&'a mut self, inputs: I) -> Map<'a, Fused<In, Out>>
-    where
-        I: IntoIterator,
-        I::IntoIter: 'a,
-        I::Item: Borrow<In>,
-    {
-        self.pool.map_unordered(inputs)
-    }
-
-    /// The pool that runs the pipeline, for every other way of calling it: live streams
-    /// ([`Pool::stream`], [`Pool::into_stream`]), chunks written in place
-    /// ([`Pool::map_in_place`], [`Pool::map_records_in_place`]), the pool's own statistics.
-    pub fn pool(&mut self) -> &mut Pool<Fused<In, Out>> {
-        &mut self.pool
+        let feed = SerializeFeed::<_, In>::new(inputs.into_iter());
+        Run::new(&mut self.groups, Source::new(Box::new(feed)), self.validate)
     }
 
     /// Which stages run where.
@@ -279,17 +362,33 @@ where
         &self.plan
     }
 
+    /// The pool statistics of each group of fused stages (its workers' counters, respawns,
+    /// what the coordinator copied), in group order.
+    pub fn group_stats(&self) -> Vec<PoolStats> {
+        self.groups.pools.iter().map(Pool::stats).collect()
+    }
+
     /// What each stage did so far (readable while the pipeline runs).
     pub fn stats(&self) -> PipelineStats {
+        let group_of = |stage: usize| {
+            self.plan
+                .groups
+                .iter()
+                .position(|g| g.stages.contains(&stage))
+                .unwrap_or(0)
+        };
         let stages = self
             .plan
             .stages
             .iter()
             .enumerate()
             .map(|(i, name)| {
-                let c = self.counters.stage(i);
+                let group = group_of(i);
+                let c = self.counters[group].stage(i);
                 StageStats {
                     name: name.clone(),
+                    group,
+                    workers: self.plan.groups[group].workers,
                     items: c.items,
                     bytes_in: c.bytes_in,
                     outputs: c.outputs,
@@ -299,16 +398,32 @@ where
                 }
             })
             .collect();
-        PipelineStats { stages }
+        let copied = self
+            .group_stats()
+            .iter()
+            .skip(1)
+            .map(|s| s.input_bytes_copied)
+            .sum();
+        PipelineStats {
+            stages,
+            copied_between_groups: copied,
+        }
     }
 }
 
-/// Which stages of a pipeline run together: today all of them, fused, in each of the pool's
-/// workers.
+/// Which stages of a pipeline run together, and on how many workers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     stages: Vec<String>,
+    groups: Vec<GroupPlan>,
+}
+
+/// One group of fused stages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct GroupPlan {
+    stages: Vec<usize>,
     workers: usize,
+    serial: bool,
 }
 
 impl Plan {
@@ -319,20 +434,28 @@ impl Plan {
 
     /// The groups of stages fused into one worker process each, in order.
     pub fn fused(&self) -> Vec<Vec<String>> {
-        vec![self.stages.clone()]
+        self.groups
+            .iter()
+            .map(|g| g.stages.iter().map(|&i| self.stages[i].clone()).collect())
+            .collect()
     }
 
-    /// The worker processes that run each group.
-    pub fn workers(&self) -> usize {
-        self.workers
+    /// The worker processes of each group, in order.
+    pub fn workers(&self) -> Vec<usize> {
+        self.groups.iter().map(|g| g.workers).collect()
     }
 }
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for group in self.fused() {
-            let kind = if group.len() > 1 { "fused" } else { "alone" };
-            writeln!(f, "{}: {kind}, {} workers", group.join(" + "), self.workers)?;
+        for (g, names) in self.groups.iter().zip(self.fused()) {
+            let kind = match (names.len(), g.serial) {
+                (_, true) => "serial",
+                (1, false) => "alone",
+                _ => "fused",
+            };
+            let s = if g.workers == 1 { "" } else { "s" };
+            writeln!(f, "{}: {kind}, {} worker{s}", names.join(" + "), g.workers)?;
         }
         Ok(())
     }
@@ -344,6 +467,10 @@ impl fmt::Display for Plan {
 pub struct StageStats {
     /// The stage's name.
     pub name: String,
+    /// The group of fused stages it runs in (see [`Plan::fused`]).
+    pub group: usize,
+    /// The workers of that group.
+    pub workers: usize,
     /// Items the stage started (its inputs).
     pub items: u64,
     /// Bytes of those inputs.
@@ -376,16 +503,21 @@ impl StageStats {
 pub struct PipelineStats {
     /// The stages, in order.
     pub stages: Vec<StageStats>,
+    /// Payload bytes the coordinator copied to move items between groups: none, as a group
+    /// reads the frames of the one before where they lie (the coordinator writes a 32-byte
+    /// hop per item instead). Counted from the rings, not assumed.
+    pub copied_between_groups: u64,
 }
 
 impl PipelineStats {
-    /// The stage that took the most time so far: in fused stages, where the workers' time
-    /// goes; the one to speed up first. `None` before any item ran.
+    /// The stage that limits the pipeline so far: the one with the most busy time per worker
+    /// of its group (fused stages share their workers' time; a group's workers share its
+    /// stages' load). The one to speed up, or to give more workers. `None` before any item ran.
     pub fn bottleneck(&self) -> Option<&StageStats> {
         self.stages
             .iter()
             .filter(|s| s.busy > Duration::ZERO)
-            .max_by_key(|s| s.busy)
+            .max_by_key(|s| s.busy / s.workers.max(1) as u32)
     }
 
     /// The counters since `earlier` (an earlier reading of the same pipeline).
@@ -396,6 +528,8 @@ impl PipelineStats {
             .zip(&earlier.stages)
             .map(|(now, then)| StageStats {
                 name: now.name.clone(),
+                group: now.group,
+                workers: now.workers,
                 items: now.items - then.items,
                 bytes_in: now.bytes_in - then.bytes_in,
                 outputs: now.outputs - then.outputs,
@@ -404,7 +538,10 @@ impl PipelineStats {
                 errors: now.errors - then.errors,
             })
             .collect();
-        PipelineStats { stages }
+        PipelineStats {
+            stages,
+            copied_between_groups: self.copied_between_groups - earlier.copied_between_groups,
+        }
     }
 }
 
@@ -413,8 +550,8 @@ impl fmt::Display for PipelineStats {
         let bottleneck = self.bottleneck().map(|s| s.name.as_str());
         writeln!(
             f,
-            "{:<16} {:>9} {:>12} {:>9} {:>12} {:>10} {:>7}",
-            "stage", "items", "bytes in", "outputs", "bytes out", "busy s", "errors"
+            "{:<16} {:>5} {:>9} {:>12} {:>9} {:>12} {:>10} {:>7}",
+            "stage", "group", "items", "bytes in", "outputs", "bytes out", "busy s", "errors"
         )?;
         for s in &self.stages {
             let mark = if Some(s.name.as_str()) == bottleneck {
@@ -424,8 +561,9 @@ impl fmt::Display for PipelineStats {
             };
             writeln!(
                 f,
-                "{:<16} {:>9} {:>12} {:>9} {:>12} {:>10.3} {:>7}{mark}",
+                "{:<16} {:>5} {:>9} {:>12} {:>9} {:>12} {:>10.3} {:>7}{mark}",
                 s.name,
+                s.group,
                 s.items,
                 s.bytes_in,
                 s.outputs,

@@ -1,0 +1,134 @@
+//! Groups: the stages that run fused in one set of worker processes. A pipeline is one or more
+//! groups, each a pool of its own (its worker count, rings, supervision), the first fed by the
+//! caller's inputs and each later one by hops to the frames of the group before it.
+
+use std::collections::VecDeque;
+
+use rkyv::Archived;
+use shmexec_shm::HeldFrame;
+
+use super::fuse::Chain;
+use super::hop::HopReader;
+use crate::error::BoxError;
+use crate::pool::Pool;
+use crate::stats::Doorbell;
+use crate::task::bytes::{ByteTask, ItemFailure};
+use crate::task::sink::OutputSink;
+use crate::task::{Task, Token, WorkerInfo};
+
+/// The task of a group's pool. Its types are nominal: the coordinator never reads a group's
+/// inputs or outputs as values (it writes the caller's inputs, moves frames, and hands out the
+/// last group's frames as the pipeline's output type).
+pub(crate) struct GroupTask {
+    pub(crate) worker: GroupWorker,
+}
+
+/// What a group's worker runs.
+pub(crate) enum GroupWorker {
+    /// The first group: its chain reads the caller's inputs.
+    First(Chain),
+    /// A later group: its chain reads the frames hops point to.
+    Next(HopReader),
+}
+
+impl Task for GroupTask {
+    type Input = ();
+    type Output = ();
+
+    /// Never called: the workers run the chain itself (`into_worker`).
+    fn process(&mut self, _: &Archived<()>) -> Result<(), BoxError> {
+        Err("a pipeline's stages run in its workers only".into())
+    }
+
+    fn into_worker(self, _: Token) -> impl ByteTask {
+        self.worker
+    }
+}
+
+impl ByteTask for GroupWorker {
+    fn init(&mut self, worker: &WorkerInfo) -> Result<(), BoxError> {
+        match self {
+            GroupWorker::First(chain) => chain.init(worker),
+            GroupWorker::Next(reader) => reader.init(worker),
+        }
+    }
+
+    fn run(&mut self, input: &[u8], out: &mut OutputSink<'_>) -> Result<(), ItemFailure> {
+        match self {
+            GroupWorker::First(chain) => chain.run(input, out),
+            GroupWorker::Next(reader) => reader.run(input, out),
+        }
+    }
+
+    fn finish(&mut self, worker: &WorkerInfo) {
+        match self {
+            GroupWorker::First(chain) => chain.finish(worker),
+            GroupWorker::Next(reader) => reader.finish(worker),
+        }
+    }
+}
+
+/// Where an item of a later group came from.
+#[derive(Clone, Copy)]
+pub(crate) struct Origin {
+    /// Its sequence number in the group.
+    pub(crate) seq: u64,
+    /// The number of the pipeline input it came from (the first group's sequence number).
+    pub(crate) input: u64,
+    /// Whether it is an error passed on from an earlier group (already numbered by its input).
+    pub(crate) passed: bool,
+}
+
+/// The groups of a pipeline and what the coordinator holds between them. Field order is drop
+/// order: the pools (their workers stopped and reaped) before the frames they might read.
+pub(crate) struct Groups {
+    pub(crate) pools: Vec<Pool<GroupTask>>,
+    /// `pins[g][w]` (g >= 1): frames of group `g - 1` that worker `w` of group `g` reads, with
+    /// the item's sequence number in group `g`, oldest first. A frame is held until its item
+    /// has left the worker's queue.
+    pub(crate) pins: Vec<Vec<VecDeque<(u64, HeldFrame)>>>,
+    /// `origins[g]` (g >= 1): the items placed in group `g`, oldest first, until their
+    /// results are handed on.
+    pub(crate) origins: Vec<VecDeque<Origin>>,
+    /// The doorbell every group's workers ring.
+    pub(crate) bell: Doorbell,
+}
+
+impl Groups {
+    /// Where item `seq` of group `g` came from. Results of a group come in its items' order,
+    /// so the items before `seq` are done with.
+    pub(crate) fn origin(&mut self, g: usize, seq: u64) -> Origin {
+        let direct = Origin {
+            seq,
+            input: seq,
+            passed: false,
+        };
+        if g == 0 {
+            return direct;
+        }
+        let origins = &mut self.origins[g];
+        while origins.front().is_some_and(|o| o.seq < seq) {
+            origins.pop_front();
+        }
+        match origins.front() {
+            Some(o) if o.seq == seq => *o,
+            _ => direct,
+        }
+    }
+
+    /// Lets go of every upstream frame whose downstream item is done: it left its worker's
+    /// queue, so that worker (or a successor) reads it no more.
+    pub(crate) fn release_pins(&mut self) {
+        for (g, pins) in self.pins.iter_mut().enumerate().skip(1) {
+            let slots = &self.pools[g].rt.slots;
+            for (w, pins) in pins.iter_mut().enumerate() {
+                while pins
+                    .front()
+                    .is_some_and(|(seq, _)| !slots[w].expect.contains(*seq))
+                {
+                    pins.pop_front();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,131 @@
+//! Hops: an item going from one group of a pipeline to the next with no copy.
+//!
+//! A group's worker publishes its output frame in its own output ring, as any worker does. The
+//! coordinator, the ring's only consumer, holds the frame (so its producer cannot reuse the
+//! bytes) and places a [`Hop`] (32 bytes: which worker's ring, the frame's position, length,
+//! sequence number and part) into the input ring of a worker of the next group. That worker
+//! reads the frame where it lies, through its own mapping of the upstream ring (it was forked
+//! after the ring existed), and runs its stages on it. The coordinator moves tens of bytes per
+//! item, whatever the chunk's size.
+//!
+//! When the downstream worker is done with the frame is said by the protocol the pool already
+//! has: a worker releases its input only after it published the item's closing frame, and the
+//! coordinator pops the item from that worker's queue when it reads the closing frame. So the
+//! coordinator drops its hold on the upstream frame once the item has left the downstream
+//! worker's queue: answered, or failed for good. A downstream worker that dies mid-item leaves
+//! the hop in its input ring; its successor reads the same frame again, which is still held.
+//! A hop whose frame is not there any more (a bug, or memory written by someone else) fails the
+//! item as an invalid input: [`shmexec_shm::Ring::read_held`] checks the frame's stamp and
+//! header against the hop.
+
+use shmexec_shm::{HeldFrame, Ring};
+
+use super::fuse::Chain;
+use crate::error::BoxError;
+use crate::task::WorkerInfo;
+use crate::task::bytes::{ByteTask, ItemFailure};
+use crate::task::sink::OutputSink;
+
+/// The size of a hop in the input ring.
+pub(crate) const HOP_LEN: usize = 32;
+
+/// Where a frame of the upstream group lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Hop {
+    /// The upstream worker whose output ring holds the frame.
+    pub(crate) worker: u32,
+    pub(crate) part: u32,
+    pub(crate) pos: u64,
+    pub(crate) len: u64,
+    pub(crate) seq: u64,
+}
+
+impl Hop {
+    /// The hop to `frame`, held from the output ring of upstream worker `worker`.
+    pub(crate) fn to(worker: usize, frame: &HeldFrame) -> Hop {
+        Hop {
+            worker: worker as u32,
+            part: frame.part(),
+            pos: frame.position(),
+            len: frame.len() as u64,
+            seq: frame.seq(),
+        }
+    }
+
+    /// Writes the hop into `out` (at least [`HOP_LEN`] bytes), little-endian.
+    pub(crate) fn write(&self, out: &mut [u8]) -> usize {
+        out[0..4].copy_from_slice(&self.worker.to_le_bytes());
+        out[4..8].copy_from_slice(&self.part.to_le_bytes());
+        out[8..16].copy_from_slice(&self.pos.to_le_bytes());
+        out[16..24].copy_from_slice(&self.len.to_le_bytes());
+        out[24..32].copy_from_slice(&self.seq.to_le_bytes());
+        HOP_LEN
+    }
+
+    /// Reads a hop from an input frame's payload.
+    pub(crate) fn read(input: &[u8]) -> Option<Hop> {
+        if input.len() != HOP_LEN {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes(input[i..i + 4].try_into().unwrap_or([0; 4]));
+        let u64_at = |i: usize| u64::from_le_bytes(input[i..i + 8].try_into().unwrap_or([0; 8]));
+        Some(Hop {
+            worker: u32_at(0),
+            part: u32_at(4),
+            pos: u64_at(8),
+            len: u64_at(16),
+            seq: u64_at(24),
+        })
+    }
+}
+
+/// What a worker of a group after the first runs: it reads each hop's frame in the upstream
+/// group's output rings and runs its chain of stages on it.
+pub(crate) struct HopReader {
+    /// The upstream group's output rings, one per upstream worker.
+    pub(crate) upstream: Vec<Ring>,
+    pub(crate) chain: Chain,
+}
+
+impl ByteTask for HopReader {
+    fn init(&mut self, worker: &WorkerInfo) -> Result<(), BoxError> {
+        self.chain.init(worker)
+    }
+
+    fn run(&mut self, input: &[u8], out: &mut OutputSink<'_>) -> Result<(), ItemFailure> {
+        let hop = Hop::read(input).ok_or_else(|| {
+            ItemFailure::InvalidInput(format!("a hop is {HOP_LEN} bytes, not {}", input.len()))
+        })?;
+        let ring = self.upstream.get(hop.worker as usize).ok_or_else(|| {
+            ItemFailure::InvalidInput(format!("no upstream worker {}", hop.worker))
+        })?;
+        let frame = ring
+            .read_held(hop.pos, hop.len, hop.seq, hop.part)
+            .map_err(|e| ItemFailure::InvalidInput(format!("the upstream frame: {e}")))?;
+        self.chain.run(frame, out)
+    }
+
+    fn finish(&mut self, worker: &WorkerInfo) {
+        self.chain.finish(worker)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_hop_round_trips_and_a_wrong_length_is_refused() {
+        let hop = Hop {
+            worker: 3,
+            part: 7,
+            pos: 1 << 40,
+            len: 12345,
+            seq: u64::MAX - 1,
+        };
+        let mut buf = [0u8; HOP_LEN];
+        assert_eq!(hop.write(&mut buf), HOP_LEN);
+        assert_eq!(Hop::read(&buf), Some(hop));
+        assert_eq!(Hop::read(&buf[..31]), None);
+    }
+}
