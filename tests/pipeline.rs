@@ -425,3 +425,75 @@ fn a_crash_in_a_later_group_reads_the_held_frame_again() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_no_children();
 }
+
+/// Numbers events on from the chunk before: chunk `i` has `i % 5` events. It kills its worker
+/// the first time it sees chunk 7 (half way through: after numbering, before returning), and
+/// fails chunk 11.
+struct NumberEvents {
+    dir: PathBuf,
+}
+
+impl shmexec::pipeline::Stateful for NumberEvents {
+    type Input = u64;
+    type Output = Vec<u64>;
+    type State = u64;
+    fn process(
+        &mut self,
+        next: &mut u64,
+        chunk: &rkyv::Archived<u64>,
+    ) -> Result<Vec<u64>, BoxError> {
+        let i = chunk.to_native();
+        let numbers: Vec<u64> = (*next..*next + i % 5).collect();
+        *next += i % 5;
+        let marker = self.dir.join("crashed");
+        if i == 7 && !marker.exists() {
+            std::fs::write(&marker, b"")?;
+            std::process::abort();
+        }
+        if i == 11 {
+            return Err("chunk 11 is bad".into());
+        }
+        Ok(numbers)
+    }
+}
+
+#[test]
+fn a_stateful_stage_numbers_without_gaps_through_a_crash_and_a_failed_chunk() {
+    let guard = serial();
+    let dir = std::env::temp_dir().join(format!("shmexec-pipeline-state-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("chunks", |&n| n.to_native())
+            .stateful("number", NumberEvents { dir: dir.clone() })
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        assert_eq!(p.plan().workers(), vec![2, 1]);
+        let mut numbers = Vec::new();
+        for (i, r) in p.run(0..30u64).enumerate() {
+            match r {
+                Ok(v) => numbers.extend(v.iter().map(|x| x.to_native())),
+                Err(e) => {
+                    assert_eq!(i, 11, "{e}");
+                    assert!(
+                        matches!(&e, Error::Stage { stage, .. } if stage == "number"),
+                        "{e}"
+                    );
+                }
+            }
+        }
+        // Every event of every chunk but 11 numbered once, in order, with no gap.
+        let want = (0..30u64).filter(|&i| i != 11).map(|i| i % 5).sum::<u64>();
+        assert_eq!(numbers, (0..want).collect::<Vec<_>>());
+        assert_eq!(p.group_stats()[1].respawns, 1);
+        // The state lives on into the next run.
+        let more: Vec<u64> = p
+            .run([3u64])
+            .flat_map(|r| r.unwrap().iter().map(|x| x.to_native()).collect::<Vec<_>>())
+            .collect();
+        assert_eq!(more, vec![want, want + 1, want + 2]);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_children();
+}

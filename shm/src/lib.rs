@@ -19,6 +19,7 @@
 //! | [`frame`]   | the frame header: length, sequence number, kind                        |
 //! | [`ring`]    | the SPSC ring of variable-length, 64-byte aligned frames              |
 //! | [`held`]    | frames kept after the read cursor moved on, released in any order     |
+//! | [`snapshot`]| two tagged state slots, for a successor to go on from                 |
 //! | [`process`] | forked children that die with their parent and their handle           |
 //! | [`sched`]   | the cores a process may use, pinning, priority                         |
 //! | [`launcher`]| a single-threaded process that forks children on request              |
@@ -53,6 +54,7 @@ pub mod ring;
 pub mod sched;
 pub mod segment;
 pub mod signal;
+pub mod snapshot;
 pub mod spawner;
 pub mod wait;
 
@@ -66,5 +68,6 @@ pub use process::{ChildProcess, ExitStatus, fork, fork_unchecked};
 pub use ring::{CONTROL_LEN, Consumer, Frame, Grant, Producer, Ring};
 pub use segment::Segment;
 pub use signal::Signal;
+pub use snapshot::Snapshots;
 pub use spawner::Spawner;
 pub use wait::{WaitStrategy, Waiter};

@@ -99,6 +99,12 @@ impl ByteTask for Chain {
         run_from(at, &mut self.stages, &mut self.rooms, input, out)
     }
 
+    fn item_closed(&mut self, seq: u64, ok: bool) {
+        for stage in &mut self.stages {
+            stage.task.item_closed(seq, ok);
+        }
+    }
+
     fn finish(&mut self, worker: &WorkerInfo) {
         for stage in &mut self.stages {
             // One stage's panic must not keep the others from finishing.

@@ -60,6 +60,13 @@ impl ByteTask for GroupWorker {
         }
     }
 
+    fn item_closed(&mut self, seq: u64, ok: bool) {
+        match self {
+            GroupWorker::First(chain) => chain.item_closed(seq, ok),
+            GroupWorker::Next(reader) => reader.item_closed(seq, ok),
+        }
+    }
+
     fn finish(&mut self, worker: &WorkerInfo) {
         match self {
             GroupWorker::First(chain) => chain.finish(worker),

@@ -105,6 +105,10 @@ impl ByteTask for HopReader {
         self.chain.run(frame, out)
     }
 
+    fn item_closed(&mut self, seq: u64, ok: bool) {
+        self.chain.item_closed(seq, ok)
+    }
+
     fn finish(&mut self, worker: &WorkerInfo) {
         self.chain.finish(worker)
     }

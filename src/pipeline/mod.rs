@@ -47,6 +47,7 @@ mod group;
 mod hop;
 mod run;
 mod stages;
+mod state;
 
 use std::borrow::Borrow;
 use std::collections::VecDeque;
@@ -70,6 +71,10 @@ use fuse::{Chain, Stage};
 use group::{GroupTask, GroupWorker, Groups};
 use hop::HopReader;
 pub use run::Run;
+pub use state::Stateful;
+
+/// The most bytes a [`Stateful`] stage's state takes, serialized.
+pub const MAX_STATE_BYTES: usize = 64 << 10;
 
 /// Where a stage runs: with the pool's workers, fused with its neighbours (the default), or in
 /// workers of its own.
@@ -199,6 +204,31 @@ where
         F: FnMut(&Archived<Out>) -> std::result::Result<(), BoxError> + 'static,
     {
         self.then(name, Box::new(stages::Each::<Out, F>::new(f)))
+    }
+
+    /// Adds a stage that keeps state from one item to the next ([`Stateful`]): a serial stage
+    /// (one worker, every item in input order) whose state is saved after each item, so that a
+    /// successor of a worker that died goes on from it: its items are counted exactly once, in
+    /// order. The state takes at most [`MAX_STATE_BYTES`] serialized.
+    pub fn stateful<S>(self, name: &str, task: S) -> Stages<In, S::Output>
+    where
+        S: Stateful<Input = Out> + 'static,
+    {
+        match shmexec_shm::Snapshots::new(MAX_STATE_BYTES) {
+            Ok(slots) => self
+                .then(name, Box::new(state::StatefulStage::new(task, slots)))
+                .serial(),
+            Err(e) => {
+                let mut next = self.then(
+                    name,
+                    Box::new(stages::Each::<Out, _>::new(|_: &Archived<Out>| Ok(()))),
+                );
+                next.misuse.get_or_insert(format!(
+                    "cannot make the state slots of stage '{name}': {e}"
+                ));
+                next
+            }
+        }
     }
 
     /// Runs the stage added last on `n` workers of its own (fused with neighbours that run on

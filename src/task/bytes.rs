@@ -40,6 +40,12 @@ pub trait ByteTask {
     /// Each output is published through `out` as soon as it is written; an item may have none.
     fn run(&mut self, input: &[u8], out: &mut OutputSink<'_>) -> Result<(), ItemFailure>;
 
+    /// Runs after item `seq` is closed (its outputs published, `ok`, or its error) and before
+    /// its input is released: a worker that dies before this returns has its item run again
+    /// by a successor, one that dies after does not. A stage that keeps state saves it here
+    /// ([`crate::pipeline::Stateful`]).
+    fn item_closed(&mut self, _seq: u64, _ok: bool) {}
+
     /// Runs once in each worker when the pool shuts down cleanly.
     fn finish(&mut self, _worker: &WorkerInfo) {}
 }

@@ -194,6 +194,7 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
                 None
             }
         };
+        let ok = close.is_none();
         if let Some(report) = close {
             setup.stats.add(w, Field::Errors, 1);
             let busy = shmexec_shm::clock::now_ns().saturating_sub(started_ns);
@@ -201,6 +202,14 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
             if send_report(&mut tx, seq, parts, report).is_err() {
                 return EXIT_COORDINATOR_GONE;
             }
+        }
+        // SYNC POINT with the successor's restore of a serial stage's state
+        // (`pipeline::state`): the item is closed and its input not yet released, so a death
+        // from here on reruns it, and a state saved here is the state after it.
+        // A stage that cannot save its state ends the worker: its successor runs the item again
+        // from the state before it.
+        if catch_unwind(AssertUnwindSafe(|| task.item_closed(seq, ok))).is_err() {
+            return EXIT_COORDINATOR_GONE;
         }
         // What an item read of the region without publishing (it failed) counts too.
         setup

@@ -1,0 +1,163 @@
+//! [`Snapshots`]: the last two states of a process, in shared memory, each tagged with the
+//! sequence number of the item after which it was taken, so that a successor of a process
+//! that died can go on from where it was.
+//!
+//! The writer is one process at a time (a serial worker, then its successor, started only once
+//! the first is dead): the slots need no lock. Each write goes to the slot of its tag's parity,
+//! so the newest snapshot never overwrites the one before it, and a successor that reruns item
+//! `k` (its predecessor died after writing `k`'s snapshot but before letting go of `k`) still
+//! finds the state from before `k`: [`Snapshots::latest_before`] `k`.
+//!
+//! ```text
+//! slot (64-byte header, then `capacity` bytes):
+//! | tag: u64 (seq + 1; 0 = being written or empty) | len: u64 | ... | bytes ... |
+//! ```
+//! A write clears the tag, writes the bytes and the length, then stores the tag (`Release`):
+//! a writer that dies midway leaves a slot with tag 0, which a reader skips.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crate::error::{Error, Result};
+use crate::segment::Segment;
+
+const HEADER: usize = 64;
+
+/// Two tagged state slots in a segment of their own; see the module documentation.
+#[derive(Clone)]
+pub struct Snapshots {
+    seg: Arc<Segment>,
+    capacity: usize,
+}
+
+impl std::fmt::Debug for Snapshots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Snapshots")
+            .field("capacity", &self.capacity)
+            .finish()
+    }
+}
+
+impl Snapshots {
+    /// Two slots of `capacity` bytes each (rounded up to 64).
+    pub fn new(capacity: usize) -> Result<Snapshots> {
+        let capacity =
+            capacity
+                .checked_next_multiple_of(HEADER)
+                .ok_or_else(|| Error::InvalidArgument {
+                    what: format!("snapshots of {capacity} bytes"),
+                })?;
+        let len = capacity
+            .checked_add(HEADER)
+            .and_then(|slot| slot.checked_mul(2))
+            .ok_or_else(|| Error::InvalidArgument {
+                what: format!("snapshots of {capacity} bytes"),
+            })?;
+        Ok(Snapshots {
+            seg: Arc::new(Segment::new(len)?),
+            capacity,
+        })
+    }
+
+    /// The largest snapshot a slot takes.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    fn slot(&self, seq: u64) -> usize {
+        (seq % 2) as usize * (HEADER + self.capacity)
+    }
+
+    /// Saves `bytes` as the state after item `seq`, in the slot of `seq`'s parity.
+    pub fn write(&self, seq: u64, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > self.capacity {
+            return Err(Error::FrameTooLarge {
+                len: bytes.len(),
+                max: self.capacity,
+            });
+        }
+        let at = self.slot(seq);
+        let (Some(tag), Some(len)) = (self.seg.atomic_u64(at), self.seg.atomic_u64(at + 8)) else {
+            return Err(Error::corrupt("snapshot slot outside its segment"));
+        };
+        tag.store(0, Ordering::Release);
+        // SAFETY: `at + HEADER + bytes.len() <= at + HEADER + capacity <= seg.len()` (the segment
+        // holds two slots of `HEADER + capacity`), and the region does not overlap `bytes` (a
+        // caller's buffer, not this segment). Only this process writes the slots now (one
+        // writer at a time: see the module documentation), and no reference into them exists:
+        // readers copy out.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.seg.as_ptr().add(at + HEADER),
+                bytes.len(),
+            );
+        }
+        len.store(bytes.len() as u64, Ordering::Relaxed);
+        // SYNC POINT with the `Acquire` load of the tag in `latest_before`: the bytes and the
+        // length are visible to whoever sees this tag.
+        tag.store(seq.wrapping_add(1), Ordering::Release);
+        Ok(())
+    }
+
+    /// A copy of the newest snapshot taken after an item before `seq`, and that item's number:
+    /// the state to go on from before running item `seq`. `None` if there is none.
+    pub fn latest_before(&self, seq: u64) -> Option<(u64, Vec<u8>)> {
+        let mut best: Option<(u64, usize)> = None;
+        for parity in 0..2u64 {
+            let at = self.slot(parity);
+            let tag = self.seg.atomic_u64(at)?.load(Ordering::Acquire);
+            let Some(taken) = tag.checked_sub(1) else {
+                continue;
+            };
+            if taken < seq && best.is_none_or(|(b, _)| taken > b) {
+                best = Some((taken, at));
+            }
+        }
+        let (taken, at) = best?;
+        let len = self.seg.atomic_u64(at + 8)?.load(Ordering::Relaxed);
+        let len = usize::try_from(len).ok().filter(|&l| l <= self.capacity)?;
+        let mut out = vec![0u8; len];
+        // SAFETY: `at + HEADER + len <= seg.len()` (`len <= capacity`, checked above); the
+        // writer of this slot finished before its tag was stored (and we loaded the tag with
+        // Acquire), and writes no more: it is dead, or it is this process. Copying out leaves
+        // no reference into shared memory.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.seg.as_ptr().add(at + HEADER),
+                out.as_mut_ptr(),
+                len,
+            );
+        }
+        Some((taken, out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_state_before_an_item_survives_its_snapshot() {
+        let s = Snapshots::new(100).unwrap();
+        assert_eq!(s.capacity(), 128);
+        assert_eq!(s.latest_before(0), None);
+        s.write(0, b"after 0").unwrap();
+        assert_eq!(s.latest_before(0), None);
+        assert_eq!(s.latest_before(1), Some((0, b"after 0".to_vec())));
+        s.write(1, b"after 1").unwrap();
+        // Rerunning item 1: the state after 0, not after 1.
+        assert_eq!(s.latest_before(1), Some((0, b"after 0".to_vec())));
+        assert_eq!(s.latest_before(2), Some((1, b"after 1".to_vec())));
+        s.write(2, b"after 2!").unwrap();
+        assert_eq!(s.latest_before(2), Some((1, b"after 1".to_vec())));
+        assert_eq!(s.latest_before(9), Some((2, b"after 2!".to_vec())));
+        assert!(matches!(
+            s.write(3, &[0; 129]),
+            Err(Error::FrameTooLarge { len: 129, max: 128 })
+        ));
+        // A forked reader sees the same slots.
+        let c = s.clone();
+        assert_eq!(c.latest_before(3), Some((2, b"after 2!".to_vec())));
+    }
+}
