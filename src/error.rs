@@ -182,6 +182,10 @@ pub enum Error {
     #[error("stage '{stage}': {error}")]
     Stage { stage: String, error: Box<Error> },
 
+    /// A saved stream could not be written or read (see [`crate::store`]).
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+
     /// The shared-memory transport failed (out of memory for the rings, a corrupt frame...).
     #[error(transparent)]
     Transport(#[from] shmexec_shm::Error),

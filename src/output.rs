@@ -10,9 +10,11 @@ use shmexec_shm::HeldFrame;
 use crate::archive::{Decode, RkyvError, decode, decode_trusted};
 use crate::error::{Error, Result};
 use crate::stats::Timing;
+use crate::store::SavedChunk;
 
-/// One result, still inside the worker's output ring: it derefs to the archived output without
-/// a copy, and frees its ring bytes when dropped.
+/// One result, still inside the worker's output ring (or, from a pipeline stage served from its
+/// cache, in the saved chunk's mapped file): it derefs to the archived output without a copy,
+/// and frees its ring bytes when dropped.
 ///
 /// Holding many of them holds their worker's ring: when the ring is full of outputs the caller
 /// still holds, the worker cannot write the next one, and the call returns
@@ -21,12 +23,30 @@ use crate::stats::Timing;
 /// `collect()` of every result ends too, with that error last). Keep owned values with
 /// [`OutputRef::deserialize`] (or copy what you need) to collect a long stream.
 pub struct OutputRef<O> {
-    frame: HeldFrame,
+    frame: Held,
     timing: Timing,
     /// The item's number: the frame's, or, out of a pipeline, the number of the input it
     /// came from.
     seq: u64,
     _out: PhantomData<fn() -> O>,
+}
+
+/// Where a result's bytes are.
+enum Held {
+    /// A frame of a worker's output ring, held.
+    Frame(HeldFrame),
+    /// A saved chunk, mapped.
+    Chunk(SavedChunk),
+}
+
+impl Deref for Held {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Held::Frame(f) => f,
+            Held::Chunk(c) => c,
+        }
+    }
 }
 
 impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
@@ -58,10 +78,15 @@ impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
             delivered_ns,
         };
         let seq = frame.seq();
-        Self::checked(frame, timing, seq, validate)
+        Self::checked(Held::Frame(frame), timing, seq, validate)
     }
 
-    fn checked(frame: HeldFrame, timing: Timing, seq: u64, validate: bool) -> Result<Self> {
+    /// A saved chunk as output `seq` (checked as an archive of `O` if `validate`).
+    pub(crate) fn from_chunk(chunk: SavedChunk, seq: u64, validate: bool) -> Result<Self> {
+        Self::checked(Held::Chunk(chunk), Timing::default(), seq, validate)
+    }
+
+    fn checked(frame: Held, timing: Timing, seq: u64, validate: bool) -> Result<Self> {
         if validate && let Err(e) = decode::<Archived<O>>(&frame) {
             return Err(Error::InvalidOutput {
                 seq,
@@ -86,9 +111,12 @@ impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
         OutputRef::<P>::checked(self.frame, self.timing, seq, validate)
     }
 
-    /// The frame itself, held.
-    pub(crate) fn into_frame(self) -> HeldFrame {
-        self.frame
+    /// The frame itself, held (`None` for a saved chunk).
+    pub(crate) fn into_frame(self) -> Option<HeldFrame> {
+        match self.frame {
+            Held::Frame(f) => Some(f),
+            Held::Chunk(_) => None,
+        }
     }
 
     /// When this result's input was handed to a worker, when the worker started and finished
@@ -124,10 +152,12 @@ impl<O: rkyv::Archive<Archived: Decode>> OutputRef<O> {
 impl<O: rkyv::Archive<Archived: Decode>> Deref for OutputRef<O> {
     type Target = Archived<O>;
     fn deref(&self) -> &Archived<O> {
-        // SAFETY: `new` validated exactly these bytes as an `Archived<O>` (or the pool's owner
-        // vouched for them with the unsafe `Builder::trust_outputs`), and they have not changed: the frame is held, so the ring protocol keeps the producer (the worker) from
-        // writing them until this `OutputRef` is dropped. (A worker that scribbles over memory
-        // it has already published is outside the model; see the README's failure model.)
+        // SAFETY: `checked` validated exactly these bytes as an `Archived<O>` (or the pool's
+        // owner vouched for them with the unsafe `Builder::trust_outputs`), and they have not
+        // changed: a frame is held, so the ring protocol keeps the producer (the worker) from
+        // writing them until this `OutputRef` is dropped, and a saved chunk's file is never
+        // written once saved (`crate::store`). (A worker that scribbles over memory it has
+        // already published is outside the model; see the README's failure model.)
         unsafe { decode_trusted::<Archived<O>>(&self.frame) }
     }
 }

@@ -497,3 +497,165 @@ fn a_stateful_stage_numbers_without_gaps_through_a_crash_and_a_failed_chunk() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_no_children();
 }
+
+/// A three-stage pipeline whose middle stage is saved in `store`; `records` counts its runs in
+/// the stats. Chunk 13 fails in `events` if `fail` (after `peaks`, so the stream is complete).
+fn cached(
+    guard: &std::sync::MutexGuard<'static, ()>,
+    store: &shmexec::store::Store,
+    peaks_config: &[u8],
+    last_saved: bool,
+) -> Pipeline<u64, u64> {
+    let stages = Pipeline::<u64>::builder()
+        .map_fn("records", |&n| n.to_native() * 2)
+        .map_fn("peaks", |&n| vec![n.to_native(); 3])
+        .config(peaks_config)
+        .save(store)
+        .map_fn("events", |v: &rkyv::Archived<Vec<u64>>| {
+            v.iter().map(|x| x.to_native()).sum::<u64>()
+        });
+    let stages = if last_saved {
+        stages.save(store)
+    } else {
+        stages
+    };
+    stages.build(builder(guard).workers(2)).unwrap()
+}
+
+#[test]
+fn a_saved_stage_is_served_from_its_store_the_second_time() {
+    use shmexec::store::{StageKey, Store};
+    let guard = serial();
+    let dir = std::env::temp_dir().join(format!("shmexec-pipeline-cache-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(&dir).unwrap();
+    let run42 = StageKey::new("raw_records", "run 42", b"");
+    let want: Vec<u64> = (0..50u64).map(|n| n * 6).collect();
+    {
+        let mut p = cached(&guard, &store, b"gain 1", false);
+        assert_eq!(
+            p.plan().fused(),
+            vec![vec!["records", "peaks"], vec!["events"]]
+        );
+        // Miss: everything runs, peaks are saved.
+        let mut run = p.run_keyed(&run42, 0..50u64).unwrap();
+        assert!(run.cache().is_none());
+        let got: Vec<u64> = run.by_ref().map(|r| r.unwrap().to_native()).collect();
+        assert_eq!(got, want);
+        assert_eq!(run.saved(), ["peaks"]);
+        drop(run);
+        let before = p.stats();
+        // Hit: records and peaks do not run, and the inputs are not even looked at.
+        let mut run = p.run_keyed(&run42, std::iter::empty::<u64>()).unwrap();
+        let hit = run.cache().cloned().unwrap();
+        assert_eq!((hit.stage.as_str(), hit.chunks), ("peaks", 50));
+        let got: Vec<(u64, u64)> = run
+            .by_ref()
+            .map(|r| {
+                let r = r.unwrap();
+                (r.seq(), r.to_native())
+            })
+            .collect();
+        assert_eq!(
+            got,
+            want.iter()
+                .enumerate()
+                .map(|(i, &v)| (i as u64, v))
+                .collect::<Vec<_>>()
+        );
+        assert!(run.saved().is_empty());
+        drop(run);
+        let used = p.stats().since(&before);
+        assert_eq!(used.stages[0].items, 0);
+        assert_eq!(used.stages[1].items, 0);
+        assert_eq!(used.stages[2].items, 50);
+        // Another source is another key: computed again.
+        let run43 = StageKey::new("raw_records", "run 43", b"");
+        let run = p.run_keyed(&run43, 0..5u64).unwrap();
+        assert!(run.cache().is_none());
+        assert_eq!(run.count(), 5);
+    }
+    {
+        // Another configuration of peaks is another key: a miss, saved beside the first.
+        let mut p = cached(&guard, &store, b"gain 2", false);
+        let run = p.run_keyed(&run42, 0..50u64).unwrap();
+        assert!(run.cache().is_none());
+        assert_eq!(run.count(), 50);
+        // The last stage saved too: a hit hands out the saved chunks themselves.
+        let mut p = cached(&guard, &store, b"gain 1", true);
+        let mut run = p.run_keyed(&run42, 0..50u64).unwrap();
+        assert_eq!(run.cache().unwrap().stage, "peaks");
+        assert_eq!(run.by_ref().count(), 50);
+        assert_eq!(run.saved(), ["events"]);
+        drop(run);
+        let run = p.run_keyed(&run42, std::iter::empty::<u64>()).unwrap();
+        assert_eq!(run.cache().unwrap().stage, "events");
+        let got: Vec<u64> = run.map(|r| r.unwrap().to_native()).collect();
+        assert_eq!(got, want);
+    }
+    assert_eq!(store.streams().unwrap().len(), 4);
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_children();
+}
+
+#[test]
+fn a_run_that_fails_an_item_or_stops_early_saves_nothing_and_a_torn_chunk_is_named() {
+    use shmexec::store::{StageKey, Store};
+    let guard = serial();
+    let dir = std::env::temp_dir().join(format!("shmexec-pipeline-torn-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(&dir).unwrap();
+    let key = StageKey::new("raw_records", "run 7", b"");
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .map(
+                "peaks",
+                shmexec::try_from_fn::<u64, _, _>(|&n| match n.to_native() {
+                    13 => Err("bad chunk".into()),
+                    n => Ok(n),
+                }),
+            )
+            .save(&store)
+            .map_fn("events", |&n| n.to_native())
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        let mut run = p.run_keyed(&key, 0..20u64).unwrap();
+        assert_eq!(run.by_ref().filter(|r| r.is_err()).count(), 1);
+        assert!(run.saved().is_empty());
+        drop(run);
+        // Stopped early: nothing saved either.
+        let mut run = p.run_keyed(&key, 20..40u64).unwrap();
+        assert!(run.next().unwrap().is_ok());
+        drop(run);
+        assert!(store.streams().unwrap().is_empty());
+        // A complete run saves; then a chunk file is cut short.
+        let mut run = p.run_keyed(&key, 20..40u64).unwrap();
+        assert_eq!(run.by_ref().filter(|r| r.is_ok()).count(), 20);
+        assert_eq!(run.saved(), ["peaks"]);
+        drop(run);
+        let stream = store.streams().unwrap().pop().unwrap();
+        let torn = stream.chunk(4).unwrap().path().to_owned();
+        drop(stream);
+        let len = std::fs::metadata(&torn).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&torn)
+            .unwrap()
+            .set_len(len - 1)
+            .unwrap();
+        let results: Vec<_> = p.run_keyed(&key, 0..0u64).unwrap().collect();
+        assert_eq!(results.len(), 20);
+        for (i, r) in results.iter().enumerate() {
+            match r {
+                Err(e) if i == 4 => {
+                    let msg = e.to_string();
+                    assert!(msg.contains(&torn.display().to_string()), "{msg}");
+                }
+                Ok(v) => assert_eq!(v.to_native(), 20 + i as u64),
+                Err(e) => panic!("chunk {i}: {e}"),
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_children();
+}

@@ -79,8 +79,45 @@ impl Hop {
     }
 }
 
+/// The first bytes of a descriptor of a saved chunk (a stage's output served from its cache):
+/// then the chunk's length (8 bytes, little-endian) and its file's path.
+const FILE_MAGIC: &[u8; 8] = b"shmxfile";
+
+/// A saved chunk's file, as the next group's workers read it: mapped where the page cache holds
+/// it, no copy.
+pub(crate) struct FileChunk<'a> {
+    pub(crate) len: u64,
+    pub(crate) path: &'a std::path::Path,
+}
+
+impl FileChunk<'_> {
+    /// Bytes of the descriptor.
+    pub(crate) fn encoded_len(&self) -> usize {
+        FILE_MAGIC.len() + 8 + self.path.as_os_str().len()
+    }
+
+    /// Writes the descriptor into `out` (at least [`FileChunk::encoded_len`] bytes).
+    pub(crate) fn write(&self, out: &mut [u8]) -> usize {
+        use std::os::unix::ffi::OsStrExt;
+        let path = self.path.as_os_str().as_bytes();
+        out[..8].copy_from_slice(FILE_MAGIC);
+        out[8..16].copy_from_slice(&self.len.to_le_bytes());
+        out[16..16 + path.len()].copy_from_slice(path);
+        self.encoded_len()
+    }
+
+    fn read(input: &[u8]) -> Option<FileChunk<'_>> {
+        use std::os::unix::ffi::OsStrExt;
+        let rest = input.strip_prefix(FILE_MAGIC)?;
+        let len = u64::from_le_bytes(rest.get(..8)?.try_into().ok()?);
+        let path = std::path::Path::new(std::ffi::OsStr::from_bytes(&rest[8..]));
+        Some(FileChunk { len, path })
+    }
+}
+
 /// What a worker of a group after the first runs: it reads each hop's frame in the upstream
-/// group's output rings and runs its chain of stages on it.
+/// group's output rings (or a saved chunk's file, when the stages before are served from their
+/// cache) and runs its chain of stages on it.
 pub(crate) struct HopReader {
     /// The upstream group's output rings, one per upstream worker.
     pub(crate) upstream: Vec<Ring>,
@@ -93,6 +130,25 @@ impl ByteTask for HopReader {
     }
 
     fn run(&mut self, input: &[u8], out: &mut OutputSink<'_>) -> Result<(), ItemFailure> {
+        if let Some(file) = FileChunk::read(input) {
+            // SAFETY: `MappedFile::open` requires that nothing change the file while it is
+            // mapped. The descriptor names a chunk of a complete saved stream, which the store
+            // wrote once under a temporary name and never writes again (`crate::store`); the
+            // coordinator checked its length and checksum before handing it on, and the
+            // length is checked again below, before any byte is read.
+            let map = unsafe { shmexec_shm::MappedFile::open(file.path) }.map_err(|e| {
+                ItemFailure::InvalidInput(format!("saved chunk {}: {e}", file.path.display()))
+            })?;
+            if map.len() as u64 != file.len {
+                return Err(ItemFailure::InvalidInput(format!(
+                    "saved chunk {} is {} bytes, not {}",
+                    file.path.display(),
+                    map.len(),
+                    file.len
+                )));
+            }
+            return self.chain.run(&map, out);
+        }
         let hop = Hop::read(input).ok_or_else(|| {
             ItemFailure::InvalidInput(format!("a hop is {HOP_LEN} bytes, not {}", input.len()))
         })?;

@@ -46,6 +46,7 @@ mod fuse;
 mod group;
 mod hop;
 mod run;
+mod save;
 mod stages;
 mod state;
 
@@ -63,6 +64,7 @@ use crate::call::source::Source;
 use crate::error::{BoxError, Error, Result};
 use crate::pool::{Builder, Pool, Start};
 use crate::stats::{PoolStats, StatsBlock};
+use crate::store::{StageKey, Store};
 use crate::task::bytes::ByteTask;
 use crate::task::{Task, Token, flat_map_fn, from_fn};
 use counters::StageCounters;
@@ -70,7 +72,8 @@ pub(crate) use fuse::StageFailure;
 use fuse::{Chain, Stage};
 use group::{GroupTask, GroupWorker, Groups};
 use hop::HopReader;
-pub use run::Run;
+pub use run::{CacheHit, Run};
+use save::Lineage;
 pub use state::Stateful;
 
 /// The most bytes a [`Stateful`] stage's state takes, serialized.
@@ -89,17 +92,25 @@ struct Placement {
 }
 
 impl Placement {
-    /// Whether a stage placed so can be fused with the stage before it, placed `before`.
-    fn fuses_with(&self, before: &Placement) -> bool {
-        !self.alone && !before.alone && self == before
+    /// Whether a stage placed so can be fused with the stage before it, placed `before`
+    /// (`saved`: whether that one is saved, which ends its group).
+    fn fuses_with(&self, before: &Placement, saved: bool) -> bool {
+        !self.alone && !before.alone && !saved && self == before
     }
+}
+
+/// A stage as listed: its task, where it runs, what makes its key and where it is saved.
+struct Spec {
+    stage: Stage,
+    place: Placement,
+    lineage: Lineage,
 }
 
 /// A pipeline's stages, being listed; see the [module documentation](self).
 ///
 /// `In` is the type of the chunks the pipeline takes, `Out` the output type of its last stage.
 pub struct Stages<In, Out> {
-    stages: Vec<(Stage, Placement)>,
+    stages: Vec<Spec>,
     /// A placement method called before any stage was added.
     misuse: Option<String>,
     _types: PhantomData<fn(In) -> Out>,
@@ -112,6 +123,8 @@ pub struct Pipeline<In, Out = In> {
     plan: Plan,
     /// Each group's counters (indexed by pipeline-wide stage numbers).
     counters: Vec<StageCounters>,
+    /// Each stage's version, configuration and store.
+    lineage: Vec<Lineage>,
     validate: bool,
     _types: PhantomData<fn(In) -> Out>,
 }
@@ -137,7 +150,11 @@ where
             name: name.to_owned(),
             task,
         };
-        self.stages.push((stage, Placement::default()));
+        self.stages.push(Spec {
+            stage,
+            place: Placement::default(),
+            lineage: Lineage::default(),
+        });
         Stages {
             stages: self.stages,
             misuse: self.misuse,
@@ -145,10 +162,10 @@ where
         }
     }
 
-    /// Changes where the stage added last runs.
-    fn placed(mut self, what: &str, change: impl FnOnce(&mut Placement)) -> Self {
+    /// Changes the stage added last.
+    fn placed(mut self, what: &str, change: impl FnOnce(&mut Spec)) -> Self {
         match self.stages.last_mut() {
-            Some((_, place)) => change(place),
+            Some(spec) => change(spec),
             None => {
                 self.misuse
                     .get_or_insert(format!("{what}() was called before any stage was added"));
@@ -235,22 +252,47 @@ where
     /// `n` workers too), instead of the pool's. A stage that is much slower or faster than the
     /// rest gets the share of the cores it needs this way.
     pub fn workers(self, n: usize) -> Self {
-        self.placed("workers", |p| p.workers = Some(n))
+        self.placed("workers", |s| s.place.workers = Some(n))
     }
 
     /// Runs the stage added last on one worker that sees every item in input order (strax's
     /// event numbering, a saver writing one file), while the other stages run in parallel.
     /// Adjacent serial stages share that worker.
     pub fn serial(self) -> Self {
-        self.placed("serial", |p| {
-            p.serial = true;
-            p.workers = Some(1);
+        self.placed("serial", |s| {
+            s.place.serial = true;
+            s.place.workers = Some(1);
         })
     }
 
     /// Runs the stage added last in workers of its own, fused with no neighbour.
     pub fn alone(self) -> Self {
-        self.placed("alone", |p| p.alone = true)
+        self.placed("alone", |s| s.place.alone = true)
+    }
+
+    /// The version of the stage added last (default `"0"`): part of its key, so outputs saved
+    /// by another version are not taken for its own. Change it when the stage's code changes
+    /// what it computes.
+    pub fn version(self, version: &str) -> Self {
+        self.placed("version", |s| s.lineage.version = version.to_owned())
+    }
+
+    /// The configuration of the stage added last (thresholds, gains...), as bytes: part of its
+    /// key, so a run with another configuration computes the stage again. An archive of a
+    /// settings value works (`rkyv::to_bytes`), or any stable encoding.
+    pub fn config(self, config: impl AsRef<[u8]>) -> Self {
+        let config = config.as_ref().to_vec();
+        self.placed("config", |s| s.lineage.config = config)
+    }
+
+    /// Saves the outputs of the stage added last in `store`, under its key (its name, version,
+    /// configuration, and the keys of the stages before it down to the source's: see
+    /// [`Pipeline::run_keyed`]), and serves a later run with the same key from there instead
+    /// of running it and the stages before it. The stage ends its group (its outputs pass the
+    /// coordinator as frames, whose bytes are what is saved).
+    pub fn save(self, store: &Store) -> Self {
+        let store = store.clone();
+        self.placed("save", |s| s.lineage.store = Some(store))
     }
 
     /// Starts the pipeline's workers with the pool settings of `pool` (workers, ring sizes,
@@ -263,7 +305,8 @@ where
         if let Some(misuse) = self.misuse {
             return Err(Error::InvalidArgument(misuse));
         }
-        let names: Vec<String> = self.stages.iter().map(|(s, _)| s.name.clone()).collect();
+        let names: Vec<String> = self.stages.iter().map(|s| s.stage.name.clone()).collect();
+        let lineage: Vec<Lineage> = self.stages.iter().map(|s| s.lineage.clone()).collect();
         check_names(&names)?;
         let validate = pool.validates_outputs();
         let bell = StatsBlock::lone_doorbell()?;
@@ -279,8 +322,8 @@ where
             groups: Vec::new(),
         };
         for (first, group) in split_groups(self.stages) {
-            let place = group[0].1;
-            let stages: Vec<Stage> = group.into_iter().map(|(s, _)| s).collect();
+            let place = group[0].place;
+            let stages: Vec<Stage> = group.into_iter().map(|s| s.stage).collect();
             let count = stages.len();
             let mut builder = pool
                 .clone()
@@ -326,6 +369,7 @@ where
             groups,
             plan,
             counters,
+            lineage,
             validate,
             _types: PhantomData,
         })
@@ -333,14 +377,19 @@ where
 }
 
 /// The stages split into groups of fused neighbours, each with the index of its first stage.
-fn split_groups(stages: Vec<(Stage, Placement)>) -> Vec<(usize, Vec<(Stage, Placement)>)> {
-    let mut groups: Vec<(usize, Vec<(Stage, Placement)>)> = Vec::new();
-    for (i, (stage, place)) in stages.into_iter().enumerate() {
+fn split_groups(stages: Vec<Spec>) -> Vec<(usize, Vec<Spec>)> {
+    let mut groups: Vec<(usize, Vec<Spec>)> = Vec::new();
+    for (i, spec) in stages.into_iter().enumerate() {
         match groups.last_mut() {
-            Some((_, group)) if place.fuses_with(&group[group.len() - 1].1) => {
-                group.push((stage, place));
+            Some((_, group))
+                if spec.place.fuses_with(
+                    &group[group.len() - 1].place,
+                    group[group.len() - 1].lineage.store.is_some(),
+                ) =>
+            {
+                group.push(spec);
             }
-            _ => groups.push((i, vec![(stage, place)])),
+            _ => groups.push((i, vec![spec])),
         }
     }
     groups
@@ -384,7 +433,82 @@ where
         I::Item: Borrow<In>,
     {
         let feed = SerializeFeed::<_, In>::new(inputs.into_iter());
-        Run::new(&mut self.groups, Source::new(Box::new(feed)), self.validate)
+        let mut run = Run::new(&mut self.groups, self.validate);
+        run.feed(0, Source::new(Box::new(feed)));
+        run
+    }
+
+    /// [`run`](Pipeline::run) for the inputs that `source` names (a DAQ run's raw data: its
+    /// name, and what tells this run from others, as its version or configuration), with the
+    /// saved stages ([`Stages::save`]) saved or served from their store. Each stage's key is
+    /// its name, version and configuration on top of the key of the stage before it, down to
+    /// `source`: the same inputs through the same stages give the same keys, and a change
+    /// anywhere upstream gives new ones.
+    ///
+    /// If the last saved stage whose outputs are in its store is stage `s`, the run skips
+    /// stages `0..=s` and never takes an item of `inputs`: the stages after `s` read the
+    /// saved chunks, mapped, in place ([`Run::cache`] says so). Every saved stage after it
+    /// is saved as it runs; its stream is committed when the run ends with every item handed
+    /// on and none failed.
+    pub fn run_keyed<'a, I>(&'a mut self, source: &StageKey, inputs: I) -> Result<Run<'a, In, Out>>
+    where
+        I: IntoIterator,
+        I::IntoIter: 'a,
+        I::Item: Borrow<In>,
+    {
+        let keys = self.keys(source);
+        let mut hit = None;
+        for (s, l) in self.lineage.iter().enumerate().rev() {
+            if let Some(store) = &l.store
+                && let Some(stream) = store.load(&keys[s])?
+            {
+                hit = Some((s, stream));
+                break;
+            }
+        }
+        let group_of = |stage: usize| {
+            self.plan
+                .groups
+                .iter()
+                .position(|g| g.stages.contains(&stage))
+                .unwrap_or(0)
+        };
+        let computed_from = hit.as_ref().map_or(0, |(s, _)| s + 1);
+        let mut savers = Vec::new();
+        for (s, l) in self.lineage.iter().enumerate().skip(computed_from) {
+            if let Some(store) = &l.store {
+                let saving = save::Saving::start(&self.plan.stages[s], store, &keys[s])?;
+                savers.push((group_of(s), saving));
+            }
+        }
+        let entry = hit.as_ref().map(|(s, _)| group_of(*s) + 1);
+        let stage_names = self.plan.stages.clone();
+        let mut run = Run::new(&mut self.groups, self.validate);
+        for (g, saving) in savers {
+            run.save(g, saving);
+        }
+        match hit {
+            None => {
+                let feed = SerializeFeed::<_, In>::new(inputs.into_iter());
+                run.feed(0, Source::new(Box::new(feed)));
+            }
+            Some((s, stream)) => {
+                let chunks = stream.chunks();
+                run.loaded(stage_names[s].clone(), chunks);
+                let entry = entry.unwrap_or(0);
+                if entry < run.groups() {
+                    run.feed(entry, Source::new(Box::new(save::SavedFeed::new(stream))));
+                } else {
+                    run.serve(stream);
+                }
+            }
+        }
+        Ok(run)
+    }
+
+    /// The key of each stage for the inputs `source` names (see [`Pipeline::run_keyed`]).
+    pub fn keys(&self, source: &StageKey) -> Vec<StageKey> {
+        save::keys(&self.plan.stages, &self.lineage, source)
     }
 
     /// Which stages run where.

@@ -17,6 +17,7 @@ use shmexec_shm::HeldFrame;
 
 use super::group::{Groups, Origin};
 use super::hop::{HOP_LEN, Hop};
+use super::save::Saving;
 use crate::archive::{Decode, Encode};
 use crate::call::dispatch;
 use crate::call::engine::{Call, Placed, Polled};
@@ -24,6 +25,7 @@ use crate::call::source::Source;
 use crate::call::wait::{self, MAP_SLICE};
 use crate::error::{Error, Result};
 use crate::output::OutputRef;
+use crate::store::SavedStream;
 
 /// An item on its way from one group to the next.
 enum Moving {
@@ -42,15 +44,39 @@ enum Moving {
 /// discarded by the groups.
 pub struct Run<'p, In, Out> {
     groups: &'p mut Groups,
-    source: Source<'p>,
+    /// The inputs, and the group they go to (the first, or the one after a stage served from
+    /// its cache); `None` for a run whose last stage is served from its cache.
+    source: Option<Source<'p>>,
+    entry: usize,
+    /// The entry group's sequence number at the start: a run that enters after a cached stage
+    /// numbers its items by saved chunk from there.
+    base: u64,
     /// One call per group.
     calls: Vec<Call>,
     /// `waiting[g]`: a result of group `g` taken but not yet placed in group `g + 1`.
     waiting: Vec<Option<Moving>>,
+    /// `savers[g]`: the saved stage that ends group `g`, being written.
+    savers: Vec<Option<Saving>>,
+    /// The stage this run was served from, if its outputs were saved already.
+    cache: Option<CacheHit>,
+    /// A saved stream handed out as the results, and the next chunk of it.
+    served: Option<(SavedStream, usize)>,
+    /// The stages whose streams this run committed.
+    saved: Vec<String>,
     /// Whether the last group's outputs are checked as archives of `Out`.
     validate: bool,
     ended: bool,
     _types: PhantomData<fn(In) -> Out>,
+}
+
+/// A stage whose outputs a run took from its store instead of computing them; see
+/// [`crate::pipeline::Pipeline::run_keyed`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheHit {
+    /// The saved stage. It and every stage before it did not run.
+    pub stage: String,
+    /// The saved chunks the run read.
+    pub chunks: usize,
 }
 
 impl<'p, In, Out> Run<'p, In, Out>
@@ -58,22 +84,102 @@ where
     In: Encode<Archived: Decode>,
     Out: Encode<Archived: Decode>,
 {
-    pub(crate) fn new(groups: &'p mut Groups, source: Source<'p>, validate: bool) -> Self {
+    /// A run with no inputs yet: give it a [`feed`](Run::feed), or a stream to
+    /// [`serve`](Run::serve).
+    pub(crate) fn new(groups: &'p mut Groups, validate: bool) -> Self {
         let calls = groups
             .pools
             .iter()
             .map(|p| Call::new(&p.rt, true))
             .collect();
-        let waiting = (1..groups.pools.len()).map(|_| None).collect();
+        let n = groups.pools.len();
         Run {
             groups,
-            source,
+            source: None,
+            entry: 0,
+            base: 0,
             calls,
-            waiting,
+            waiting: (1..n).map(|_| None).collect(),
+            savers: (0..n).map(|_| None).collect(),
+            cache: None,
+            served: None,
+            saved: Vec::new(),
             validate,
             ended: false,
             _types: PhantomData,
         }
+    }
+
+    /// The number of groups.
+    pub(crate) fn groups(&self) -> usize {
+        self.calls.len()
+    }
+
+    /// Feeds `source` into group `entry`.
+    pub(crate) fn feed(&mut self, entry: usize, source: Source<'p>) {
+        self.base = self.groups.pools[entry].rt.peek_seq();
+        self.entry = entry;
+        self.source = Some(source);
+    }
+
+    /// Saves the outputs of group `g`'s last stage.
+    pub(crate) fn save(&mut self, g: usize, saving: Saving) {
+        self.savers[g] = Some(saving);
+    }
+
+    /// Records that the run is served from `stage`'s saved `chunks`.
+    pub(crate) fn loaded(&mut self, stage: String, chunks: usize) {
+        self.cache = Some(CacheHit { stage, chunks });
+    }
+
+    /// Hands out `stream`'s chunks as the results: the last stage is served from its cache.
+    pub(crate) fn serve(&mut self, stream: SavedStream) {
+        self.served = Some((stream, 0));
+    }
+
+    /// The stage this run took from its store instead of running it (and the stages before
+    /// it), if any.
+    pub fn cache(&self) -> Option<&CacheHit> {
+        self.cache.as_ref()
+    }
+
+    /// The saved stages whose streams this run committed to their store (known once the run
+    /// has handed out its last result).
+    pub fn saved(&self) -> &[String] {
+        &self.saved
+    }
+
+    /// Where item `seq` of group `g` came from.
+    fn origin(&mut self, g: usize, seq: u64) -> Origin {
+        if g == self.entry && g > 0 {
+            return Origin {
+                seq,
+                input: seq - self.base,
+                passed: false,
+            };
+        }
+        self.groups.origin(g, seq)
+    }
+
+    /// Hands a result of group `g` to its saver, if its last stage is saved.
+    fn to_saver(&mut self, g: usize, result: &Result<OutputRef<()>>) -> Result<()> {
+        if let Some(saving) = &mut self.savers[g] {
+            match result {
+                Ok(out) => saving.output(out.bytes())?,
+                Err(e) => saving.item_failed(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits the streams of the saved stages, once every item was handed out.
+    fn commit(&mut self) -> Result<()> {
+        for saving in self.savers.iter_mut().flatten() {
+            if saving.finish()? {
+                self.saved.push(saving.stage.clone());
+            }
+        }
+        Ok(())
     }
 
     fn last_group(&self) -> usize {
@@ -97,12 +203,20 @@ where
                 worker,
                 result,
             } = polled;
-            let origin = self.groups.origin(g, seq);
+            self.to_saver(g, &result)?;
+            let origin = self.origin(g, seq);
             self.waiting[g] = Some(match (result, worker) {
-                (Ok(out), Some(worker)) => Moving::Frame {
-                    worker,
-                    frame: out.into_frame(),
-                    input: origin.input,
+                (Ok(out), Some(worker)) => match out.into_frame() {
+                    Some(frame) => Moving::Frame {
+                        worker,
+                        frame,
+                        input: origin.input,
+                    },
+                    None => {
+                        return Err(Error::Broken(format!(
+                            "group {g} handed out a result that is not in a ring"
+                        )));
+                    }
                 },
                 (Err(e), _) if e.is_item() => Moving::Failed {
                     error: numbered(e, origin),
@@ -165,7 +279,8 @@ where
     /// The last group's result, as the pipeline's.
     fn deliver(&mut self, polled: Polled<()>) -> Result<OutputRef<Out>> {
         let last = self.last_group();
-        let origin = self.groups.origin(last, polled.seq);
+        self.to_saver(last, &polled.result)?;
+        let origin = self.origin(last, polled.seq);
         match polled.result {
             Ok(out) => out.retype::<Out>(origin.input, self.validate),
             Err(e) => Err(numbered(e, origin)),
@@ -174,7 +289,7 @@ where
 
     /// Whether every input was placed and every item handed out.
     fn done(&self) -> bool {
-        !self.source.feeding()
+        !self.source.as_ref().is_some_and(Source::feeding)
             && self.waiting.iter().all(Option::is_none)
             && self
                 .calls
@@ -188,13 +303,14 @@ where
     fn ready(&mut self) -> shmexec_shm::Result<bool> {
         let last = self.last_group();
         let pools = &mut self.groups.pools;
-        if let Some(len) = self.source.prepared() {
-            let limit = pools[0].rt.config().queue_bytes;
-            if dispatch::has_room(&mut pools[0].rt.slots, len, limit)? {
+        let entry = self.entry;
+        if let Some(len) = self.source.as_ref().and_then(Source::prepared) {
+            let limit = pools[entry].rt.config().queue_bytes;
+            if dispatch::has_room(&mut pools[entry].rt.slots, len, limit)? {
                 return Ok(true);
             }
         }
-        for g in 0..=last {
+        for g in entry..=last {
             let free = g == last || self.waiting[g].is_none();
             if free && self.calls[g].ready(&mut pools[g].rt, None)? {
                 return Ok(true);
@@ -232,12 +348,22 @@ where
 
     /// The next result, waiting for it; `Ok(None)` when the pass is done.
     fn step(&mut self) -> Result<Option<Result<OutputRef<Out>>>> {
+        if let Some((stream, next)) = &mut self.served {
+            if *next == stream.chunks() {
+                return Ok(None);
+            }
+            let i = *next;
+            *next += 1;
+            let chunk = stream.chunk(i)?;
+            return Ok(Some(OutputRef::from_chunk(chunk, i as u64, self.validate)));
+        }
         self.tick()?;
-        let last = self.last_group();
+        let (entry, last) = (self.entry, self.last_group());
         loop {
-            self.source
-                .pump(&mut self.calls[0], &mut self.groups.pools[0].rt)?;
-            for g in 0..last {
+            if let Some(source) = &mut self.source {
+                source.pump(&mut self.calls[entry], &mut self.groups.pools[entry].rt)?;
+            }
+            for g in entry..last {
                 self.advance(g)?;
             }
             self.groups.release_pins();
@@ -245,7 +371,11 @@ where
                 return Ok(Some(self.deliver(polled)));
             }
             if self.done() {
-                return self.source.take_refused().map_or(Ok(None), Err);
+                if let Some(e) = self.source.as_mut().and_then(Source::take_refused) {
+                    return Err(e);
+                }
+                self.commit()?;
+                return Ok(None);
             }
             if self.wait()? {
                 // Woken for room or for an earlier group's results while the result due is
@@ -255,7 +385,7 @@ where
                 for pool in &mut self.groups.pools[..last] {
                     pool.rt.supervise()?;
                 }
-                let unplaced = self.source.unplaced();
+                let unplaced = self.source.as_ref().and_then(Source::unplaced);
                 let sup = &mut self.groups.pools[last].rt;
                 if let Some(e) = self.calls[last].stalled(sup, unplaced, true)? {
                     return Ok(Some(Err(e)));
