@@ -1099,7 +1099,7 @@ fn run_all(args: &Args) -> Result<bool, BoxError> {
     let mut by_hand = Pipeline::<RawChunk>::builder()
         .map("by_hand", ByHand::default())
         .build(pool())?;
-    let workers = pipeline.plan().workers();
+    let workers = pipeline.plan().workers()[0];
 
     let t = Instant::now();
     let inputs: Vec<RawChunk> = (0..args.chunks).map(|i| digitizer.chunk(i)).collect();

@@ -162,7 +162,7 @@ where
     }
 
     /// Hands a result of group `g` to its saver, if its last stage is saved.
-    fn to_saver(&mut self, g: usize, result: &Result<OutputRef<()>>) -> Result<()> {
+    fn pass_to_saver(&mut self, g: usize, result: &Result<OutputRef<()>>) -> Result<()> {
         if let Some(saving) = &mut self.savers[g] {
             match result {
                 Ok(out) => saving.output(out.bytes())?,
@@ -203,7 +203,7 @@ where
                 worker,
                 result,
             } = polled;
-            self.to_saver(g, &result)?;
+            self.pass_to_saver(g, &result)?;
             let origin = self.origin(g, seq);
             self.waiting[g] = Some(match (result, worker) {
                 (Ok(out), Some(worker)) => match out.into_frame() {
@@ -279,7 +279,7 @@ where
     /// The last group's result, as the pipeline's.
     fn deliver(&mut self, polled: Polled<()>) -> Result<OutputRef<Out>> {
         let last = self.last_group();
-        self.to_saver(last, &polled.result)?;
+        self.pass_to_saver(last, &polled.result)?;
         let origin = self.origin(last, polled.seq);
         match polled.result {
             Ok(out) => out.retype::<Out>(origin.input, self.validate),
