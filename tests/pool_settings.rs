@@ -136,6 +136,28 @@ fn the_edges_of_each_range_build_and_run() {
 }
 
 #[test]
+fn ring_sizes_that_are_not_multiples_of_a_page_build_and_run() {
+    let guard = serial();
+    {
+        for (input, output) in [(5000, 4096), (4096 + 64, 70_001), (1 << 20 | 1, 12_345)] {
+            let task = shmexec::from_fn::<u64, _, _>(|&n| vec![n.to_native(); 100]);
+            let mut pool = builder(&guard)
+                .workers(2)
+                .input_ring_bytes(input)
+                .output_ring_bytes(output)
+                .build(task)
+                .unwrap_or_else(|e| panic!("rings of {input} and {output} bytes: {e}"));
+            let sums: Vec<u64> = pool
+                .map(0..300u64)
+                .map(|r| r.unwrap().iter().map(|x| x.to_native()).sum())
+                .collect();
+            assert_eq!(sums, (0..300u64).map(|n| n * 100).collect::<Vec<_>>());
+        }
+    }
+    assert_no_children();
+}
+
+#[test]
 fn in_place_lengths_too_large_for_an_archive_are_item_errors() {
     let guard = serial();
     {

@@ -241,14 +241,18 @@ impl std::fmt::Debug for Ring {
 }
 
 impl Ring {
-    /// Bytes of segment a ring of `capacity` data bytes needs (control block included), after
-    /// rounding `capacity` up to 64. Saturates at `usize::MAX` for a capacity that cannot be
-    /// a ring's (above [`MAX_CAPACITY`]), a size that no segment is made with.
+    /// Bytes of segment a ring of `capacity` data bytes takes (control block included), after
+    /// rounding `capacity` up to 64, and the whole rounded up to [`CONTROL_LEN`]: rings laid
+    /// out one after another at multiples of their footprints start where a ring may (its
+    /// offset a multiple of [`CONTROL_LEN`]), whatever their capacities. Saturates at
+    /// `usize::MAX` for a capacity that cannot be a ring's (above [`MAX_CAPACITY`]), a size
+    /// that no segment is made with.
     pub fn footprint(capacity: usize) -> usize {
         Self::data_bytes(capacity)
             .ok()
             .and_then(|cap| usize::try_from(cap).ok())
             .and_then(|cap| cap.checked_add(CONTROL_LEN))
+            .and_then(|len| len.checked_next_multiple_of(CONTROL_LEN))
             .unwrap_or(usize::MAX)
     }
 

@@ -230,8 +230,10 @@ impl<'a> OutputSink<'a> {
         }
     }
 
-    /// The item's sequence number.
-    pub(crate) fn seq(&self) -> u64 {
+    /// The number of the item the outputs are for: its position in the pool's input stream
+    /// (in a pipeline's first group, the input's number; in a later group, its number there),
+    /// to name a chunk in an error.
+    pub fn seq(&self) -> u64 {
         self.item.seq
     }
 
