@@ -145,6 +145,11 @@ impl Call {
         Ok(())
     }
 
+    /// The first item of this ordered call not wholly handed out yet, if any.
+    pub(crate) fn front_seq(&self) -> Option<u64> {
+        self.routes.front().map(|(seq, _)| *seq)
+    }
+
     /// The worker whose next result an ordered call waits for.
     fn head_worker(&self) -> Option<usize> {
         match self.routes.front() {

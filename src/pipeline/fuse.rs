@@ -77,10 +77,14 @@ impl ByteTask for Chain {
     fn init(&mut self, worker: &WorkerInfo) -> Result<(), BoxError> {
         self.worker = worker.index;
         for stage in &mut self.stages {
-            stage
-                .task
-                .init(worker)
-                .map_err(|e| format!("stage '{}': {e}", stage.name))?;
+            match catch_unwind(AssertUnwindSafe(|| stage.task.init(worker))) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(format!("stage '{}': {e}", stage.name).into()),
+                Err(p) => {
+                    let message = panic_message(&*p);
+                    return Err(format!("stage '{}': init panicked: {message}", stage.name).into());
+                }
+            }
         }
         Ok(())
     }

@@ -99,6 +99,9 @@ pub(crate) struct Groups {
     pub(crate) origins: Vec<VecDeque<Origin>>,
     /// The doorbell every group's workers ring.
     pub(crate) bell: Doorbell,
+    /// Each group's stages, as an error that the group's supervision makes (a crash given up,
+    /// a timeout) names them: `a + b` for fused stages.
+    pub(crate) labels: Vec<String>,
 }
 
 impl Groups {
@@ -121,6 +124,19 @@ impl Groups {
             Some(o) if o.seq == seq => *o,
             _ => direct,
         }
+    }
+
+    /// Where item `seq` of group `g` came from, if it is still known (without forgetting the
+    /// items before it).
+    pub(crate) fn peek_origin(&self, g: usize, seq: u64) -> Option<Origin> {
+        if g == 0 {
+            return Some(Origin {
+                seq,
+                input: seq,
+                passed: false,
+            });
+        }
+        self.origins[g].iter().find(|o| o.seq == seq).copied()
     }
 
     /// Lets go of every upstream frame whose downstream item is done: it left its worker's

@@ -315,6 +315,7 @@ where
             pins: Vec::new(),
             origins: Vec::new(),
             bell: bell.clone(),
+            labels: Vec::new(),
         };
         let mut counters = Vec::new();
         let mut plan = Plan {
@@ -357,6 +358,7 @@ where
                 .pins
                 .push((0..workers).map(|_| VecDeque::new()).collect());
             groups.origins.push(VecDeque::new());
+            groups.labels.push(names[first..first + count].join(" + "));
             groups.pools.push(built);
             counters.push(made.expect("the group was built with its counters"));
             plan.groups.push(GroupPlan {

@@ -63,6 +63,11 @@ pub struct Run<'p, In, Out> {
     served: Option<(SavedStream, usize)>,
     /// The stages whose streams this run committed.
     saved: Vec<String>,
+    /// The input whose error was handed out last: its later outputs (and errors) are not
+    /// handed out, as fused stages would not have made them.
+    failed_input: Option<u64>,
+    /// Results handed out.
+    handed_out: u64,
     /// Whether the last group's outputs are checked as archives of `Out`.
     validate: bool,
     ended: bool,
@@ -104,6 +109,8 @@ where
             cache: None,
             served: None,
             saved: Vec::new(),
+            failed_input: None,
+            handed_out: 0,
             validate,
             ended: false,
             _types: PhantomData,
@@ -219,7 +226,7 @@ where
                     }
                 },
                 (Err(e), _) if e.is_item() => Moving::Failed {
-                    error: numbered(e, origin),
+                    error: numbered(e, origin, &self.groups.labels[g]),
                     input: origin.input,
                 },
                 (Err(e), _) => return Err(e),
@@ -276,14 +283,71 @@ where
         Ok(None)
     }
 
-    /// The last group's result, as the pipeline's.
-    fn deliver(&mut self, polled: Polled<()>) -> Result<OutputRef<Out>> {
+    /// The last group's result, as the pipeline's; `None` for one of an input whose error was
+    /// handed out already.
+    fn deliver(&mut self, polled: Polled<()>) -> Result<Option<Result<OutputRef<Out>>>> {
         let last = self.last_group();
         self.pass_to_saver(last, &polled.result)?;
         let origin = self.origin(last, polled.seq);
-        match polled.result {
+        if self.failed_input == Some(origin.input) {
+            return Ok(None);
+        }
+        let result = match polled.result {
             Ok(out) => out.retype::<Out>(origin.input, self.validate),
-            Err(e) => Err(numbered(e, origin)),
+            Err(e) if e.is_item() => Err(numbered(e, origin, &self.groups.labels[last])),
+            Err(e) => return Err(e),
+        };
+        if result.is_err() {
+            self.failed_input = Some(origin.input);
+        }
+        self.handed_out += 1;
+        Ok(Some(result))
+    }
+
+    /// The input number of the first input of this run.
+    fn first_input(&self) -> u64 {
+        if self.entry == 0 { self.base } else { 0 }
+    }
+
+    /// The first input of this run not wholly handed out (its outputs, or its error), and the
+    /// end of the inputs placed so far.
+    fn progress(&self) -> (u64, u64) {
+        let entry = self.entry;
+        let placed = self.groups.pools[entry].rt.peek_seq() - self.base + self.first_input();
+        let mut first = placed;
+        for (g, call) in self.calls.iter().enumerate().skip(entry) {
+            let Some(seq) = call.front_seq() else {
+                continue;
+            };
+            let input = if g == entry && g > 0 {
+                Some(seq - self.base)
+            } else {
+                self.groups.peek_origin(g, seq).map(|o| o.input)
+            };
+            first = first.min(input.unwrap_or(first));
+        }
+        for moving in self.waiting.iter().flatten() {
+            let input = match moving {
+                Moving::Frame { input, .. } | Moving::Failed { input, .. } => *input,
+            };
+            first = first.min(input);
+        }
+        (first, placed)
+    }
+
+    /// `CallEnded` of the last group, in the pipeline's terms: the inputs whose results were
+    /// all handed out, and how many were not run (in every group, or not placed yet).
+    fn ended(&self, e: Error) -> Error {
+        let Error::CallEnded { reason, .. } = e else {
+            return e;
+        };
+        let (first, placed) = self.progress();
+        let unplaced = self.source.as_ref().and_then(Source::unplaced);
+        Error::CallEnded {
+            results: first - self.first_input(),
+            outputs: self.handed_out,
+            not_run: unplaced.map(|rest| rest + (placed - first)),
+            reason,
         }
     }
 
@@ -368,7 +432,10 @@ where
             }
             self.groups.release_pins();
             if let Some(polled) = self.calls[last].poll_from(&mut self.groups.pools[last].rt)? {
-                return Ok(Some(self.deliver(polled)));
+                match self.deliver(polled)? {
+                    Some(result) => return Ok(Some(result)),
+                    None => continue,
+                }
             }
             if self.done() {
                 if let Some(e) = self.source.as_mut().and_then(Source::take_refused) {
@@ -387,21 +454,33 @@ where
                 }
                 let unplaced = self.source.as_ref().and_then(Source::unplaced);
                 let sup = &mut self.groups.pools[last].rt;
-                if let Some(e) = self.calls[last].stalled(sup, unplaced, true)? {
-                    return Ok(Some(Err(e)));
+                match self.calls[last].stalled(sup, unplaced, true) {
+                    Ok(Some(e)) => return Ok(Some(Err(e))),
+                    Ok(None) => {}
+                    Err(e) => return Err(self.ended(e)),
                 }
             }
         }
     }
 }
 
-/// An item's error, numbered by the input it came from (once: an error passed on from an
-/// earlier group already is).
-fn numbered(e: Error, origin: Origin) -> Error {
+/// An item's error out of a group labelled `label`, numbered by the input it came from and
+/// naming the group's stages if the error does not name its stage itself (a crash given up, a
+/// timeout: in fused stages, the group's stages, as which of them ran is not known): once, as
+/// an error passed on from an earlier group already is.
+fn numbered(e: Error, origin: Origin, label: &str) -> Error {
     if origin.passed {
-        e
-    } else {
-        e.with_seq(origin.input)
+        return e;
+    }
+    let e = e.with_seq(origin.input);
+    match e {
+        // Named already, or about the input itself (too large for the first ring, not
+        // serializable, a saved chunk that does not read): no stage ran.
+        Error::Stage { .. } | Error::InputTooLarge { .. } | Error::Encode { .. } => e,
+        e => Error::Stage {
+            stage: label.to_owned(),
+            error: Box::new(e),
+        },
     }
 }
 
