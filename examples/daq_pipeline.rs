@@ -604,7 +604,8 @@ fn native_tally(t: &Archived<Tally>) -> Result<Tally, BoxError> {
 
 /// `numbering`: the chunk's events with their numbers, on from the last chunk's. It runs on one
 /// worker that sees every chunk in input order; its state is saved after every chunk and a
-/// successor of a worker that died restores it, so no number is given twice or skipped.
+/// successor of a worker that died restores it, so no number is given twice or skipped. Each
+/// pass of the pipeline starts from the default state: numbered from 0.
 struct Numbering;
 
 /// What `numbering` carries from one chunk to the next.
@@ -612,10 +613,6 @@ struct Numbering;
 struct NumberingState {
     /// The next event's number.
     next: i64,
-    /// The end of the last chunk numbered. The state is the worker's, so it outlives a pass of
-    /// the pipeline over the run: a chunk that starts before this is the first of a new pass
-    /// (the chunks of one pass come in time order), whose events are numbered from 0 again.
-    after: i64,
 }
 
 impl Stateful for Numbering {
@@ -629,12 +626,8 @@ impl Stateful for Numbering {
         chunk: &Archived<EventsChunk>,
     ) -> Result<EventsChunk, BoxError> {
         let range = chunk.1.range.to_native();
-        if range.start() < state.after {
-            *state = NumberingState::default();
-        }
         let mut events = chunk.0.records().to_vec();
         state.next = number_from(state.next, &mut events);
-        state.after = range.end();
         let tally = native_tally(&chunk.1.tally)?;
         Ok((Records(events), ChunkMeta { range, tally }))
     }
@@ -1204,8 +1197,7 @@ fn main() {
 /// Runs everything; `Ok(false)` if a result differs from the reference or a check fails.
 fn run_all(args: &Args) -> Result<bool, BoxError> {
     let digitizer = Digitizer::new(args.records_per_chunk);
-    // Input rings that hold a few of the largest chunks, in whole MiB (a ring's size must be a
-    // multiple of the page size for the rings after it to be placed).
+    // Input rings that hold a few of the largest chunks.
     let max_chunk = digitizer.max_records() * size_of::<RawRecord>() + 4096;
     let ring = DEFAULT_RING_BYTES.max((4 * max_chunk).next_multiple_of(1 << 20));
     let pool = || {

@@ -14,6 +14,11 @@
 //! ```
 //! A write clears the tag, writes the bytes and the length, then stores the tag (`Release`):
 //! a writer that dies midway leaves a slot with tag 0, which a reader skips.
+//!
+//! After the two slots comes one more word, the **epoch**: the sequence number of the first
+//! item of the current run, which another process (the coordinator) sets before it hands out
+//! that item. State taken before the epoch belongs to an earlier run: a reader asking for the
+//! state before an item of this run does not get it.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -50,6 +55,7 @@ impl Snapshots {
         let len = capacity
             .checked_add(HEADER)
             .and_then(|slot| slot.checked_mul(2))
+            .and_then(|slots| slots.checked_add(HEADER))
             .ok_or_else(|| Error::InvalidArgument {
                 what: format!("snapshots of {capacity} bytes"),
             })?;
@@ -62,6 +68,29 @@ impl Snapshots {
     /// The largest snapshot a slot takes.
     pub fn capacity(&self) -> usize {
         self.capacity
+    }
+
+    /// Where the epoch word is.
+    fn epoch_at(&self) -> usize {
+        2 * (HEADER + self.capacity)
+    }
+
+    /// Starts a run whose first item is `seq`: state taken before it is not handed out for its
+    /// items. Call before that item is handed to the writer.
+    pub fn set_epoch(&self, seq: u64) {
+        if let Some(word) = self.seg.atomic_u64(self.epoch_at()) {
+            // SYNC POINT with the `Acquire` load in `epoch`: the first item of the run is
+            // published after this store (by a ring's Release stamp), so a writer that sees the
+            // item sees the epoch.
+            word.store(seq, Ordering::Release);
+        }
+    }
+
+    /// The first item of the current run (0 until a run is started).
+    pub fn epoch(&self) -> u64 {
+        self.seg
+            .atomic_u64(self.epoch_at())
+            .map_or(0, |w| w.load(Ordering::Acquire))
     }
 
     fn slot(&self, seq: u64) -> usize {
@@ -101,8 +130,11 @@ impl Snapshots {
     }
 
     /// A copy of the newest snapshot taken after an item before `seq`, and that item's number:
-    /// the state to go on from before running item `seq`. `None` if there is none.
+    /// the state to go on from before running item `seq`. `None` if there is none, or if it
+    /// belongs to an earlier run than `seq` (see [`Snapshots::set_epoch`]).
     pub fn latest_before(&self, seq: u64) -> Option<(u64, Vec<u8>)> {
+        let epoch = self.epoch();
+        let floor = if seq >= epoch { epoch } else { 0 };
         let mut best: Option<(u64, usize)> = None;
         for parity in 0..2u64 {
             let at = self.slot(parity);
@@ -110,7 +142,7 @@ impl Snapshots {
             let Some(taken) = tag.checked_sub(1) else {
                 continue;
             };
-            if taken < seq && best.is_none_or(|(b, _)| taken > b) {
+            if taken < seq && taken >= floor && best.is_none_or(|(b, _)| taken > b) {
                 best = Some((taken, at));
             }
         }
@@ -159,5 +191,14 @@ mod tests {
         // A forked reader sees the same slots.
         let c = s.clone();
         assert_eq!(c.latest_before(3), Some((2, b"after 2!".to_vec())));
+        // A new run from item 3 on: nothing of the run before is its state, but an item of
+        // the earlier run still finds its own.
+        s.set_epoch(3);
+        assert_eq!(c.epoch(), 3);
+        assert_eq!(s.latest_before(3), None);
+        assert_eq!(s.latest_before(5), None);
+        assert_eq!(s.latest_before(2), Some((1, b"after 1".to_vec())));
+        s.write(3, b"run 2").unwrap();
+        assert_eq!(s.latest_before(4), Some((3, b"run 2".to_vec())));
     }
 }

@@ -102,6 +102,8 @@ pub(crate) struct Groups {
     /// Each group's stages, as an error that the group's supervision makes (a crash given up,
     /// a timeout) names them: `a + b` for fused stages.
     pub(crate) labels: Vec<String>,
+    /// `states[g]`: the state slots of group `g`'s stateful stages, whose epoch each run sets.
+    pub(crate) states: Vec<Vec<shmexec_shm::Snapshots>>,
 }
 
 impl Groups {

@@ -104,6 +104,8 @@ struct Spec {
     stage: Stage,
     place: Placement,
     lineage: Lineage,
+    /// A stateful stage's state slots.
+    state: Option<shmexec_shm::Snapshots>,
 }
 
 /// A pipeline's stages, being listed; see the [module documentation](self).
@@ -154,6 +156,7 @@ where
             stage,
             place: Placement::default(),
             lineage: Lineage::default(),
+            state: None,
         });
         Stages {
             stages: self.stages,
@@ -226,15 +229,19 @@ where
     /// Adds a stage that keeps state from one item to the next ([`Stateful`]): a serial stage
     /// (one worker, every item in input order) whose state is saved after each item, so that a
     /// successor of a worker that died goes on from it: its items are counted exactly once, in
-    /// order. The state takes at most [`MAX_STATE_BYTES`] serialized.
+    /// order. Each run starts from the default state (a DAQ run's events are numbered from 0).
+    /// The state takes at most [`MAX_STATE_BYTES`] serialized.
     pub fn stateful<S>(self, name: &str, task: S) -> Stages<In, S::Output>
     where
         S: Stateful<Input = Out> + 'static,
     {
         match shmexec_shm::Snapshots::new(MAX_STATE_BYTES) {
-            Ok(slots) => self
-                .then(name, Box::new(state::StatefulStage::new(task, slots)))
-                .serial(),
+            Ok(slots) => {
+                let stage = Box::new(state::StatefulStage::new(task, slots.clone()));
+                self.then(name, stage)
+                    .placed("stateful", |s| s.state = Some(slots))
+                    .serial()
+            }
             Err(e) => {
                 let mut next = self.then(
                     name,
@@ -316,6 +323,7 @@ where
             origins: Vec::new(),
             bell: bell.clone(),
             labels: Vec::new(),
+            states: Vec::new(),
         };
         let mut counters = Vec::new();
         let mut plan = Plan {
@@ -324,6 +332,9 @@ where
         };
         for (first, group) in split_groups(self.stages) {
             let place = group[0].place;
+            groups
+                .states
+                .push(group.iter().filter_map(|s| s.state.clone()).collect());
             let stages: Vec<Stage> = group.into_iter().map(|s| s.stage).collect();
             let count = stages.len();
             let mut builder = pool
@@ -606,12 +617,12 @@ impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (g, names) in self.groups.iter().zip(self.fused()) {
             let kind = match (names.len(), g.serial) {
-                (_, true) => "serial",
-                (1, false) => "alone",
-                _ => "fused",
+                (_, true) => "serial, ",
+                (1, false) => "",
+                _ => "fused, ",
             };
             let s = if g.workers == 1 { "" } else { "s" };
-            writeln!(f, "{}: {kind}, {} worker{s}", names.join(" + "), g.workers)?;
+            writeln!(f, "{}: {kind}{} worker{s}", names.join(" + "), g.workers)?;
         }
         Ok(())
     }

@@ -98,6 +98,13 @@ where
             .map(|p| Call::new(&p.rt, true))
             .collect();
         let n = groups.pools.len();
+        // Stateful stages start this run from their default state: its items in each group
+        // begin at the group's next sequence number (set before any is handed out).
+        for (pool, states) in groups.pools.iter().zip(&groups.states) {
+            for slots in states {
+                slots.set_epoch(pool.rt.peek_seq());
+            }
+        }
         Run {
             groups,
             source: None,

@@ -17,6 +17,10 @@
 //! An item that fails (an error or a panic in the stage, or a later stage of the same worker)
 //! leaves the state as it was before it: the stage goes back to its last saved state, so a
 //! failed chunk takes no event numbers.
+//!
+//! Each run of the pipeline starts from the default state (a DAQ run's events are numbered from
+//! 0): before a run hands out its first item, the coordinator sets the slots' epoch to that
+//! item's number, and state saved before it is not restored for the run's items.
 
 use rkyv::Archived;
 use rkyv::api::high::HighDeserializer;
@@ -88,9 +92,10 @@ pub(crate) struct StatefulStage<S: Stateful> {
     task: S,
     state: S::State,
     slots: Snapshots,
-    /// Whether the state was restored from the slots (done before the worker's first item,
-    /// when it knows which item that is).
-    restored: bool,
+    /// The run whose state this is (its epoch: see `Snapshots::set_epoch`), once restored
+    /// from the slots (done before the worker's first item of a run, when it knows which item
+    /// that is).
+    restored: Option<u64>,
 }
 
 impl<S: Stateful> StatefulStage<S> {
@@ -99,7 +104,7 @@ impl<S: Stateful> StatefulStage<S> {
             task,
             state: S::State::default(),
             slots,
-            restored: false,
+            restored: None,
         }
     }
 
@@ -143,10 +148,14 @@ impl<S: Stateful> ByteTask for StatefulStage<S> {
 
     fn run(&mut self, input: &[u8], out: &mut OutputSink<'_>) -> Result<(), ItemFailure> {
         let seq = out.seq();
-        if !self.restored {
+        // A new run starts from the default state; an item of the run before (in flight as
+        // the new one started) keeps going on from its own.
+        let epoch = self.slots.epoch();
+        let run = if seq >= epoch { epoch } else { 0 };
+        if self.restored != Some(run) {
             self.restore(seq)
                 .map_err(|e| ItemFailure::Failed(e.into()))?;
-            self.restored = true;
+            self.restored = Some(run);
         }
         let input = decode::<Archived<S::Input>>(input)
             .map_err(|e| ItemFailure::InvalidInput(e.to_string()))?;
