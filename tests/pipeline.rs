@@ -659,3 +659,49 @@ fn a_run_that_fails_an_item_or_stops_early_saves_nothing_and_a_torn_chunk_is_nam
     std::fs::remove_dir_all(&dir).unwrap();
     assert_no_children();
 }
+
+#[test]
+fn a_successor_whose_first_item_is_filtered_before_the_stateful_stage_keeps_the_state() {
+    let guard = serial();
+    let dir = std::env::temp_dir().join(format!(
+        "shmexec-pipeline-state-filter-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    {
+        let marker = dir.join("crash-stage");
+        // One serial worker runs all three stages; it dies on item 9 the first time, and item
+        // 9 is one the filter drops: the successor's first item never reaches `number`. (It
+        // dies on item 7 too, in `number`.)
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("crash", move |&n| {
+                let n = n.to_native();
+                if n == 9 && !marker.exists() {
+                    std::fs::write(&marker, b"").unwrap();
+                    std::process::abort();
+                }
+                n
+            })
+            .serial()
+            .filter("not_threes", |n| n.to_native() % 3 != 0)
+            .serial()
+            .stateful("number", NumberEvents { dir: dir.clone() })
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        assert_eq!(p.plan().fused().len(), 1);
+        let numbers: Vec<u64> = p
+            .run(0..30u64)
+            .filter_map(|r| r.ok())
+            .flat_map(|r| r.iter().map(|x| x.to_native()).collect::<Vec<_>>())
+            .collect();
+        let want = (0..30u64)
+            .filter(|&i| i % 3 != 0 && i != 11)
+            .map(|i| i % 5)
+            .sum::<u64>();
+        assert_eq!(numbers, (0..want).collect::<Vec<_>>());
+        assert_eq!(p.group_stats()[0].respawns, 2);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_children();
+}

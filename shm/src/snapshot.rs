@@ -3,10 +3,12 @@
 //! that died can go on from where it was.
 //!
 //! The writer is one process at a time (a serial worker, then its successor, started only once
-//! the first is dead): the slots need no lock. Each write goes to the slot of its tag's parity,
-//! so the newest snapshot never overwrites the one before it, and a successor that reruns item
+//! the first is dead): the slots need no lock. A write for item `k` never goes to the slot that
+//! holds the newest state from before `k` (it takes the other one), so a successor that reruns
 //! `k` (its predecessor died after writing `k`'s snapshot but before letting go of `k`) still
-//! finds the state from before `k`: [`Snapshots::latest_before`] `k`.
+//! finds the state from before `k`: [`Snapshots::latest_before`] `k`. Sequence numbers may skip
+//! (items that failed before the stage, or were not run): the slot is chosen by the tags there,
+//! not by the number's parity.
 //!
 //! ```text
 //! slot (64-byte header, then `capacity` bytes):
@@ -93,11 +95,20 @@ impl Snapshots {
             .map_or(0, |w| w.load(Ordering::Acquire))
     }
 
-    fn slot(&self, seq: u64) -> usize {
-        (seq % 2) as usize * (HEADER + self.capacity)
+    fn slot(&self, index: usize) -> usize {
+        index * (HEADER + self.capacity)
     }
 
-    /// Saves `bytes` as the state after item `seq`, in the slot of `seq`'s parity.
+    /// The item whose state slot `index` holds (`None`: empty, or being written).
+    fn taken(&self, index: usize) -> Option<u64> {
+        self.seg
+            .atomic_u64(self.slot(index))?
+            .load(Ordering::Acquire)
+            .checked_sub(1)
+    }
+
+    /// Saves `bytes` as the state after item `seq`, in the slot that does not hold the newest
+    /// state from before `seq`.
     pub fn write(&self, seq: u64, bytes: &[u8]) -> Result<()> {
         if bytes.len() > self.capacity {
             return Err(Error::FrameTooLarge {
@@ -105,7 +116,11 @@ impl Snapshots {
                 max: self.capacity,
             });
         }
-        let at = self.slot(seq);
+        let keep = self.newest_before(seq, 0);
+        let at = self.slot(match keep {
+            Some(0) => 1,
+            _ => 0,
+        });
         let (Some(tag), Some(len)) = (self.seg.atomic_u64(at), self.seg.atomic_u64(at + 8)) else {
             return Err(Error::corrupt("snapshot slot outside its segment"));
         };
@@ -129,24 +144,23 @@ impl Snapshots {
         Ok(())
     }
 
+    /// The slot holding the newest state taken after an item in `floor..seq`.
+    fn newest_before(&self, seq: u64, floor: u64) -> Option<usize> {
+        (0..2)
+            .filter_map(|i| Some((i, self.taken(i)?)))
+            .filter(|&(_, taken)| taken < seq && taken >= floor)
+            .max_by_key(|&(_, taken)| taken)
+            .map(|(i, _)| i)
+    }
+
     /// A copy of the newest snapshot taken after an item before `seq`, and that item's number:
     /// the state to go on from before running item `seq`. `None` if there is none, or if it
     /// belongs to an earlier run than `seq` (see [`Snapshots::set_epoch`]).
     pub fn latest_before(&self, seq: u64) -> Option<(u64, Vec<u8>)> {
         let epoch = self.epoch();
         let floor = if seq >= epoch { epoch } else { 0 };
-        let mut best: Option<(u64, usize)> = None;
-        for parity in 0..2u64 {
-            let at = self.slot(parity);
-            let tag = self.seg.atomic_u64(at)?.load(Ordering::Acquire);
-            let Some(taken) = tag.checked_sub(1) else {
-                continue;
-            };
-            if taken < seq && taken >= floor && best.is_none_or(|(b, _)| taken > b) {
-                best = Some((taken, at));
-            }
-        }
-        let (taken, at) = best?;
+        let index = self.newest_before(seq, floor)?;
+        let (taken, at) = (self.taken(index)?, self.slot(index));
         let len = self.seg.atomic_u64(at + 8)?.load(Ordering::Relaxed);
         let len = usize::try_from(len).ok().filter(|&l| l <= self.capacity)?;
         let mut out = vec![0u8; len];
@@ -200,5 +214,27 @@ mod tests {
         assert_eq!(s.latest_before(2), Some((1, b"after 1".to_vec())));
         s.write(3, b"run 2").unwrap();
         assert_eq!(s.latest_before(4), Some((3, b"run 2".to_vec())));
+    }
+
+    #[test]
+    fn numbers_that_skip_keep_the_state_before_each_item() {
+        let s = Snapshots::new(64).unwrap();
+        // 3, 4, then 6 (5 never reached the stage): the state before 6 is the one after 4,
+        // also once the state after 6 is saved (a successor rerunning 6 needs it).
+        s.write(3, &[3]).unwrap();
+        s.write(4, &[4]).unwrap();
+        assert_eq!(s.latest_before(6), Some((4, vec![4])));
+        s.write(6, &[6]).unwrap();
+        assert_eq!(s.latest_before(6), Some((4, vec![4])));
+        assert_eq!(s.latest_before(7), Some((6, vec![6])));
+        // Two odd numbers in a row.
+        s.write(9, &[9]).unwrap();
+        s.write(11, &[11]).unwrap();
+        assert_eq!(s.latest_before(11), Some((9, vec![9])));
+        assert_eq!(s.latest_before(12), Some((11, vec![11])));
+        // Saving the same item again (a rerun) keeps the state before it.
+        s.write(11, &[111]).unwrap();
+        assert_eq!(s.latest_before(11), Some((9, vec![9])));
+        assert_eq!(s.latest_before(12), Some((11, vec![111])));
     }
 }

@@ -21,20 +21,7 @@ use crate::error::BoxError;
 use crate::task::WorkerInfo;
 use crate::task::bytes::{ByteTask, ItemFailure};
 use crate::task::sink::{NextStage, Outcome, OutputSink};
-use crate::wire::{Code, Report, panic_message};
-
-/// An item's failure in a stage of a chain, as its report (which names the stage). It travels as
-/// the `BoxError` of an [`ItemFailure::Failed`], which the worker loop unpacks.
-#[derive(Debug)]
-pub(crate) struct StageFailure(pub(crate) Report);
-
-impl std::fmt::Display for StageFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0.message)
-    }
-}
-
-impl std::error::Error for StageFailure {}
+use crate::wire::{Code, Report, StageFailure, panic_message};
 
 /// The failure of stage `stage`, reported as `report` says.
 fn failure(stage: u32, mut report: Report) -> ItemFailure {

@@ -10,7 +10,7 @@ use shmexec_shm::HeldFrame;
 use super::fuse::Chain;
 use super::hop::HopReader;
 use crate::error::BoxError;
-use crate::pool::Pool;
+use crate::pool::{Life, Pool};
 use crate::stats::Doorbell;
 use crate::task::bytes::{ByteTask, ItemFailure};
 use crate::task::sink::OutputSink;
@@ -75,6 +75,17 @@ impl ByteTask for GroupWorker {
     }
 }
 
+/// An upstream frame held for the downstream item that reads it.
+pub(crate) struct Pin {
+    /// The item's sequence number in its group.
+    pub(crate) seq: u64,
+    /// Where its hop ends in the downstream worker's input ring: once the ring's released
+    /// position reaches it, the worker (and any successor) is done with the frame.
+    pub(crate) end: u64,
+    /// The frame, held: dropping it gives its bytes back to the upstream worker.
+    pub(crate) _frame: HeldFrame,
+}
+
 /// Where an item of a later group came from.
 #[derive(Clone, Copy)]
 pub(crate) struct Origin {
@@ -90,10 +101,9 @@ pub(crate) struct Origin {
 /// order: the pools (their workers stopped and reaped) before the frames they might read.
 pub(crate) struct Groups {
     pub(crate) pools: Vec<Pool<GroupTask>>,
-    /// `pins[g][w]` (g >= 1): frames of group `g - 1` that worker `w` of group `g` reads, with
-    /// the item's sequence number in group `g`, oldest first. A frame is held until its item
-    /// has left the worker's queue.
-    pub(crate) pins: Vec<Vec<VecDeque<(u64, HeldFrame)>>>,
+    /// `pins[g][w]` (g >= 1): frames of group `g - 1` that worker `w` of group `g` reads,
+    /// oldest first. A frame is held until the worker released the hop to it.
+    pub(crate) pins: Vec<Vec<VecDeque<Pin>>>,
     /// `origins[g]` (g >= 1): the items placed in group `g`, oldest first, until their
     /// results are handed on.
     pub(crate) origins: Vec<VecDeque<Origin>>,
@@ -141,16 +151,32 @@ impl Groups {
         self.origins[g].iter().find(|o| o.seq == seq).copied()
     }
 
-    /// Lets go of every upstream frame whose downstream item is done: it left its worker's
-    /// queue, so that worker (or a successor) reads it no more.
+    /// Lets go of every upstream frame whose downstream worker is done with it: it released
+    /// the hop (which a worker does last, after the item's closing frame and `item_closed`), or
+    /// it was given up and its item failed, so neither it nor a successor reads the frame again.
+    ///
+    /// SYNC POINT with the worker loop's release of its input (`worker::run`): the release is a
+    /// `Release` store of the input ring's tail after the worker's last read of the frame, and
+    /// `Producer::released` loads it with `Acquire`; only then is the frame given back to its
+    /// producer. Reading the item's closing frame is not enough: a worker that dies between its
+    /// closing frame and the release has the item run again by its successor.
     pub(crate) fn release_pins(&mut self) {
         for (g, pins) in self.pins.iter_mut().enumerate().skip(1) {
-            let slots = &self.pools[g].rt.slots;
+            let slots = &mut self.pools[g].rt.slots;
             for (w, pins) in pins.iter_mut().enumerate() {
-                while pins
-                    .front()
-                    .is_some_and(|(seq, _)| !slots[w].expect.contains(*seq))
-                {
+                let Some(front) = pins.front() else {
+                    continue;
+                };
+                let slot = &mut slots[w];
+                let given_up = slot.life == Life::Failed;
+                // A ring whose worker is gone reads as released as far as it got.
+                let released = slot.tx.released().unwrap_or(0);
+                if front.end > released && !given_up {
+                    continue;
+                }
+                while pins.front().is_some_and(|p| {
+                    p.end <= released || (given_up && !slot.expect.contains(p.seq))
+                }) {
                     pins.pop_front();
                 }
             }

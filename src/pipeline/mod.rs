@@ -68,7 +68,6 @@ use crate::store::{StageKey, Store};
 use crate::task::bytes::ByteTask;
 use crate::task::{Task, Token, flat_map_fn, from_fn};
 use counters::StageCounters;
-pub(crate) use fuse::StageFailure;
 use fuse::{Chain, Stage};
 use group::{GroupTask, GroupWorker, Groups};
 use hop::HopReader;

@@ -15,7 +15,7 @@ use std::marker::PhantomData;
 
 use shmexec_shm::HeldFrame;
 
-use super::group::{Groups, Origin};
+use super::group::{Groups, Origin, Pin};
 use super::hop::{HOP_LEN, Hop};
 use super::save::Saving;
 use crate::archive::{Decode, Encode};
@@ -270,7 +270,12 @@ where
                     Placed::Item { seq, worker } => (seq, worker),
                 };
                 if let Some(w) = at {
-                    self.groups.pins[h][w].push_back((seq, frame));
+                    let end = sup.slots[w].expect.back().map_or(0, |e| e.end);
+                    self.groups.pins[h][w].push_back(Pin {
+                        seq,
+                        end,
+                        _frame: frame,
+                    });
                 }
                 self.groups.origins[h].push_back(Origin {
                     seq,

@@ -35,8 +35,12 @@ use crate::task::sink::OutputSink;
 
 /// A stage that keeps state from one item to the next; add it with
 /// [`Stages::stateful`](crate::pipeline::Stages::stateful). It runs on one worker, which sees
-/// every item in input order; its state is saved after each item and a successor of a worker
-/// that died goes on from it (see the [module documentation](self)).
+/// every item in input order. Its state is saved, in shared memory, after each item is closed
+/// and before its input is let go; a successor of a worker that died restores the newest state
+/// from before the item it runs again, so every item changes the state exactly once, in order.
+/// An item that fails changes nothing, and each run of the pipeline starts from
+/// `State::default()`. (The protocol, and why each place a worker can die at is covered:
+/// `src/wire/PROTOCOL.md`, "Serial state".)
 ///
 /// ```
 /// use shmexec::pipeline::Stateful;
@@ -126,6 +130,20 @@ impl<S: Stateful> StatefulStage<S> {
         Ok(())
     }
 
+    /// Restores the state for item `seq` unless this worker has it already: on its first item
+    /// of a run (its successor's first item, a new run's first).
+    fn ensure_restored(&mut self, seq: u64) -> Result<(), String> {
+        // A new run starts from the default state; an item of the run before (in flight as the
+        // new one started) goes on from its own.
+        let epoch = self.slots.epoch();
+        let run = if seq >= epoch { epoch } else { 0 };
+        if self.restored != Some(run) {
+            self.restore(seq)?;
+            self.restored = Some(run);
+        }
+        Ok(())
+    }
+
     /// Saves the state after item `seq`.
     fn save(&mut self, seq: u64) -> Result<(), String> {
         let len = encoded_len(&self.state).map_err(|e| e.to_string())?;
@@ -147,16 +165,8 @@ impl<S: Stateful> ByteTask for StatefulStage<S> {
     }
 
     fn run(&mut self, input: &[u8], out: &mut OutputSink<'_>) -> Result<(), ItemFailure> {
-        let seq = out.seq();
-        // A new run starts from the default state; an item of the run before (in flight as
-        // the new one started) keeps going on from its own.
-        let epoch = self.slots.epoch();
-        let run = if seq >= epoch { epoch } else { 0 };
-        if self.restored != Some(run) {
-            self.restore(seq)
-                .map_err(|e| ItemFailure::Failed(e.into()))?;
-            self.restored = Some(run);
-        }
+        self.ensure_restored(out.seq())
+            .map_err(|e| ItemFailure::Failed(e.into()))?;
         let input = decode::<Archived<S::Input>>(input)
             .map_err(|e| ItemFailure::InvalidInput(e.to_string()))?;
         let value = self.task.process(&mut self.state, input)?;
@@ -165,6 +175,11 @@ impl<S: Stateful> ByteTask for StatefulStage<S> {
     }
 
     fn item_closed(&mut self, seq: u64, ok: bool) {
+        // An item that never reached the stage (a fused filter before it dropped it) saves the
+        // state it had, which a successor's first such item must restore first.
+        if let Err(e) = self.ensure_restored(seq) {
+            panic!("{e}");
+        }
         if !ok {
             // The item (in this stage or a later one) had no effect: back to the state after
             // the item before it.

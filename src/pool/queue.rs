@@ -43,6 +43,10 @@ impl Queue {
         self.items.push_back(e);
     }
 
+    pub(crate) fn back(&self) -> Option<&Expected> {
+        self.items.back()
+    }
+
     pub(crate) fn front(&self) -> Option<&Expected> {
         self.items.front()
     }

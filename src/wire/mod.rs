@@ -92,6 +92,20 @@ impl Report {
     }
 }
 
+/// An item's failure in a stage of a fused chain, as its report (which names the stage). It
+/// travels as the `BoxError` of an `ItemFailure::Failed` from the stage to the worker loop,
+/// which sends the report as it is.
+#[derive(Debug)]
+pub(crate) struct StageFailure(pub(crate) Report);
+
+impl std::fmt::Display for StageFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.message)
+    }
+}
+
+impl std::error::Error for StageFailure {}
+
 /// Turns the payload of an `Error` frame for item `seq` of `worker` into the error it reports,
 /// inside an [`Error::Stage`] naming the stage when the report names one of `stages` (the
 /// pool's fused pipeline stages, if any). The payload comes from another process, so anything

@@ -6,14 +6,13 @@ use std::sync::Arc;
 use shmexec_shm::{FrameKind, Peer, Producer, Ring, Segment, WaitStrategy};
 
 use crate::pin;
-use crate::pipeline::StageFailure;
 use crate::stats::{Field, StatsBlock};
 use crate::task::WorkerInfo;
 use crate::task::bytes::{ByteTask, ItemFailure};
 use crate::task::sink::{Outcome, OutputSink, send_empty, send_report};
 use crate::wire::{
     Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, READY, Report, START_SEQ, STOP,
-    discard_check, panic_message,
+    StageFailure, discard_check, panic_message,
 };
 
 /// Everything a worker needs, prepared by the coordinator before the fork.
