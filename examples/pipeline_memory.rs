@@ -68,11 +68,9 @@ fn main() -> Result<(), shmexec::Error> {
     for n in [chunks, 8 * chunks] {
         let start = Instant::now();
         let source = (0..n).map(|i| vec![i as f32; floats]);
-        let mut count = 0u64;
-        for r in pipeline.run(source) {
+        for (count, r) in pipeline.run(source).enumerate() {
             let max = r?.to_native();
             assert_eq!(max, (count as f32) * 2.0, "chunk {count}");
-            count += 1;
         }
         let (rss, hwm) = rss_kib();
         println!(
