@@ -327,13 +327,17 @@ fn groups_hand_items_on_by_hop_in_order_with_no_copy() {
         let plan = p.plan().to_string();
         assert!(plan.contains("number: serial, 1 worker"), "{plan}");
         let chunks: Vec<Vec<f32>> = (0..300u64).map(|i| vec![i as f32; 1000]).collect();
-        let got: Vec<(u64, Vec<u64>)> = p
-            .run(&chunks)
-            .map(|r| {
-                let r = r.unwrap();
-                (r.seq(), r.iter().map(|x| x.to_native()).collect())
-            })
-            .collect();
+        let mut run = p.run(&chunks);
+        let mut got: Vec<(u64, Vec<u64>)> = Vec::new();
+        while let Some(r) = run.next() {
+            let r = r.unwrap();
+            got.push((r.seq(), r.iter().map(|x| x.to_native()).collect()));
+            // Readable while the run goes on: every result handed out was counted before.
+            let now = run.stats();
+            assert!(now.stages[3].outputs >= got.len() as u64, "{now}");
+            assert!(now.stages[0].items >= now.stages[2].items, "{now}");
+        }
+        drop(run);
         let evens: Vec<u64> = (0..300u64).filter(|i| (i * 1000) % 2 == 0).collect();
         assert_eq!(got.len(), evens.len());
         for (k, ((seq, pair), &i)) in got.iter().zip(&evens).enumerate() {

@@ -445,7 +445,14 @@ where
         I::Item: Borrow<In>,
     {
         let feed = SerializeFeed::<_, In>::new(inputs.into_iter());
-        let mut run = Run::new(&mut self.groups, self.validate);
+        let mut run = Run::new(
+            &mut self.groups,
+            Introspect {
+                plan: &self.plan,
+                counters: &self.counters,
+            },
+            self.validate,
+        );
         run.feed(0, Source::new(Box::new(feed)));
         run
     }
@@ -495,7 +502,14 @@ where
         }
         let entry = hit.as_ref().map(|(s, _)| group_of(*s) + 1);
         let stage_names = self.plan.stages.clone();
-        let mut run = Run::new(&mut self.groups, self.validate);
+        let mut run = Run::new(
+            &mut self.groups,
+            Introspect {
+                plan: &self.plan,
+                counters: &self.counters,
+            },
+            self.validate,
+        );
         for (g, saving) in savers {
             run.save(g, saving);
         }
@@ -536,44 +550,72 @@ where
 
     /// What each stage did so far (readable while the pipeline runs).
     pub fn stats(&self) -> PipelineStats {
-        let group_of = |stage: usize| {
-            self.plan
-                .groups
+        stats(&self.plan, &self.counters, &self.groups)
+    }
+}
+
+/// What each stage did so far: the counters of each group, and what its pool saw.
+fn stats(plan: &Plan, counters: &[StageCounters], groups: &Groups) -> PipelineStats {
+    let group_of = |stage: usize| {
+        plan.groups
+            .iter()
+            .position(|g| g.stages.contains(&stage))
+            .unwrap_or(0)
+    };
+    // Items each group's workers have not finished (queued or running), as the supervisor
+    // last saw their input rings.
+    let queued: Vec<u64> = groups
+        .pools
+        .iter()
+        .map(|p| {
+            p.rt.slots
                 .iter()
-                .position(|g| g.stages.contains(&stage))
-                .unwrap_or(0)
-        };
-        let stages = self
-            .plan
-            .stages
-            .iter()
-            .enumerate()
-            .map(|(i, name)| {
-                let group = group_of(i);
-                let c = self.counters[group].stage(i);
-                StageStats {
-                    name: name.clone(),
-                    group,
-                    workers: self.plan.groups[group].workers,
-                    items: c.items,
-                    bytes_in: c.bytes_in,
-                    outputs: c.outputs,
-                    bytes_out: c.bytes_out,
-                    busy: c.busy,
-                    errors: c.errors,
-                }
-            })
-            .collect();
-        let copied = self
-            .group_stats()
-            .iter()
-            .skip(1)
-            .map(|s| s.input_bytes_copied)
-            .sum();
-        PipelineStats {
-            stages,
-            copied_between_groups: copied,
-        }
+                .map(|w| w.expect.unfinished().0 as u64)
+                .sum()
+        })
+        .collect();
+    let stages = plan
+        .stages
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let group = group_of(i);
+            let c = counters[group].stage(i);
+            StageStats {
+                queued: queued[group],
+                name: name.clone(),
+                group,
+                workers: plan.groups[group].workers,
+                items: c.items,
+                bytes_in: c.bytes_in,
+                outputs: c.outputs,
+                bytes_out: c.bytes_out,
+                busy: c.busy,
+                errors: c.errors,
+            }
+        })
+        .collect();
+    let copied = groups
+        .pools
+        .iter()
+        .skip(1)
+        .map(|p| p.stats().input_bytes_copied)
+        .sum();
+    PipelineStats {
+        stages,
+        copied_between_groups: copied,
+    }
+}
+
+/// What a run needs to report its pipeline's statistics while it holds the groups.
+pub(crate) struct Introspect<'p> {
+    plan: &'p Plan,
+    counters: &'p [StageCounters],
+}
+
+impl Introspect<'_> {
+    pub(crate) fn stats(&self, groups: &Groups) -> PipelineStats {
+        stats(self.plan, self.counters, groups)
     }
 }
 
@@ -649,6 +691,10 @@ pub struct StageStats {
     pub busy: Duration,
     /// Items it failed on.
     pub errors: u64,
+    /// Items its group's workers have been handed and not finished yet (queued, or being
+    /// run), as the coordinator last saw: a group whose queues stay full while the next
+    /// group's stay empty is the bottleneck.
+    pub queued: u64,
 }
 
 impl StageStats {
@@ -686,7 +732,9 @@ impl PipelineStats {
             .max_by_key(|s| s.busy / s.workers.max(1) as u32)
     }
 
-    /// The counters since `earlier` (an earlier reading of the same pipeline).
+    /// The counters since `earlier` (an earlier reading of the same pipeline): over a window
+    /// of a running pipeline, its [`bottleneck`](PipelineStats::bottleneck) is the stage that
+    /// limits it now. Queue fills are the latest reading's.
     pub fn since(&self, earlier: &PipelineStats) -> PipelineStats {
         let stages = self
             .stages
@@ -702,6 +750,7 @@ impl PipelineStats {
                 bytes_out: now.bytes_out - then.bytes_out,
                 busy: now.busy.saturating_sub(then.busy),
                 errors: now.errors - then.errors,
+                queued: now.queued,
             })
             .collect();
         PipelineStats {
@@ -716,8 +765,16 @@ impl fmt::Display for PipelineStats {
         let bottleneck = self.bottleneck().map(|s| s.name.as_str());
         writeln!(
             f,
-            "{:<16} {:>5} {:>9} {:>12} {:>9} {:>12} {:>10} {:>7}",
-            "stage", "group", "items", "bytes in", "outputs", "bytes out", "busy s", "errors"
+            "{:<16} {:>5} {:>9} {:>12} {:>9} {:>12} {:>10} {:>7} {:>7}",
+            "stage",
+            "group",
+            "items",
+            "bytes in",
+            "outputs",
+            "bytes out",
+            "busy s",
+            "errors",
+            "queued"
         )?;
         for s in &self.stages {
             let mark = if Some(s.name.as_str()) == bottleneck {
@@ -727,7 +784,7 @@ impl fmt::Display for PipelineStats {
             };
             writeln!(
                 f,
-                "{:<16} {:>5} {:>9} {:>12} {:>9} {:>12} {:>10.3} {:>7}{mark}",
+                "{:<16} {:>5} {:>9} {:>12} {:>9} {:>12} {:>10.3} {:>7} {:>7}{mark}",
                 s.name,
                 s.group,
                 s.items,
@@ -735,7 +792,8 @@ impl fmt::Display for PipelineStats {
                 s.outputs,
                 s.bytes_out,
                 s.busy.as_secs_f64(),
-                s.errors
+                s.errors,
+                s.queued
             )?;
         }
         Ok(())

@@ -18,6 +18,7 @@ use shmexec_shm::HeldFrame;
 use super::group::{Groups, Origin, Pin};
 use super::hop::{HOP_LEN, Hop};
 use super::save::Saving;
+use super::{Introspect, PipelineStats};
 use crate::archive::{Decode, Encode};
 use crate::call::dispatch;
 use crate::call::engine::{Call, Placed, Polled};
@@ -44,6 +45,7 @@ enum Moving {
 /// discarded by the groups.
 pub struct Run<'p, In, Out> {
     groups: &'p mut Groups,
+    introspect: Introspect<'p>,
     /// The inputs, and the group they go to (the first, or the one after a stage served from
     /// its cache); `None` for a run whose last stage is served from its cache.
     source: Option<Source<'p>>,
@@ -91,7 +93,7 @@ where
 {
     /// A run with no inputs yet: give it a [`feed`](Run::feed), or a stream to
     /// [`serve`](Run::serve).
-    pub(crate) fn new(groups: &'p mut Groups, validate: bool) -> Self {
+    pub(crate) fn new(groups: &'p mut Groups, introspect: Introspect<'p>, validate: bool) -> Self {
         let calls = groups
             .pools
             .iter()
@@ -107,6 +109,7 @@ where
         }
         Run {
             groups,
+            introspect,
             source: None,
             entry: 0,
             base: 0,
@@ -149,6 +152,13 @@ where
     /// Hands out `stream`'s chunks as the results: the last stage is served from its cache.
     pub(crate) fn serve(&mut self, stream: SavedStream) {
         self.served = Some((stream, 0));
+    }
+
+    /// What each stage of the pipeline did so far, read while the run goes on (as
+    /// [`crate::pipeline::Pipeline::stats`], which the run's borrow of the pipeline keeps out
+    /// of reach meanwhile).
+    pub fn stats(&self) -> PipelineStats {
+        self.introspect.stats(self.groups)
     }
 
     /// The stage this run took from its store instead of running it (and the stages before
