@@ -191,6 +191,23 @@ pub enum Error {
     Transport(#[from] shmexec_shm::Error),
 }
 
+/// The pattern of every error that is about one item, binding its sequence number to `$seq`:
+/// the one list of them.
+macro_rules! item_error {
+    ($seq:ident) => {
+        Error::Task { seq: $seq, .. }
+            | Error::Panic { seq: $seq, .. }
+            | Error::InputTooLarge { seq: $seq, .. }
+            | Error::OutputTooLarge { seq: $seq, .. }
+            | Error::Encode { seq: $seq, .. }
+            | Error::InvalidOutput { seq: $seq, .. }
+            | Error::InvalidInput { seq: $seq, .. }
+            | Error::WorkerCrashed { seq: $seq, .. }
+            | Error::WorkerLost { seq: $seq, .. }
+            | Error::ChunkTimeout { seq: $seq, .. }
+    };
+}
+
 impl Error {
     /// Whether this is one item's error, returned in that item's place while the call goes on
     /// (a task's `Err` or panic, an input or output too large, an item given up after crashes
@@ -202,22 +219,8 @@ impl Error {
     /// The same error about item `seq` instead (a pipeline numbers an error by the input it
     /// came from, whichever stage it happened in).
     pub(crate) fn with_seq(mut self, to: u64) -> Error {
-        match &mut self {
-            Error::Task { seq, .. }
-            | Error::Panic { seq, .. }
-            | Error::InputTooLarge { seq, .. }
-            | Error::OutputTooLarge { seq, .. }
-            | Error::Encode { seq, .. }
-            | Error::InvalidOutput { seq, .. }
-            | Error::InvalidInput { seq, .. }
-            | Error::WorkerCrashed { seq, .. }
-            | Error::WorkerLost { seq, .. }
-            | Error::ChunkTimeout { seq, .. } => *seq = to,
-            Error::Stage { error, .. } => {
-                let inner = std::mem::replace(&mut **error, Error::StreamClosed);
-                **error = inner.with_seq(to);
-            }
-            _ => {}
+        if let Some(seq) = self.seq_mut() {
+            *seq = to;
         }
         self
     }
@@ -225,17 +228,17 @@ impl Error {
     /// The item an item error is about: its sequence number (see [`crate::OutputRef::seq`]).
     pub fn seq(&self) -> Option<u64> {
         match self {
-            Error::Task { seq, .. }
-            | Error::Panic { seq, .. }
-            | Error::InputTooLarge { seq, .. }
-            | Error::OutputTooLarge { seq, .. }
-            | Error::Encode { seq, .. }
-            | Error::InvalidOutput { seq, .. }
-            | Error::InvalidInput { seq, .. }
-            | Error::WorkerCrashed { seq, .. }
-            | Error::WorkerLost { seq, .. }
-            | Error::ChunkTimeout { seq, .. } => Some(*seq),
+            item_error!(seq) => Some(*seq),
             Error::Stage { error, .. } => error.seq(),
+            _ => None,
+        }
+    }
+
+    /// Where an item error keeps its sequence number; `None` for other errors.
+    fn seq_mut(&mut self) -> Option<&mut u64> {
+        match self {
+            item_error!(seq) => Some(seq),
+            Error::Stage { error, .. } => error.seq_mut(),
             _ => None,
         }
     }

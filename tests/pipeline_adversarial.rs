@@ -6,25 +6,11 @@
 mod support;
 
 use std::path::PathBuf;
-use std::sync::mpsc;
 use std::time::Duration;
 
 use shmexec::pipeline::{Pipeline, Stages};
 use shmexec::{BoxError, Error, OutputSink, Task, WorkerInfo};
-use support::{assert_no_children, builder, kill, serial};
-
-/// Aborts the whole test binary with a message if the returned sender is not dropped within
-/// `secs` seconds (a hang is a bug, not a slow test).
-fn watchdog(secs: u64, what: &'static str) -> mpsc::Sender<()> {
-    let (tx, rx) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(secs)) {
-            eprintln!("{what}: still running after {secs} s, so it hangs");
-            std::process::abort();
-        }
-    });
-    tx
-}
+use support::{assert_no_children, builder, kill, serial, watchdog};
 
 /// A per-test directory for marker files shared with the workers.
 fn scratch(name: &str) -> PathBuf {

@@ -7,24 +7,10 @@ mod support;
 
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use shmexec::{BoxError, Error, Task, WorkerInfo};
-use support::{assert_no_children, builder, kill, serial};
-
-/// Aborts the test binary if the guard is not dropped within `secs`: a regression here is a
-/// hang, and a hung test should say so instead of holding CI.
-fn watchdog(secs: u64, what: &'static str) -> mpsc::Sender<()> {
-    let (tx, rx) = mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(secs)) {
-            eprintln!("{what}: still running after {secs} s, so it hangs");
-            std::process::abort();
-        }
-    });
-    tx
-}
+use support::{assert_no_children, builder, kill, serial, watchdog};
 
 /// A per-test directory for the files the task's processes share with the test.
 fn scratch(name: &str) -> PathBuf {

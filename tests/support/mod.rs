@@ -8,7 +8,8 @@
 
 #![allow(dead_code)]
 
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, mpsc};
+use std::time::Duration;
 
 use shmexec::Builder;
 
@@ -85,3 +86,16 @@ pub fn open_fds() -> usize {
 
 #[allow(unused_imports)] // not every test binary uses it
 pub use fuzz::Rng;
+
+/// Aborts the test binary if the returned sender is not dropped within `secs`: a regression
+/// there is a hang, and a hung test should say so (and which) instead of holding CI.
+pub fn watchdog(secs: u64, what: &'static str) -> mpsc::Sender<()> {
+    let (tx, rx) = mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(secs)) {
+            eprintln!("{what}: still running after {secs} s, so it hangs");
+            std::process::abort();
+        }
+    });
+    tx
+}
