@@ -234,6 +234,71 @@ impl Error {
         }
     }
 
+    /// A copy of an item error, for an item that failed before a pipeline's fan-out (each
+    /// consumer gets its error in the item's place); other errors are not copied, but
+    /// described (they never travel so).
+    pub(crate) fn item_copy(&self) -> Error {
+        match self {
+            Error::Task { seq, message } => Error::Task {
+                seq: *seq,
+                message: message.clone(),
+            },
+            Error::Panic { seq, message } => Error::Panic {
+                seq: *seq,
+                message: message.clone(),
+            },
+            Error::InputTooLarge { seq, len, max } => Error::InputTooLarge {
+                seq: *seq,
+                len: *len,
+                max: *max,
+            },
+            Error::OutputTooLarge { seq, len, max } => Error::OutputTooLarge {
+                seq: *seq,
+                len: *len,
+                max: *max,
+            },
+            Error::Encode { seq, reason } => Error::Encode {
+                seq: *seq,
+                reason: reason.clone(),
+            },
+            Error::InvalidOutput { seq, reason } => Error::InvalidOutput {
+                seq: *seq,
+                reason: reason.clone(),
+            },
+            Error::InvalidInput { seq, reason } => Error::InvalidInput {
+                seq: *seq,
+                reason: reason.clone(),
+            },
+            Error::WorkerCrashed {
+                seq,
+                signal,
+                crashes,
+            } => Error::WorkerCrashed {
+                seq: *seq,
+                signal: *signal,
+                crashes: *crashes,
+            },
+            Error::WorkerLost {
+                seq,
+                worker,
+                reason,
+            } => Error::WorkerLost {
+                seq: *seq,
+                worker: *worker,
+                reason: reason.clone(),
+            },
+            Error::ChunkTimeout { seq, after } => Error::ChunkTimeout {
+                seq: *seq,
+                after: *after,
+            },
+            Error::Stage { stage, error } => Error::Stage {
+                stage: stage.clone(),
+                error: Box::new(error.item_copy()),
+            },
+            other => Error::Broken(other.to_string()),
+        }
+    }
+
     /// Where an item error keeps its sequence number; `None` for other errors.
     fn seq_mut(&mut self) -> Option<&mut u64> {
         match self {

@@ -709,3 +709,106 @@ fn a_successor_whose_first_item_is_filtered_before_the_stateful_stage_keeps_the_
     std::fs::remove_dir_all(&dir).unwrap();
     assert_no_children();
 }
+
+#[test]
+fn a_branch_reads_the_same_frames_and_the_slowest_consumer_sets_the_pace() {
+    use shmexec::store::{StageKey, Store};
+    let guard = serial();
+    let dir = std::env::temp_dir().join(format!("shmexec-pipeline-branch-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let store = Store::open(&dir).unwrap();
+    {
+        // 64 KiB rings: the slow branch holds frames of `peaks` that the main line is done
+        // with, so `peaks` must wait for it (nothing is dropped, nothing overruns).
+        let mut p = Pipeline::<u64>::builder()
+            .map(
+                "peaks",
+                shmexec::try_from_fn::<u64, _, _>(|&n| match n.to_native() {
+                    17 => Err("17 fails before the fan-out".into()),
+                    n => Ok(vec![n; 1000]),
+                }),
+            )
+            .branch(|peaks| {
+                peaks
+                    .map_fn("slow", |v: &rkyv::Archived<Vec<u64>>| {
+                        std::thread::sleep(std::time::Duration::from_micros(300));
+                        v[0].to_native()
+                    })
+                    .workers(1)
+                    .map(
+                        "saved",
+                        shmexec::try_from_fn::<u64, _, _>(|&n| match n.to_native() {
+                            33 => Err("33 fails in the branch".into()),
+                            n => Ok(n * 2),
+                        }),
+                    )
+                    .workers(1)
+                    .save(&store)
+            })
+            .map_fn("sum", |v: &rkyv::Archived<Vec<u64>>| {
+                v.iter().map(|x| x.to_native()).sum::<u64>()
+            })
+            .build(builder(&guard).workers(2).ring_bytes(1 << 16))
+            .unwrap();
+        assert_eq!(
+            p.plan().fused(),
+            vec![vec!["peaks"], vec!["sum"], vec!["slow", "saved"]]
+        );
+        let plan = p.plan().to_string();
+        assert!(
+            plan.contains("slow + saved: fused, 1 worker, a branch reading peaks"),
+            "{plan}"
+        );
+        let key = StageKey::new("raw", "branch test", b"");
+        let mut run = p.run_keyed(&key, 0..200u64).unwrap();
+        let mut main = Vec::new();
+        for r in run.by_ref() {
+            match r {
+                Ok(v) => main.push((v.seq(), v.to_native())),
+                Err(e) => assert_eq!(e.seq(), Some(17), "{e}"),
+            }
+        }
+        let want: Vec<(u64, u64)> = (0..200u64)
+            .filter(|&n| n != 17)
+            .map(|n| (n, n * 1000))
+            .collect();
+        assert_eq!(main, want);
+        // The branch saw every item: 17's error reached it too, and 33 failed there.
+        assert_eq!(run.branch_failures(), 2);
+        let seqs: Vec<Option<u64>> = run.branch_errors().iter().map(|e| e.seq()).collect();
+        assert_eq!(seqs, vec![Some(17), Some(33)]);
+        assert!(
+            matches!(&run.branch_errors()[1], Error::Stage { stage, .. } if stage == "saved"),
+            "{:?}",
+            run.branch_errors()
+        );
+        // A branch item failed: its stream is not complete, so it is not saved.
+        assert!(run.saved().is_empty());
+        drop(run);
+        let stats = p.stats();
+        assert_eq!(stats.stages[1].items, 199); // sum
+        assert_eq!(stats.stages[2].items, 199); // slow
+        assert_eq!(stats.copied_between_groups, 0);
+        // With nothing failing, the branch's saved stage is committed, every output in order.
+        let other = StageKey::new("raw", "branch test, no failures", b"");
+        let mut run = p.run_keyed(&other, 0..10u64).unwrap();
+        assert_eq!(run.by_ref().count(), 10);
+        assert_eq!(run.saved(), ["saved"]);
+        drop(run);
+        let saved = store.load(&p.keys(&other)[3]).unwrap().unwrap();
+        let values: Vec<u64> = (0..saved.chunks())
+            .map(|i| {
+                saved
+                    .chunk(i)
+                    .unwrap()
+                    .archive::<u64>()
+                    .unwrap()
+                    .to_native()
+            })
+            .collect();
+        assert_eq!(values, (0..10u64).map(|n| n * 2).collect::<Vec<_>>());
+        assert_eq!(saved.history().len(), 4, "{:?}", saved.history());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_no_children();
+}

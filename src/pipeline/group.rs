@@ -3,6 +3,7 @@
 //! caller's inputs and each later one by hops to the frames of the group before it.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rkyv::Archived;
 use shmexec_shm::HeldFrame;
@@ -82,8 +83,9 @@ pub(crate) struct Pin {
     /// Where its hop ends in the downstream worker's input ring: once the ring's released
     /// position reaches it, the worker (and any successor) is done with the frame.
     pub(crate) end: u64,
-    /// The frame, held: dropping it gives its bytes back to the upstream worker.
-    pub(crate) _frame: HeldFrame,
+    /// The frame, held (shared by every group that reads it): dropping the last hold gives its
+    /// bytes back to the upstream worker.
+    pub(crate) _frame: Arc<HeldFrame>,
 }
 
 /// Where an item of a later group came from.
@@ -114,6 +116,14 @@ pub(crate) struct Groups {
     pub(crate) labels: Vec<String>,
     /// `states[g]`: the state slots of group `g`'s stateful stages, whose epoch each run sets.
     pub(crate) states: Vec<Vec<shmexec_shm::Snapshots>>,
+    /// `parent[g]`: the group whose outputs group `g` reads (`None` for the first group).
+    pub(crate) parent: Vec<Option<usize>>,
+    /// `children[g]`: the groups that read group `g`'s outputs (the next on the main line, and
+    /// any branch). Always after `g`: groups are made in an order where a group's parent comes
+    /// first.
+    pub(crate) children: Vec<Vec<usize>>,
+    /// The main line's last group, whose outputs are the pipeline's results.
+    pub(crate) results: usize,
 }
 
 impl Groups {

@@ -71,7 +71,7 @@ use counters::StageCounters;
 use fuse::{Chain, Stage};
 use group::{GroupTask, GroupWorker, Groups};
 use hop::HopReader;
-pub use run::{CacheHit, Run};
+pub use run::{BRANCH_ERRORS, CacheHit, Run};
 use save::Lineage;
 pub use state::Stateful;
 
@@ -105,6 +105,16 @@ struct Spec {
     lineage: Lineage,
     /// A stateful stage's state slots.
     state: Option<shmexec_shm::Snapshots>,
+    /// Whether a branch consumes its outputs (which ends its group, as their frames pass the
+    /// coordinator).
+    forks: bool,
+}
+
+/// A branch: stages that consume the outputs of main-line stage `after`, beside the stages
+/// after it.
+struct Branch {
+    after: usize,
+    specs: Vec<Spec>,
 }
 
 /// A pipeline's stages, being listed; see the [module documentation](self).
@@ -112,6 +122,7 @@ struct Spec {
 /// `In` is the type of the chunks the pipeline takes, `Out` the output type of its last stage.
 pub struct Stages<In, Out> {
     stages: Vec<Spec>,
+    branches: Vec<Branch>,
     /// A placement method called before any stage was added.
     misuse: Option<String>,
     _types: PhantomData<fn(In) -> Out>,
@@ -126,6 +137,9 @@ pub struct Pipeline<In, Out = In> {
     counters: Vec<StageCounters>,
     /// Each stage's version, configuration and store.
     lineage: Vec<Lineage>,
+    /// The first main-line stage a branch reads, if any: a cached stage after it cannot serve
+    /// a run, as the branch would lose its inputs.
+    first_branch: Option<usize>,
     validate: bool,
     _types: PhantomData<fn(In) -> Out>,
 }
@@ -133,8 +147,15 @@ pub struct Pipeline<In, Out = In> {
 impl<In: Encode<Archived: Decode>> Pipeline<In, In> {
     /// Starts listing the stages of a pipeline over chunks of type `In`.
     pub fn builder() -> Stages<In, In> {
+        Stages::empty()
+    }
+}
+
+impl<In, Out> Stages<In, Out> {
+    fn empty() -> Self {
         Stages {
             stages: Vec::new(),
+            branches: Vec::new(),
             misuse: None,
             _types: PhantomData,
         }
@@ -156,9 +177,11 @@ where
             place: Placement::default(),
             lineage: Lineage::default(),
             state: None,
+            forks: false,
         });
         Stages {
             stages: self.stages,
+            branches: self.branches,
             misuse: self.misuse,
             _types: PhantomData,
         }
@@ -254,6 +277,48 @@ where
         }
     }
 
+    /// Adds a branch: the stages `make` lists consume the outputs of the stage added last, beside
+    /// the stages that follow it here (strax's mailboxes: one output, several consumers). Each
+    /// output frame is read in place by both lines and let go once every consumer is done with
+    /// it, so the slowest consumer sets the pace. A branch ends in a sink (`each`) or a saved
+    /// stage: its last stage's outputs are not handed out, and its items' errors are kept by
+    /// the run ([`Run::branch_errors`]). The stage added last ends its group.
+    ///
+    /// ```no_run
+    /// use shmexec::pipeline::Pipeline;
+    /// use shmexec::{Pool, Samples};
+    ///
+    /// let mut p = Pipeline::<Vec<f32>>::builder()
+    ///     .map_fn("peaks", |c| c.samples().iter().copied().filter(|&x| x > 3.0).collect::<Vec<f32>>())
+    ///     .branch(|peaks| peaks.each("monitor", |p| { println!("{} peaks", p.len()); Ok(()) }))
+    ///     .map_fn("events", |p| p.len() as u64)
+    ///     .build(Pool::builder().workers(2))?;
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn branch<B>(mut self, make: impl FnOnce(Stages<Out, Out>) -> Stages<Out, B>) -> Self {
+        let Some(after) = self.stages.len().checked_sub(1) else {
+            self.misuse
+                .get_or_insert("branch() was called before any stage was added".to_owned());
+            return self;
+        };
+        let branch = make(Stages::empty());
+        if let Some(misuse) = branch.misuse {
+            self.misuse.get_or_insert(misuse);
+        } else if branch.stages.is_empty() {
+            self.misuse
+                .get_or_insert("a branch needs at least one stage".to_owned());
+        } else if !branch.branches.is_empty() {
+            self.misuse
+                .get_or_insert("a branch cannot have branches of its own".to_owned());
+        }
+        self.stages[after].forks = true;
+        self.branches.push(Branch {
+            after,
+            specs: branch.stages,
+        });
+        self
+    }
+
     /// Runs the stage added last on `n` workers of its own (fused with neighbours that run on
     /// `n` workers too), instead of the pool's. A stage that is much slower or faster than the
     /// rest gets the share of the cores it needs this way.
@@ -311,9 +376,28 @@ where
         if let Some(misuse) = self.misuse {
             return Err(Error::InvalidArgument(misuse));
         }
-        let names: Vec<String> = self.stages.iter().map(|s| s.stage.name.clone()).collect();
-        let lineage: Vec<Lineage> = self.stages.iter().map(|s| s.lineage.clone()).collect();
+        // Every stage, main line first, then each branch's: stage numbers index this order.
+        let main = self.stages.len();
+        let all = || {
+            self.stages
+                .iter()
+                .chain(self.branches.iter().flat_map(|b| b.specs.iter()))
+        };
+        let names: Vec<String> = all().map(|s| s.stage.name.clone()).collect();
+        let mut lineage: Vec<Lineage> = all().map(|s| s.lineage.clone()).collect();
         check_names(&names)?;
+        // Each stage reads the one before it on its line; a branch's first, the stage it follows.
+        let mut next = main;
+        for (i, l) in lineage.iter_mut().enumerate().take(main) {
+            l.input = i.checked_sub(1);
+        }
+        for b in &self.branches {
+            for k in 0..b.specs.len() {
+                lineage[next + k].input = Some(if k == 0 { b.after } else { next + k - 1 });
+            }
+            next += b.specs.len();
+        }
+        let first_branch = self.branches.iter().map(|b| b.after).min();
         let validate = pool.validates_outputs();
         let bell = StatsBlock::lone_doorbell()?;
         let mut groups = Groups {
@@ -323,65 +407,95 @@ where
             bell: bell.clone(),
             labels: Vec::new(),
             states: Vec::new(),
+            parent: Vec::new(),
+            children: Vec::new(),
+            results: 0,
         };
         let mut counters = Vec::new();
         let mut plan = Plan {
             stages: names.clone(),
             groups: Vec::new(),
         };
-        for (first, group) in split_groups(self.stages) {
-            let place = group[0].place;
-            groups
-                .states
-                .push(group.iter().filter_map(|s| s.state.clone()).collect());
-            let stages: Vec<Stage> = group.into_iter().map(|s| s.stage).collect();
-            let count = stages.len();
-            let mut builder = pool
-                .clone()
-                .stage_names(names.clone())
-                .doorbell(bell.clone())
-                .frames_only();
-            if let Some(n) = place.workers {
-                builder = builder.workers(n);
-            }
-            let upstream = groups.pools.last().map(|p| p.rt.output_rings.clone());
-            let mut made = None;
-            let built = builder.build_with(|config| {
-                if let Start::Spawn(_) = config.start {
-                    return Err(Error::InvalidArgument(
-                        "a pipeline's workers start by fork: spawned workers cannot run its \
-                         stages"
-                            .to_owned(),
-                    ));
+        // The main line, then each branch, hung from the group of the stage it follows.
+        let mut lines = vec![(None, 0, self.stages)];
+        let mut first_of_branch = main;
+        for b in self.branches {
+            let n = b.specs.len();
+            lines.push((Some(b.after), first_of_branch, b.specs));
+            first_of_branch += n;
+        }
+        let mut group_of_stage = vec![0; names.len()];
+        for (after, offset, specs) in lines {
+            let mut parent = after.map(|a| group_of_stage[a]);
+            let is_main = after.is_none();
+            for (first, group) in split_groups(specs) {
+                let first = first + offset;
+                let g = groups.pools.len();
+                let place = group[0].place;
+                groups
+                    .states
+                    .push(group.iter().filter_map(|s| s.state.clone()).collect());
+                let stages: Vec<Stage> = group.into_iter().map(|s| s.stage).collect();
+                let count = stages.len();
+                let mut builder = pool
+                    .clone()
+                    .stage_names(names.clone())
+                    .doorbell(bell.clone())
+                    .frames_only();
+                if let Some(n) = place.workers {
+                    builder = builder.workers(n);
                 }
-                let c = StageCounters::new(config.cores.len(), names.len())?;
-                made = Some(c.clone());
-                let chain = Chain::new(first as u32, stages, c);
-                let worker = match upstream {
-                    None => GroupWorker::First(chain),
-                    Some(upstream) => GroupWorker::Next(HopReader { upstream, chain }),
-                };
-                Ok(GroupTask { worker })
-            })?;
-            let workers = built.workers();
-            groups
-                .pins
-                .push((0..workers).map(|_| VecDeque::new()).collect());
-            groups.origins.push(VecDeque::new());
-            groups.labels.push(names[first..first + count].join(" + "));
-            groups.pools.push(built);
-            counters.push(made.expect("the group was built with its counters"));
-            plan.groups.push(GroupPlan {
-                stages: (first..first + count).collect(),
-                workers,
-                serial: place.serial,
-            });
+                let upstream = parent.map(|p| groups.pools[p].rt.output_rings.clone());
+                let mut made = None;
+                let built = builder.build_with(|config| {
+                    if let Start::Spawn(_) = config.start {
+                        return Err(Error::InvalidArgument(
+                            "a pipeline's workers start by fork: spawned workers cannot run its \
+                         stages"
+                                .to_owned(),
+                        ));
+                    }
+                    let c = StageCounters::new(config.cores.len(), names.len())?;
+                    made = Some(c.clone());
+                    let chain = Chain::new(first as u32, stages, c);
+                    let worker = match upstream {
+                        None => GroupWorker::First(chain),
+                        Some(upstream) => GroupWorker::Next(HopReader { upstream, chain }),
+                    };
+                    Ok(GroupTask { worker })
+                })?;
+                let workers = built.workers();
+                groups
+                    .pins
+                    .push((0..workers).map(|_| VecDeque::new()).collect());
+                groups.origins.push(VecDeque::new());
+                groups.labels.push(names[first..first + count].join(" + "));
+                groups.pools.push(built);
+                groups.parent.push(parent);
+                groups.children.push(Vec::new());
+                if let Some(p) = parent {
+                    groups.children[p].push(g);
+                }
+                if is_main {
+                    groups.results = g;
+                }
+                group_of_stage[first..first + count].fill(g);
+                counters.push(made.expect("the group was built with its counters"));
+                plan.groups.push(GroupPlan {
+                    stages: (first..first + count).collect(),
+                    workers,
+                    serial: place.serial,
+                    after: parent,
+                });
+                parent = Some(g);
+            }
         }
         Ok(Pipeline {
             groups,
             plan,
             counters,
             lineage,
+            first_branch,
             validate,
             _types: PhantomData,
         })
@@ -396,7 +510,7 @@ fn split_groups(stages: Vec<Spec>) -> Vec<(usize, Vec<Spec>)> {
             Some((_, group))
                 if spec.place.fuses_with(
                     &group[group.len() - 1].place,
-                    group[group.len() - 1].lineage.store.is_some(),
+                    group[group.len() - 1].lineage.store.is_some() || group[group.len() - 1].forks,
                 ) =>
             {
                 group.push(spec);
@@ -477,7 +591,13 @@ where
     {
         let keys = self.keys(source);
         let mut hit = None;
-        for (s, l) in self.lineage.iter().enumerate().rev() {
+        // Only main-line stages before every branch point can serve a run.
+        let main = self.plan.groups[self.groups.results]
+            .stages
+            .last()
+            .map_or(0, |&s| s + 1);
+        let servable = self.first_branch.map_or(main, |b| b.min(main));
+        for (s, l) in self.lineage.iter().enumerate().take(servable).rev() {
             if let Some(store) = &l.store
                 && let Some(stream) = store.load(&keys[s])?
             {
@@ -632,6 +752,8 @@ struct GroupPlan {
     stages: Vec<usize>,
     workers: usize,
     serial: bool,
+    /// The group whose outputs it reads (the one before it, or a branch's source).
+    after: Option<usize>,
 }
 
 impl Plan {
@@ -640,7 +762,8 @@ impl Plan {
         &self.stages
     }
 
-    /// The groups of stages fused into one worker process each, in order.
+    /// The groups of stages fused into one worker process each, in order (the main line's,
+    /// then each branch's).
     pub fn fused(&self) -> Vec<Vec<String>> {
         self.groups
             .iter()
@@ -656,14 +779,21 @@ impl Plan {
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (g, names) in self.groups.iter().zip(self.fused()) {
+        let fused = self.fused();
+        for (i, (g, names)) in self.groups.iter().zip(&fused).enumerate() {
             let kind = match (names.len(), g.serial) {
                 (_, true) => "serial, ",
                 (1, false) => "",
                 _ => "fused, ",
             };
             let s = if g.workers == 1 { "" } else { "s" };
-            writeln!(f, "{}: {kind}{} worker{s}", names.join(" + "), g.workers)?;
+            write!(f, "{}: {kind}{} worker{s}", names.join(" + "), g.workers)?;
+            match g.after {
+                Some(a) if a + 1 != i => {
+                    writeln!(f, ", a branch reading {}", fused[a].join(" + "))?
+                }
+                _ => writeln!(f)?,
+            }
         }
         Ok(())
     }

@@ -12,6 +12,7 @@
 //! group fills the rings of the one before it, whose workers then wait, up to the source.
 
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use shmexec_shm::HeldFrame;
 
@@ -28,16 +29,29 @@ use crate::error::{Error, Result};
 use crate::output::OutputRef;
 use crate::store::SavedStream;
 
-/// An item on its way from one group to the next.
-enum Moving {
-    /// A result frame, held in the output ring of worker `worker` of the group before.
+/// How many branch errors a run keeps (it counts them all): a branch that fails every item of
+/// a stream that runs for weeks must not fill the coordinator's memory.
+pub const BRANCH_ERRORS: usize = 64;
+
+/// An item on its way from one group to the groups that read its outputs.
+struct Moving {
+    what: Item,
+    /// The input it came from.
+    input: u64,
+    /// The groups it is still to be placed in (each, once).
+    to: Vec<usize>,
+}
+
+/// What moves.
+enum Item {
+    /// A result frame, held in the output ring of worker `worker` of the group before (shared
+    /// by every group it goes to).
     Frame {
         worker: usize,
-        frame: HeldFrame,
-        input: u64,
+        frame: Arc<HeldFrame>,
     },
     /// The error that takes the item's place, numbered by its input.
-    Failed { error: Error, input: u64 },
+    Failed(Error),
 }
 
 /// The results of a pipeline's pass over its inputs, in input order; see
@@ -55,8 +69,13 @@ pub struct Run<'p, In, Out> {
     base: u64,
     /// One call per group.
     calls: Vec<Call>,
-    /// `waiting[g]`: a result of group `g` taken but not yet placed in group `g + 1`.
+    /// `waiting[g]`: a result of group `g` taken but not yet placed in every group that reads
+    /// group `g`'s outputs.
     waiting: Vec<Option<Moving>>,
+    /// Errors of items in branches (whose outputs are not handed out), the first
+    /// [`BRANCH_ERRORS`] of them, and how many there were.
+    branch_errors: Vec<Error>,
+    branch_failures: u64,
     /// `savers[g]`: the saved stage that ends group `g`, being written.
     savers: Vec<Option<Saving>>,
     /// The stage this run was served from, if its outputs were saved already.
@@ -114,7 +133,9 @@ where
             entry: 0,
             base: 0,
             calls,
-            waiting: (1..n).map(|_| None).collect(),
+            waiting: (0..n).map(|_| None).collect(),
+            branch_errors: Vec::new(),
+            branch_failures: 0,
             savers: (0..n).map(|_| None).collect(),
             cache: None,
             served: None,
@@ -159,6 +180,17 @@ where
     /// of reach meanwhile).
     pub fn stats(&self) -> PipelineStats {
         self.introspect.stats(self.groups)
+    }
+
+    /// Errors of items in branches ([`crate::pipeline::Stages::branch`]), whose outputs are
+    /// not handed out: the first [`BRANCH_ERRORS`] of them, in the order they came.
+    pub fn branch_errors(&self) -> &[Error] {
+        &self.branch_errors
+    }
+
+    /// How many items failed in branches so far (also those past [`BRANCH_ERRORS`]).
+    pub fn branch_failures(&self) -> u64 {
+        self.branch_failures
     }
 
     /// The stage this run took from its store instead of running it (and the stages before
@@ -206,18 +238,16 @@ where
         Ok(())
     }
 
-    fn last_group(&self) -> usize {
-        self.calls.len() - 1
-    }
-
-    /// Takes group `g`'s results and places them in group `g + 1`, as long as both can.
+    /// Takes group `g`'s results and places them in every group that reads them, as long as
+    /// all can; a branch's last group's results are consumed here (their errors kept).
     fn advance(&mut self, g: usize) -> Result<()> {
         loop {
-            if let Some(moving) = self.waiting[g].take()
-                && let Some(back) = self.hand_on(g + 1, moving)?
-            {
-                self.waiting[g] = Some(back);
-                return Ok(());
+            if let Some(mut moving) = self.waiting[g].take() {
+                self.hand_on(&mut moving)?;
+                if !moving.to.is_empty() {
+                    self.waiting[g] = Some(moving);
+                    return Ok(());
+                }
             }
             let Some(polled) = self.calls[g].poll_from(&mut self.groups.pools[g].rt)? else {
                 return Ok(());
@@ -229,12 +259,12 @@ where
             } = polled;
             self.pass_to_saver(g, &result)?;
             let origin = self.origin(g, seq);
-            self.waiting[g] = Some(match (result, worker) {
+            let to = self.groups.children[g].clone();
+            let what = match (result, worker) {
                 (Ok(out), Some(worker)) => match out.into_frame() {
-                    Some(frame) => Moving::Frame {
+                    Some(frame) => Item::Frame {
                         worker,
-                        frame,
-                        input: origin.input,
+                        frame: Arc::new(frame),
                     },
                     None => {
                         return Err(Error::Broken(format!(
@@ -242,73 +272,79 @@ where
                         )));
                     }
                 },
-                (Err(e), _) if e.is_item() => Moving::Failed {
-                    error: numbered(e, origin, &self.groups.labels[g]),
-                    input: origin.input,
-                },
+                (Err(e), _) if e.is_item() => {
+                    Item::Failed(numbered(e, origin, &self.groups.labels[g]))
+                }
                 (Err(e), _) => return Err(e),
                 (Ok(_), None) => {
                     return Err(Error::Broken(format!(
                         "group {g} handed out a result without its worker"
                     )));
                 }
+            };
+            if to.is_empty() {
+                // The last group of a branch: its outputs are consumed, its errors kept.
+                if let Item::Failed(e) = what {
+                    self.branch_failures += 1;
+                    if self.branch_errors.len() < BRANCH_ERRORS {
+                        self.branch_errors.push(e);
+                    }
+                }
+                continue;
+            }
+            self.waiting[g] = Some(Moving {
+                what,
+                input: origin.input,
+                to,
             });
         }
     }
 
-    /// Places `moving` in group `h`: a hop to its frame, or its error in its place. Gives it
-    /// back if no worker of `h` has room.
-    fn hand_on(&mut self, h: usize, moving: Moving) -> Result<Option<Moving>> {
-        let sup = &mut self.groups.pools[h].rt;
-        match moving {
-            Moving::Frame {
-                worker,
-                frame,
-                input,
-            } => {
-                let hop = Hop::to(worker, &frame);
-                let placed =
-                    self.calls[h].place(sup, HOP_LEN, false, &mut |slot| Ok(hop.write(slot)))?;
-                let (seq, at) = match placed {
-                    Placed::NoRoom => {
-                        return Ok(Some(Moving::Frame {
-                            worker,
-                            frame,
-                            input,
-                        }));
+    /// Places `moving` in each group it is still to go to that has room: a hop to its frame,
+    /// or its error in its place. What finds no room stays in `moving.to`.
+    fn hand_on(&mut self, moving: &mut Moving) -> Result<()> {
+        let mut left = Vec::new();
+        for h in std::mem::take(&mut moving.to) {
+            let sup = &mut self.groups.pools[h].rt;
+            let (seq, passed) = match &moving.what {
+                Item::Frame { worker, frame } => {
+                    let hop = Hop::to(*worker, frame);
+                    let placed = self.calls[h]
+                        .place(sup, HOP_LEN, false, &mut |slot| Ok(hop.write(slot)))?;
+                    match placed {
+                        Placed::NoRoom => {
+                            left.push(h);
+                            continue;
+                        }
+                        Placed::Item { seq, worker } => {
+                            if let Some(w) = worker {
+                                let end = sup.slots[w].expect.back().map_or(0, |e| e.end);
+                                self.groups.pins[h][w].push_back(Pin {
+                                    seq,
+                                    end,
+                                    _frame: Arc::clone(frame),
+                                });
+                            }
+                            (seq, false)
+                        }
                     }
-                    Placed::Item { seq, worker } => (seq, worker),
-                };
-                if let Some(w) = at {
-                    let end = sup.slots[w].expect.back().map_or(0, |e| e.end);
-                    self.groups.pins[h][w].push_back(Pin {
-                        seq,
-                        end,
-                        _frame: frame,
-                    });
                 }
-                self.groups.origins[h].push_back(Origin {
-                    seq,
-                    input,
-                    passed: false,
-                });
-            }
-            Moving::Failed { error, input } => {
-                let seq = self.calls[h].pass_error(sup, error);
-                self.groups.origins[h].push_back(Origin {
-                    seq,
-                    input,
-                    passed: true,
-                });
-            }
+                Item::Failed(error) => (self.calls[h].pass_error(sup, error.item_copy()), true),
+            };
+            self.groups.origins[h].push_back(Origin {
+                seq,
+                input: moving.input,
+                passed,
+            });
         }
-        Ok(None)
+        moving.to = left;
+        Ok(())
     }
 
-    /// The last group's result, as the pipeline's; `None` for one of an input whose error was
+    /// The main line's last group's result, as the pipeline's; `None` for one of an input whose error was
     /// handed out already.
     fn deliver(&mut self, polled: Polled<()>) -> Result<Option<Result<OutputRef<Out>>>> {
-        let last = self.last_group();
+        let last = self.groups.results;
         self.pass_to_saver(last, &polled.result)?;
         let origin = self.origin(last, polled.seq);
         if self.failed_input == Some(origin.input) {
@@ -349,10 +385,7 @@ where
             first = first.min(input.unwrap_or(first));
         }
         for moving in self.waiting.iter().flatten() {
-            let input = match moving {
-                Moving::Frame { input, .. } | Moving::Failed { input, .. } => *input,
-            };
-            first = first.min(input);
+            first = first.min(moving.input);
         }
         (first, placed)
     }
@@ -387,7 +420,6 @@ where
     /// Whether a step would find something to do: room for the source's next input, a result
     /// a group can hand on (or the caller take), room for a waiting hop.
     fn ready(&mut self) -> shmexec_shm::Result<bool> {
-        let last = self.last_group();
         let pools = &mut self.groups.pools;
         let entry = self.entry;
         if let Some(len) = self.source.as_ref().and_then(Source::prepared) {
@@ -396,15 +428,20 @@ where
                 return Ok(true);
             }
         }
-        for g in entry..=last {
-            let free = g == last || self.waiting[g].is_none();
-            if free && self.calls[g].ready(&mut pools[g].rt, None)? {
-                return Ok(true);
-            }
-            if g < last && self.waiting[g].is_some() {
-                let limit = pools[g + 1].rt.config().queue_bytes;
-                if dispatch::has_room(&mut pools[g + 1].rt.slots, HOP_LEN, limit)? {
-                    return Ok(true);
+        for g in entry..pools.len() {
+            match &self.waiting[g] {
+                None => {
+                    if self.calls[g].ready(&mut pools[g].rt, None)? {
+                        return Ok(true);
+                    }
+                }
+                Some(moving) => {
+                    for &h in &moving.to {
+                        let limit = pools[h].rt.config().queue_bytes;
+                        if dispatch::has_room(&mut pools[h].rt.slots, HOP_LEN, limit)? {
+                            return Ok(true);
+                        }
+                    }
                 }
             }
         }
@@ -444,13 +481,16 @@ where
             return Ok(Some(OutputRef::from_chunk(chunk, i as u64, self.validate)));
         }
         self.tick()?;
-        let (entry, last) = (self.entry, self.last_group());
+        let (entry, last) = (self.entry, self.groups.results);
         loop {
             if let Some(source) = &mut self.source {
                 source.pump(&mut self.calls[entry], &mut self.groups.pools[entry].rt)?;
             }
-            for g in entry..last {
-                self.advance(g)?;
+            // Parents before children: groups are numbered so.
+            for g in entry..self.calls.len() {
+                if g != last {
+                    self.advance(g)?;
+                }
             }
             self.groups.release_pins();
             if let Some(polled) = self.calls[last].poll_from(&mut self.groups.pools[last].rt)? {
@@ -471,8 +511,10 @@ where
                 // late: those count toward the health check too.
                 self.tick()?;
             } else {
-                for pool in &mut self.groups.pools[..last] {
-                    pool.rt.supervise()?;
+                for (g, pool) in self.groups.pools.iter_mut().enumerate() {
+                    if g != last {
+                        pool.rt.supervise()?;
+                    }
                 }
                 let unplaced = self.source.as_ref().and_then(Source::unplaced);
                 let sup = &mut self.groups.pools[last].rt;

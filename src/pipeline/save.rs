@@ -23,6 +23,8 @@ pub(crate) struct Lineage {
     pub(crate) version: String,
     pub(crate) config: Vec<u8>,
     pub(crate) store: Option<Store>,
+    /// The stage whose outputs it reads (`None`: the pipeline's inputs).
+    pub(crate) input: Option<usize>,
 }
 
 impl Default for Lineage {
@@ -31,15 +33,17 @@ impl Default for Lineage {
             version: "0".to_owned(),
             config: Vec::new(),
             store: None,
+            input: None,
         }
     }
 }
 
-/// The keys of every stage, each built on the one before from `source`'s.
+/// The keys of every stage, each built on its input stage's (or on `source`'s). A stage's input
+/// comes before it in `lineage`'s order.
 pub(crate) fn keys(names: &[String], lineage: &[Lineage], source: &StageKey) -> Vec<StageKey> {
     let mut keys: Vec<StageKey> = Vec::with_capacity(names.len());
     for (name, l) in names.iter().zip(lineage) {
-        let input = keys.last().unwrap_or(source);
+        let input = l.input.map_or(source, |i| &keys[i]);
         let key = StageKey::new(name.clone(), l.version.clone(), &l.config).with_input(input);
         keys.push(key);
     }
