@@ -812,3 +812,125 @@ fn a_branch_reads_the_same_frames_and_the_slowest_consumer_sets_the_pace() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_no_children();
 }
+
+#[test]
+fn a_live_source_on_another_thread_feeds_a_run_in_order_and_either_half_can_go_first() {
+    let guard = serial();
+    {
+        let mut p = Pipeline::<Vec<u64>>::builder()
+            .map_fn("sum", |c| c.iter().map(|x| x.to_native()).sum::<u64>())
+            .map_fn("double", |&n| n.to_native() * 2)
+            .workers(1)
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        let got = std::thread::scope(|s| {
+            let (tx, run) = p.stream();
+            s.spawn(move || {
+                for i in 0..500u64 {
+                    tx.send(vec![i; 1000]).unwrap();
+                }
+            });
+            run.map(|r| {
+                let r = r.unwrap();
+                (r.seq(), r.to_native())
+            })
+            .collect::<Vec<_>>()
+        });
+        assert_eq!(got, (0..500u64).map(|i| (i, i * 2000)).collect::<Vec<_>>());
+        // The run goes first: a sender waiting for room (or sending later) gets an error,
+        // and the pipeline runs again.
+        let (tx, mut run) = p.stream();
+        tx.send(vec![1; 10]).unwrap();
+        assert_eq!(run.next().unwrap().unwrap().to_native(), 20);
+        drop(run);
+        assert!(matches!(tx.send(vec![2; 10]), Err(Error::StreamClosed)));
+        assert!(matches!(
+            tx.send_timeout(vec![3; 10], std::time::Duration::from_millis(5)),
+            Err(Error::StreamClosed)
+        ));
+        drop(tx);
+        let again: Vec<u64> = p
+            .run([vec![5u64; 4]])
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(again, vec![40]);
+        // A sender with nothing to send: the run waits, then ends when it is dropped.
+        let (tx, run) = p.stream();
+        std::thread::scope(|s| {
+            s.spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                drop(tx);
+            });
+            assert_eq!(run.count(), 0);
+        });
+    }
+    assert_no_children();
+}
+
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[repr(C)]
+struct Hit {
+    time: i64,
+    area: f32,
+    channel: u32,
+}
+
+#[test]
+fn records_and_samples_go_in_from_slices_and_in_place() {
+    let guard = serial();
+    {
+        let mut p = Pipeline::<shmexec::Records<Hit>>::builder()
+            .map_fn("area", |r| {
+                r.records().iter().map(|h| h.area as f64).sum::<f64>()
+            })
+            .map_fn("times2", |&a| a.to_native() * 2.0)
+            .workers(1)
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        let hits: Vec<Hit> = (0..1000)
+            .map(|i| Hit {
+                time: i,
+                area: (i % 10) as f32,
+                channel: 0,
+            })
+            .collect();
+        let got: Vec<f64> = p
+            .run_record_slices(hits.chunks(100))
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(got, vec![900.0; 10]);
+        let got: Vec<f64> = p
+            .run_records_in_place([3usize, 0, 5], |i, out: &mut [Hit]| {
+                for (k, h) in out.iter_mut().enumerate() {
+                    *h = Hit {
+                        time: k as i64,
+                        area: i as f32 + 1.0,
+                        channel: 1,
+                    };
+                }
+                Ok(())
+            })
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(got, vec![6.0, 0.0, 30.0]);
+        let mut q = Pipeline::<Vec<f32>>::builder()
+            .map_fn("sum", |c| c.samples().iter().sum::<f32>())
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        let got: Vec<f32> = q
+            .run_in_place([4usize, 2], |i, out: &mut [f32]| {
+                out.fill(i as f32 + 0.5);
+                Ok(())
+            })
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(got, vec![2.0, 3.0]);
+        let data = vec![1.0f32; 64];
+        let got: Vec<f32> = q
+            .run_slices(data.chunks(16))
+            .map(|r| r.unwrap().to_native())
+            .collect();
+        assert_eq!(got, vec![16.0; 4]);
+    }
+    assert_no_children();
+}

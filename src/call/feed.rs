@@ -22,6 +22,15 @@ pub(crate) trait Feed {
     fn copies(&self) -> bool;
     /// How many inputs are left after the prepared one, if the source knows.
     fn remaining(&self) -> Option<u64>;
+    /// After `prepare` gave `None`: whether that is the end (the default), or only that no
+    /// input is there yet (a live source).
+    fn ended(&self) -> bool {
+        true
+    }
+    /// Whether an input is there to prepare now (a live source's; a waiter's condition).
+    fn has_input(&self) -> bool {
+        false
+    }
 }
 
 /// Inputs serialized from the caller's values: one copy into the ring ([`crate::Pool::map`]).

@@ -38,6 +38,11 @@ impl<'a> Source<'a> {
         self.feeding
     }
 
+    /// Whether a live source has an input there to place now.
+    pub(crate) fn has_input(&self) -> bool {
+        self.feeding && self.prepared.is_none() && self.feed.has_input()
+    }
+
     /// The size of the input waiting for room, if one is.
     pub(crate) fn prepared(&self) -> Option<usize> {
         self.prepared
@@ -63,7 +68,8 @@ impl<'a> Source<'a> {
                 Some(len) => len,
                 None => match self.feed.prepare() {
                     None => {
-                        self.feeding = false;
+                        // A live source with nothing yet goes on feeding later.
+                        self.feeding = !self.feed.ended();
                         break;
                     }
                     Some(Err(reason)) => {

@@ -45,6 +45,7 @@ mod counters;
 mod fuse;
 mod group;
 mod hop;
+mod live;
 mod run;
 mod save;
 mod stages;
@@ -59,7 +60,8 @@ use std::time::Duration;
 use rkyv::Archived;
 
 use crate::archive::{Decode, Encode};
-use crate::call::feed::SerializeFeed;
+use crate::archive::{Record, Records, Sample};
+use crate::call::feed::{Feed, FillFeed, SerializeFeed, SliceFeed};
 use crate::call::source::Source;
 use crate::error::{BoxError, Error, Result};
 use crate::pool::{Builder, Pool, Start};
@@ -71,6 +73,7 @@ use counters::StageCounters;
 use fuse::{Chain, Stage};
 use group::{GroupTask, GroupWorker, Groups};
 use hop::HopReader;
+pub use live::PipelineSender;
 pub use run::{BRANCH_ERRORS, CacheHit, Run};
 use save::Lineage;
 pub use state::Stateful;
@@ -521,6 +524,71 @@ fn split_groups(stages: Vec<Spec>) -> Vec<(usize, Vec<Spec>)> {
     groups
 }
 
+impl<E, Out> Pipeline<Vec<E>, Out>
+where
+    E: Sample,
+    Vec<E>: Encode<Archived: Decode>,
+    Out: Encode<Archived: Decode>,
+{
+    /// [`run`](Pipeline::run) over chunks the caller writes straight into the first group's
+    /// input rings (a digitizer's readout): `fill(index, samples)` for each length, no copy
+    /// ([`Pool::map_in_place`]).
+    pub fn run_in_place<'a, L, G>(&'a mut self, lens: L, fill: G) -> Run<'a, Vec<E>, Out>
+    where
+        L: IntoIterator<Item = usize>,
+        L::IntoIter: 'a,
+        G: FnMut(u64, &mut [E]) -> std::result::Result<(), BoxError> + 'a,
+    {
+        let feed = FillFeed::<_, _, Vec<E>>::new(lens.into_iter(), fill);
+        self.run_feed(Box::new(feed))
+    }
+
+    /// [`run`](Pipeline::run) over slices of memory the caller holds, each copied once into a
+    /// ring ([`Pool::map_slices`]).
+    pub fn run_slices<'a, I>(&'a mut self, slices: I) -> Run<'a, Vec<E>, Out>
+    where
+        I: IntoIterator<Item = &'a [E]>,
+        I::IntoIter: 'a,
+    {
+        let feed = SliceFeed::<_, Vec<E>>::new(slices.into_iter());
+        self.run_feed(Box::new(feed))
+    }
+}
+
+impl<R, Out> Pipeline<Records<R>, Out>
+where
+    R: Record,
+    Out: Encode<Archived: Decode>,
+{
+    /// [`run`](Pipeline::run) over chunks of records the caller writes straight into the
+    /// first group's input rings: `fill(index, records)` for each length, no copy
+    /// ([`Pool::map_records_in_place`]).
+    pub fn run_records_in_place<'a, L, G>(
+        &'a mut self,
+        lens: L,
+        fill: G,
+    ) -> Run<'a, Records<R>, Out>
+    where
+        L: IntoIterator<Item = usize>,
+        L::IntoIter: 'a,
+        G: FnMut(u64, &mut [R]) -> std::result::Result<(), BoxError> + 'a,
+    {
+        let feed = FillFeed::<_, _, Records<R>>::new(lens.into_iter(), fill);
+        self.run_feed(Box::new(feed))
+    }
+
+    /// [`run`](Pipeline::run) over slices of the caller's records (a run's raw records read
+    /// into one buffer, cut into chunks), each copied once into a ring.
+    pub fn run_record_slices<'a, I>(&'a mut self, slices: I) -> Run<'a, Records<R>, Out>
+    where
+        I: IntoIterator<Item = &'a [R]>,
+        I::IntoIter: 'a,
+    {
+        let feed = SliceFeed::<_, Records<R>>::new(slices.into_iter());
+        self.run_feed(Box::new(feed))
+    }
+}
+
 /// Refuses a pipeline without stages and stage names that are empty or repeated: errors and
 /// statistics name stages, so each name must say which one.
 fn check_names(names: &[String]) -> Result<()> {
@@ -569,6 +637,63 @@ where
         );
         run.feed(0, Source::new(Box::new(feed)));
         run
+    }
+
+    /// A run over the inputs `feed` makes.
+    fn run_feed<'a>(&'a mut self, feed: Box<dyn Feed + 'a>) -> Run<'a, In, Out> {
+        let mut run = Run::new(
+            &mut self.groups,
+            Introspect {
+                plan: &self.plan,
+                counters: &self.counters,
+            },
+            self.validate,
+        );
+        run.feed(0, Source::new(feed));
+        run
+    }
+
+    /// A run fed live: chunks sent through the [`PipelineSender`] (from another thread, as they
+    /// arrive) go through the pipeline, and the [`Run`] hands out their results in input order,
+    /// each as soon as it is ready. Dropping the sender ends the run once every chunk sent is
+    /// handed out.
+    ///
+    /// ```no_run
+    /// use shmexec::pipeline::Pipeline;
+    /// use shmexec::{Pool, Samples};
+    ///
+    /// let mut p = Pipeline::<Vec<i16>>::builder()
+    ///     .map_fn("sum", |c| c.samples().iter().map(|&s| s as i64).sum::<i64>())
+    ///     .build(Pool::builder().workers(2))?; // before any thread starts
+    /// std::thread::scope(|s| {
+    ///     let (tx, run) = p.stream();
+    ///     s.spawn(move || {
+    ///         for i in 0..100 {
+    ///             tx.send(vec![i as i16; 1 << 19]).expect("the run is gone"); // a digitizer's chunk
+    ///         }
+    ///     });
+    ///     for sum in run {
+    ///         println!("{}", sum.expect("item error").to_native());
+    ///     }
+    /// });
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn stream(&mut self) -> (PipelineSender<In>, Run<'_, In, Out>)
+    where
+        In: 'static,
+    {
+        let (tx, feed) = live::live::<In>(self.groups.bell.clone());
+        let mut run = Run::new(
+            &mut self.groups,
+            Introspect {
+                plan: &self.plan,
+                counters: &self.counters,
+            },
+            self.validate,
+        );
+        run.feed(0, Source::new(Box::new(feed)));
+        run.live();
+        (tx, run)
     }
 
     /// [`run`](Pipeline::run) for the inputs that `source` names (a DAQ run's raw data: its

@@ -24,7 +24,7 @@ use crate::archive::{Decode, Encode};
 use crate::call::dispatch;
 use crate::call::engine::{Call, Placed, Polled};
 use crate::call::source::Source;
-use crate::call::wait::{self, MAP_SLICE};
+use crate::call::wait::{self, MAP_SLICE, STREAM_SLICE};
 use crate::error::{Error, Result};
 use crate::output::OutputRef;
 use crate::store::SavedStream;
@@ -91,6 +91,9 @@ pub struct Run<'p, In, Out> {
     handed_out: u64,
     /// Whether the last group's outputs are checked as archives of `Out`.
     validate: bool,
+    /// How long one wait lasts before the groups are supervised: longer for a live source,
+    /// which may be idle for long.
+    slice: std::time::Duration,
     ended: bool,
     _types: PhantomData<fn(In) -> Out>,
 }
@@ -143,6 +146,7 @@ where
             failed_input: None,
             handed_out: 0,
             validate,
+            slice: MAP_SLICE,
             ended: false,
             _types: PhantomData,
         }
@@ -158,6 +162,11 @@ where
         self.base = self.groups.pools[entry].rt.peek_seq();
         self.entry = entry;
         self.source = Some(source);
+    }
+
+    /// Waits in slices fit for a live source, which may be idle for long.
+    pub(crate) fn live(&mut self) {
+        self.slice = STREAM_SLICE;
     }
 
     /// Saves the outputs of group `g`'s last stage.
@@ -428,6 +437,9 @@ where
                 return Ok(true);
             }
         }
+        if self.source.as_ref().is_some_and(Source::has_input) {
+            return Ok(true);
+        }
         for g in entry..pools.len() {
             match &self.waiting[g] {
                 None => {
@@ -455,7 +467,8 @@ where
             return Err(Error::Broken("the pipeline's doorbell is missing".into()));
         };
         let mut waiter = std::mem::take(&mut self.groups.pools[0].rt.doorbell_waiter);
-        let woke = wait::until(signal, &mut waiter, MAP_SLICE, || self.ready());
+        let slice = self.slice;
+        let woke = wait::until(signal, &mut waiter, slice, || self.ready());
         self.groups.pools[0].rt.doorbell_waiter = waiter;
         woke
     }
