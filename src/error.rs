@@ -176,6 +176,16 @@ pub enum Error {
     #[error("cannot start workers: {0}")]
     Start(String),
 
+    /// A chunk a stage gave breaks strax's time laws ([`crate::time`]): a record outside its
+    /// chunk or out of order, or a chunk that overlaps or leaves a gap after the one before
+    /// (checked by [`crate::pipeline::Stages::check_time`]). It comes in the chunk's place,
+    /// inside [`Error::Stage`] naming the stage.
+    #[error("item {seq}: {error}")]
+    Time {
+        seq: u64,
+        error: crate::time::TimeError,
+    },
+
     /// An item failed in a stage of a [pipeline](crate::pipeline): `error` is what went wrong
     /// there (a task's error or panic, an output too large, ...) and `stage` the stage's name.
     /// The item's later stages did not run: the error takes its place in the results.
@@ -205,6 +215,7 @@ macro_rules! item_error {
             | Error::WorkerCrashed { seq: $seq, .. }
             | Error::WorkerLost { seq: $seq, .. }
             | Error::ChunkTimeout { seq: $seq, .. }
+            | Error::Time { seq: $seq, .. }
     };
 }
 
@@ -290,6 +301,10 @@ impl Error {
             Error::ChunkTimeout { seq, after } => Error::ChunkTimeout {
                 seq: *seq,
                 after: *after,
+            },
+            Error::Time { seq, error } => Error::Time {
+                seq: *seq,
+                error: error.clone(),
             },
             Error::Stage { stage, error } => Error::Stage {
                 stage: stage.clone(),

@@ -934,3 +934,68 @@ fn records_and_samples_go_in_from_slices_and_in_place() {
     }
     assert_no_children();
 }
+
+impl shmexec::time::Interval for Hit {
+    fn start(&self) -> i64 {
+        self.time
+    }
+    fn end(&self) -> i64 {
+        self.time + 1
+    }
+}
+
+#[test]
+fn chunks_that_break_the_time_laws_are_errors_naming_the_stage_and_the_chunk() {
+    use shmexec::time::TimeRange;
+    let guard = serial();
+    {
+        // Chunk i covers [100 i, 100 i + 100) with a hit at each 10 ns; chunk 5 leaves a gap
+        // before it, chunk 9 has two hits swapped, chunk 12 a hit past its end.
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("chunks", |&i| {
+                let i = i.to_native() as i64;
+                let start = if i == 5 { 100 * i + 10 } else { 100 * i };
+                let mut hits: Vec<Hit> = (start / 10..(100 * i + 100) / 10)
+                    .map(|t| Hit {
+                        time: t * 10,
+                        area: 1.0,
+                        channel: 0,
+                    })
+                    .collect();
+                if i == 9 {
+                    hits.swap(2, 3);
+                }
+                if i == 12 {
+                    hits.last_mut().unwrap().time = 100 * i + 100;
+                }
+                (
+                    shmexec::Records(hits),
+                    TimeRange::new(start, 100 * i + 100).unwrap(),
+                )
+            })
+            .check_time()
+            .map_fn("count", |c| c.0.records().len() as u64)
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        assert_eq!(p.plan().fused().len(), 2);
+        for (i, r) in p.run(0..20u64).enumerate() {
+            match (i, r) {
+                (5 | 9 | 12, Err(Error::Stage { stage, error })) => {
+                    assert_eq!(stage, "chunks");
+                    let Error::Time { seq, error } = *error else {
+                        panic!("chunk {i}: {error}");
+                    };
+                    assert_eq!(seq, i as u64);
+                    let msg = error.to_string();
+                    assert!(msg.contains("chunks chunk"), "{msg}");
+                }
+                (5 | 9 | 12, other) => panic!("chunk {i}: {other:?}"),
+                (_, r) => assert_eq!(r.unwrap().to_native(), 10),
+            }
+        }
+        // The next run starts the stream again: its first chunk may start anywhere.
+        let n = p.run(40..45u64).filter(|r| r.is_ok()).count();
+        assert_eq!(n, 5);
+    }
+    assert_no_children();
+}

@@ -124,6 +124,8 @@ pub(crate) struct Groups {
     pub(crate) children: Vec<Vec<usize>>,
     /// The main line's last group, whose outputs are the pipeline's results.
     pub(crate) results: usize,
+    /// `checks[g]`: the time check of group `g`'s last stage's outputs, if any.
+    pub(crate) checks: Vec<Option<Box<dyn super::timecheck::TimeCheck>>>,
 }
 
 impl Groups {

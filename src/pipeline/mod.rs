@@ -50,6 +50,7 @@ mod run;
 mod save;
 mod stages;
 mod state;
+mod timecheck;
 
 use std::borrow::Borrow;
 use std::collections::VecDeque;
@@ -69,6 +70,7 @@ use crate::stats::{PoolStats, StatsBlock};
 use crate::store::{StageKey, Store};
 use crate::task::bytes::ByteTask;
 use crate::task::{Task, Token, flat_map_fn, from_fn};
+use crate::time::{Interval, TimeRange};
 use counters::StageCounters;
 use fuse::{Chain, Stage};
 use group::{GroupTask, GroupWorker, Groups};
@@ -111,6 +113,16 @@ struct Spec {
     /// Whether a branch consumes its outputs (which ends its group, as their frames pass the
     /// coordinator).
     forks: bool,
+    /// The time check of its outputs, if any (it ends its group too).
+    check: Option<Box<dyn timecheck::TimeCheck>>,
+}
+
+impl Spec {
+    /// Whether the stage's outputs must pass the coordinator as frames: saved, read by a
+    /// branch, or checked.
+    fn ends_group(&self) -> bool {
+        self.lineage.store.is_some() || self.forks || self.check.is_some()
+    }
 }
 
 /// A branch: stages that consume the outputs of main-line stage `after`, beside the stages
@@ -181,6 +193,7 @@ where
             lineage: Lineage::default(),
             state: None,
             forks: false,
+            check: None,
         });
         Stages {
             stages: self.stages,
@@ -413,6 +426,7 @@ where
             parent: Vec::new(),
             children: Vec::new(),
             results: 0,
+            checks: Vec::new(),
         };
         let mut counters = Vec::new();
         let mut plan = Plan {
@@ -431,13 +445,15 @@ where
         for (after, offset, specs) in lines {
             let mut parent = after.map(|a| group_of_stage[a]);
             let is_main = after.is_none();
-            for (first, group) in split_groups(specs) {
+            for (first, mut group) in split_groups(specs) {
                 let first = first + offset;
                 let g = groups.pools.len();
                 let place = group[0].place;
                 groups
                     .states
                     .push(group.iter().filter_map(|s| s.state.clone()).collect());
+                let check = group.last_mut().and_then(|s| s.check.take());
+                groups.checks.push(check);
                 let stages: Vec<Stage> = group.into_iter().map(|s| s.stage).collect();
                 let count = stages.len();
                 let mut builder = pool
@@ -513,7 +529,7 @@ fn split_groups(stages: Vec<Spec>) -> Vec<(usize, Vec<Spec>)> {
             Some((_, group))
                 if spec.place.fuses_with(
                     &group[group.len() - 1].place,
-                    group[group.len() - 1].lineage.store.is_some() || group[group.len() - 1].forks,
+                    group[group.len() - 1].ends_group(),
                 ) =>
             {
                 group.push(spec);
@@ -586,6 +602,25 @@ where
     {
         let feed = SliceFeed::<_, Records<R>>::new(slices.into_iter());
         self.run_feed(Box::new(feed))
+    }
+}
+
+impl<In, T> Stages<In, (Records<T>, TimeRange)>
+where
+    In: Encode<Archived: Decode> + 'static,
+    T: Record + Interval,
+    (Records<T>, TimeRange): Encode<Archived: Decode>,
+{
+    /// Holds the time chunks the stage added last gives (`(Records<T>, TimeRange)`) to strax's
+    /// laws as they pass the coordinator: every record inside its chunk and sorted by start,
+    /// each chunk starting where the one before ended ([`crate::time`]). A chunk that breaks
+    /// one is an [`Error::Time`] in its place, inside [`Error::Stage`] naming the stage, that
+    /// says which chunk and which record; each run's first chunk may start anywhere. The stage
+    /// ends its group (its outputs are read in order as frames).
+    pub fn check_time(self) -> Self {
+        self.placed("check_time", |s| {
+            s.check = Some(Box::new(timecheck::Checker::<T>::new(&s.stage.name)));
+        })
     }
 }
 

@@ -122,6 +122,9 @@ where
             .map(|p| Call::new(&p.rt, true))
             .collect();
         let n = groups.pools.len();
+        for check in groups.checks.iter_mut().flatten() {
+            check.restart();
+        }
         // Stateful stages start this run from their default state: its items in each group
         // begin at the group's next sequence number (set before any is handed out).
         for (pool, states) in groups.pools.iter().zip(&groups.states) {
@@ -226,6 +229,15 @@ where
         self.groups.origin(g, seq)
     }
 
+    /// Holds a result of group `g` to its last stage's time laws, if they are checked: a chunk
+    /// that breaks one becomes its error.
+    fn time_check(&mut self, g: usize, result: Result<OutputRef<()>>) -> Result<OutputRef<()>> {
+        match (&mut self.groups.checks[g], result) {
+            (Some(check), Ok(out)) => check.check(out.bytes(), out.seq()).map(|()| out),
+            (_, result) => result,
+        }
+    }
+
     /// Hands a result of group `g` to its saver, if its last stage is saved.
     fn pass_to_saver(&mut self, g: usize, result: &Result<OutputRef<()>>) -> Result<()> {
         if let Some(saving) = &mut self.savers[g] {
@@ -266,6 +278,7 @@ where
                 worker,
                 result,
             } = polled;
+            let result = self.time_check(g, result);
             self.pass_to_saver(g, &result)?;
             let origin = self.origin(g, seq);
             let to = self.groups.children[g].clone();
@@ -354,12 +367,13 @@ where
     /// handed out already.
     fn deliver(&mut self, polled: Polled<()>) -> Result<Option<Result<OutputRef<Out>>>> {
         let last = self.groups.results;
-        self.pass_to_saver(last, &polled.result)?;
+        let result = self.time_check(last, polled.result);
+        self.pass_to_saver(last, &result)?;
         let origin = self.origin(last, polled.seq);
         if self.failed_input == Some(origin.input) {
             return Ok(None);
         }
-        let result = match polled.result {
+        let result = match result {
             Ok(out) => out.retype::<Out>(origin.input, self.validate),
             Err(e) if e.is_item() => Err(numbered(e, origin, &self.groups.labels[last])),
             Err(e) => return Err(e),
