@@ -999,3 +999,52 @@ fn chunks_that_break_the_time_laws_are_errors_naming_the_stage_and_the_chunk() {
     }
     assert_no_children();
 }
+
+#[test]
+fn an_unordered_run_hands_out_every_result_once_numbered_by_its_input() {
+    let guard = serial();
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .flat_map("two", |&n| [n.to_native(), n.to_native() + 1000])
+            .map(
+                "slow_on_3",
+                shmexec::try_from_fn::<u64, _, _>(|&n| {
+                    let n = n.to_native();
+                    if n == 3 {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                    if n == 7 {
+                        return Err("7 fails".into());
+                    }
+                    Ok(n * 10)
+                }),
+            )
+            .workers(2)
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        for _ in 0..3 {
+            let mut got: Vec<(u64, u64)> = Vec::new();
+            let mut errors = Vec::new();
+            let base = p.run(std::iter::empty::<u64>()).count(); // numbering goes on across runs
+            assert_eq!(base, 0);
+            for r in p.run_unordered(0..40u64) {
+                match r {
+                    Ok(v) => got.push((v.seq() % 40, v.to_native())),
+                    Err(e) => errors.push(e.seq().map(|s| s % 40)),
+                }
+            }
+            // Input 7 failed once; its other output is handed out only if it came before the
+            // error (in an unordered run, which comes first is the workers' race).
+            assert_eq!(errors, vec![Some(7)]);
+            got.retain(|&(n, v)| n != 7 || v != 10070);
+            got.sort_unstable();
+            let mut want: Vec<(u64, u64)> = (0..40u64)
+                .filter(|&n| n != 7)
+                .flat_map(|n| [(n, n * 10), (n, (n + 1000) * 10)])
+                .collect();
+            want.sort_unstable();
+            assert_eq!(got, want);
+        }
+    }
+    assert_no_children();
+}

@@ -184,28 +184,41 @@ where
         I::Item: Borrow<In>,
     {
         let feed = SerializeFeed::<_, In>::new(inputs.into_iter());
-        let mut run = Run::new(
-            &mut self.groups,
-            Introspect {
-                plan: &self.plan,
-                counters: &self.counters,
-            },
-            self.validate,
-        );
+        self.run_feed(Box::new(feed))
+    }
+
+    /// [`run`](Pipeline::run) with results handed out as the last group's workers finish
+    /// them, not in input order: a slow item there does not hold back the results after it
+    /// ([`crate::OutputRef::seq`] says which input each is of). The groups before the last hand
+    /// their results on in order.
+    pub fn run_unordered<'a, I>(&'a mut self, inputs: I) -> Run<'a, In, Out>
+    where
+        I: IntoIterator,
+        I::IntoIter: 'a,
+        I::Item: Borrow<In>,
+    {
+        let feed = SerializeFeed::<_, In>::new(inputs.into_iter());
+        let mut run = self.new_run(false);
         run.feed(0, Source::new(Box::new(feed)));
         run
     }
 
-    /// A run over the inputs `feed` makes.
-    fn run_feed<'a>(&'a mut self, feed: Box<dyn Feed + 'a>) -> Run<'a, In, Out> {
-        let mut run = Run::new(
+    /// A run with no inputs yet.
+    fn new_run(&mut self, ordered: bool) -> Run<'_, In, Out> {
+        Run::new(
             &mut self.groups,
             Introspect {
                 plan: &self.plan,
                 counters: &self.counters,
             },
             self.validate,
-        );
+            ordered,
+        )
+    }
+
+    /// An ordered run over the inputs `feed` makes.
+    fn run_feed<'a>(&'a mut self, feed: Box<dyn Feed + 'a>) -> Run<'a, In, Out> {
+        let mut run = self.new_run(true);
         run.feed(0, Source::new(feed));
         run
     }
@@ -240,14 +253,7 @@ where
         In: 'static,
     {
         let (tx, feed) = live::live::<In>(self.groups.bell.clone());
-        let mut run = Run::new(
-            &mut self.groups,
-            Introspect {
-                plan: &self.plan,
-                counters: &self.counters,
-            },
-            self.validate,
-        );
+        let mut run = self.new_run(true);
         run.feed(0, Source::new(Box::new(feed)));
         run.live();
         (tx, run)
@@ -311,6 +317,7 @@ where
                 counters: &self.counters,
             },
             self.validate,
+            true,
         );
         for (g, saving) in savers {
             run.save(g, saving);

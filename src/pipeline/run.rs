@@ -87,6 +87,10 @@ pub struct Run<'p, In, Out> {
     /// The input whose error was handed out last: its later outputs (and errors) are not
     /// handed out, as fused stages would not have made them.
     failed_input: Option<u64>,
+    /// Whether results are handed out in input order; if not, the inputs that failed in this
+    /// run (their outputs may come after their error).
+    ordered: bool,
+    failed_inputs: std::collections::HashSet<u64>,
     /// Results handed out.
     handed_out: u64,
     /// Whether the last group's outputs are checked as archives of `Out`.
@@ -114,12 +118,20 @@ where
     Out: Encode<Archived: Decode>,
 {
     /// A run with no inputs yet: give it a [`feed`](Run::feed), or a stream to
-    /// [`serve`](Run::serve).
-    pub(crate) fn new(groups: &'p mut Groups, introspect: Introspect<'p>, validate: bool) -> Self {
+    /// [`serve`](Run::serve). With `ordered` false the main line's last group hands out its
+    /// results as its workers finish them (every earlier group hands its own on in order).
+    pub(crate) fn new(
+        groups: &'p mut Groups,
+        introspect: Introspect<'p>,
+        validate: bool,
+        ordered: bool,
+    ) -> Self {
+        let results = groups.results;
         let calls = groups
             .pools
             .iter()
-            .map(|p| Call::new(&p.rt, true))
+            .enumerate()
+            .map(|(g, p)| Call::new(&p.rt, ordered || g != results))
             .collect();
         let n = groups.pools.len();
         for check in groups.checks.iter_mut().flatten() {
@@ -147,6 +159,8 @@ where
             served: None,
             saved: Vec::new(),
             failed_input: None,
+            ordered,
+            failed_inputs: std::collections::HashSet::new(),
             handed_out: 0,
             validate,
             slice: MAP_SLICE,
@@ -226,7 +240,34 @@ where
                 passed: false,
             };
         }
+        if !self.ordered && g == self.groups.results {
+            return self.unordered_origin(g, seq);
+        }
         self.groups.origin(g, seq)
+    }
+
+    /// [`Run::origin`] for results that come in any order: the item's entry is looked up, not
+    /// popped, and the entries of items no longer in flight are dropped now and then.
+    fn unordered_origin(&mut self, g: usize, seq: u64) -> Origin {
+        let found = self.groups.peek_origin(g, seq).unwrap_or(Origin {
+            seq,
+            input: seq,
+            passed: false,
+        });
+        if self.groups.origins[g].len() > 1024 {
+            // Items older than every item in flight (in a worker's queue, or failed and not
+            // handed out yet) are done with.
+            let in_flight = self.groups.pools[g]
+                .rt
+                .slots
+                .iter()
+                .filter_map(|w| w.expect.front().map(|e| e.seq))
+                .chain(self.calls[g].front_seq())
+                .min()
+                .unwrap_or(u64::MAX);
+            self.groups.origins[g].retain(|o| o.seq >= in_flight.min(seq));
+        }
+        found
     }
 
     /// Holds a result of group `g` to its last stage's time laws, if they are checked: a chunk
@@ -370,7 +411,7 @@ where
         let result = self.time_check(last, polled.result);
         self.pass_to_saver(last, &result)?;
         let origin = self.origin(last, polled.seq);
-        if self.failed_input == Some(origin.input) {
+        if self.failed_input == Some(origin.input) || self.failed_inputs.contains(&origin.input) {
             return Ok(None);
         }
         let result = match result {
@@ -379,7 +420,11 @@ where
             Err(e) => return Err(e),
         };
         if result.is_err() {
-            self.failed_input = Some(origin.input);
+            if self.ordered {
+                self.failed_input = Some(origin.input);
+            } else {
+                self.failed_inputs.insert(origin.input);
+            }
         }
         self.handed_out += 1;
         Ok(Some(result))
