@@ -1048,3 +1048,32 @@ fn an_unordered_run_hands_out_every_result_once_numbered_by_its_input() {
     }
     assert_no_children();
 }
+
+#[test]
+fn dropping_a_pipeline_with_full_rings_and_held_frames_stops_at_once() {
+    let guard = serial();
+    // Far longer than a drop takes: a drop that waits for the shutdown timeout is caught.
+    let _dog = support::watchdog(40, "dropping_a_pipeline_with_full_rings_and_held_frames");
+    {
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("big", |&n| vec![n.to_native(); 2000])
+            .map_fn("slow", |v: &rkyv::Archived<Vec<u64>>| {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                v[0].to_native()
+            })
+            .workers(1)
+            .build(
+                builder(&guard)
+                    .workers(2)
+                    .ring_bytes(1 << 16)
+                    .shutdown_timeout(std::time::Duration::from_secs(60)),
+            )
+            .unwrap();
+        let mut run = p.run(0..10_000u64);
+        assert_eq!(run.next().unwrap().unwrap().to_native(), 0);
+        // The first group's output rings fill with frames the slow group holds.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(run);
+    }
+    assert_no_children();
+}

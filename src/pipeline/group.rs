@@ -99,8 +99,7 @@ pub(crate) struct Origin {
     pub(crate) passed: bool,
 }
 
-/// The groups of a pipeline and what the coordinator holds between them. Field order is drop
-/// order: the pools (their workers stopped and reaped) before the frames they might read.
+/// The groups of a pipeline and what the coordinator holds between them.
 pub(crate) struct Groups {
     pub(crate) pools: Vec<Pool<GroupTask>>,
     /// `pins[g][w]` (g >= 1): frames of group `g - 1` that worker `w` of group `g` reads,
@@ -126,6 +125,22 @@ pub(crate) struct Groups {
     pub(crate) results: usize,
     /// `checks[g]`: the time check of group `g`'s last stage's outputs, if any.
     pub(crate) checks: Vec<Option<Box<dyn super::timecheck::TimeCheck>>>,
+}
+
+impl Drop for Groups {
+    /// Stops the groups from the last made to the first (children before their parents), and
+    /// lets go of the frames each one read as soon as its workers are gone: a parent's workers
+    /// blocked on an output ring full of those frames can then stop at once, instead of at the
+    /// shutdown timeout.
+    fn drop(&mut self) {
+        while let Some(pool) = self.pools.pop() {
+            let g = self.pools.len();
+            drop(pool);
+            if let Some(pins) = self.pins.get_mut(g) {
+                pins.clear();
+            }
+        }
+    }
 }
 
 impl Groups {
