@@ -447,7 +447,7 @@ impl Stateful for Growing {
 /// has left the worker's queue), so it is never given up, and the run never ends. (Holding
 /// the results instead ends the run with a misleading `OutputsHeld`.)
 #[test]
-#[ignore = "BUG: a state over MAX_STATE_BYTES crash-loops its worker forever (item already answered, never charged): the run hangs"]
+
 fn a_state_that_outgrows_its_slots_fails_its_items_instead_of_hanging() {
     let guard = serial();
     let _dog = watchdog(30, "a_state_that_outgrows_its_slots");
@@ -1129,7 +1129,7 @@ fn a_cached_run_whose_chunk_file_was_deleted_fails_that_chunk_in_its_place() {
 }
 
 #[test]
-#[ignore = "BUG: a served last stage ends the run at a chunk that does not read, instead of failing it in its place"]
+
 fn a_served_last_stage_whose_chunk_file_was_deleted_fails_that_chunk_in_its_place() {
     let guard = serial();
     let _dog = watchdog(60, "a_served_last_stage_whose_chunk_file_was_deleted");
@@ -1750,7 +1750,7 @@ impl shmexec::Task for StartsOnce {
 }
 
 #[test]
-#[ignore = "BUG: once a branch's only worker is given up, every later run fails at once (the pool is unusable), main line included"]
+
 fn a_branch_whose_only_worker_is_given_up_does_not_stop_the_main_line() {
     let guard = serial();
     let _dog = watchdog(120, "a_branch_whose_only_worker_is_given_up");
@@ -1828,7 +1828,7 @@ impl shmexec::Task for DiesAfterLast {
 }
 
 #[test]
-#[ignore = "BUG: a worker that dies after an item's closing frame was read is never charged: a deterministic death there respawns forever and the run hangs"]
+
 fn a_worker_that_always_dies_after_its_closing_frame_is_given_up_instead_of_respawned_forever() {
     let guard = serial();
     let _dog = watchdog(20, "a_worker_that_always_dies_after_its_closing_frame");

@@ -344,6 +344,7 @@ where
             parent: Vec::new(),
             children: Vec::new(),
             results: 0,
+            main: Vec::new(),
             checks: Vec::new(),
         };
         let mut counters = Vec::new();
@@ -416,6 +417,7 @@ where
                 if is_main {
                     groups.results = g;
                 }
+                groups.main.push(is_main);
                 group_of_stage[first..first + count].fill(g);
                 counters.push(made.expect("the group was built with its counters"));
                 plan.groups.push(GroupPlan {

@@ -123,6 +123,8 @@ pub(crate) struct Groups {
     pub(crate) children: Vec<Vec<usize>>,
     /// The main line's last group, whose outputs are the pipeline's results.
     pub(crate) results: usize,
+    /// `main[g]`: whether group `g` is on the main line (not in a branch).
+    pub(crate) main: Vec<bool>,
     /// `checks[g]`: the time check of group `g`'s last stage's outputs, if any.
     pub(crate) checks: Vec<Option<Box<dyn super::timecheck::TimeCheck>>>,
 }
@@ -196,6 +198,12 @@ impl Groups {
                 };
                 let slot = &mut slots[w];
                 let given_up = slot.life == Life::Failed;
+                if given_up {
+                    // It has no process, and none will be started: nothing it was handed is
+                    // read again (its items fail as `WorkerLost`).
+                    pins.clear();
+                    continue;
+                }
                 // A ring whose worker is gone reads as released as far as it got.
                 let released = slot.tx.released().unwrap_or(0);
                 if front.end > released && !given_up {

@@ -76,6 +76,9 @@ pub struct Run<'p, In, Out> {
     /// [`BRANCH_ERRORS`] of them, and how many there were.
     branch_errors: Vec<Error>,
     branch_failures: u64,
+    /// `down[g]`: branch group `g` can take no more items (every worker given up): items
+    /// for it fail there, and the rest of the pipeline goes on.
+    down: Vec<bool>,
     /// `savers[g]`: the saved stage that ends group `g`, being written.
     savers: Vec<Option<Saving>>,
     /// The stage this run was served from, if its outputs were saved already.
@@ -154,6 +157,7 @@ where
             waiting: (0..n).map(|_| None).collect(),
             branch_errors: Vec::new(),
             branch_failures: 0,
+            down: vec![false; n],
             savers: (0..n).map(|_| None).collect(),
             cache: None,
             served: None,
@@ -348,10 +352,7 @@ where
             if to.is_empty() {
                 // The last group of a branch: its outputs are consumed, its errors kept.
                 if let Item::Failed(e) = what {
-                    self.branch_failures += 1;
-                    if self.branch_errors.len() < BRANCH_ERRORS {
-                        self.branch_errors.push(e);
-                    }
+                    self.branch_failed(e);
                 }
                 continue;
             }
@@ -363,17 +364,53 @@ where
         }
     }
 
+    /// A pool-level error of group `g`: for a branch, the branch is down (recorded once, its
+    /// later items fail there) and the run goes on; for the main line, the run ends with it.
+    fn group_failed(&mut self, g: usize, e: Error) -> Result<()> {
+        if self.groups.main[g] {
+            return Err(e);
+        }
+        if !self.down[g] {
+            self.down[g] = true;
+            self.branch_failed(e);
+        }
+        Ok(())
+    }
+
+    /// Records an item's failure in a branch (whose results are not handed out).
+    fn branch_failed(&mut self, e: Error) {
+        self.branch_failures += 1;
+        if self.branch_errors.len() < BRANCH_ERRORS {
+            self.branch_errors.push(e);
+        }
+    }
+
     /// Places `moving` in each group it is still to go to that has room: a hop to its frame,
     /// or its error in its place. What finds no room stays in `moving.to`.
     fn hand_on(&mut self, moving: &mut Moving) -> Result<()> {
         let mut left = Vec::new();
         for h in std::mem::take(&mut moving.to) {
+            if self.down[h] {
+                // A branch that is down: the item fails there (counted, not kept).
+                self.branch_failures += 1;
+                continue;
+            }
             let sup = &mut self.groups.pools[h].rt;
             let (seq, passed) = match &moving.what {
                 Item::Frame { worker, frame } => {
                     let hop = Hop::to(*worker, frame);
-                    let placed = self.calls[h]
-                        .place(sup, HOP_LEN, false, &mut |slot| Ok(hop.write(slot)))?;
+                    let placed = match self.calls[h]
+                        .place(sup, HOP_LEN, false, &mut |slot| Ok(hop.write(slot)))
+                    {
+                        Ok(placed) => placed,
+                        // A branch that cannot take items (every worker given up) fails
+                        // its items; the main line goes on.
+                        Err(e) if !self.groups.main[h] => {
+                            self.group_failed(h, e)?;
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     match placed {
                         Placed::NoRoom => {
                             left.push(h);
@@ -482,7 +519,8 @@ where
                 .calls
                 .iter()
                 .zip(&self.groups.pools)
-                .all(|(c, p)| c.pending(&p.rt) == 0)
+                .zip(&self.down)
+                .all(|((c, p), &down)| down || c.pending(&p.rt) == 0)
     }
 
     /// Whether a step would find something to do: room for the source's next input, a result
@@ -500,6 +538,9 @@ where
             return Ok(true);
         }
         for g in entry..pools.len() {
+            if self.down[g] {
+                continue;
+            }
             match &self.waiting[g] {
                 None => {
                     if self.calls[g].ready(&mut pools[g].rt, None)? {
@@ -534,9 +575,14 @@ where
 
     /// Supervises every group (each call's own count).
     fn tick(&mut self) -> Result<()> {
-        for (call, pool) in self.calls.iter_mut().zip(&mut self.groups.pools) {
-            call.waited();
-            call.tick(&mut pool.rt)?;
+        for g in 0..self.calls.len() {
+            if self.down[g] {
+                continue;
+            }
+            self.calls[g].waited();
+            if let Err(e) = self.calls[g].tick(&mut self.groups.pools[g].rt) {
+                self.group_failed(g, e)?;
+            }
         }
         Ok(())
     }
@@ -549,8 +595,14 @@ where
             }
             let i = *next;
             *next += 1;
-            let chunk = stream.chunk(i)?;
-            return Ok(Some(OutputRef::from_chunk(chunk, i as u64, self.validate)));
+            // A chunk that does not read is an error in its place, as an input would be.
+            return Ok(Some(match stream.chunk(i) {
+                Ok(chunk) => OutputRef::from_chunk(chunk, i as u64, self.validate),
+                Err(e) => Err(Error::Encode {
+                    seq: i as u64,
+                    reason: e.to_string(),
+                }),
+            }));
         }
         self.tick()?;
         let (entry, last) = (self.entry, self.groups.results);
@@ -560,8 +612,11 @@ where
             }
             // Parents before children: groups are numbered so.
             for g in entry..self.calls.len() {
-                if g != last {
-                    self.advance(g)?;
+                if g != last
+                    && !self.down[g]
+                    && let Err(e) = self.advance(g)
+                {
+                    self.group_failed(g, e)?;
                 }
             }
             self.groups.release_pins();
@@ -583,9 +638,12 @@ where
                 // late: those count toward the health check too.
                 self.tick()?;
             } else {
-                for (g, pool) in self.groups.pools.iter_mut().enumerate() {
-                    if g != last {
-                        pool.rt.supervise()?;
+                for g in 0..self.calls.len() {
+                    if g != last
+                        && !self.down[g]
+                        && let Err(e) = self.groups.pools[g].rt.supervise()
+                    {
+                        self.group_failed(g, e)?;
                     }
                 }
                 let unplaced = self.source.as_ref().and_then(Source::unplaced);

@@ -146,16 +146,27 @@ impl<S: Stateful> StatefulStage<S> {
 
     /// Saves the state after item `seq`.
     fn save(&mut self, seq: u64) -> Result<(), String> {
+        let buf = self.serialized()?;
+        self.slots.write(seq, &buf).map_err(|e| e.to_string())
+    }
+
+    /// The state, serialized; an error if it does not fit a slot. Checked after each item, so
+    /// that a state grown too large fails its item (and is rolled back) instead of failing the
+    /// save after the item's outputs are out.
+    fn serialized(&self) -> Result<AlignedVec<16>, String> {
         let len = encoded_len(&self.state).map_err(|e| e.to_string())?;
+        let max = self.slots.capacity();
+        if len > max {
+            return Err(format!(
+                "the stage's state would be {len} bytes serialized, more than the {max} a \
+                 stateful stage keeps (MAX_STATE_BYTES): keep it smaller"
+            ));
+        }
         let mut buf = AlignedVec::<16>::with_capacity(len);
         buf.resize(len, 0);
         let n = encode_into(&self.state, &mut buf).map_err(|e| e.to_string())?;
-        self.slots.write(seq, &buf[..n]).map_err(|e| {
-            format!(
-                "{e}: a stateful stage's state is at most {} bytes",
-                self.slots.capacity()
-            )
-        })
+        buf.resize(n, 0);
+        Ok(buf)
     }
 }
 
@@ -170,6 +181,9 @@ impl<S: Stateful> ByteTask for StatefulStage<S> {
         let input = decode::<Archived<S::Input>>(input)
             .map_err(|e| ItemFailure::InvalidInput(e.to_string()))?;
         let value = self.task.process(&mut self.state, input)?;
+        // Before the output goes out: a state that no longer fits fails the item here.
+        self.serialized()
+            .map_err(|e| ItemFailure::Failed(e.into()))?;
         out.emit_last(&value)?;
         Ok(())
     }

@@ -35,6 +35,9 @@ pub(crate) struct Queue {
     /// The first `finished` entries are known to be finished, with `finished_bytes` of input.
     finished: usize,
     finished_bytes: u64,
+    /// The item popped last: a worker that dies after its closing frame was read, before it
+    /// released its input, has it run again by its successor (see `WorkerSlot::dying_item`).
+    last_closed: Option<Expected>,
 }
 
 impl Queue {
@@ -72,7 +75,13 @@ impl Queue {
             self.finished -= 1;
             self.finished_bytes -= e.bytes;
         }
+        self.last_closed = Some(e);
         Some(e)
+    }
+
+    /// The item that left the queue last (its closing frame was read, or it failed).
+    pub(crate) fn last_closed(&self) -> Option<Expected> {
+        self.last_closed
     }
 
     /// Items and input bytes not known to be finished as of the last [`Queue::refresh`]: an

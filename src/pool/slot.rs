@@ -147,6 +147,19 @@ impl WorkerSlot {
             .filter(|&seq| self.expect.contains(seq))
     }
 
+    /// The item a dead worker's `Current` value names if that item was answered already (its
+    /// closing frame read) but its input not released (`released`, the input ring's released
+    /// position): the worker died after its closing frame, and its successor runs the item
+    /// again first, its outputs dropped. Such a death is the item's too: one that kills every
+    /// worker there must be given up, not rerun for ever.
+    pub(crate) fn answered_item(&self, current: u64, released: u64) -> Option<u64> {
+        let seq = current.checked_sub(1)?;
+        self.expect
+            .last_closed()
+            .filter(|e| e.seq == seq && released < e.end)
+            .map(|e| e.seq)
+    }
+
     /// Why this worker was given up, for the errors of its items.
     pub(crate) fn given_up(&self) -> String {
         let mut reason = format!(

@@ -29,7 +29,7 @@ use super::start::{Starter, launcher_setup, rings, warm_window, worker_main};
 use crate::error::{Error, Result};
 use crate::stats::{Doorbell, Field, PoolStats, StatsBlock, WorkerStats};
 use crate::task::Task;
-use crate::wire::{READY, START_SEQ, STOP, discard_check, read_report};
+use crate::wire::{READY, SKIP_SILENTLY, START_SEQ, STOP, discard_check, read_report};
 
 /// How often the coordinator looks for dead workers while it waits.
 const HEALTH_CHECK_EVERY: Duration = Duration::from_millis(5);
@@ -398,19 +398,24 @@ impl<T: Task> Supervisor<T> {
         let started = self.stats.get(w, Field::State) == READY;
         let current = self.stats.get(w, Field::Current);
         self.stats.set(w, Field::Current, 0);
-        let progressed = slot
-            .tx
-            .released()
-            .is_ok_and(|r| r > slot.released_at_launch);
-        // A value that names no item handed to this worker is garbage: nothing is charged.
-        if let Some(seq) = slot.current_item(current) {
+        let released = slot.tx.released().ok();
+        let progressed = released.is_some_and(|r| r > slot.released_at_launch);
+        // A value that names no item handed to this worker is garbage: nothing is charged. An
+        // item answered already but not released is charged too; once given up, its successor
+        // lets it go without a frame (`wire::SKIP_SILENTLY`), as its outputs are out.
+        let answered = released.and_then(|r| slot.answered_item(current, r));
+        let charged = slot
+            .current_item(current)
+            .map(|seq| (seq, 0))
+            .or(answered.map(|seq| (seq, SKIP_SILENTLY)));
+        if let Some((seq, how)) = charged {
             let entry = self.crashes.entry(seq).or_default();
             entry.count += 1;
             entry.signal = signal;
             if entry.count >= self.config.max_attempts || entry.timed_out.is_some() {
                 // SYNC POINT with the successor's `Skip` load before it runs this item: this
                 // store comes before the successor is started.
-                self.stats.set(w, Field::Skip, current);
+                self.stats.set(w, Field::Skip, current | how);
             }
         }
         let how = status.map_or_else(|| "died".to_owned(), |s| format!("{s:?}"));

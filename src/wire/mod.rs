@@ -34,6 +34,11 @@ pub(crate) fn discard_check(below: u64) -> u64 {
     below ^ 0x4449_5343_4152_4421
 }
 
+/// Set in `Field::Skip` beside an item's seq + 1: the item was answered already (its worker died
+/// after its closing frame, before letting go of its input, often enough to give it up), so
+/// the successor releases its input without publishing anything.
+pub(crate) const SKIP_SILENTLY: u64 = 1 << 63;
+
 /// Sequence number of the start-up frame.
 pub(crate) const START_SEQ: u64 = u64::MAX;
 

@@ -11,8 +11,8 @@ use crate::task::WorkerInfo;
 use crate::task::bytes::{ByteTask, ItemFailure};
 use crate::task::sink::{Outcome, OutputSink, send_empty, send_report};
 use crate::wire::{
-    Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, READY, Report, START_SEQ, STOP,
-    StageFailure, discard_check, panic_message,
+    Code, EXIT_COORDINATOR_GONE, EXIT_INIT_FAILED, EXIT_OK, READY, Report, SKIP_SILENTLY,
+    START_SEQ, STOP, StageFailure, discard_check, panic_message,
 };
 
 /// Everything a worker needs, prepared by the coordinator before the fork.
@@ -141,9 +141,13 @@ pub(crate) fn run(task: &mut dyn ByteTask, setup: Setup<'_>) -> i32 {
         let started_ns = shmexec_shm::clock::now_ns();
         // SYNC POINT with `Supervisor::on_death`, which sets `Skip` before it starts this
         // process (the fork orders the store before this load).
-        if setup.stats.get(w, Field::Skip) == seq.wrapping_add(1) {
-            // It crashed its workers too often: report it given up instead of running it.
-            if send_report(&mut tx, seq, 0, Report::new(Code::Crashed, "")).is_err() {
+        let skip = setup.stats.get(w, Field::Skip);
+        if skip == seq.wrapping_add(1) || skip == seq.wrapping_add(1) | SKIP_SILENTLY {
+            // It crashed its workers too often: report it given up instead of running it, or,
+            // if its outputs were handed out already, let it go without a word.
+            if skip & SKIP_SILENTLY == 0
+                && send_report(&mut tx, seq, 0, Report::new(Code::Crashed, "")).is_err()
+            {
                 return EXIT_COORDINATOR_GONE;
             }
             frame.release();
