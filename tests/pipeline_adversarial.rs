@@ -10,24 +10,7 @@ use std::time::Duration;
 
 use shmexec::pipeline::{Pipeline, Stages};
 use shmexec::{BoxError, Error, OutputSink, Task, WorkerInfo};
-use support::{assert_no_children, builder, kill, serial, watchdog};
-
-/// A per-test directory for marker files shared with the workers.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("shmexec-adv-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Mappings of shmexec's memfds in this process.
-fn shm_mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("memfd:shmexec"))
-        .count()
-}
+use support::{assert_no_children, builder, kill, scratch, serial, shm_mappings, watchdog};
 
 type Guard = std::sync::MutexGuard<'static, ()>;
 

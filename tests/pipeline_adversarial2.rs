@@ -14,26 +14,9 @@ use std::time::{Duration, Instant};
 use shmexec::pipeline::{BRANCH_ERRORS, MAX_STATE_BYTES, Pipeline, Stateful};
 use shmexec::store::{StageKey, Store};
 use shmexec::{BoxError, Error, WorkerInfo};
-use support::{Rng, assert_no_children, builder, serial, watchdog};
+use support::{Rng, assert_no_children, builder, scratch, serial, shm_mappings, watchdog};
 
 type Guard = std::sync::MutexGuard<'static, ()>;
-
-/// A per-test directory for marker and pid files shared with the workers.
-fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("shmexec-adv2-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// Mappings of shmexec's memfds in this process.
-fn shm_mappings() -> usize {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| l.contains("memfd:shmexec"))
-        .count()
-}
 
 /// Writes this process's pid into `dir/name`, atomically (a killer thread reads it).
 fn write_pid(dir: &Path, name: &str) {

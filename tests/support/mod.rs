@@ -99,3 +99,20 @@ pub fn watchdog(secs: u64, what: &'static str) -> mpsc::Sender<()> {
     });
     tx
 }
+
+/// A per-test directory (emptied) for the files a test shares with its workers.
+pub fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("shmexec-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Mappings of shmexec's memfds in this process (a leak check).
+pub fn shm_mappings() -> usize {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("memfd:shmexec"))
+        .count()
+}
