@@ -867,7 +867,7 @@ fn a_live_source_on_another_thread_feeds_a_run_in_order_and_either_half_can_go_f
     assert_no_children();
 }
 
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
 #[repr(C)]
 struct Hit {
     time: i64,
@@ -1074,6 +1074,55 @@ fn dropping_a_pipeline_with_full_rings_and_held_frames_stops_at_once() {
         // The first group's output rings fill with frames the slow group holds.
         std::thread::sleep(std::time::Duration::from_millis(100));
         drop(run);
+    }
+    assert_no_children();
+}
+
+#[test]
+fn a_branch_off_the_last_stage_is_refused_and_a_checked_last_stage_stays_in_order() {
+    use shmexec::time::TimeRange;
+    let guard = serial();
+    let tail = Pipeline::<u64>::builder()
+        .map_fn("a", |&n| n.to_native())
+        .branch(|b| b.each("sink", |_| Ok(())))
+        .build(builder(&guard));
+    assert!(matches!(tail, Err(Error::InvalidArgument(m)) if m.contains("branch")));
+    {
+        // Unordered, but the time laws are checked in order: no false gap.
+        let mut p = Pipeline::<u64>::builder()
+            .map(
+                "chunks",
+                shmexec::try_from_fn::<u64, _, _>(|&i| {
+                    let i = i.to_native() as i64;
+                    if i == 4 {
+                        return Err("chunk 4 fails".into());
+                    }
+                    if i % 3 == 0 {
+                        std::thread::sleep(std::time::Duration::from_millis(2));
+                    }
+                    let hits = vec![Hit {
+                        time: 100 * i,
+                        area: 1.0,
+                        channel: 0,
+                    }];
+                    Ok((
+                        shmexec::Records(hits),
+                        TimeRange::new(100 * i, 100 * i + 100).unwrap(),
+                    ))
+                }),
+            )
+            .check_time()
+            .build(builder(&guard).workers(2))
+            .unwrap();
+        let results: Vec<_> = p.run_unordered(0..30u64).collect();
+        let errors: Vec<Option<u64>> = results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .map(|e| e.seq())
+            .collect();
+        // Chunk 4 failed; the chunk after it is not taken for a gap.
+        assert_eq!(errors, vec![Some(4)], "{results:?}");
+        assert_eq!(results.len(), 30);
     }
     assert_no_children();
 }

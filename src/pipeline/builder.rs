@@ -332,6 +332,13 @@ where
             next += b.specs.len();
         }
         let first_branch = self.branches.iter().map(|b| b.after).min();
+        if self.branches.iter().any(|b| b.after + 1 == main) {
+            return Err(Error::InvalidArgument(
+                "a branch reads a stage that the main line goes on from: add it before the last \
+                 stage (the last stage's outputs are the pipeline's results)"
+                    .to_owned(),
+            ));
+        }
         let validate = pool.validates_outputs();
         let bell = StatsBlock::lone_doorbell()?;
         let mut groups = Groups {

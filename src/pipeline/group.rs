@@ -78,8 +78,6 @@ impl ByteTask for GroupWorker {
 
 /// An upstream frame held for the downstream item that reads it.
 pub(crate) struct Pin {
-    /// The item's sequence number in its group.
-    pub(crate) seq: u64,
     /// Where its hop ends in the downstream worker's input ring: once the ring's released
     /// position reaches it, the worker (and any successor) is done with the frame.
     pub(crate) end: u64,
@@ -180,6 +178,22 @@ impl Groups {
         self.origins[g].iter().find(|o| o.seq == seq).copied()
     }
 
+    /// Whether some held frame's downstream worker is done with it (a step would let it go).
+    pub(crate) fn releasable(&mut self) -> shmexec_shm::Result<bool> {
+        for (g, pins) in self.pins.iter().enumerate().skip(1) {
+            for (w, pins) in pins.iter().enumerate() {
+                let Some(front) = pins.front() else {
+                    continue;
+                };
+                let slot = &mut self.pools[g].rt.slots[w];
+                if slot.life == Life::Failed || front.end <= slot.tx.released()? {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
     /// Lets go of every upstream frame whose downstream worker is done with it: it released
     /// the hop (which a worker does last, after the item's closing frame and `item_closed`), or
     /// it was given up and its item failed, so neither it nor a successor reads the frame again.
@@ -193,25 +207,16 @@ impl Groups {
         for (g, pins) in self.pins.iter_mut().enumerate().skip(1) {
             let slots = &mut self.pools[g].rt.slots;
             for (w, pins) in pins.iter_mut().enumerate() {
-                let Some(front) = pins.front() else {
-                    continue;
-                };
                 let slot = &mut slots[w];
-                let given_up = slot.life == Life::Failed;
-                if given_up {
+                if slot.life == Life::Failed {
                     // It has no process, and none will be started: nothing it was handed is
                     // read again (its items fail as `WorkerLost`).
                     pins.clear();
                     continue;
                 }
-                // A ring whose worker is gone reads as released as far as it got.
+                // A tail that does not read (a corrupt ring) releases nothing.
                 let released = slot.tx.released().unwrap_or(0);
-                if front.end > released && !given_up {
-                    continue;
-                }
-                while pins.front().is_some_and(|p| {
-                    p.end <= released || (given_up && !slot.expect.contains(p.seq))
-                }) {
+                while pins.front().is_some_and(|p| p.end <= released) {
                     pins.pop_front();
                 }
             }

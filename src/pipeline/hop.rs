@@ -8,12 +8,12 @@
 //! after the ring existed), and runs its stages on it. The coordinator moves tens of bytes per
 //! item, whatever the chunk's size.
 //!
-//! When the downstream worker is done with the frame is said by the protocol the pool already
-//! has: a worker releases its input only after it published the item's closing frame, and the
-//! coordinator pops the item from that worker's queue when it reads the closing frame. So the
-//! coordinator drops its hold on the upstream frame once the item has left the downstream
-//! worker's queue: answered, or failed for good. A downstream worker that dies mid-item leaves
-//! the hop in its input ring; its successor reads the same frame again, which is still held.
+//! When the downstream worker is done with the frame is said by its input ring: a worker
+//! releases its input last, after the item's closing frame and `item_closed`, so the
+//! coordinator drops its hold on the upstream frame once the ring's released position has
+//! passed the hop (`Groups::release_pins`), or once the worker is given up. A downstream worker
+//! that dies before that leaves the hop in its input ring; its successor reads the same frame
+//! again, which is still held.
 //! A hop whose frame is not there any more (a bug, or memory written by someone else) fails the
 //! item as an invalid input: [`shmexec_shm::Ring::read_held`] checks the frame's stamp and
 //! header against the hop.

@@ -29,8 +29,9 @@
 //! worker, and the next stage reads it there in place. Nothing between two fused stages goes
 //! through the coordinator or a ring, so an intermediate costs no copy beyond its own
 //! serialization, and on a machine with few cores no worker of one stage waits for another's.
-//! Today every stage of a pipeline is fused into one group run by the pool's workers;
-//! [`Pipeline::plan`] says so.
+//! Stages placed otherwise (`.workers(n)`, `.serial()`, `.alone()`, or ending a group as a
+//! saved, branched or time-checked stage does) start a group of their own, which reads the
+//! frames of the group before it in place; [`Pipeline::plan`] says which stages run where.
 //!
 //! **Errors.** A stage's error, panic or bad input fails the item there: its later stages do
 //! not run, and the item's place in the results holds [`Error::Stage`](crate::Error::Stage), which names the stage

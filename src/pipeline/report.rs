@@ -207,18 +207,20 @@ impl PipelineStats {
                 name: now.name.clone(),
                 group: now.group,
                 workers: now.workers,
-                items: now.items - then.items,
-                bytes_in: now.bytes_in - then.bytes_in,
-                outputs: now.outputs - then.outputs,
-                bytes_out: now.bytes_out - then.bytes_out,
+                items: now.items.saturating_sub(then.items),
+                bytes_in: now.bytes_in.saturating_sub(then.bytes_in),
+                outputs: now.outputs.saturating_sub(then.outputs),
+                bytes_out: now.bytes_out.saturating_sub(then.bytes_out),
                 busy: now.busy.saturating_sub(then.busy),
-                errors: now.errors - then.errors,
+                errors: now.errors.saturating_sub(then.errors),
                 queued: now.queued,
             })
             .collect();
         PipelineStats {
             stages,
-            copied_between_groups: self.copied_between_groups - earlier.copied_between_groups,
+            copied_between_groups: self
+                .copied_between_groups
+                .saturating_sub(earlier.copied_between_groups),
         }
     }
 }

@@ -130,6 +130,8 @@ where
         ordered: bool,
     ) -> Self {
         let results = groups.results;
+        // Time laws are checked in order: a checked last stage hands out in order.
+        let ordered = ordered || groups.checks[results].is_some();
         let calls = groups
             .pools
             .iter()
@@ -279,25 +281,59 @@ where
     fn time_check(&mut self, g: usize, result: Result<OutputRef<()>>) -> Result<OutputRef<()>> {
         match (&mut self.groups.checks[g], result) {
             (Some(check), Ok(out)) => check.check(out.bytes(), out.seq()).map(|()| out),
-            (_, result) => result,
+            (Some(check), Err(e)) => {
+                // Its chunk is missing from the stream: the next one may start anywhere.
+                check.restart();
+                Err(e)
+            }
+            (None, result) => result,
         }
     }
 
     /// Hands a result of group `g` to its saver, if its last stage is saved.
     fn pass_to_saver(&mut self, g: usize, result: &Result<OutputRef<()>>) -> Result<()> {
-        if let Some(saving) = &mut self.savers[g] {
-            match result {
-                Ok(out) => saving.output(out.bytes())?,
-                Err(e) => saving.item_failed(e),
+        let Some(saving) = &mut self.savers[g] else {
+            return Ok(());
+        };
+        match result {
+            Ok(out) => {
+                if let Err(e) = saving.output(out.bytes()) {
+                    // A branch's store failing costs the branch its stream, not the run.
+                    if self.groups.main[g] {
+                        return Err(e);
+                    }
+                    saving.item_failed(&e);
+                    self.branch_failed(e);
+                }
             }
+            Err(e) => saving.item_failed(e),
         }
         Ok(())
     }
 
+    /// Whether group `g` or a group it reads from (a branch's source) is down: its stream
+    /// lacks items.
+    fn lacks_items(&self, mut g: usize) -> bool {
+        loop {
+            if self.down[g] {
+                return true;
+            }
+            match self.groups.parent[g] {
+                Some(p) => g = p,
+                None => return false,
+            }
+        }
+    }
+
     /// Commits the streams of the saved stages, once every item was handed out.
     fn commit(&mut self) -> Result<()> {
-        for saving in self.savers.iter_mut().flatten() {
-            if saving.finish()? {
+        for g in 0..self.savers.len() {
+            if self.lacks_items(g) {
+                continue; // a branch that went down: its stream is not complete
+            }
+            if let Some(saving) = &mut self.savers[g]
+                && saving.finish()?
+            {
                 self.saved.push(saving.stage.clone());
             }
         }
@@ -420,7 +456,6 @@ where
                             if let Some(w) = worker {
                                 let end = sup.slots[w].expect.back().map_or(0, |e| e.end);
                                 self.groups.pins[h][w].push_back(Pin {
-                                    seq,
                                     end,
                                     _frame: Arc::clone(frame),
                                 });
@@ -526,6 +561,11 @@ where
     /// Whether a step would find something to do: room for the source's next input, a result
     /// a group can hand on (or the caller take), room for a waiting hop.
     fn ready(&mut self) -> shmexec_shm::Result<bool> {
+        // A downstream worker released a hop (it rings after that, maybe after its closing
+        // frame was read): the frame it held can go back to its producer.
+        if self.groups.releasable()? {
+            return Ok(true);
+        }
         let pools = &mut self.groups.pools;
         let entry = self.entry;
         if let Some(len) = self.source.as_ref().and_then(Source::prepared) {
@@ -537,6 +577,7 @@ where
         if self.source.as_ref().is_some_and(Source::has_input) {
             return Ok(true);
         }
+
         for g in entry..pools.len() {
             if self.down[g] {
                 continue;
@@ -598,7 +639,7 @@ where
             // A chunk that does not read is an error in its place, as an input would be.
             return Ok(Some(match stream.chunk(i) {
                 Ok(chunk) => OutputRef::from_chunk(chunk, i as u64, self.validate),
-                Err(e) => Err(Error::Encode {
+                Err(e) => Err(Error::InvalidOutput {
                     seq: i as u64,
                     reason: e.to_string(),
                 }),
