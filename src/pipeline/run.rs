@@ -409,6 +409,8 @@ where
         if !self.down[g] {
             self.down[g] = true;
             self.branch_failed(e);
+            // No worker of it reads a held frame any more: the frames held for it go back.
+            self.groups.pools[g].rt.give_up_all();
         }
         Ok(())
     }

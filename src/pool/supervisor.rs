@@ -292,6 +292,18 @@ impl<T: Task> Supervisor<T> {
         e
     }
 
+    /// Gives up every worker at once, killing its process: a pool that can no longer be used
+    /// (a pipeline's branch that failed) must not go on reading what others hold for it.
+    pub(crate) fn give_up_all(&mut self) {
+        for slot in &mut self.slots {
+            if slot.life == Life::Up {
+                let _ = slot.child.kill();
+                let _ = slot.child.wait_timeout(Duration::from_secs(1));
+            }
+            slot.life = Life::Failed;
+        }
+    }
+
     /// Whether every worker was given up (see `Builder::max_start_attempts`).
     pub(crate) fn all_given_up(&self) -> bool {
         self.slots.iter().all(|s| s.life == Life::Failed)
