@@ -223,10 +223,13 @@ where
     ///     type Base = u64;
     ///     type Side = Vec<f32>;
     ///     type Output = (u64, f32);
-    ///     fn process(&mut self, events: &u64, peaks: &[&shmexec::rkyv::Archived<Vec<f32>>])
-    ///         -> Result<(u64, f32), BoxError> {
+    ///     fn process(
+    ///         &mut self,
+    ///         events: &rkyv::Archived<u64>,
+    ///         peaks: &[&rkyv::Archived<Vec<f32>>],
+    ///     ) -> Result<(u64, f32), BoxError> {
     ///         let sum = peaks.iter().flat_map(|p| p.samples()).sum();
-    ///         Ok((*events, sum))
+    ///         Ok((events.to_native(), sum))
     ///     }
     /// }
     ///

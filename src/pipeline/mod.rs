@@ -32,6 +32,10 @@
 //! Today every stage of a pipeline is fused into one group run by the pool's workers;
 //! [`Pipeline::plan`] says so.
 //!
+//! **Joins.** [`Stages::join`] adds a stage that reads each output of the stage before it with
+//! every output an earlier main-line stage gave for the same input ([`Join`]): events with the
+//! peaks of their chunk, both read in place.
+//!
 //! **Errors.** A stage's error, panic or bad input fails the item there: its later stages do
 //! not run, and the item's place in the results holds [`Error::Stage`](crate::Error::Stage), which names the stage
 //! and holds the error (with the item's sequence number). The failure model of the pool holds
