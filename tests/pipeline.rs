@@ -1187,6 +1187,10 @@ fn a_join_reads_every_side_output_of_the_same_input() {
         }
         let stats = p.stats();
         assert_eq!(stats.stages[2].items, stats.stages[1].outputs);
+        // The join's key is built on its base's key, then its side's.
+        let keys = p.keys(&shmexec::store::StageKey::new("raw", "1", b""));
+        let inputs: Vec<&str> = keys[2].inputs().map(|k| k.name()).collect();
+        assert_eq!(inputs, vec!["events", "peaks"]);
     }
     assert_no_children();
 }
