@@ -1126,3 +1126,236 @@ fn a_branch_off_the_last_stage_is_refused_and_a_checked_last_stage_stays_in_orde
     }
     assert_no_children();
 }
+
+/// Peak chunk `k` of input `i`: five values.
+fn join_peaks(i: u64) -> Vec<Vec<u64>> {
+    let n = [0, 1, 3][(i % 3) as usize];
+    (0..n)
+        .map(|k| (0..5).map(|j| i * 100 + k * 10 + j).collect())
+        .collect()
+}
+
+/// Two events per peak chunk: its first three values and its last two.
+fn join_events(peaks: &[u64]) -> Vec<(u64, u64)> {
+    vec![(peaks[0], peaks[2]), (peaks[3], peaks[4])]
+}
+
+/// Each event with the count and sum of its input's peak values inside it, and how many peak
+/// chunks the join saw.
+struct EventBasics;
+
+impl shmexec::pipeline::Join for EventBasics {
+    type Base = (u64, u64);
+    type Side = Vec<u64>;
+    type Output = (u64, u64, u64, u64, u64);
+    fn process(
+        &mut self,
+        event: &rkyv::Archived<(u64, u64)>,
+        peaks: &[&rkyv::Archived<Vec<u64>>],
+    ) -> Result<(u64, u64, u64, u64, u64), BoxError> {
+        let (start, end) = (event.0.to_native(), event.1.to_native());
+        let inside: Vec<u64> = peaks
+            .iter()
+            .flat_map(|p| p.iter().map(|v| v.to_native()))
+            .filter(|&v| start <= v && v <= end)
+            .collect();
+        let sum = inside.iter().sum();
+        Ok((start, end, inside.len() as u64, sum, peaks.len() as u64))
+    }
+}
+
+/// The sequential reference of the join pipeline, for input `i`.
+fn join_reference(i: u64) -> Vec<(u64, u64, u64, u64, u64)> {
+    let peaks = join_peaks(i);
+    let mut out = Vec::new();
+    for p in &peaks {
+        for (start, end) in join_events(p) {
+            let inside: Vec<u64> = peaks
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|&v| start <= v && v <= end)
+                .collect();
+            let sum = inside.iter().sum();
+            out.push((start, end, inside.len() as u64, sum, peaks.len() as u64));
+        }
+    }
+    out
+}
+
+fn join_pipeline(
+    guard: &std::sync::MutexGuard<'static, ()>,
+) -> Pipeline<u64, (u64, u64, u64, u64, u64)> {
+    Pipeline::<u64>::builder()
+        .flat_map("peaks", |&i| join_peaks(i.to_native()))
+        .flat_map("events", |p| {
+            join_events(&p.iter().map(|v| v.to_native()).collect::<Vec<u64>>())
+        })
+        .join("event_basics", "peaks", EventBasics)
+        .map_fn("copy", |e| {
+            (
+                e.0.to_native(),
+                e.1.to_native(),
+                e.2.to_native(),
+                e.3.to_native(),
+                e.4.to_native(),
+            )
+        })
+        .build(builder(guard).workers(2))
+        .expect("pipeline")
+}
+
+#[test]
+fn a_join_reads_every_side_output_of_the_same_input() {
+    let guard = serial();
+    let _watchdog = support::watchdog(120, "join");
+    {
+        let mut p = join_pipeline(&guard);
+        assert_eq!(
+            p.plan().fused(),
+            vec![vec!["peaks"], vec!["events"], vec!["event_basics", "copy"]]
+        );
+        for round in 0..2u64 {
+            let inputs = round * 300..(round + 1) * 300;
+            let got: Vec<_> = p
+                .run(inputs.clone())
+                .map(|r| {
+                    let r = r.unwrap();
+                    (
+                        r.0.to_native(),
+                        r.1.to_native(),
+                        r.2.to_native(),
+                        r.3.to_native(),
+                        r.4.to_native(),
+                    )
+                })
+                .collect();
+            let want: Vec<_> = inputs.flat_map(join_reference).collect();
+            assert_eq!(got.len(), want.len());
+            assert_eq!(got, want);
+        }
+        let stats = p.stats();
+        assert_eq!(stats.stages[2].items, stats.stages[1].outputs);
+        // The join's key is built on its base's key, then its side's.
+        let keys = p.keys(&shmexec::store::StageKey::new("raw", "1", b""));
+        let inputs: Vec<&str> = keys[2].inputs().map(|k| k.name()).collect();
+        assert_eq!(inputs, vec!["events", "peaks"]);
+    }
+    assert_no_children();
+}
+
+/// Keeps one chunk in fifty: the side frames of the others must be let go, or the side's
+/// 64 KiB rings fill and the run hangs.
+#[test]
+fn side_frames_of_inputs_the_base_drops_are_let_go() {
+    let guard = serial();
+    let _watchdog = support::watchdog(120, "join filter");
+    {
+        struct Sum;
+        impl shmexec::pipeline::Join for Sum {
+            type Base = Vec<u64>;
+            type Side = Vec<u64>;
+            type Output = (u64, u64);
+            fn process(
+                &mut self,
+                base: &rkyv::Archived<Vec<u64>>,
+                side: &[&rkyv::Archived<Vec<u64>>],
+            ) -> Result<(u64, u64), BoxError> {
+                let sum =
+                    |v: &rkyv::Archived<Vec<u64>>| v.iter().map(|x| x.to_native()).sum::<u64>();
+                Ok((sum(base), side.iter().map(|s| sum(s)).sum()))
+            }
+        }
+        let mut p = Pipeline::<u64>::builder()
+            .map_fn("peaks", |&i| vec![i.to_native(); 1000])
+            .filter("some", |p| p[0].to_native() % 50 == 7)
+            .join("basics", "peaks", Sum)
+            .build(builder(&guard).workers(2).ring_bytes(1 << 16))
+            .unwrap();
+        let got: Vec<u64> = p.run(0..2000u64).map(|r| r.unwrap().seq()).collect();
+        let want: Vec<u64> = (0..2000u64).filter(|i| i % 50 == 7).collect();
+        assert_eq!(got, want);
+        // A second run numbers its inputs on from the first.
+        for r in p.run(0..200u64) {
+            let r = r.unwrap();
+            let i = r.seq() - 2000;
+            assert_eq!((r.0.to_native(), r.1.to_native()), (i * 1000, i * 1000));
+        }
+    }
+    assert_no_children();
+}
+
+#[test]
+fn a_killed_join_worker_gives_every_result_exactly_once() {
+    let guard = serial();
+    let _watchdog = support::watchdog(120, "join kill");
+    {
+        let mut p = join_pipeline(&guard);
+        for round in 0..3u64 {
+            let stats = p.group_stats();
+            let pid = stats[2].workers[round as usize % stats[2].workers.len()].pid;
+            let inputs = round * 200..(round + 1) * 200;
+            let mut got = Vec::new();
+            for (k, r) in p.run(inputs.clone()).enumerate() {
+                if k == 20 {
+                    support::kill(pid);
+                }
+                let r = r.unwrap();
+                got.push((
+                    r.0.to_native(),
+                    r.1.to_native(),
+                    r.2.to_native(),
+                    r.3.to_native(),
+                    r.4.to_native(),
+                ));
+            }
+            let want: Vec<_> = inputs.flat_map(join_reference).collect();
+            assert_eq!(got, want);
+        }
+        assert!(p.group_stats()[2].respawns >= 1);
+    }
+    assert_no_children();
+}
+
+#[test]
+fn a_join_is_refused_with_an_unknown_or_later_side_or_another_type() {
+    let guard = serial();
+    let build = |p: shmexec::pipeline::Stages<u64, (u64, u64, u64, u64, u64)>| match p
+        .build(builder(&guard).workers(1))
+    {
+        Err(Error::InvalidArgument(why)) => why,
+        Err(e) => panic!("another error: {e}"),
+        Ok(_) => panic!("built"),
+    };
+    let events = || {
+        Pipeline::<u64>::builder()
+            .flat_map("peaks", |&i| join_peaks(i.to_native()))
+            .flat_map("events", |p| {
+                join_events(&p.iter().map(|v| v.to_native()).collect::<Vec<u64>>())
+            })
+    };
+    let why = build(events().join("basics", "hits", EventBasics));
+    assert!(why.contains("no stage of that name"), "{why}");
+    let why = build(
+        events()
+            .join("basics", "later", EventBasics)
+            .map_fn("later", |_| vec![0u64])
+            .map_fn("again", |_| (0u64, 0u64))
+            .join("basics2", "peaks", EventBasics),
+    );
+    assert!(why.contains("comes after it"), "{why}");
+    let why = build(
+        Pipeline::<u64>::builder()
+            .map_fn("peaks", |&i| vec![i.to_native() as u32])
+            .map_fn("events", |_| (0u64, 0u64))
+            .join("basics", "peaks", EventBasics),
+    );
+    assert!(why.contains("but that stage gives"), "{why}");
+    let why = build(
+        Pipeline::<u64>::builder()
+            .map_fn("first", |&i| vec![i.to_native()])
+            .map_fn("events", |_| (0u64, 0u64))
+            .join("basics", "events", EventBasics),
+    );
+    assert!(why.contains("right before it"), "{why}");
+}

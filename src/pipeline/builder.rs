@@ -20,6 +20,7 @@ use super::counters::StageCounters;
 use super::fuse::{Chain, Stage};
 use super::group::{GroupTask, GroupWorker, Groups};
 use super::hop::HopReader;
+use super::join::{self, Join, JoinRun};
 use super::report::{GroupPlan, Plan};
 use super::save::Lineage;
 use super::{MAX_STATE_BYTES, Pipeline, Stateful, stages, state, timecheck};
@@ -56,13 +57,28 @@ struct Spec {
     forks: bool,
     /// The time check of its outputs, if any (it ends its group too).
     check: Option<Box<dyn timecheck::TimeCheck>>,
+    /// The name of its output type (`std::any::type_name`), which a join checks its side by.
+    out_type: &'static str,
+    /// A join stage's side and task (its rings are given at build).
+    join: Option<JoinSpec>,
+    /// Whether a join reads its outputs as its side (which ends its group).
+    joined: bool,
+}
+
+/// What a join stage reads beside the stage before it.
+struct JoinSpec {
+    /// The side stage's name.
+    side: String,
+    /// The type name of [`Join::Side`].
+    side_type: &'static str,
+    task: Option<Box<dyn JoinRun>>,
 }
 
 impl Spec {
     /// Whether the stage's outputs must pass the coordinator as frames: saved, read by a
     /// branch, or checked.
     fn ends_group(&self) -> bool {
-        self.lineage.store.is_some() || self.forks || self.check.is_some()
+        self.lineage.store.is_some() || self.forks || self.check.is_some() || self.joined
     }
 }
 
@@ -112,6 +128,9 @@ where
             state: None,
             forks: false,
             check: None,
+            out_type: std::any::type_name::<Next>(),
+            join: None,
+            joined: false,
         });
         Stages {
             stages: self.stages,
@@ -180,6 +199,65 @@ where
         F: FnMut(&Archived<Out>) -> std::result::Result<(), BoxError> + 'static,
     {
         self.then(name, Box::new(stages::Each::<Out, F>::new(f)))
+    }
+
+    /// Adds a join (fan-in): a stage that reads each output of the stage before it (the *base*:
+    /// events) with every output that the earlier main-line stage named `side` gave for the same
+    /// pipeline input (peaks), as strax's `event_basics` reads events and the peaks of their
+    /// chunk ([`Join`]). Both come from the same input chunk, so they cover the same time range.
+    ///
+    /// The side stage ends its group and the join starts one (both read frames the coordinator
+    /// holds: each side frame until every join item of its input is done with it); the stages
+    /// after the join may fuse with it. Building fails with [`Error::InvalidArgument`] if no
+    /// stage before the join, other than the stage right before it, is named `side`, or if its
+    /// output type is not [`Join::Side`]. A side stage's outputs for one input must fit in its
+    /// output ring together. A cached stage at or after the side stage does not serve runs.
+    ///
+    /// ```no_run
+    /// use shmexec::pipeline::{Join, Pipeline};
+    /// use shmexec::{BoxError, Pool, Samples};
+    ///
+    /// /// Each event with the sum of its chunk's peaks.
+    /// struct Basics;
+    /// impl Join for Basics {
+    ///     type Base = u64;
+    ///     type Side = Vec<f32>;
+    ///     type Output = (u64, f32);
+    ///     fn process(
+    ///         &mut self,
+    ///         events: &rkyv::Archived<u64>,
+    ///         peaks: &[&rkyv::Archived<Vec<f32>>],
+    ///     ) -> Result<(u64, f32), BoxError> {
+    ///         let sum = peaks.iter().flat_map(|p| p.samples()).sum();
+    ///         Ok((events.to_native(), sum))
+    ///     }
+    /// }
+    ///
+    /// let mut p = Pipeline::<Vec<f32>>::builder()
+    ///     .map_fn("peaks", |c| c.samples().iter().copied().filter(|&x| x > 3.0).collect::<Vec<f32>>())
+    ///     .map_fn("events", |p| p.len() as u64)
+    ///     .join("event_basics", "peaks", Basics)
+    ///     .build(Pool::builder().workers(2))?;
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn join<J>(self, name: &str, side: &str, task: J) -> Stages<In, J::Output>
+    where
+        J: Join<Base = Out> + 'static,
+    {
+        let spec = JoinSpec {
+            side: side.to_owned(),
+            side_type: std::any::type_name::<J::Side>(),
+            task: Some(Box::new(join::Typed(task))),
+        };
+        // The task that runs is made at build, with the rings it reads.
+        let placeholder = Box::new(stages::Each::<Out, _>::new(|_: &Archived<Out>| {
+            Err("a join stage ran without its rings".into())
+        }));
+        let mut next = self.then(name, placeholder);
+        if let Some(last) = next.stages.last_mut() {
+            last.join = Some(spec);
+        }
+        next
     }
 
     /// Adds a stage that keeps state from one item to the next ([`Stateful`]): a serial stage
@@ -306,7 +384,7 @@ where
     /// [`Error::InvalidArgument`] for a pipeline without stages, a stage without a name, two
     /// stages of one name, or a pool that spawns its workers (a pipeline's workers are forked,
     /// so that each group maps the rings of the group before it).
-    pub fn build(self, pool: Builder) -> Result<Pipeline<In, Out>> {
+    pub fn build(mut self, pool: Builder) -> Result<Pipeline<In, Out>> {
         if let Some(misuse) = self.misuse {
             return Err(Error::InvalidArgument(misuse));
         }
@@ -331,7 +409,6 @@ where
             }
             next += b.specs.len();
         }
-        let first_branch = self.branches.iter().map(|b| b.after).min();
         if self.branches.iter().any(|b| b.after + 1 == main) {
             return Err(Error::InvalidArgument(
                 "a branch reads a stage that the main line goes on from: add it before the last \
@@ -339,6 +416,18 @@ where
                     .to_owned(),
             ));
         }
+        let joins = check_joins(&mut self.stages, &self.branches)?;
+        for &(j, side) in &joins {
+            lineage[j].side = Some(side);
+        }
+        // Neither a branch point nor a join's side can be served from its cache: a cached stage
+        // at or after it would leave its readers without inputs.
+        let first_branch = self
+            .branches
+            .iter()
+            .map(|b| b.after)
+            .chain(joins.iter().map(|&(_, side)| side))
+            .min();
         let validate = pool.validates_outputs();
         let bell = StatsBlock::lone_doorbell()?;
         let mut groups = Groups {
@@ -353,6 +442,8 @@ where
             results: 0,
             main: Vec::new(),
             checks: Vec::new(),
+            join_side: Vec::new(),
+            side_frames: Vec::new(),
         };
         let mut counters = Vec::new();
         let mut plan = Plan {
@@ -380,6 +471,25 @@ where
                     .push(group.iter().filter_map(|s| s.state.clone()).collect());
                 let check = group.last_mut().and_then(|s| s.check.take());
                 groups.checks.push(check);
+                // A join reads descriptors: the frames of the group before and of its side's.
+                let mut join_side = None;
+                if let Some(spec) = group[0].join.as_mut()
+                    && let Some(task) = spec.task.take()
+                {
+                    let side_stage = joins
+                        .iter()
+                        .find(|&&(j, _)| j == first + offset)
+                        .map(|&(_, side)| side)
+                        .expect("a join's side was checked");
+                    let side = group_of_stage[side_stage];
+                    let base = parent.expect("a join is not the first stage");
+                    let base_rings = groups.pools[base].rt.output_rings.clone();
+                    let side_rings = groups.pools[side].rt.output_rings.clone();
+                    group[0].stage.task = task.with_rings(base_rings, side_rings);
+                    join_side = Some(side);
+                }
+                groups.join_side.push(join_side);
+                groups.side_frames.push(Default::default());
                 let stages: Vec<Stage> = group.into_iter().map(|s| s.stage).collect();
                 let count = stages.len();
                 let mut builder = pool
@@ -404,6 +514,7 @@ where
                     made = Some(c.clone());
                     let chain = Chain::new(first as u32, stages, c);
                     let worker = match upstream {
+                        _ if join_side.is_some() => GroupWorker::First(chain),
                         None => GroupWorker::First(chain),
                         Some(upstream) => GroupWorker::Next(HopReader { upstream, chain }),
                     };
@@ -454,10 +565,11 @@ fn split_groups(stages: Vec<Spec>) -> Vec<(usize, Vec<Spec>)> {
     for (i, spec) in stages.into_iter().enumerate() {
         match groups.last_mut() {
             Some((_, group))
-                if spec.place.fuses_with(
-                    &group[group.len() - 1].place,
-                    group[group.len() - 1].ends_group(),
-                ) =>
+                if spec.join.is_none()
+                    && spec.place.fuses_with(
+                        &group[group.len() - 1].place,
+                        group[group.len() - 1].ends_group(),
+                    ) =>
             {
                 group.push(spec);
             }
@@ -484,6 +596,71 @@ where
             s.check = Some(Box::new(timecheck::Checker::<T>::new(&s.stage.name)));
         })
     }
+}
+
+/// Checks each join's side (a main-line stage before it, not the stage right before it, whose
+/// output type is the join's `Side`) and marks it as ending its group; each join's stage and
+/// its side's, main-line numbers.
+fn check_joins(stages: &mut [Spec], branches: &[Branch]) -> Result<Vec<(usize, usize)>> {
+    if branches
+        .iter()
+        .flat_map(|b| &b.specs)
+        .any(|s| s.join.is_some())
+    {
+        return Err(Error::InvalidArgument(
+            "a branch cannot have joins: a join reads main-line stages".to_owned(),
+        ));
+    }
+    let mut joins = Vec::new();
+    for j in 0..stages.len() {
+        let Some(spec) = &stages[j].join else {
+            continue;
+        };
+        let join = &stages[j].stage.name;
+        let side = match stages.iter().position(|s| s.stage.name == spec.side) {
+            Some(k) if k < j => k,
+            Some(_) => {
+                return Err(Error::InvalidArgument(format!(
+                    "join '{join}' reads stage '{}', which comes after it: its side must be an \
+                     earlier main-line stage",
+                    spec.side
+                )));
+            }
+            None if branches
+                .iter()
+                .flat_map(|b| &b.specs)
+                .any(|s| s.stage.name == spec.side) =>
+            {
+                return Err(Error::InvalidArgument(format!(
+                    "join '{join}' reads stage '{}', which is in a branch: its side must be a \
+                     main-line stage",
+                    spec.side
+                )));
+            }
+            None => {
+                return Err(Error::InvalidArgument(format!(
+                    "join '{join}' reads stage '{}', but there is no stage of that name",
+                    spec.side
+                )));
+            }
+        };
+        if side + 1 == j {
+            return Err(Error::InvalidArgument(format!(
+                "join '{join}' reads stage '{}', the stage right before it: that is its base \
+                 already (use map)",
+                spec.side
+            )));
+        }
+        if stages[side].out_type != spec.side_type {
+            return Err(Error::InvalidArgument(format!(
+                "join '{join}' reads stage '{}' as {}, but that stage gives {}",
+                spec.side, spec.side_type, stages[side].out_type
+            )));
+        }
+        stages[side].joined = true;
+        joins.push((j, side));
+    }
+    Ok(joins)
 }
 
 /// Refuses a pipeline without stages and stage names that are empty or repeated: errors and

@@ -125,7 +125,17 @@ pub(crate) struct Groups {
     pub(crate) main: Vec<bool>,
     /// `checks[g]`: the time check of group `g`'s last stage's outputs, if any.
     pub(crate) checks: Vec<Option<Box<dyn super::timecheck::TimeCheck>>>,
+    /// `join_side[h]`: for a group that starts with a join, the group whose last stage is its
+    /// side.
+    pub(crate) join_side: Vec<Option<usize>>,
+    /// `side_frames[h]` (a join's group): the side group's result frames not yet done with, by
+    /// pipeline input, each with its worker. Cleared when a run ends: the join items placed
+    /// hold their frames in their pins.
+    pub(crate) side_frames: Vec<SideFrames>,
 }
+
+/// A join's side frames, by the pipeline input they came from.
+pub(crate) type SideFrames = std::collections::BTreeMap<u64, Vec<(usize, Arc<HeldFrame>)>>;
 
 impl Drop for Groups {
     /// Stops the groups from the last made to the first (children before their parents), and
@@ -138,6 +148,9 @@ impl Drop for Groups {
             drop(pool);
             if let Some(pins) = self.pins.get_mut(g) {
                 pins.clear();
+            }
+            if let Some(frames) = self.side_frames.get_mut(g) {
+                frames.clear();
             }
         }
     }

@@ -33,6 +33,10 @@
 //! saved, branched or time-checked stage does) start a group of their own, which reads the
 //! frames of the group before it in place; [`Pipeline::plan`] says which stages run where.
 //!
+//! **Joins.** [`Stages::join`] adds a stage that reads each output of the stage before it with
+//! every output an earlier main-line stage gave for the same input ([`Join`]): events with the
+//! peaks of their chunk, both read in place.
+//!
 //! **Errors.** A stage's error, panic or bad input fails the item there: its later stages do
 //! not run, and the item's place in the results holds [`Error::Stage`](crate::Error::Stage), which names the stage
 //! and holds the error (with the item's sequence number). The failure model of the pool holds
@@ -47,6 +51,7 @@ mod counters;
 mod fuse;
 mod group;
 mod hop;
+mod join;
 mod live;
 mod report;
 mod run;
@@ -69,6 +74,7 @@ use crate::store::StageKey;
 pub use builder::Stages;
 use counters::StageCounters;
 use group::Groups;
+pub use join::Join;
 pub use live::PipelineSender;
 pub(crate) use report::Introspect;
 use report::stats;

@@ -18,6 +18,7 @@ use shmexec_shm::HeldFrame;
 
 use super::group::{Groups, Origin, Pin};
 use super::hop::{HOP_LEN, Hop};
+use super::join;
 use super::save::Saving;
 use super::{Introspect, PipelineStats};
 use crate::archive::{Decode, Encode};
@@ -385,6 +386,17 @@ where
                     )));
                 }
             };
+            if let Item::Frame { worker, frame } = &what {
+                // A join's side: its frames wait for the join's items of the same input.
+                for h in 0..self.groups.join_side.len() {
+                    if self.groups.join_side[h] == Some(g) {
+                        self.groups.side_frames[h]
+                            .entry(origin.input)
+                            .or_default()
+                            .push((*worker, Arc::clone(frame)));
+                    }
+                }
+            }
             if to.is_empty() {
                 // The last group of a branch: its outputs are consumed, its errors kept.
                 if let Item::Failed(e) = what {
@@ -433,13 +445,36 @@ where
                 self.branch_failures += 1;
                 continue;
             }
-            let sup = &mut self.groups.pools[h].rt;
             let (seq, passed) = match &moving.what {
                 Item::Frame { worker, frame } => {
                     let hop = Hop::to(*worker, frame);
-                    let placed = match self.calls[h]
-                        .place(sup, HOP_LEN, false, &mut |slot| Ok(hop.write(slot)))
-                    {
+                    let mut held = vec![Arc::clone(frame)];
+                    let mut sides = Vec::new();
+                    let join = self.groups.join_side[h];
+                    if let Some(side) = join {
+                        // A join's item: the base frame and every side frame of its input,
+                        // once the side group gave them all.
+                        if !self.side_complete(side, moving.input) {
+                            left.push(h);
+                            continue;
+                        }
+                        let frames = self.groups.side_frames[h].get(&moving.input);
+                        for (w, f) in frames.into_iter().flatten() {
+                            sides.push(Hop::to(*w, f));
+                            held.push(Arc::clone(f));
+                        }
+                    }
+                    let len = match join {
+                        Some(_) => join::descriptor_len(sides.len()),
+                        None => HOP_LEN,
+                    };
+                    let sup = &mut self.groups.pools[h].rt;
+                    let placed = match self.calls[h].place(sup, len, false, &mut |slot| {
+                        Ok(match join {
+                            Some(_) => join::write_descriptor(&hop, &sides, slot),
+                            None => hop.write(slot),
+                        })
+                    }) {
                         Ok(placed) => placed,
                         // A branch that cannot take items (every worker given up) fails
                         // its items; the main line goes on.
@@ -457,16 +492,18 @@ where
                         Placed::Item { seq, worker } => {
                             if let Some(w) = worker {
                                 let end = sup.slots[w].expect.back().map_or(0, |e| e.end);
-                                self.groups.pins[h][w].push_back(Pin {
-                                    end,
-                                    _frame: Arc::clone(frame),
-                                });
+                                for frame in held {
+                                    self.groups.pins[h][w].push_back(Pin { end, _frame: frame });
+                                }
                             }
                             (seq, false)
                         }
                     }
                 }
-                Item::Failed(error) => (self.calls[h].pass_error(sup, error.item_copy()), true),
+                Item::Failed(error) => {
+                    let sup = &mut self.groups.pools[h].rt;
+                    (self.calls[h].pass_error(sup, error.item_copy()), true)
+                }
             };
             self.groups.origins[h].push_back(Origin {
                 seq,
@@ -476,6 +513,50 @@ where
         }
         moving.to = left;
         Ok(())
+    }
+
+    /// The input of the item at the front of group `g`'s call (the oldest not wholly handed
+    /// on), if any.
+    fn front_input(&self, g: usize) -> Option<u64> {
+        let seq = self.calls[g].front_seq()?;
+        if g == self.entry && g > 0 {
+            return Some(seq - self.base);
+        }
+        Some(self.groups.peek_origin(g, seq).map_or(seq, |o| o.input))
+    }
+
+    /// Whether side group `side` gave every output of `input`: its results come in input
+    /// order, so once its oldest item is of a later input (or it has none), it did.
+    fn side_complete(&self, side: usize, input: u64) -> bool {
+        self.front_input(side).is_none_or(|front| front > input)
+    }
+
+    /// Lets go of the side frames no join item can need any more: those of the inputs older
+    /// than every item in flight from the side group to the join's base group (their base
+    /// items were all handed to the join, filtered out, or failed).
+    fn prune_side_frames(&mut self) {
+        for h in 0..self.groups.join_side.len() {
+            let Some(side) = self.groups.join_side[h] else {
+                continue;
+            };
+            if self.groups.side_frames[h].is_empty() {
+                continue;
+            }
+            let base = self.groups.parent[h].unwrap_or(side);
+            let oldest = (side..=base)
+                .flat_map(|g| {
+                    let waiting = self.waiting[g].as_ref().map(|m| m.input);
+                    self.front_input(g).into_iter().chain(waiting)
+                })
+                .min();
+            match oldest {
+                None => self.groups.side_frames[h].clear(),
+                Some(oldest) => {
+                    let kept = self.groups.side_frames[h].split_off(&oldest);
+                    self.groups.side_frames[h] = kept;
+                }
+            }
+        }
     }
 
     /// The main line's last group's result, as the pipeline's; `None` for one of an input whose error was
@@ -579,24 +660,30 @@ where
         if self.source.as_ref().is_some_and(Source::has_input) {
             return Ok(true);
         }
-
-        for g in entry..pools.len() {
+        for g in entry..self.groups.pools.len() {
             if self.down[g] {
                 continue;
             }
-            match &self.waiting[g] {
-                None => {
-                    if self.calls[g].ready(&mut pools[g].rt, None)? {
-                        return Ok(true);
-                    }
+            let Some(moving) = &self.waiting[g] else {
+                if self.calls[g].ready(&mut self.groups.pools[g].rt, None)? {
+                    return Ok(true);
                 }
-                Some(moving) => {
-                    for &h in &moving.to {
-                        let limit = pools[h].rt.config().queue_bytes;
-                        if dispatch::has_room(&mut pools[h].rt.slots, HOP_LEN, limit)? {
-                            return Ok(true);
-                        }
+                continue;
+            };
+            for &h in &moving.to {
+                let mut len = HOP_LEN;
+                if let Some(side) = self.groups.join_side[h] {
+                    // A join's item waits for its side first.
+                    if !self.side_complete(side, moving.input) {
+                        continue;
                     }
+                    let frames = self.groups.side_frames[h].get(&moving.input);
+                    len = join::descriptor_len(frames.map_or(0, Vec::len));
+                }
+                let pool = &mut self.groups.pools[h];
+                let limit = pool.rt.config().queue_bytes;
+                if dispatch::has_room(&mut pool.rt.slots, len, limit)? {
+                    return Ok(true);
                 }
             }
         }
@@ -662,6 +749,7 @@ where
                     self.group_failed(g, e)?;
                 }
             }
+            self.prune_side_frames();
             self.groups.release_pins();
             if let Some(polled) = self.calls[last].poll_from(&mut self.groups.pools[last].rt)? {
                 match self.deliver(polled)? {
@@ -752,6 +840,10 @@ impl<In, Out> Drop for Run<'_, In, Out> {
         // The frames held for later groups stay held until those items are answered.
         for pool in &mut self.groups.pools {
             pool.rt.abandon_all();
+        }
+        // The join items placed hold their side frames in their pins.
+        for frames in &mut self.groups.side_frames {
+            frames.clear();
         }
     }
 }

@@ -25,6 +25,8 @@ pub(crate) struct Lineage {
     pub(crate) store: Option<Store>,
     /// The stage whose outputs it reads (`None`: the pipeline's inputs).
     pub(crate) input: Option<usize>,
+    /// A join's side: the second stage whose outputs it reads.
+    pub(crate) side: Option<usize>,
 }
 
 impl Default for Lineage {
@@ -34,17 +36,21 @@ impl Default for Lineage {
             config: Vec::new(),
             store: None,
             input: None,
+            side: None,
         }
     }
 }
 
-/// The keys of every stage, each built on its input stage's (or on `source`'s). A stage's input
-/// comes before it in `lineage`'s order.
+/// The keys of every stage, each built on its input stage's (or on `source`'s), and a join's
+/// on its side's after that. A stage's inputs come before it in `lineage`'s order.
 pub(crate) fn keys(names: &[String], lineage: &[Lineage], source: &StageKey) -> Vec<StageKey> {
     let mut keys: Vec<StageKey> = Vec::with_capacity(names.len());
     for (name, l) in names.iter().zip(lineage) {
         let input = l.input.map_or(source, |i| &keys[i]);
-        let key = StageKey::new(name.clone(), l.version.clone(), &l.config).with_input(input);
+        let mut key = StageKey::new(name.clone(), l.version.clone(), &l.config).with_input(input);
+        if let Some(side) = l.side {
+            key = key.with_input(&keys[side]);
+        }
         keys.push(key);
     }
     keys
