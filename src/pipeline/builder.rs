@@ -449,6 +449,7 @@ where
         let mut plan = Plan {
             stages: names.clone(),
             groups: Vec::new(),
+            group_of: Vec::new(),
         };
         // The main line, then each branch, hung from the group of the stage it follows.
         let mut lines = vec![(None, 0, self.stages)];
@@ -547,6 +548,7 @@ where
                 parent = Some(g);
             }
         }
+        plan.group_of = group_of_stage;
         Ok(Pipeline {
             groups,
             plan,

@@ -300,13 +300,7 @@ where
                 break;
             }
         }
-        let group_of = |stage: usize| {
-            self.plan
-                .groups
-                .iter()
-                .position(|g| g.stages.contains(&stage))
-                .unwrap_or(0)
-        };
+        let group_of = |stage: usize| self.plan.group_of[stage];
         let computed_from = hit.as_ref().map_or(0, |(s, _)| s + 1);
         let mut savers = Vec::new();
         for (s, l) in self.lineage.iter().enumerate().skip(computed_from) {
@@ -316,16 +310,8 @@ where
             }
         }
         let entry = hit.as_ref().map(|(s, _)| group_of(*s) + 1);
-        let stage_names = self.plan.stages.clone();
-        let mut run = Run::new(
-            &mut self.groups,
-            Introspect {
-                plan: &self.plan,
-                counters: &self.counters,
-            },
-            self.validate,
-            true,
-        );
+        let hit = hit.map(|(s, stream)| (self.plan.stages[s].clone(), stream));
+        let mut run = self.new_run(true);
         for (g, saving) in savers {
             run.save(g, saving);
         }
@@ -334,9 +320,9 @@ where
                 let feed = SerializeFeed::<_, In>::new(inputs.into_iter());
                 run.feed(0, Source::new(Box::new(feed)));
             }
-            Some((s, stream)) => {
+            Some((stage, stream)) => {
                 let chunks = stream.chunks();
-                run.loaded(stage_names[s].clone(), chunks);
+                run.loaded(stage, chunks);
                 let entry = entry.unwrap_or(0);
                 if entry < run.groups() {
                     run.feed(entry, Source::new(Box::new(save::SavedFeed::new(stream))));

@@ -9,12 +9,6 @@ use super::group::Groups;
 
 /// What each stage did so far: the counters of each group, and what its pool saw.
 pub(crate) fn stats(plan: &Plan, counters: &[StageCounters], groups: &Groups) -> PipelineStats {
-    let group_of = |stage: usize| {
-        plan.groups
-            .iter()
-            .position(|g| g.stages.contains(&stage))
-            .unwrap_or(0)
-    };
     // Items each group's workers have not finished (queued or running), as the supervisor
     // last saw their input rings.
     let queued: Vec<u64> = groups
@@ -32,7 +26,7 @@ pub(crate) fn stats(plan: &Plan, counters: &[StageCounters], groups: &Groups) ->
         .iter()
         .enumerate()
         .map(|(i, name)| {
-            let group = group_of(i);
+            let group = plan.group_of[i];
             let c = counters[group].stage(i);
             StageStats {
                 queued: queued[group],
@@ -77,6 +71,8 @@ impl Introspect<'_> {
 pub struct Plan {
     pub(crate) stages: Vec<String>,
     pub(crate) groups: Vec<GroupPlan>,
+    /// The group each stage runs in.
+    pub(crate) group_of: Vec<usize>,
 }
 
 /// One group of fused stages.
