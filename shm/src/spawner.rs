@@ -34,6 +34,7 @@
 use std::ffi::OsString;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::thread::JoinHandle;
@@ -66,6 +67,8 @@ pub struct Spawner {
     /// This program's file, as it was at [`Spawner::start`].
     program: OwnedFd,
     arg0: OsString,
+    /// The arguments every child gets first.
+    args: Vec<OsString>,
 }
 
 impl std::fmt::Debug for Spawner {
@@ -79,16 +82,24 @@ impl std::fmt::Debug for Spawner {
 impl Spawner {
     /// Opens this program's file and starts the spawner thread.
     pub fn start() -> Result<Spawner> {
-        let program = rustix::fs::open(
-            "/proc/self/exe",
-            OFlags::RDONLY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| Error::os("open /proc/self/exe", e))?;
         let arg0 = std::env::args_os()
             .next()
             .or_else(|| std::env::current_exe().ok().map(OsString::from))
             .unwrap_or_else(|| OsString::from("/proc/self/exe"));
+        Self::start_with(Path::new("/proc/self/exe"), arg0, Vec::new())
+    }
+
+    /// [`start`](Self::start) for children that run `program` with `args` (then what
+    /// [`spawn`](Self::spawn)'s `configure` adds) instead of this program. The child's
+    /// `argv[0]` is `program` as given: an interpreter finds its installation (a Python
+    /// virtual environment's `pyvenv.cfg`) from it.
+    pub fn start_program(program: &Path, args: Vec<OsString>) -> Result<Spawner> {
+        Self::start_with(program, program.as_os_str().to_owned(), args)
+    }
+
+    fn start_with(path: &Path, arg0: OsString, args: Vec<OsString>) -> Result<Spawner> {
+        let program = rustix::fs::open(path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| Error::os("open the program to spawn", e))?;
         let (tx, rx) = mpsc::channel::<Request>();
         let thread = std::thread::Builder::new()
             .name("shmexec-spawner".into())
@@ -108,6 +119,7 @@ impl Spawner {
             thread: Some(thread),
             program,
             arg0,
+            args,
         })
     }
 
@@ -131,7 +143,7 @@ impl Spawner {
             .collect::<Result<Vec<OwnedFd>>>()?;
         let numbers: Vec<i32> = keep.iter().map(|fd| fd.as_raw_fd()).collect();
         let mut cmd = Command::new(format!("/proc/self/fd/{}", self.program.as_raw_fd()));
-        cmd.arg0(&self.arg0);
+        cmd.arg0(&self.arg0).args(&self.args);
         configure(&mut cmd, &numbers);
         let (answer, answered) = mpsc::sync_channel(1);
         let gone = || Error::os("spawner thread", rustix::io::Errno::PIPE);

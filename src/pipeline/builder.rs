@@ -504,7 +504,7 @@ where
                 let upstream = parent.map(|p| groups.pools[p].rt.output_rings.clone());
                 let mut made = None;
                 let built = builder.build_with(|config| {
-                    if let Start::Spawn(_) = config.start {
+                    if let Start::Spawn(_) | Start::SpawnProgram { .. } = config.start {
                         return Err(Error::InvalidArgument(
                             "a pipeline's workers start by fork: spawned workers cannot run its \
                          stages"

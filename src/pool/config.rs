@@ -26,6 +26,16 @@ pub enum Start {
     /// This program started again, serving the task registered under this name with
     /// [`crate::spawn::serve`].
     Spawn(String),
+    /// Another program (`program` run with `args`) that serves the task `name` with
+    /// [`crate::spawn::serve`]; see [`Builder::spawn_program`].
+    SpawnProgram {
+        /// The task's name, as the program's `serve` call has it.
+        name: String,
+        /// The program file.
+        program: std::path::PathBuf,
+        /// Its arguments (after its name, which is `program`).
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Configures and starts a [`crate::Pool`]; see [`crate::Pool::builder`].
@@ -321,6 +331,27 @@ impl Builder {
         self
     }
 
+    /// [`spawn`](Self::spawn) with another program as the workers: `program args..` runs, and
+    /// must call [`crate::spawn::serve`] for `name` before anything else, with a task of the
+    /// same input and output types as the pool's (the worker checks, and refuses to start
+    /// otherwise). For a worker executable of its own, or an interpreter that runs a
+    /// language binding's worker (the Python binding starts `python -c ..` this way). The
+    /// program file is opened at `build`, and every worker, replacements included, runs that
+    /// file, as `spawn` does with this program's.
+    pub fn spawn_program(
+        mut self,
+        name: &str,
+        program: impl Into<std::path::PathBuf>,
+        args: impl IntoIterator<Item = impl Into<std::ffi::OsString>>,
+    ) -> Self {
+        self.start = Start::SpawnProgram {
+            name: name.to_owned(),
+            program: program.into(),
+            args: args.into_iter().map(Into::into).collect(),
+        };
+        self
+    }
+
     /// Skips the validation (rkyv's bytecheck) of each output before the caller reads it.
     /// Validation walks the archive once (for a `Vec` of numbers, a bounds check); skipping it
     /// saves that for tasks whose outputs are many small objects.
@@ -377,7 +408,7 @@ impl Builder {
         MAX_ATTEMPTS.check("max_attempts", u64::from(self.max_attempts))?;
         MAX_START_ATTEMPTS.check("max_start_attempts", u64::from(self.max_start_attempts))?;
         RESTART_BACKOFF.check("restart_backoff", self.restart_backoff)?;
-        if let Start::Spawn(name) = &self.start {
+        if let Start::Spawn(name) | Start::SpawnProgram { name, .. } = &self.start {
             if name.is_empty() || name.contains('\0') {
                 return Err(Error::InvalidArgument(format!(
                     "spawn's task name is {name:?}; it must be non-empty and hold no NUL byte"

@@ -35,10 +35,17 @@ pub(super) enum Starter {
 }
 
 impl Starter {
-    /// Spawned workers serving `name`: opens the program file and starts the spawner thread.
-    pub(super) fn spawn(name: &str) -> Result<Starter> {
-        let spawner = Spawner::start()
-            .map_err(|e| Error::Start(format!("cannot start the spawner thread: {e}")))?;
+    /// Spawned workers serving `name`: opens the program file (this program's, or `program`
+    /// run with its arguments) and starts the spawner thread.
+    pub(super) fn spawn(
+        name: &str,
+        program: Option<(&std::path::Path, &[std::ffi::OsString])>,
+    ) -> Result<Starter> {
+        let spawner = match program {
+            None => Spawner::start(),
+            Some((program, args)) => Spawner::start_program(program, args.to_vec()),
+        }
+        .map_err(|e| Error::Start(format!("cannot start the spawner thread: {e}")))?;
         Ok(Starter::Spawn {
             name: name.to_owned(),
             spawner,

@@ -105,7 +105,12 @@ impl<T: Task> Supervisor<T> {
             .map(|_| rings(config.input_ring_bytes, config.output_ring_bytes))
             .collect::<Result<Vec<_>>>()?;
         let starter = match &config.start {
-            Start::Spawn(name) => Starter::spawn(name)?,
+            Start::Spawn(name) => Starter::spawn(name, None)?,
+            Start::SpawnProgram {
+                name,
+                program,
+                args,
+            } => Starter::spawn(name, Some((program, args)))?,
             Start::Fork => {
                 if config.check_threads {
                     let threads = shmexec_shm::process::thread_count();

@@ -191,7 +191,7 @@ impl<A: ArrayTask> Task for ArrayOutput<A> {
     ) -> Result<(), BoxError> {
         let n = self.0.output_len(input);
         let task = &mut self.0;
-        out.samples_then(n, |samples| task.process(input, samples))
+        out.emit_samples_last(n, |samples| task.process(input, samples))
     }
 
     fn finish(&mut self, worker: &WorkerInfo) {

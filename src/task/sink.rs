@@ -394,9 +394,13 @@ impl<'a> OutputSink<'a> {
         }
     }
 
-    /// Lets `fill` write `n` samples straight into the ring, then writes the metadata it
-    /// returns after them: the output archives as `(Vec<E>, M)`. The item's only output.
-    pub(crate) fn samples_then<E: Sample, M: Encode>(
+    /// Publishes the item's last output written in place: lets `fill` write exactly `n`
+    /// samples straight into the ring, then writes the metadata it returns after them. The
+    /// output archives as `(Vec<E>, M)`; no closing frame follows it (an item's last output
+    /// closes it), so a task with one output per item pays one frame per item. For outputs
+    /// whose length is known before they are written ([`crate::ArrayTask`], a binding that has
+    /// its result's arrays in hand).
+    pub fn emit_samples_last<E: Sample, M: Encode>(
         &mut self,
         n: usize,
         fill: impl FnOnce(&mut [E]) -> Result<M, BoxError>,

@@ -65,6 +65,14 @@ impl<T: Task> Pool<T> {
     {
         halves(Shared::new(PoolRef::Owned(Box::new(self)), true))
     }
+
+    /// [`Pool::into_stream`] whose results come as workers finish them, not in input order.
+    pub fn into_stream_unordered(self) -> (StreamSender<'static, T>, StreamReceiver<'static, T>)
+    where
+        T: 'static,
+    {
+        halves(Shared::new(PoolRef::Owned(Box::new(self)), false))
+    }
 }
 
 fn halves<'p, T: Task>(shared: Arc<Shared<'p, T>>) -> (StreamSender<'p, T>, StreamReceiver<'p, T>) {

@@ -9,7 +9,8 @@ use shmexec_shm::Waiter;
 use super::shared::Shared;
 use crate::error::Result;
 use crate::output::OutputRef;
-use crate::stats::CallStats;
+use crate::pool::Pool;
+use crate::stats::{CallStats, PoolStats};
 use crate::task::Task;
 
 /// The receiving half of a stream; see [`Pool::stream`](crate::Pool::stream).
@@ -135,10 +136,53 @@ impl<T: Task> StreamReceiver<'_, T> {
         self.shared.stats()
     }
 
+    /// Counters of every worker and of the coordinator since the pool started, as
+    /// [`Pool::stats`](crate::Pool::stats) gives them.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.shared.pool_stats()
+    }
+
     /// Process ids of the pool's workers now (they change when a dead worker is replaced; 0
     /// for one that has no process now, see [`Pool::pids`](crate::Pool::pids)).
     pub fn worker_pids(&self) -> Vec<i32> {
         self.shared.worker_pids()
+    }
+}
+
+impl<T: Task + 'static> StreamReceiver<'static, T> {
+    /// Ends a stream made by [`Pool::into_stream`](crate::Pool::into_stream) and gives its pool
+    /// back, for the next call or stream: results still to come are discarded by the pool as
+    /// a dropped [`Map`](crate::Map)'s are (their workers skip what they have not started).
+    /// Workers, rings and their processes carry on; nothing restarts.
+    ///
+    /// `Err(self)` while the sending half lives (drop or [`close`] it first), or for a stream
+    /// that borrows its pool ([`Pool::stream`](crate::Pool::stream)).
+    ///
+    /// [`close`]: super::StreamSender::close
+    ///
+    /// ```no_run
+    /// use shmexec::{Pool, Samples};
+    ///
+    /// let task = shmexec::from_fn::<Vec<u8>, _, _>(|c| c.samples().len() as u64);
+    /// let pool = Pool::builder().workers(2).build(task)?;
+    /// let (tx, rx) = pool.into_stream();
+    /// tx.send(&vec![0u8; 1024])?;
+    /// drop(tx);
+    /// assert_eq!(rx.recv().unwrap()?.to_native(), 1024);
+    /// let mut pool = rx.into_pool().ok().expect("the sender is gone");
+    /// assert_eq!(pool.map(vec![vec![0u8; 8]]).next().unwrap()?.to_native(), 8);
+    /// # Ok::<(), shmexec::Error>(())
+    /// ```
+    pub fn into_pool(self) -> std::result::Result<Pool<T>, Self> {
+        // The two halves hold the only references: one left means the sender is gone, and
+        // nobody can make another.
+        if Arc::strong_count(&self.shared) != 1 {
+            return Err(self);
+        }
+        let Some(pool) = self.shared.lock().take_pool() else {
+            return Err(self);
+        };
+        Ok(pool)
     }
 }
 

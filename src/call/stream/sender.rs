@@ -13,7 +13,7 @@ use crate::archive::{
 use crate::call::dispatch;
 use crate::call::engine::Placed;
 use crate::error::{BoxError, Error, Result};
-use crate::stats::CallStats;
+use crate::stats::{CallStats, PoolStats};
 use crate::task::Task;
 
 /// The submitting half of a stream; see [`Pool::stream`](crate::Pool::stream). Dropping it (or [`close`]) ends the
@@ -148,7 +148,24 @@ impl<T: Task> StreamSender<'_, T> {
         E: Sample,
         M: Encode,
     {
-        self.send_array_in_place::<Vec<E>, M>(n, meta, fill)
+        let seq = self.send_array_in_place::<Vec<E>, M>(n, meta, fill, None)?;
+        Ok(seq.expect("a send without a deadline places its input"))
+    }
+
+    /// [`send_in_place`](Self::send_in_place) that does not wait: `Ok(None)` if no worker has
+    /// room now (`fill` did not run).
+    pub fn try_send_in_place<E, M>(
+        &self,
+        n: usize,
+        meta: &M,
+        fill: impl FnOnce(&mut [E]) -> Result<(), BoxError>,
+    ) -> Result<Option<u64>>
+    where
+        T: Task<Input = (Vec<E>, M)>,
+        E: Sample,
+        M: Encode,
+    {
+        self.send_array_in_place::<Vec<E>, M>(n, meta, fill, Some(Instant::now()))
     }
 
     /// [`send_in_place`](Self::send_in_place) for a chunk of `n` [records](crate::archive::records):
@@ -191,23 +208,25 @@ impl<T: Task> StreamSender<'_, T> {
         R: Record,
         M: Encode,
     {
-        self.send_array_in_place::<Records<R>, M>(n, meta, fill)
+        let seq = self.send_array_in_place::<Records<R>, M>(n, meta, fill, None)?;
+        Ok(seq.expect("a send without a deadline places its input"))
     }
 
-    /// Places an archive of `(V, M)` whose `n` elements `fill` writes in the slot.
+    /// Places an archive of `(V, M)` whose `n` elements `fill` writes in the slot, waiting for
+    /// room until `deadline` (`Ok(None)`: none came, and `fill` did not run).
     fn send_array_in_place<V: Array, M: Encode>(
         &self,
         n: usize,
         meta: &M,
         fill: impl FnOnce(&mut [V::Elem]) -> Result<(), BoxError>,
-    ) -> Result<u64> {
+        deadline: Option<Instant>,
+    ) -> Result<Option<u64>> {
         let elements = match Prewritten::<V>::new(n) {
             Ok(elements) => elements,
             Err(e) => {
                 let reason = format!("an in-place chunk of {n} {}: {e}", V::NOUN);
                 let mut refuse = |_: &mut [u8]| -> Result<usize, String> { Err("unused".into()) };
-                let seq = self.place_until(Err(reason), false, &mut refuse, None)?;
-                return Ok(seq.expect("an input that cannot be written gets its sequence number"));
+                return self.place_until(Err(reason), false, &mut refuse, None);
             }
         };
         let data = elements.data_len();
@@ -219,8 +238,25 @@ impl<T: Task> StreamSender<'_, T> {
             fill(pair.0.elements(slot)?).map_err(|e| e.to_string())?;
             encode_into_at(&pair, slot, data).map_err(|e| e.to_string())
         };
-        let seq = self.place_until(len, false, &mut write, None)?;
-        Ok(seq.expect("a send without a deadline places its input"))
+        self.place_until(len, false, &mut write, deadline)
+    }
+
+    /// Waits at most `timeout` until a worker may have room for an input of `len` archive bytes,
+    /// or the stream ended: `Ok(true)`, or `Ok(false)` when the time is up. For callers that
+    /// must not hold a lock while they wait and then place with a `try_` method (a language
+    /// binding releases its interpreter's lock here); another sender may take the room first,
+    /// so the `try_` call can still find none.
+    pub fn wait_for_room(&self, len: usize, timeout: Duration) -> Result<bool> {
+        let deadline = Instant::now().checked_add(timeout);
+        let mut waiter = Waiter::new(self.shared.wait);
+        loop {
+            if self.wait_room(&mut waiter, len, deadline)? {
+                return Ok(true);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(false);
+            }
+        }
     }
 
     /// Waits (one slice at most, or until `deadline`) until a worker has room for an input of
@@ -253,6 +289,12 @@ impl<T: Task> StreamSender<'_, T> {
     /// Figures of this stream so far.
     pub fn stats(&self) -> CallStats {
         self.shared.stats()
+    }
+
+    /// Counters of every worker and of the coordinator since the pool started, as
+    /// [`Pool::stats`](crate::Pool::stats) gives them.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.shared.pool_stats()
     }
 
     /// Process ids of the pool's workers now (they change when a dead worker is replaced; 0

@@ -10,13 +10,16 @@ use crate::call::engine::Call;
 use crate::call::wait::{self, STREAM_SLICE};
 use crate::error::{Error, Result};
 use crate::pool::{Pool, Supervisor, WorkerSlot};
-use crate::stats::{CallStats, Doorbell};
+use crate::stats::{CallStats, Doorbell, PoolStats};
 use crate::task::Task;
 
 /// The pool a stream drives: borrowed ([`Pool::stream`]) or owned ([`Pool::into_stream`]).
 pub(super) enum PoolRef<'p, T: Task> {
     Borrowed(&'p mut Pool<T>),
     Owned(Box<Pool<T>>),
+    /// Given back by [`StreamReceiver::into_pool`](super::StreamReceiver::into_pool), as the
+    /// state is dropped: nothing reads the state after that.
+    Taken,
 }
 
 pub(super) struct State<'p, T: Task> {
@@ -36,13 +39,30 @@ impl<T: Task> State<'_, T> {
         let sup = match &mut self.pool {
             PoolRef::Borrowed(p) => &mut p.rt,
             PoolRef::Owned(p) => &mut p.rt,
+            PoolRef::Taken => unreachable!("the pool is taken only as the state is dropped"),
         };
         (sup, &mut self.call)
+    }
+
+    /// The pool of an owned stream, its call's results still to come discarded as a dropped
+    /// `Map`'s are; `None` for a borrowed one.
+    pub(super) fn take_pool(&mut self) -> Option<Pool<T>> {
+        if !matches!(self.pool, PoolRef::Owned(_)) {
+            return None;
+        }
+        self.parts().0.abandon_all();
+        match std::mem::replace(&mut self.pool, PoolRef::Taken) {
+            PoolRef::Owned(pool) => Some(*pool),
+            _ => unreachable!("checked above"),
+        }
     }
 }
 
 impl<T: Task> Drop for State<'_, T> {
     fn drop(&mut self) {
+        if matches!(self.pool, PoolRef::Taken) {
+            return;
+        }
         // Results still to come belong to nobody now: the pool discards them as they arrive.
         self.parts().0.abandon_all();
     }
@@ -60,6 +80,7 @@ impl<'p, T: Task> Shared<'p, T> {
         let sup = match &pool {
             PoolRef::Borrowed(p) => &p.rt,
             PoolRef::Owned(p) => &p.rt,
+            PoolRef::Taken => unreachable!("a stream starts with its pool"),
         };
         let call = Call::new(sup, ordered);
         let (bell, wait, queue_bytes) = (
@@ -104,6 +125,10 @@ impl<'p, T: Task> Shared<'p, T> {
         let mut st = self.lock();
         let (sup, call) = st.parts();
         call.stats(sup)
+    }
+
+    pub(super) fn pool_stats(&self) -> PoolStats {
+        self.lock().parts().0.stats()
     }
 
     pub(super) fn worker_pids(&self) -> Vec<i32> {

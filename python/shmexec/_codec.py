@@ -1,0 +1,108 @@
+"""How an item becomes a skeleton plus arrays, and back.
+
+An item is any picklable object; its numpy arrays (of any dtype without Python objects,
+structured ones included, at any depth: a tuple, a dict, a dataclass) travel as raw bytes
+beside a small pickle of everything else (the *skeleton*), in which each array is a
+reference ``(index, dtype, shape)``. A lone array needs no pickle at all. The receiver makes
+each array with ``numpy.frombuffer`` over the frame: a read-only view in shared memory.
+
+Arrays that are not C-contiguous are made contiguous first (a copy); arrays of Python
+objects and numpy subclasses (masked arrays, matrices) are pickled with the skeleton.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import struct
+
+import numpy as np
+
+_LONE = b"A"
+_PICKLE = b"P"
+_HEAD = struct.Struct("<B")
+_DTYPES: dict[bytes, np.dtype] = {}
+
+
+def _bytes_of(a: np.ndarray) -> np.ndarray:
+    """The array's bytes as a flat uint8 array, without a copy where the array is C-contiguous."""
+    if not a.flags.c_contiguous:
+        a = np.ascontiguousarray(a)
+    if a.dtype.itemsize == 0 or a.size == 0:
+        return np.empty(0, np.uint8)
+    return a.reshape(-1).view(np.uint8)
+
+
+def _plain(dtype: np.dtype) -> bool:
+    """Whether ``dtype.str`` says all there is to say about the dtype."""
+    return dtype.fields is None and dtype.subdtype is None and not dtype.hasobject
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, arrays):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.arrays = arrays
+
+    def persistent_id(self, obj):
+        if type(obj) is np.ndarray and not obj.dtype.hasobject:
+            self.arrays.append(_bytes_of(obj))
+            return (len(self.arrays) - 1, obj.dtype, obj.shape)
+        return None
+
+
+def encode(obj) -> tuple[bytes, list[np.ndarray]]:
+    """The skeleton and the arrays (flat uint8) of ``obj``."""
+    if type(obj) is np.ndarray and _plain(obj.dtype):
+        shape = obj.shape
+        head = _LONE + _HEAD.pack(len(shape)) + struct.pack(f"<{len(shape)}q", *shape)
+        return head + obj.dtype.str.encode(), [_bytes_of(obj)]
+    arrays: list[np.ndarray] = []
+    buf = io.BytesIO()
+    buf.write(_PICKLE)
+    _Pickler(buf, arrays).dump(obj)
+    return buf.getvalue(), arrays
+
+
+def _view(frame, dtype: np.dtype, shape, at: tuple[int, int], copy: bool) -> np.ndarray:
+    offset, nbytes = at
+    count = 1
+    for n in shape:
+        count *= n
+    if count == 0 or dtype.itemsize == 0:
+        a = np.empty(shape, dtype)
+        a.flags.writeable = False
+        return a
+    if count * dtype.itemsize != nbytes:
+        raise ValueError(f"an array of {shape} {dtype} has {nbytes} bytes in the frame")
+    a = np.frombuffer(frame, dtype=dtype, count=count, offset=offset).reshape(shape)
+    return a.copy() if copy else a
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, frame, arrays, copy):
+        super().__init__(file)
+        self.frame = frame
+        self.arrays = arrays
+        self.copy = copy
+
+    def persistent_load(self, pid):
+        index, dtype, shape = pid
+        return _view(self.frame, dtype, shape, self.arrays[index], self.copy)
+
+
+def decode(frame, skeleton: bytes, arrays: list[tuple[int, int]], copy: bool = False):
+    """The item whose skeleton is ``skeleton`` and whose arrays lie in ``frame`` at
+    ``arrays`` (offset, length): arrays are read-only views of the frame (``copy``: arrays
+    of their own)."""
+    tag = skeleton[:1]
+    if tag == _LONE:
+        (ndim,) = _HEAD.unpack_from(skeleton, 1)
+        shape = struct.unpack_from(f"<{ndim}q", skeleton, 2)
+        code = skeleton[2 + 8 * ndim :]
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            dtype = _DTYPES.setdefault(code, np.dtype(code.decode()))
+        return _view(frame, dtype, shape, arrays[0], copy)
+    if tag == _PICKLE:
+        return _Unpickler(io.BytesIO(skeleton[1:]), frame, arrays, copy).load()
+    raise ValueError("not a shmexec item")

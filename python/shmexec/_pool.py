@@ -1,0 +1,399 @@
+"""``shmexec.Pool``: a pool of worker processes that run a function over numpy chunks passed
+through shared memory."""
+
+from __future__ import annotations
+
+import multiprocessing.spawn
+import os
+import pickle
+import sys
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+from . import _codec, _errors, _native
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_BOOT = (
+    "import sys; sys.path.insert(0, {root!r}); "
+    "from shmexec._worker import main; main()"
+)
+#: One wait of the results iterator while it holds an input no worker has room for.
+_SLICE = 0.05
+
+
+def _check_importable(name: str, f: Callable | None) -> None:
+    if f is None:
+        return
+    if not callable(f):
+        raise TypeError(f"{name} must be callable, got {type(f).__name__}")
+    module = getattr(f, "__module__", None)
+    main = sys.modules.get("__main__")
+    if module == "__main__" and not getattr(main, "__file__", None):
+        raise TypeError(
+            f"{name} {getattr(f, '__qualname__', f)!r} is defined in an interactive session "
+            "(Jupyter, the REPL): a worker is a fresh interpreter and cannot find it there. "
+            "Define it in a module (a .py file beside the notebook) and import it."
+        )
+    try:
+        pickle.dumps(f)
+    except Exception as e:
+        raise TypeError(
+            f"{name} {getattr(f, '__qualname__', f)!r} cannot be found by a worker process "
+            f"by its name ({e}): use a function defined at the top level of a module, not a "
+            "lambda or a function defined inside another"
+        ) from None
+
+
+class Pool:
+    """Worker processes that run ``fn`` on every item of a stream, items passing through
+    shared memory.
+
+    ``fn`` gets each input item with its numpy arrays as read-only views into shared memory
+    (nothing is pickled or copied on the way in beyond the one copy into the ring) and returns
+    the result item, whose arrays are copied once into the worker's output ring. The caller
+    receives results whose arrays point into that ring; a result's memory is freed when its
+    last array is gone. An item is a numpy array (any dtype, structured ones included), or any
+    picklable object holding arrays: a tuple, a dict, a dataclass, with small metadata.
+
+    Workers are fresh Python processes (``sys.executable``), never forks of the caller, so a
+    pool is safe to make from any program: one with threads, a Jupyter kernel. As with
+    ``multiprocessing``'s spawn, ``fn``, ``initializer`` and ``finalizer`` must be importable by
+    name: defined at the top level of a module (or of the main script, which then needs an
+    ``if __name__ == "__main__":`` guard).
+
+    >>> import numpy as np, shmexec
+    >>> from mymodule import find_hits          # doctest: +SKIP
+    >>> with shmexec.Pool(find_hits, workers=2) as pool:   # doctest: +SKIP
+    ...     for hits in pool.map(chunks):
+    ...         total += len(hits)
+
+    Parameters:
+        fn: the function run on every item, in a worker.
+        workers: number of worker processes (default: one per core this process may use).
+        initializer: called with ``*initargs`` once in each worker before its first item (a
+            connection, a lookup table); an exception makes ``Pool(...)`` raise ``InitError``.
+        finalizer: called once in each worker when the pool closes.
+        ring_bytes: size of each worker's input and output ring (default 64 MiB). An item
+            must fit its ring: larger ones fail with ``ItemTooLarge``.
+        input_ring_bytes, output_ring_bytes: the two sizes apart.
+        queue_bytes: input bytes queued to one worker at most (backpressure; default 8 MiB).
+        max_attempts: times an item may crash its worker before it is given up
+            (``WorkerCrashed``); default 2.
+        chunk_timeout: seconds an item may run before its worker is killed and replaced and
+            the item fails with ``ChunkTimeout`` (default: none).
+        start_timeout: seconds a worker may take to start (import, initializer); default 60.
+        shutdown_timeout: seconds ``close()`` waits for workers before killing them.
+        pin: ``"auto"`` (pin workers to cores where one is left for the caller), ``"off"``,
+            ``"spread"``.
+        errors: ``"raise"`` (an item's error is raised from the iterator in its place; the
+            iterator goes on at the next item when called again) or ``"yield"`` (the exception
+            object is yielded in the item's place).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        workers: int | None = None,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple = (),
+        finalizer: Callable[[], Any] | None = None,
+        ring_bytes: int = 64 << 20,
+        input_ring_bytes: int | None = None,
+        output_ring_bytes: int | None = None,
+        queue_bytes: int = 8 << 20,
+        max_attempts: int = 2,
+        max_start_attempts: int = 4,
+        chunk_timeout: float | None = None,
+        start_timeout: float = 60.0,
+        shutdown_timeout: float = 5.0,
+        pin: str = "auto",
+        errors: str = "raise",
+    ):
+        from . import _worker
+
+        self._native = None
+        if _worker.BOOTSTRAPPING:
+            raise RuntimeError(
+                "a shmexec.Pool is being made while a worker imports the main module: guard "
+                "the main script's work with `if __name__ == '__main__':`"
+            )
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        _check_importable("fn", fn)
+        _check_importable("initializer", initializer)
+        _check_importable("finalizer", finalizer)
+        try:
+            calls = pickle.dumps((fn, initializer, tuple(initargs), finalizer))
+        except Exception as e:
+            raise TypeError(f"initargs cannot be pickled for the workers: {e}") from None
+        prep = multiprocessing.spawn.get_preparation_data("shmexec-worker")
+        # multiprocessing's own processes authenticate with it; these talk through rings.
+        prep.pop("authkey", None)
+        setup = pickle.dumps({"prep": prep, "calls": calls}).hex()
+        self.errors = errors
+        self._lock = threading.Lock()
+        self._native = _native.NativePool(
+            sys.executable,
+            ["-c", _BOOT.format(root=_ROOT), setup],
+            workers,
+            input_ring_bytes or ring_bytes,
+            output_ring_bytes or ring_bytes,
+            queue_bytes,
+            max_attempts,
+            max_start_attempts,
+            start_timeout,
+            chunk_timeout,
+            shutdown_timeout,
+            pin,
+        )
+
+    @property
+    def workers(self) -> int:
+        """Number of worker processes."""
+        return self._native.workers
+
+    def map(self, iterable: Iterable, *, errors: str | None = None, copy: bool = False) -> "Results":
+        """Runs the function on every item of ``iterable``; results in input order, each as
+        soon as it and those before it are ready. Lazy and bounded: items are taken from
+        ``iterable`` only as workers have room. ``len()`` of the result is the input's, where
+        it has one (for progress bars). ``copy=True`` gives results that own their memory
+        (one more copy), for collecting many."""
+        return Results(self, iterable, True, errors or self.errors, copy)
+
+    imap = map
+
+    def imap_unordered(
+        self, iterable: Iterable, *, errors: str | None = None, copy: bool = False
+    ) -> "Results":
+        """``map``, with results as workers finish them (not in input order)."""
+        return Results(self, iterable, False, errors or self.errors, copy)
+
+    def stream(self, *, ordered: bool = True, errors: str | None = None, copy: bool = False) -> "Stream":
+        """A live stream: ``submit()`` items from one thread (a producer, a digitizer's
+        reader) and iterate the results on another. See ``Stream``."""
+        return Stream(self, ordered, errors or self.errors, copy)
+
+    def stats(self) -> dict:
+        """Counters since the pool started: totals (``items``, ``input_bytes``,
+        ``output_bytes``, ``respawns``) and ``workers``, a list with each worker's ``pid``,
+        ``items``, ``bytes_in``, ``bytes_out``, ``busy_seconds``, ``errors``, ``respawns``."""
+        return self._native.stats()
+
+    def pids(self) -> list[int]:
+        """Process ids of the workers now (they change when a dead worker is replaced)."""
+        return self._native.pids()
+
+    def close(self) -> None:
+        """Stops the workers (each finishes its item and runs the finalizer; after
+        ``shutdown_timeout`` it is killed). A call still running ends. Idempotent."""
+        if self._native is not None:
+            self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._native is None or self._native.closed
+
+    def __enter__(self) -> "Pool":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.workers} workers"
+        return f"<shmexec.Pool {state}>"
+
+
+class _Call:
+    """What ``Results`` and ``Stream`` share: the native call, and results made Python."""
+
+    def __init__(self, pool: Pool, ordered: bool, errors: str, copy: bool):
+        if pool.closed:
+            raise RuntimeError("this pool is closed")
+        self._call = pool._native.start(ordered)
+        self._errors = errors
+        self._copy = copy
+        self._base: int | None = None
+
+    def _index(self, seq):
+        if seq is None or self._base is None:
+            return None
+        return seq - self._base
+
+    def _sent(self, seq: int) -> None:
+        if self._base is None:
+            self._base = seq
+
+    def _result(self, r):
+        """A result tuple of the native call as the item, or its exception raised (or
+        returned, with errors="yield")."""
+        if r[0] == "ok":
+            _, _seq, skeleton, arrays, frame = r
+            return _codec.decode(frame, skeleton, arrays, self._copy)
+        _, kind, seq, message = r
+        exc = _errors.make(kind, self._index(seq), message)
+        if self._errors == "yield" and isinstance(exc, _errors.ItemError):
+            return exc
+        raise exc
+
+    def close(self) -> None:
+        """Ends the call; results still in flight are discarded. The pool is ready for the
+        next call."""
+        call, self._call = self._call, None
+        if call is not None:
+            call.finish()
+
+
+class Results(_Call):
+    """The results of ``Pool.map`` / ``imap_unordered``: an iterator. An item's error is
+    raised in its place; calling ``next()`` again goes on with the next item. Closing it (or
+    dropping it) midway discards what is in flight."""
+
+    def __init__(self, pool, iterable, ordered, errors, copy):
+        try:
+            self._len = len(iterable)  # type: ignore[arg-type]
+        except TypeError:
+            self._len = None
+        self._it = iter(iterable)
+        super().__init__(pool, ordered, errors, copy)
+        self._pending = None
+        self._exhausted = False
+        self._in_flight = 0
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __len__(self) -> int:
+        if self._len is None:
+            raise TypeError("the input of this map has no len()")
+        return self._len
+
+    def _feed(self) -> None:
+        """Places every input that finds room; keeps the first that finds none."""
+        call = self._call
+        while not self._exhausted:
+            if self._pending is None:
+                try:
+                    item = next(self._it)
+                except StopIteration:
+                    self._exhausted = True
+                    call.close_input()
+                    return
+                self._pending = _codec.encode(item)
+            seq = call.try_send(*self._pending)
+            if seq is None:
+                return
+            self._pending = None
+            self._sent(seq)
+            self._in_flight += 1
+
+    def __next__(self):
+        call = self._call
+        if call is None:
+            raise StopIteration
+        while True:
+            self._feed()
+            if self._exhausted and self._in_flight == 0:
+                self.close()
+                raise StopIteration
+            if self._pending is not None and self._in_flight == 0:
+                # No worker has room and nothing is in flight (workers restarting): wait for
+                # room, not for a result.
+                skeleton, arrays = self._pending
+                call.wait_for_room(len(skeleton) + sum(a.nbytes for a in arrays), _SLICE)
+                continue
+            r = call.recv()
+            if r[0] == "end":
+                self.close()
+                raise StopIteration
+            self._in_flight -= 1
+            if r[0] == "err" and r[2] is None:
+                # The pool's error, not an item's: the call is over.
+                self.close()
+            return self._result(r)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Stream(_Call):
+    """A live stream on a pool (``Pool.stream()``): ``submit()`` from one thread, iterate
+    the results (or ``receive()``) on another; ``close_input()`` (or leaving the ``with``
+    block of the producer) ends it after the last result.
+
+    >>> with pool.stream() as s:                       # doctest: +SKIP
+    ...     threading.Thread(target=lambda: [s.submit(c) for c in source()] and s.close_input()).start()
+    ...     for result in s:
+    ...         handle(result)
+    """
+
+    def submit(self, item, timeout: float | None = None) -> int | None:
+        """Hands ``item`` to a worker, waiting while every worker's queue is full (the
+        interpreter's lock released). Returns the item's index in the stream, or ``None`` if
+        ``timeout`` seconds passed without room."""
+        call = self._call
+        if call is None:
+            raise RuntimeError("this stream is closed")
+        skeleton, arrays = _codec.encode(item)
+        size = len(skeleton) + sum(a.nbytes for a in arrays)
+        while True:
+            with self._lock:
+                seq = call.try_send(skeleton, arrays)
+                if seq is not None:
+                    self._sent(seq)
+                    return self._index(seq)
+            if timeout is not None and timeout <= 0:
+                return None
+            step = _SLICE if timeout is None else min(_SLICE, timeout)
+            call.wait_for_room(size, step)
+            if timeout is not None:
+                timeout -= step
+
+    def close_input(self) -> None:
+        """Ends the input: the results of what was submitted still come, then the end."""
+        if self._call is not None:
+            self._call.close_input()
+
+    def receive(self, timeout: float | None = None):
+        """The next result, waiting at most ``timeout`` seconds (``None``: for as long as it
+        takes). Raises ``StopIteration`` at the end, ``TimeoutError`` when the time runs out."""
+        call = self._call
+        if call is None:
+            raise StopIteration
+        r = call.recv(timeout)
+        if r is None:
+            raise TimeoutError(f"no result within {timeout} s")
+        if r[0] == "end":
+            self.close()
+            raise StopIteration
+        return self._result(r)
+
+    def __init__(self, pool, ordered, errors, copy):
+        super().__init__(pool, ordered, errors, copy)
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        return self.receive()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

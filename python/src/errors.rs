@@ -1,0 +1,49 @@
+//! shmexec's errors in Python terms. Each error is sorted into a kind; the Python side
+//! (`shmexec/_errors.py`) holds the exception classes and makes the exception, so the classes
+//! and their documentation live in one place.
+
+use pyo3::prelude::*;
+use shmexec::Error;
+
+/// The kind, item number (if the error is an item's) and message of `e`.
+pub fn classify(e: &Error) -> (&'static str, Option<u64>, String) {
+    let kind = match e {
+        Error::Stage { error, .. } => return classify(error),
+        Error::Task { message, seq } | Error::Panic { message, seq } => {
+            // The worker's message is the function's traceback, as Python printed it.
+            return ("task", Some(*seq), message.clone());
+        }
+        Error::WorkerCrashed { .. } | Error::WorkerLost { .. } | Error::WorkerDied { .. } => {
+            "crashed"
+        }
+        Error::ChunkTimeout { .. } | Error::Timeout { .. } => "timeout",
+        Error::InputTooLarge { .. } | Error::OutputTooLarge { .. } => "too_large",
+        Error::OutputsHeld { .. } => "outputs_held",
+        Error::Encode { .. } | Error::InvalidInput { .. } | Error::InvalidOutput { .. } => {
+            "invalid"
+        }
+        Error::Init { .. } => "init",
+        Error::OutOfMemory { .. } => "memory",
+        Error::InvalidArgument(_) => "setting",
+        Error::CallEnded { .. } | Error::Broken(_) | Error::StreamClosed => "broken",
+        _ => "pool",
+    };
+    (kind, e.seq(), e.to_string())
+}
+
+/// `e` as the Python exception of its kind (`seq`, if given, in place of the error's own).
+pub fn raise(py: Python<'_>, e: &Error, seq: Option<u64>) -> PyErr {
+    let (kind, own, message) = classify(e);
+    let made = py
+        .import("shmexec._errors")
+        .and_then(|m| m.call_method1("make", (kind, seq.or(own), message.clone())));
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),
+    }
+}
+
+/// A call made at the wrong time (a second call on a busy pool, a closed pool).
+pub fn usage(message: &str) -> PyErr {
+    pyo3::exceptions::PyRuntimeError::new_err(message.to_owned())
+}

@@ -1,0 +1,134 @@
+//! The layout of one Python item (an input or a result) inside a frame: a small header, the
+//! item's skeleton (bytes the Python side made: a pickle of everything but its arrays, or a
+//! short description of a lone array), then each array's bytes at a 64-byte aligned offset, so
+//! that the receiving side makes numpy arrays over them in place.
+//!
+//! ```text
+//! 0     u32 MAGIC, u32 number of arrays (n)
+//! 8     u64 skeleton length
+//! 16    n x (u64 offset, u64 length)      offsets from the start of the item
+//! ..    skeleton bytes
+//! ..    array 0 (64-byte aligned), array 1, ...
+//! ```
+//!
+//! The frame is 64-byte aligned in its ring (`shmexec::OutputSink`, the stream's in-place
+//! sends), so aligned offsets are aligned addresses. The reader checks every length and
+//! offset against the item's size: a frame is bytes from another process.
+
+const MAGIC: u32 = 0x5958_5053; // "SPXY"
+const HEAD: usize = 16;
+const ALIGN: usize = 64;
+
+fn align_up(n: usize) -> Option<usize> {
+    n.checked_add(ALIGN - 1).map(|v| v & !(ALIGN - 1))
+}
+
+/// Where the parts of an item go, for an item of this skeleton and these array lengths.
+pub struct Layout {
+    /// Offset of each array.
+    pub offsets: Vec<usize>,
+    /// The item's size.
+    pub len: usize,
+}
+
+impl Layout {
+    /// `None` if the sizes overflow.
+    pub fn new(skeleton: usize, arrays: impl Iterator<Item = usize>) -> Option<Layout> {
+        let arrays: Vec<usize> = arrays.collect();
+        let table = arrays.len().checked_mul(16)?;
+        let mut end = HEAD.checked_add(table)?.checked_add(skeleton)?;
+        let mut offsets = Vec::with_capacity(arrays.len());
+        for len in arrays {
+            let at = align_up(end)?;
+            offsets.push(at);
+            end = at.checked_add(len)?;
+        }
+        Some(Layout { offsets, len: end })
+    }
+
+    /// Writes the item into `buf` (at least `self.len` bytes long).
+    pub fn write(&self, buf: &mut [u8], skeleton: &[u8], arrays: &[&[u8]]) {
+        let n = arrays.len();
+        buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+        buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
+        buf[8..16].copy_from_slice(&(skeleton.len() as u64).to_le_bytes());
+        let mut pos = HEAD;
+        for (&at, a) in self.offsets.iter().zip(arrays) {
+            buf[pos..pos + 8].copy_from_slice(&(at as u64).to_le_bytes());
+            buf[pos + 8..pos + 16].copy_from_slice(&(a.len() as u64).to_le_bytes());
+            pos += 16;
+        }
+        buf[pos..pos + skeleton.len()].copy_from_slice(skeleton);
+        let mut end = pos + skeleton.len();
+        for (&at, a) in self.offsets.iter().zip(arrays) {
+            // The padding is zeroed: a frame never carries stale bytes of the ring.
+            buf[end..at].fill(0);
+            buf[at..at + a.len()].copy_from_slice(a);
+            end = at + a.len();
+        }
+    }
+}
+
+/// An item read back: where its skeleton and arrays are.
+pub struct Parts {
+    pub skeleton: std::ops::Range<usize>,
+    pub arrays: Vec<(usize, usize)>,
+}
+
+/// Reads the header of the item in `buf`, checking every range against it.
+pub fn parse(buf: &[u8]) -> Result<Parts, String> {
+    let word = |at: usize, n: usize| -> Result<u64, String> {
+        let b = buf
+            .get(at..at + n)
+            .ok_or_else(|| format!("the item is {} bytes: too short for its header", buf.len()))?;
+        let mut w = [0u8; 8];
+        w[..n].copy_from_slice(b);
+        Ok(u64::from_le_bytes(w))
+    };
+    if word(0, 4)? != u64::from(MAGIC) {
+        return Err("the frame is not a shmexec Python item (bad magic)".into());
+    }
+    let n = word(4, 4)? as usize;
+    let skeleton = word(8, 8)? as usize;
+    let table_end = n
+        .checked_mul(16)
+        .and_then(|t| t.checked_add(HEAD))
+        .filter(|&e| e <= buf.len())
+        .ok_or_else(|| format!("the item says it has {n} arrays, more than its size holds"))?;
+    let skel_end = table_end
+        .checked_add(skeleton)
+        .filter(|&e| e <= buf.len())
+        .ok_or("the item's skeleton runs past its end")?;
+    let mut arrays = Vec::with_capacity(n);
+    for i in 0..n {
+        let at = word(HEAD + 16 * i, 8)? as usize;
+        let len = word(HEAD + 16 * i + 8, 8)? as usize;
+        if at < skel_end || at.checked_add(len).is_none_or(|e| e > buf.len()) {
+            return Err(format!("array {i} of the item lies outside it"));
+        }
+        arrays.push((at, len));
+    }
+    Ok(Parts {
+        skeleton: table_end..skel_end,
+        arrays,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let a = [1u8; 10];
+        let b = [2u8; 100];
+        let l = Layout::new(3, [10, 100].into_iter()).unwrap();
+        let mut buf = vec![0xffu8; l.len];
+        l.write(&mut buf, b"abc", &[&a, &b]);
+        let p = parse(&buf).unwrap();
+        assert_eq!(&buf[p.skeleton], b"abc");
+        assert_eq!(p.arrays[0].0 % 64, 0);
+        assert_eq!(&buf[p.arrays[1].0..p.arrays[1].0 + 100], &b);
+        assert!(parse(&buf[..20]).is_err());
+    }
+}

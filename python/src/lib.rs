@@ -1,0 +1,42 @@
+//! The native half of the `shmexec` Python package: a pool of Python worker processes that
+//! run a function over numpy arrays passed through shared-memory rings, never pickled. The
+//! Python half (`python/shmexec/`) holds the API users see; see its documentation.
+//!
+//! - [`pool`]: the coordinator's pool and calls;
+//! - [`task`]: what a worker runs for each item;
+//! - [`item`]: the layout of an item (arrays plus a small skeleton) inside a frame;
+//! - [`frames`]: frames lent to numpy through the buffer protocol;
+//! - [`errors`]: shmexec's errors as Python exceptions.
+
+mod errors;
+mod frames;
+mod item;
+mod pool;
+mod task;
+
+use pyo3::prelude::*;
+
+/// Runs this process as a worker of the pool that spawned it, and exits when the pool is done
+/// with it. `init(index, workers)`, `run(frame, skeleton, arrays)` and `finish()` are the
+/// worker's Python side (`shmexec._worker`). Returns only in a process that no pool spawned.
+#[pyfunction]
+fn serve(py: Python<'_>, init: Py<PyAny>, run: Py<PyAny>, finish: Py<PyAny>) -> PyResult<()> {
+    let handlers = task::Handlers { init, run, finish };
+    py.detach(move || {
+        shmexec::spawn::serve(pool::TASK_NAME, move || task::PyTask::worker(handlers))
+    });
+    Err(pyo3::exceptions::PyRuntimeError::new_err(
+        "this process was not started by a shmexec pool: shmexec._worker runs only as a pool's worker",
+    ))
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<pool::NativePool>()?;
+    m.add_class::<pool::NativeCall>()?;
+    m.add_class::<frames::ResultFrame>()?;
+    m.add_class::<frames::InputFrame>()?;
+    m.add_function(wrap_pyfunction!(serve, m)?)?;
+    m.add("TASK_NAME", pool::TASK_NAME)?;
+    Ok(())
+}

@@ -1,0 +1,406 @@
+//! The coordinator's side: [`NativePool`] owns a `shmexec::Pool` of spawned Python workers,
+//! and [`NativeCall`] is one call on it (a stream whose halves the Python side drives: it
+//! sends inputs without waiting and waits for results, with the interpreter's lock released
+//! during every wait). `shmexec/_pool.py` builds `map`, `imap_unordered` and the streaming
+//! pair on it.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Poll;
+use std::time::Duration;
+
+use numpy::PyReadonlyArray1;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use shmexec::{Pinning, Pool, PoolStats, StreamReceiver, StreamSender};
+
+use crate::errors::{self, raise};
+use crate::frames::ResultFrame;
+use crate::item::{self, Layout};
+use crate::task::PyTask;
+
+/// How long one wait lasts before the waiter looks at the interpreter's signals (Ctrl-C).
+const SLICE: Duration = Duration::from_millis(50);
+
+/// The task name spawned workers serve (`shmexec._worker`).
+pub const TASK_NAME: &str = "shmexec-python";
+
+type Sender = StreamSender<'static, PyTask>;
+type Receiver = StreamReceiver<'static, PyTask>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing under these locks panics half-way through a change.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Where the pool is: waiting for a call, lent to one, or shut down.
+enum State {
+    Idle(Box<Pool<PyTask>>),
+    Busy(std::sync::Weak<Halves>),
+    Closed,
+}
+
+/// The two halves of a call's stream. Each is shared (`Arc`) by whoever uses it at the moment,
+/// so that no lock is held while a thread waits with the interpreter's lock released.
+struct Halves {
+    tx: Mutex<Option<Arc<Sender>>>,
+    rx: Mutex<Option<Arc<Receiver>>>,
+}
+
+#[pyclass(module = "shmexec._native", frozen)]
+pub struct NativePool {
+    state: Mutex<State>,
+    workers: usize,
+    max_input: usize,
+}
+
+#[allow(clippy::too_many_arguments)]
+#[pymethods]
+impl NativePool {
+    #[new]
+    #[pyo3(signature = (python, args, workers, input_ring_bytes, output_ring_bytes, queue_bytes,
+        max_attempts, max_start_attempts, start_timeout, chunk_timeout, shutdown_timeout, pin))]
+    fn new(
+        py: Python<'_>,
+        python: std::path::PathBuf,
+        args: Vec<String>,
+        workers: Option<usize>,
+        input_ring_bytes: usize,
+        output_ring_bytes: usize,
+        queue_bytes: usize,
+        max_attempts: u32,
+        max_start_attempts: u32,
+        start_timeout: f64,
+        chunk_timeout: Option<f64>,
+        shutdown_timeout: f64,
+        pin: &str,
+    ) -> PyResult<NativePool> {
+        let secs = |name: &str, s: f64| {
+            Duration::try_from_secs_f64(s).map_err(|_| {
+                pyo3::exceptions::PyValueError::new_err(format!(
+                    "{name} must be a non-negative number of seconds, got {s}"
+                ))
+            })
+        };
+        let pinning = match pin {
+            "auto" => Pinning::Auto,
+            "off" => Pinning::Off,
+            "spread" => Pinning::Spread,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "pin must be 'auto', 'off' or 'spread', got {other:?}"
+                )));
+            }
+        };
+        let mut b = Pool::builder()
+            .spawn_program(TASK_NAME, python, args)
+            .pinning(pinning)
+            .input_ring_bytes(input_ring_bytes)
+            .output_ring_bytes(output_ring_bytes)
+            .queue_bytes(queue_bytes)
+            .max_attempts(max_attempts)
+            .max_start_attempts(max_start_attempts)
+            .start_timeout(secs("start_timeout", start_timeout)?)
+            .shutdown_timeout(secs("shutdown_timeout", shutdown_timeout)?);
+        if let Some(n) = workers {
+            b = b.workers(n);
+        }
+        if let Some(t) = chunk_timeout {
+            b = b.chunk_timeout(secs("chunk_timeout", t)?);
+        }
+        let pool = py
+            .detach(|| b.build(PyTask::default()))
+            .map_err(|e| raise(py, &e, None))?;
+        Ok(NativePool {
+            workers: pool.workers(),
+            max_input: pool.max_input_bytes(),
+            state: Mutex::new(State::Idle(Box::new(pool))),
+        })
+    }
+
+    #[getter]
+    fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// The largest input item (its arrays and skeleton) a worker's ring takes.
+    #[getter]
+    fn max_input_bytes(&self) -> usize {
+        self.max_input
+    }
+
+    /// Starts a call: results in input order (`ordered`) or as they come.
+    fn start(slf: Bound<'_, Self>, ordered: bool) -> PyResult<NativeCall> {
+        let me = slf.get();
+        let mut st = lock(&me.state);
+        let pool = match std::mem::replace(&mut *st, State::Closed) {
+            State::Idle(pool) => pool,
+            State::Busy(h) => {
+                *st = State::Busy(h);
+                return Err(errors::usage(
+                    "this pool is running another call: finish it (read it to its end, or \
+                     close() it) before starting the next",
+                ));
+            }
+            State::Closed => return Err(errors::usage("this pool is closed")),
+        };
+        let (tx, rx) = if ordered {
+            pool.into_stream()
+        } else {
+            pool.into_stream_unordered()
+        };
+        let halves = Arc::new(Halves {
+            tx: Mutex::new(Some(Arc::new(tx))),
+            rx: Mutex::new(Some(Arc::new(rx))),
+        });
+        *st = State::Busy(Arc::downgrade(&halves));
+        Ok(NativeCall {
+            halves,
+            owner: slf.clone().unbind(),
+        })
+    }
+
+    /// Figures of every worker: a dict with the pool's totals and a list `workers` of dicts.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let stats = {
+            let st = lock(&self.state);
+            match &*st {
+                State::Idle(pool) => Some(pool.stats()),
+                State::Busy(h) => h
+                    .upgrade()
+                    .and_then(|h| lock(&h.rx).clone())
+                    .map(|rx| rx.pool_stats()),
+                State::Closed => None,
+            }
+        };
+        let stats = stats.ok_or_else(|| errors::usage("this pool is closed"))?;
+        stats_dict(py, &stats)
+    }
+
+    /// Process ids of the workers now (0 for one without a process).
+    fn pids(&self) -> PyResult<Vec<i32>> {
+        let st = lock(&self.state);
+        match &*st {
+            State::Idle(pool) => Ok(pool.pids()),
+            State::Busy(h) => Ok(h
+                .upgrade()
+                .and_then(|h| lock(&h.rx).clone())
+                .map(|rx| rx.worker_pids())
+                .unwrap_or_default()),
+            State::Closed => Err(errors::usage("this pool is closed")),
+        }
+    }
+
+    /// Shuts the workers down (waiting for them at most the shutdown timeout); a call still
+    /// running ends.
+    fn close(&self, py: Python<'_>) {
+        let old = std::mem::replace(&mut *lock(&self.state), State::Closed);
+        let halves = match &old {
+            State::Busy(h) => h.upgrade(),
+            _ => None,
+        };
+        if let Some(h) = halves {
+            h.end();
+        }
+        // The pool (or the call's halves) drop here, with the interpreter's lock released:
+        // dropping a pool waits for its workers to exit.
+        py.detach(move || drop(old));
+    }
+
+    #[getter]
+    fn closed(&self) -> bool {
+        matches!(*lock(&self.state), State::Closed)
+    }
+}
+
+impl Halves {
+    /// Drops both halves (the stream ends; its pool goes when the last user lets go).
+    fn end(&self) {
+        drop(lock(&self.tx).take());
+        drop(lock(&self.rx).take());
+    }
+}
+
+fn stats_dict<'py>(py: Python<'py>, s: &PoolStats) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("items", s.items)?;
+    d.set_item("input_bytes", s.input_bytes)?;
+    d.set_item("input_bytes_copied", s.input_bytes_copied)?;
+    d.set_item("output_bytes", s.output_bytes)?;
+    d.set_item("respawns", s.respawns)?;
+    let ws = PyList::empty(py);
+    for w in &s.workers {
+        let wd = PyDict::new(py);
+        wd.set_item("index", w.index)?;
+        wd.set_item("pid", w.pid)?;
+        wd.set_item("core", w.core)?;
+        wd.set_item("items", w.chunks)?;
+        wd.set_item("bytes_in", w.bytes_in)?;
+        wd.set_item("bytes_out", w.bytes_out)?;
+        wd.set_item("busy_seconds", w.busy.as_secs_f64())?;
+        wd.set_item("errors", w.errors)?;
+        wd.set_item("respawns", w.respawns)?;
+        ws.append(wd)?;
+    }
+    d.set_item("workers", ws)?;
+    Ok(d)
+}
+
+/// One call: send items, receive results. Dropping it (or [`NativeCall::finish`]) gives the
+/// pool back for the next call; results still in flight are discarded.
+#[pyclass(module = "shmexec._native", frozen)]
+pub struct NativeCall {
+    halves: Arc<Halves>,
+    owner: Py<NativePool>,
+}
+
+impl NativeCall {
+    fn sender(&self) -> PyResult<Arc<Sender>> {
+        lock(&self.halves.tx)
+            .clone()
+            .ok_or_else(|| errors::usage("this call takes no more input"))
+    }
+
+    fn receiver(&self) -> PyResult<Arc<Receiver>> {
+        lock(&self.halves.rx)
+            .clone()
+            .ok_or_else(|| errors::usage("this call is finished"))
+    }
+
+    /// Gives the pool back to its owner, if nobody else holds the call's halves.
+    fn give_back(&self) {
+        drop(lock(&self.halves.tx).take());
+        let Some(rx) = lock(&self.halves.rx).take() else {
+            return;
+        };
+        let owner = self.owner.get();
+        let mut st = lock(&owner.state);
+        let mine =
+            matches!(&*st, State::Busy(h) if std::ptr::eq(h.as_ptr(), Arc::as_ptr(&self.halves)));
+        if !mine {
+            // The pool was closed meanwhile: the halves drop, and the pool with them.
+            return;
+        }
+        *st = match Arc::try_unwrap(rx).map(Receiver::into_pool) {
+            Ok(Ok(pool)) => State::Idle(Box::new(pool)),
+            // Another thread is still in a wait on the call: the pool goes when it returns.
+            _ => State::Closed,
+        };
+    }
+}
+
+#[pymethods]
+impl NativeCall {
+    /// Places one item without waiting: its sequence number, or `None` if no worker has room.
+    /// An item that can never fit a ring still gets a number; its error comes in its place.
+    fn try_send(
+        &self,
+        skeleton: &[u8],
+        arrays: Vec<PyReadonlyArray1<'_, u8>>,
+    ) -> PyResult<Option<u64>> {
+        let tx = self.sender()?;
+        let slices = arrays
+            .iter()
+            .map(|a| a.as_slice())
+            .collect::<Result<Vec<&[u8]>, _>>()?;
+        let layout = Layout::new(skeleton.len(), slices.iter().map(|s| s.len()))
+            .ok_or_else(|| pyo3::exceptions::PyOverflowError::new_err("item too large"))?;
+        let sent = tx.try_send_in_place::<u8, ()>(layout.len, &(), |buf| {
+            layout.write(buf, skeleton, &slices);
+            Ok(())
+        });
+        Python::attach(|py| sent.map_err(|e| raise(py, &e, None)))
+    }
+
+    /// Waits (the interpreter's lock released) at most `timeout` seconds until a worker may
+    /// have room for an item of `len` bytes; `True` if one may.
+    fn wait_for_room(&self, py: Python<'_>, len: usize, timeout: f64) -> PyResult<bool> {
+        let tx = self.sender()?;
+        let mut left = Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::MAX);
+        loop {
+            let slice = left.min(SLICE);
+            let room = py
+                .detach(|| tx.wait_for_room(len, slice))
+                .map_err(|e| raise(py, &e, None))?;
+            if room {
+                return Ok(true);
+            }
+            py.check_signals()?;
+            left = left.saturating_sub(slice);
+            if left.is_zero() {
+                return Ok(false);
+            }
+        }
+    }
+
+    /// Ends the input: the results of what was sent still come, then the end.
+    fn close_input(&self) {
+        drop(lock(&self.halves.tx).take());
+    }
+
+    /// The next result, waiting (the interpreter's lock released) at most `timeout` seconds
+    /// (`None`: as long as it takes). Returns `("ok", seq, skeleton, arrays, frame)`,
+    /// `("err", kind, seq, message)`, `("end",)` when every result was handed out, or `None`
+    /// when the time ran out.
+    #[pyo3(signature = (timeout=None))]
+    fn recv<'py>(
+        &self,
+        py: Python<'py>,
+        timeout: Option<f64>,
+    ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        let rx = self.receiver()?;
+        let mut left =
+            timeout.map(|t| Duration::try_from_secs_f64(t.max(0.0)).unwrap_or(Duration::MAX));
+        loop {
+            let slice = left.map_or(SLICE, |l| l.min(SLICE));
+            let got = if slice.is_zero() {
+                rx.try_recv()
+            } else {
+                py.detach(|| rx.recv_timeout(slice))
+            };
+            match got {
+                Poll::Ready(Some(Ok(output))) => {
+                    let seq = output.seq();
+                    let frame = ResultFrame { output };
+                    let bytes = frame.bytes();
+                    let parts = match item::parse(bytes) {
+                        Ok(p) => p,
+                        Err(reason) => {
+                            let t = ("err", "invalid", seq, format!("result {seq}: {reason}"));
+                            return Ok(Some(t.into_pyobject(py)?.into_any()));
+                        }
+                    };
+                    let skeleton = PyBytes::new(py, &bytes[parts.skeleton.clone()]);
+                    let frame = Bound::new(py, frame)?;
+                    let t = ("ok", seq, skeleton, parts.arrays, frame);
+                    return Ok(Some(t.into_pyobject(py)?.into_any()));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let (kind, seq, message) = errors::classify(&e);
+                    let t = ("err", kind, seq, message);
+                    return Ok(Some(t.into_pyobject(py)?.into_any()));
+                }
+                Poll::Ready(None) => return Ok(Some(("end",).into_pyobject(py)?.into_any())),
+                Poll::Pending => {
+                    py.check_signals()?;
+                    if let Some(l) = &mut left {
+                        *l = l.saturating_sub(slice);
+                        if l.is_zero() {
+                            return Ok(None);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the call and gives the pool back (results still in flight are discarded).
+    fn finish(&self) {
+        self.give_back();
+    }
+}
+
+impl Drop for NativeCall {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}

@@ -1,0 +1,143 @@
+//! [`PyTask`]: the pool's task. In the coordinator it is only the pool's type (the workers are
+//! other processes); in a worker (`shmexec._worker`) it calls the Python side for each item:
+//! the user's function reads its input in place and its result's arrays are copied once, into
+//! the output ring.
+
+use numpy::PyReadonlyArray1;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyString};
+use shmexec::{BoxError, OutputSink, Task, WorkerInfo};
+
+use crate::frames::InputFrame;
+use crate::item::{self, Layout};
+
+/// The Python callables a worker runs (`shmexec._worker`): `init(index, workers)`,
+/// `run(frame, skeleton, arrays) -> (skeleton, [uint8 arrays]) | str` (a `str` is the
+/// traceback of the user's exception), `finish()`.
+pub struct Handlers {
+    pub init: Py<PyAny>,
+    pub run: Py<PyAny>,
+    pub finish: Py<PyAny>,
+}
+
+/// The task of a Python pool: items are [`item`] layouts inside `(Vec<u8>, ())` archives (a
+/// byte array the coordinator fills in place, and the worker's output written in place).
+#[derive(Default)]
+pub struct PyTask {
+    handlers: Option<Handlers>,
+}
+
+impl PyTask {
+    pub fn worker(handlers: Handlers) -> PyTask {
+        PyTask {
+            handlers: Some(handlers),
+        }
+    }
+
+    fn handlers(&self) -> Result<&Handlers, BoxError> {
+        self.handlers
+            .as_ref()
+            .ok_or_else(|| "a Python task runs only in a shmexec worker".into())
+    }
+}
+
+/// The text of a Python exception, with its traceback, as the Python side prints it.
+pub fn describe(py: Python<'_>, e: PyErr) -> String {
+    let formatted = py.import("traceback").and_then(|tb| {
+        let lines = tb.call_method1("format_exception", (e.clone_ref(py),))?;
+        PyString::new(py, "")
+            .call_method1("join", (lines,))?
+            .extract::<String>()
+    });
+    formatted.unwrap_or_else(|_| e.to_string())
+}
+
+impl Task for PyTask {
+    type Input = (Vec<u8>, ());
+    type Output = (Vec<u8>, ());
+
+    fn init(&mut self, worker: &WorkerInfo) -> Result<(), BoxError> {
+        let h = self.handlers()?;
+        Python::attach(|py| {
+            h.init
+                .call1(py, (worker.index, worker.workers))
+                .map(drop)
+                .map_err(|e| describe(py, e).into())
+        })
+    }
+
+    fn process(&mut self, _: &rkyv::Archived<Self::Input>) -> Result<Self::Output, BoxError> {
+        Err("a Python item runs through produce".into())
+    }
+
+    fn produce(
+        &mut self,
+        input: &rkyv::Archived<Self::Input>,
+        out: &mut OutputSink<'_>,
+    ) -> Result<(), BoxError> {
+        let h = self.handlers()?;
+        let bytes = input.0.as_slice();
+        let parts = item::parse(bytes)?;
+        Python::attach(|py| {
+            let frame = Bound::new(py, InputFrame::new(bytes)).map_err(|e| describe(py, e))?;
+            let done = run_one(py, h, &frame, bytes, &parts, out);
+            // Every reference the call made is gone by now (its result was dropped in
+            // `run_one`); a view still alive was kept by the function.
+            let kept = frame.get().end();
+            done?;
+            if kept > 0 {
+                return Err(format!(
+                    "the function kept {kept} view(s) of its input after it returned (in a \
+                     global, an attribute, a cache): the input's memory is reused for the next \
+                     chunk, so keep a copy instead (numpy.array(x) or x.copy())"
+                )
+                .into());
+            }
+            Ok(())
+        })
+    }
+
+    fn finish(&mut self, _worker: &WorkerInfo) {
+        if let Some(h) = &self.handlers {
+            Python::attach(|py| {
+                if let Err(e) = h.finish.call0(py) {
+                    eprintln!("shmexec worker: finalizer failed:\n{}", describe(py, e));
+                }
+            });
+        }
+    }
+}
+
+/// Calls the Python side on one item and writes its result.
+fn run_one(
+    py: Python<'_>,
+    h: &Handlers,
+    frame: &Bound<'_, InputFrame>,
+    bytes: &[u8],
+    parts: &item::Parts,
+    out: &mut OutputSink<'_>,
+) -> Result<(), BoxError> {
+    let skeleton = PyBytes::new(py, &bytes[parts.skeleton.clone()]);
+    let result = h
+        .run
+        .call1(py, (frame, skeleton, parts.arrays.clone()))
+        .map_err(|e| describe(py, e))?;
+    let result = result.into_bound(py);
+    if let Ok(traceback) = result.extract::<String>() {
+        return Err(traceback.into());
+    }
+    let parsed: PyResult<(Vec<u8>, Vec<PyReadonlyArray1<'_, u8>>)> =
+        result.extract().map_err(Into::into);
+    let (skeleton, arrays) = parsed.map_err(|e| describe(py, e))?;
+    let slices = arrays
+        .iter()
+        .map(|a| a.as_slice())
+        .collect::<Result<Vec<&[u8]>, _>>()
+        .map_err(|e| format!("a result array is not contiguous: {e}"))?;
+    let layout = Layout::new(skeleton.len(), slices.iter().map(|s| s.len()))
+        .ok_or("the result's size overflows")?;
+    out.emit_samples_last::<u8, ()>(layout.len, |buf| {
+        layout.write(buf, &skeleton, &slices);
+        Ok(())
+    })
+}
