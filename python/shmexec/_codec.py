@@ -63,6 +63,38 @@ def encode(obj) -> tuple[bytes, list[np.ndarray]]:
     return buf.getvalue(), arrays
 
 
+class _AroundPickler(_Pickler):
+    """The pickler of a result written in place: ``out`` is array 0, already in the frame."""
+
+    def __init__(self, file, out):
+        super().__init__(file, [])
+        self.out = out
+
+    def persistent_id(self, obj):
+        if obj is self.out:
+            return (0, obj.dtype, obj.shape)
+        return None
+
+
+def encode_around(obj, out: np.ndarray) -> bytes:
+    """The skeleton of ``obj``, whose one array in the frame is ``out`` (written in place);
+    any other array in it is pickled with the skeleton."""
+    buf = io.BytesIO()
+    buf.write(_PICKLE)
+    _AroundPickler(buf, out).dump(obj)
+    return buf.getvalue()
+
+
+def room(frame, dtype: np.dtype, shape) -> np.ndarray:
+    """A writable array of ``shape`` and ``dtype`` over ``frame`` (the room of a result)."""
+    count = 1
+    for n in shape:
+        count *= n
+    if count == 0 or dtype.itemsize == 0:
+        return np.empty(shape, dtype)
+    return np.frombuffer(frame, dtype=dtype, count=count).reshape(shape)
+
+
 def _view(frame, dtype: np.dtype, shape, at: tuple[int, int], copy: bool) -> np.ndarray:
     offset, nbytes = at
     count = 1

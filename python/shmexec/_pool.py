@@ -88,6 +88,12 @@ class Pool:
         errors: ``"raise"`` (an item's error is raised from the iterator in its place; the
             iterator goes on at the next item when called again) or ``"yield"`` (the exception
             object is yielded in the item's place).
+        out: the function writes its result array in place, in the output ring: it is called
+            as ``fn(x, out)`` with ``out`` a writable array, and the result is ``out``, or
+            ``(out, returned)`` when it returns something other than ``None`` (small
+            metadata: a count). ``out="like_input"`` gives ``out`` the input's shape and
+            dtype; a function ``out(x) -> (shape, dtype)`` (importable, as ``fn``) any other.
+            Saves the copy of the result into the ring.
     """
 
     def __init__(
@@ -109,6 +115,7 @@ class Pool:
         shutdown_timeout: float = 5.0,
         pin: str = "auto",
         errors: str = "raise",
+        out: str | Callable[[Any], tuple] | None = None,
     ):
         from . import _worker
 
@@ -127,14 +134,16 @@ class Pool:
         _check_importable("fn", fn)
         _check_importable("initializer", initializer)
         _check_importable("finalizer", finalizer)
+        if out is not None and out != "like_input":
+            _check_importable("out", out)
         try:
-            calls = pickle.dumps((fn, initializer, tuple(initargs), finalizer))
+            calls = pickle.dumps((fn, initializer, tuple(initargs), finalizer, out))
         except Exception as e:
             raise TypeError(f"initargs cannot be pickled for the workers: {e}") from None
         prep = multiprocessing.spawn.get_preparation_data("shmexec-worker")
         # multiprocessing's own processes authenticate with it; these talk through rings.
         prep.pop("authkey", None)
-        setup = pickle.dumps({"prep": prep, "calls": calls}).hex()
+        setup = pickle.dumps({"prep": prep, "calls": calls, "in_place": out is not None}).hex()
         self.errors = errors
         self._lock = threading.Lock()
         self._native = _native.NativePool(

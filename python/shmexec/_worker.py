@@ -28,12 +28,13 @@ def _init(index: int, workers: int) -> None:
         import multiprocessing.spawn
 
         multiprocessing.spawn.prepare(setup["prep"])
-        fn, initializer, initargs, finalizer = pickle.loads(setup["calls"])
+        fn, initializer, initargs, finalizer, out = pickle.loads(setup["calls"])
     finally:
         BOOTSTRAPPING = False
     from . import _codec
 
     _state.update(fn=fn, finalizer=finalizer, encode=_codec.encode, decode=_codec.decode)
+    _state.update(out=out, encode_around=_codec.encode_around, room=_codec.room)
     _state["info"] = (index, workers)
     if initializer is not None:
         initializer(*initargs)
@@ -46,6 +47,40 @@ def _run(frame, skeleton, arrays):
         del x
         return _state["encode"](y)
     except BaseException:  # the item fails, the worker goes on
+        return traceback.format_exc()
+
+
+def _prepare(frame, skeleton, arrays):
+    """For a function that writes its result in place: decodes the input and returns the
+    size of the result array (``out(x)`` gives its shape and dtype)."""
+    try:
+        x = _state["decode"](frame, skeleton, arrays)
+        spec = _state["out"]
+        shape, dtype = (x.shape, x.dtype) if spec == "like_input" else spec(x)
+        import numpy as np
+
+        dtype = np.dtype(dtype)
+        shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        _state["pending"] = (x, shape, dtype)
+        n = dtype.itemsize
+        for d in shape:
+            n *= d
+        return n
+    except BaseException:
+        _state.pop("pending", None)
+        return traceback.format_exc()
+
+
+def _run_into(room):
+    """Runs ``fn(x, out)`` with ``out`` an array over ``room`` (in the output ring); returns
+    the skeleton of the result, ``out`` or ``(out, returned)``."""
+    try:
+        x, shape, dtype = _state.pop("pending")
+        out = _state["room"](room, dtype, shape)
+        returned = _state["fn"](x, out)
+        del x
+        return _state["encode_around"](out if returned is None else (out, returned), out)
+    except BaseException:
         return traceback.format_exc()
 
 
@@ -69,6 +104,9 @@ def worker_index() -> int | None:
 def main() -> None:
     from . import _native
 
-    _state["setup"] = pickle.loads(bytes.fromhex(sys.argv[1]))
+    _state["setup"] = setup = pickle.loads(bytes.fromhex(sys.argv[1]))
     del sys.argv[1:]
-    _native.serve(_init, _run, _finish)
+    if setup["in_place"]:
+        _native.serve(_init, _prepare, _finish, _run_into)
+    else:
+        _native.serve(_init, _run, _finish)

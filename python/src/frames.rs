@@ -2,12 +2,13 @@
 //! array over a frame is made with no copy (`numpy.frombuffer(frame, dtype, count, offset)`)
 //! and holds the frame for as long as it lives.
 //!
-//! - [`Result`]: a result frame in the coordinator. It owns the `OutputRef`, so the ring bytes
+//! - [`ResultFrame`]: a result frame in the coordinator. It owns the `OutputRef`, so the ring bytes
 //!   stay the result's until the last array over them is gone; then the frame is freed.
-//! - [`Input`]: an input frame in a worker, lent for the length of one call of the user's
-//!   function. After the call it lends no more, and the worker counts the views still alive:
-//!   one that outlives the call would see the ring's next bytes, so the item fails instead
-//!   (see `task.rs`).
+//! - [`LentFrame`]: ring bytes lent for the length of one call of the user's function: an
+//!   input frame in a worker (read-only), or the room a function writes its result in
+//!   (`Pool(fn, out=...)`, writable). After the call it lends no more, and the worker counts
+//!   the views still alive: one that outlives the call would see (or write) the ring's next
+//!   bytes, so the item fails instead (see `task.rs`).
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -88,23 +89,35 @@ impl ResultFrame {
     }
 }
 
-/// An input frame in a worker, lent for one call (read-only).
-#[pyclass(module = "shmexec._native", name = "InputFrame", frozen)]
-pub struct InputFrame {
-    /// The frame's address and length, in the worker's mapping of its input ring.
+/// Ring bytes in a worker, lent for one call.
+#[pyclass(module = "shmexec._native", name = "LentFrame", frozen)]
+pub struct LentFrame {
+    /// The bytes' address and length, in the worker's mapping of one of its rings.
     addr: usize,
     len: usize,
+    writable: bool,
     /// Cleared when the call returns: no view is lent after that.
     lent: AtomicBool,
     /// Views lent and not yet released.
     views: AtomicUsize,
 }
 
-impl InputFrame {
-    pub(crate) fn new(bytes: &[u8]) -> InputFrame {
-        InputFrame {
-            addr: bytes.as_ptr() as usize,
-            len: bytes.len(),
+impl LentFrame {
+    /// An input frame, lent read-only.
+    pub(crate) fn input(bytes: &[u8]) -> LentFrame {
+        Self::new(bytes.as_ptr(), bytes.len(), false)
+    }
+
+    /// Room in a reserved output slot, lent writable.
+    pub(crate) fn room(bytes: &mut [u8]) -> LentFrame {
+        Self::new(bytes.as_mut_ptr(), bytes.len(), true)
+    }
+
+    fn new(ptr: *const u8, len: usize, writable: bool) -> LentFrame {
+        LentFrame {
+            addr: ptr as usize,
+            len,
+            writable,
             lent: AtomicBool::new(true),
             views: AtomicUsize::new(0),
         }
@@ -118,7 +131,7 @@ impl InputFrame {
 }
 
 #[pymethods]
-impl InputFrame {
+impl LentFrame {
     /// # Safety
     ///
     /// Called by CPython with a valid `view`.
@@ -130,17 +143,20 @@ impl InputFrame {
         let me = slf.get();
         if !me.lent.load(Ordering::Acquire) {
             return Err(PyBufferError::new_err(
-                "this input frame was lent for one call of the function, which has returned",
+                "this frame was lent for one call of the function, which has returned",
             ));
         }
-        let (addr, len) = (me.addr, me.len);
+        let (addr, len, readonly) = (me.addr, me.len, !me.writable);
         me.views.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: `addr..addr + len` is a frame of the worker's input ring, whose mapping
-        // lasts as long as the worker process (the worker loop owns the ring until the process
-        // exits), so the bytes stay readable whatever outlives the call. After the call the
-        // coordinator may write new frames there; a view kept past it would read those, and
-        // the worker fails the item (`PyTask::produce` counts the views left).
-        let r = unsafe { fill(view, slf.as_any(), addr as *const u8, len, true, flags) };
+        // SAFETY: `addr..addr + len` lies in one of the worker's rings (its input frame, or a
+        // slot it reserved in its output ring), whose mapping lasts as long as the worker
+        // process (the worker loop owns the rings until the process exits), so the bytes stay
+        // valid whatever outlives the call. Only the room of an output slot is lent writable,
+        // and nothing else writes it until the slot is published, after the loan. After the
+        // call the coordinator may write new frames there (or read the published slot); a view
+        // kept past it would see those, and the worker fails the item (`PyTask::produce`
+        // counts the views left).
+        let r = unsafe { fill(view, slf.as_any(), addr as *const u8, len, readonly, flags) };
         if r.is_err() {
             me.views.fetch_sub(1, Ordering::AcqRel);
         }

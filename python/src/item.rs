@@ -5,18 +5,21 @@
 //!
 //! ```text
 //! 0     u32 MAGIC, u32 number of arrays (n)
-//! 8     u64 skeleton length
-//! 16    n x (u64 offset, u64 length)      offsets from the start of the item
-//! ..    skeleton bytes
-//! ..    array 0 (64-byte aligned), array 1, ...
+//! 8     u64 skeleton offset, u64 skeleton length
+//! 24    n x (u64 offset, u64 length)      offsets from the start of the item
+//! ..    skeleton bytes, then array 0 (64-byte aligned), array 1, ...
 //! ```
+//!
+//! A result written in place (`Pool(fn, out=...)`) has its one array first, right after the
+//! table, and its skeleton after it: the function writes the array before its return value
+//! (the skeleton) exists.
 //!
 //! The frame is 64-byte aligned in its ring (`shmexec::OutputSink`, the stream's in-place
 //! sends), so aligned offsets are aligned addresses. The reader checks every length and
 //! offset against the item's size: a frame is bytes from another process.
 
 const MAGIC: u32 = 0x5958_5053; // "SPXY"
-const HEAD: usize = 16;
+const HEAD: usize = 24;
 const ALIGN: usize = 64;
 
 fn align_up(n: usize) -> Option<usize> {
@@ -48,16 +51,9 @@ impl Layout {
 
     /// Writes the item into `buf` (at least `self.len` bytes long).
     pub fn write(&self, buf: &mut [u8], skeleton: &[u8], arrays: &[&[u8]]) {
-        let n = arrays.len();
-        buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
-        buf[4..8].copy_from_slice(&(n as u32).to_le_bytes());
-        buf[8..16].copy_from_slice(&(skeleton.len() as u64).to_le_bytes());
-        let mut pos = HEAD;
-        for (&at, a) in self.offsets.iter().zip(arrays) {
-            buf[pos..pos + 8].copy_from_slice(&(at as u64).to_le_bytes());
-            buf[pos + 8..pos + 16].copy_from_slice(&(a.len() as u64).to_le_bytes());
-            pos += 16;
-        }
+        let pos = HEAD + 16 * arrays.len();
+        let lens: Vec<usize> = arrays.iter().map(|a| a.len()).collect();
+        write_head(buf, pos, skeleton.len(), &self.offsets, &lens);
         buf[pos..pos + skeleton.len()].copy_from_slice(skeleton);
         let mut end = pos + skeleton.len();
         for (&at, a) in self.offsets.iter().zip(arrays) {
@@ -66,6 +62,61 @@ impl Layout {
             buf[at..at + a.len()].copy_from_slice(a);
             end = at + a.len();
         }
+    }
+}
+
+/// Writes the header and the table of an item whose skeleton is at `skeleton_at`.
+fn write_head(
+    buf: &mut [u8],
+    skeleton_at: usize,
+    skeleton: usize,
+    offsets: &[usize],
+    lens: &[usize],
+) {
+    buf[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    buf[4..8].copy_from_slice(&(offsets.len() as u32).to_le_bytes());
+    buf[8..16].copy_from_slice(&(skeleton_at as u64).to_le_bytes());
+    buf[16..24].copy_from_slice(&(skeleton as u64).to_le_bytes());
+    for (i, (&at, &len)) in offsets.iter().zip(lens).enumerate() {
+        let pos = HEAD + 16 * i;
+        buf[pos..pos + 8].copy_from_slice(&(at as u64).to_le_bytes());
+        buf[pos + 8..pos + 16].copy_from_slice(&(len as u64).to_le_bytes());
+    }
+}
+
+/// The layout of a result written in place: one array of `len` bytes, then the skeleton.
+pub struct InPlace {
+    /// Where the array goes.
+    pub array: std::ops::Range<usize>,
+}
+
+impl InPlace {
+    /// `None` if the size overflows.
+    pub fn new(len: usize) -> Option<InPlace> {
+        let at = align_up(HEAD + 16)?;
+        Some(InPlace {
+            array: at..at.checked_add(len)?,
+        })
+    }
+
+    /// The size of the item with a skeleton of `skeleton` bytes.
+    pub fn len(&self, skeleton: usize) -> Option<usize> {
+        self.array.end.checked_add(skeleton)
+    }
+
+    /// Writes the header and the skeleton around the array (already written); `buf` holds
+    /// at least `self.len(skeleton.len())` bytes.
+    pub fn finish(&self, buf: &mut [u8], skeleton: &[u8]) {
+        let at = self.array.end;
+        write_head(
+            buf,
+            at,
+            skeleton.len(),
+            &[self.array.start],
+            &[self.array.len()],
+        );
+        buf[HEAD + 16..self.array.start].fill(0);
+        buf[at..at + skeleton.len()].copy_from_slice(skeleton);
     }
 }
 
@@ -89,27 +140,26 @@ pub fn parse(buf: &[u8]) -> Result<Parts, String> {
         return Err("the frame is not a shmexec Python item (bad magic)".into());
     }
     let n = word(4, 4)? as usize;
-    let skeleton = word(8, 8)? as usize;
     let table_end = n
         .checked_mul(16)
         .and_then(|t| t.checked_add(HEAD))
         .filter(|&e| e <= buf.len())
         .ok_or_else(|| format!("the item says it has {n} arrays, more than its size holds"))?;
-    let skel_end = table_end
-        .checked_add(skeleton)
-        .filter(|&e| e <= buf.len())
-        .ok_or("the item's skeleton runs past its end")?;
+    // Every part lies after the table and inside the item.
+    let part = |at: u64, len: u64| -> Option<(usize, usize)> {
+        let (at, len) = (usize::try_from(at).ok()?, usize::try_from(len).ok()?);
+        (at >= table_end && at.checked_add(len)? <= buf.len()).then_some((at, len))
+    };
+    let (skel_at, skel_len) =
+        part(word(8, 8)?, word(16, 8)?).ok_or("the item's skeleton lies outside it")?;
     let mut arrays = Vec::with_capacity(n);
     for i in 0..n {
-        let at = word(HEAD + 16 * i, 8)? as usize;
-        let len = word(HEAD + 16 * i + 8, 8)? as usize;
-        if at < skel_end || at.checked_add(len).is_none_or(|e| e > buf.len()) {
-            return Err(format!("array {i} of the item lies outside it"));
-        }
-        arrays.push((at, len));
+        let at = word(HEAD + 16 * i, 8)?;
+        let len = word(HEAD + 16 * i + 8, 8)?;
+        arrays.push(part(at, len).ok_or_else(|| format!("array {i} of the item lies outside it"))?);
     }
     Ok(Parts {
-        skeleton: table_end..skel_end,
+        skeleton: skel_at..skel_at + skel_len,
         arrays,
     })
 }
@@ -130,5 +180,16 @@ mod tests {
         assert_eq!(p.arrays[0].0 % 64, 0);
         assert_eq!(&buf[p.arrays[1].0..p.arrays[1].0 + 100], &b);
         assert!(parse(&buf[..20]).is_err());
+    }
+
+    #[test]
+    fn in_place_round_trip() {
+        let l = InPlace::new(100).unwrap();
+        let mut buf = vec![0xffu8; l.len(5).unwrap()];
+        buf[l.array.clone()].fill(7);
+        l.finish(&mut buf, b"hello");
+        let p = parse(&buf).unwrap();
+        assert_eq!(&buf[p.skeleton], b"hello");
+        assert_eq!(p.arrays, vec![(64, 100)]);
     }
 }

@@ -17,11 +17,24 @@ mod task;
 use pyo3::prelude::*;
 
 /// Runs this process as a worker of the pool that spawned it, and exits when the pool is done
-/// with it. `init(index, workers)`, `run(frame, skeleton, arrays)` and `finish()` are the
-/// worker's Python side (`shmexec._worker`). Returns only in a process that no pool spawned.
+/// with it. `init(index, workers)`, `run(frame, skeleton, arrays)`, `finish()` and, for a
+/// function that writes its result in place, `run_into(room)` are the worker's Python side
+/// (`shmexec._worker`). Returns only in a process that no pool spawned.
 #[pyfunction]
-fn serve(py: Python<'_>, init: Py<PyAny>, run: Py<PyAny>, finish: Py<PyAny>) -> PyResult<()> {
-    let handlers = task::Handlers { init, run, finish };
+#[pyo3(signature = (init, run, finish, run_into=None))]
+fn serve(
+    py: Python<'_>,
+    init: Py<PyAny>,
+    run: Py<PyAny>,
+    finish: Py<PyAny>,
+    run_into: Option<Py<PyAny>>,
+) -> PyResult<()> {
+    let handlers = task::Handlers {
+        init,
+        run,
+        finish,
+        run_into,
+    };
     py.detach(move || {
         shmexec::spawn::serve(pool::TASK_NAME, move || task::PyTask::worker(handlers))
     });
@@ -35,7 +48,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::NativePool>()?;
     m.add_class::<pool::NativeCall>()?;
     m.add_class::<frames::ResultFrame>()?;
-    m.add_class::<frames::InputFrame>()?;
+    m.add_class::<frames::LentFrame>()?;
     m.add_function(wrap_pyfunction!(serve, m)?)?;
     m.add("TASK_NAME", pool::TASK_NAME)?;
     Ok(())

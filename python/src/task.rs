@@ -8,17 +8,24 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyString};
 use shmexec::{BoxError, OutputSink, Task, WorkerInfo};
 
-use crate::frames::InputFrame;
-use crate::item::{self, Layout};
+use crate::frames::LentFrame;
+use crate::item::{self, InPlace, Layout};
 
 /// The Python callables a worker runs (`shmexec._worker`): `init(index, workers)`,
 /// `run(frame, skeleton, arrays) -> (skeleton, [uint8 arrays]) | str` (a `str` is the
-/// traceback of the user's exception), `finish()`.
+/// traceback of the user's exception), `finish()`. For a function that writes its result in
+/// place, `run` is `prepare(frame, skeleton, arrays) -> int | str` (the result array's size),
+/// then `run_into(room) -> skeleton | str`.
 pub struct Handlers {
     pub init: Py<PyAny>,
     pub run: Py<PyAny>,
     pub finish: Py<PyAny>,
+    pub run_into: Option<Py<PyAny>>,
 }
+
+/// Room for the skeleton of a result written in place (its return value, pickled): the slot
+/// is reserved before the function runs.
+const SKELETON_ROOM: usize = 64 << 10;
 
 /// The task of a Python pool: items are [`item`] layouts inside `(Vec<u8>, ())` archives (a
 /// byte array the coordinator fills in place, and the worker's output written in place).
@@ -79,8 +86,11 @@ impl Task for PyTask {
         let bytes = input.0.as_slice();
         let parts = item::parse(bytes)?;
         Python::attach(|py| {
-            let frame = Bound::new(py, InputFrame::new(bytes)).map_err(|e| describe(py, e))?;
-            let done = run_one(py, h, &frame, bytes, &parts, out);
+            let frame = Bound::new(py, LentFrame::input(bytes)).map_err(|e| describe(py, e))?;
+            let done = match &h.run_into {
+                None => run_one(py, h, &frame, bytes, &parts, out),
+                Some(run_into) => run_in_place(py, h, run_into, &frame, bytes, &parts, out),
+            };
             // Every reference the call made is gone by now (its result was dropped in
             // `run_one`); a view still alive was kept by the function.
             let kept = frame.get().end();
@@ -112,7 +122,7 @@ impl Task for PyTask {
 fn run_one(
     py: Python<'_>,
     h: &Handlers,
-    frame: &Bound<'_, InputFrame>,
+    frame: &Bound<'_, LentFrame>,
     bytes: &[u8],
     parts: &item::Parts,
     out: &mut OutputSink<'_>,
@@ -139,5 +149,64 @@ fn run_one(
     out.emit_samples_last::<u8, ()>(layout.len, |buf| {
         layout.write(buf, &skeleton, &slices);
         Ok(())
+    })
+}
+
+/// Calls the Python side on one item whose result array the function writes in place, in a
+/// slot reserved for it, then writes the header and the skeleton around it.
+fn run_in_place(
+    py: Python<'_>,
+    h: &Handlers,
+    run_into: &Py<PyAny>,
+    frame: &Bound<'_, LentFrame>,
+    bytes: &[u8],
+    parts: &item::Parts,
+    out: &mut OutputSink<'_>,
+) -> Result<(), BoxError> {
+    let skeleton = PyBytes::new(py, &bytes[parts.skeleton.clone()]);
+    let size = h
+        .run
+        .call1(py, (frame, skeleton, parts.arrays.clone()))
+        .map_err(|e| describe(py, e))?
+        .into_bound(py);
+    if let Ok(traceback) = size.extract::<String>() {
+        return Err(traceback.into());
+    }
+    let size: usize = size.extract().map_err(|e: PyErr| describe(py, e))?;
+    let place = InPlace::new(size).ok_or("the result's size overflows")?;
+    let max = place.array.end.saturating_add(SKELETON_ROOM);
+    out.emit_samples_last_up_to::<u8, ()>(max, |buf| {
+        let room = Bound::new(py, LentFrame::room(&mut buf[place.array.clone()]))
+            .map_err(|e| describe(py, e))?;
+        let returned = run_into.call1(py, (&room,)).map_err(|e| describe(py, e));
+        let skeleton = returned.and_then(|r| {
+            let r = r.into_bound(py);
+            if let Ok(traceback) = r.extract::<String>() {
+                return Err(traceback);
+            }
+            r.extract::<Vec<u8>>().map_err(|e| describe(py, e.into()))
+        });
+        let kept = room.get().end();
+        let skeleton = skeleton?;
+        if kept > 0 {
+            return Err(format!(
+                "the function kept {kept} view(s) of its output array after it returned: that \
+                 memory is the result, handed to the caller; keep a copy instead"
+            )
+            .into());
+        }
+        let len = place
+            .len(skeleton.len())
+            .filter(|&l| l <= buf.len())
+            .ok_or_else(|| {
+                format!(
+                    "the function's return value pickles to {} bytes, more than the {} a result \
+                     written in place has room for: return small metadata beside `out`",
+                    skeleton.len(),
+                    SKELETON_ROOM
+                )
+            })?;
+        place.finish(buf, &skeleton);
+        Ok((len, ()))
     })
 }

@@ -425,6 +425,18 @@ impl<'a> OutputSink<'a> {
         self.array_up_to::<Vec<E>, M>(max, fill, Place::More)
     }
 
+    /// [`emit_samples_up_to`](Self::emit_samples_up_to) as the item's last output: no closing
+    /// frame follows it (see [`emit_samples_last`](Self::emit_samples_last)). For a task that
+    /// learns its output's exact length only while it writes it (a binding whose function
+    /// writes an array in place, then returns metadata of unknown size).
+    pub fn emit_samples_last_up_to<E: Sample, M: Encode>(
+        &mut self,
+        max: usize,
+        fill: impl FnOnce(&mut [E]) -> Result<(usize, M), BoxError>,
+    ) -> Result<(), BoxError> {
+        self.array_up_to::<Vec<E>, M>(max, fill, Place::Last)
+    }
+
     /// [`emit_samples_up_to`](Self::emit_samples_up_to) for
     /// [records](crate::archive::records): `fill` writes up to `max` records straight into the
     /// ring and says how many it used; the output archives as `(Records<T>, M)`.

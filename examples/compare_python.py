@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Python baselines for the compare harness (harness/examples/compare.rs), same transform, same input.
+"""shmexec's Python binding against Python's process pools, and the Python baselines for the
+compare harness (harness/examples/compare.rs): same transform, same input, one run, side by side.
 
-    python3 harness/examples/compare_python.py --chunk-bytes 4MiB --total-bytes 512MiB --workers 2
+    python examples/compare_python.py --chunk-bytes 4MiB --total-bytes 512MiB --workers 2
 
 Engines:
   numpy-seq   one process, numpy.
@@ -9,6 +10,9 @@ Engines:
               pickled through a pipe (what strax-like frameworks do today).
   pool-shm    the same pool, but chunks and results pass through multiprocessing.shared_memory
               slots by hand; only slot numbers travel through the pipe (the strongest Python peer).
+  shmexec     shmexec.Pool.map: chunks copied once into the rings; the worker writes the
+              transformed chunk in place in its output ring and the caller reads (array, count)
+              there (needs the shmexec package: pip install ./python).
 
 Transform per chunk of float32: subtract the mean of the first 64 samples, scale by 0.5, count
 samples above 1.0; the transformed array is the output. The consumer takes the count and one
@@ -78,12 +82,18 @@ def shm_task(slot):
     return slot, transform(x, out)
 
 
+# shmexec: the worker reads the chunk in place and writes the transformed chunk in place, in
+# its output ring (Pool(..., out="like_input")); the result is (out, count).
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--chunk-bytes", default="4MiB")
     ap.add_argument("--total-bytes", default="512MiB")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--engines", default="numpy_seq,pool_pickle,pool_shm,shmexec",
+                    help="comma-separated subset to run")
     a = ap.parse_args()
     chunk_bytes, total_bytes = parse_size(a.chunk_bytes), parse_size(a.total_bytes)
     n = chunk_bytes // 4
@@ -97,6 +107,11 @@ def main():
     slots = 2 * a.workers * 4  # chunks in flight
     shm_in = shared_memory.SharedMemory(create=True, size=slots * chunk_bytes)
     shm_out = shared_memory.SharedMemory(create=True, size=slots * chunk_bytes)
+    try:
+        import shmexec
+    except ImportError:
+        shmexec = None
+    sx_pool = shmexec.Pool(transform, workers=a.workers, out="like_input") if shmexec else None
     pickle_pool = ctx.Pool(a.workers)
     shm_pool = ctx.Pool(a.workers, initializer=shm_init, initargs=(shm_in.name, shm_out.name, n))
     try:
@@ -123,7 +138,16 @@ def main():
                 res.append(summarize(xout[slot], c))
             return res
 
+        def shmexec_map():
+            return [summarize(o, c) for o, c in sx_pool.map(data)]
+
         engines = {"numpy_seq": numpy_seq, "pool_pickle": pool_pickle, "pool_shm": pool_shm}
+        if sx_pool is not None:
+            engines["shmexec"] = shmexec_map
+        else:
+            print("shmexec is not installed (pip install ./python): its engine is skipped")
+        wanted = a.engines.split(",")
+        engines = {k: v for k, v in engines.items() if k in wanted}
         times = {k: [] for k in engines}
         reference = None
         for _ in range(a.rounds):
@@ -139,11 +163,18 @@ def main():
         print(f"{'engine':<16} {'MB/s':>10}")
         for k, v in mbps.items():
             print(f"{k:<16} {v:>10.0f}")
+        if "shmexec" in mbps:
+            for peer in ("pool_pickle", "pool_shm", "numpy_seq"):
+                if peer in mbps:
+                    print(f"shmexec / {peer}: {mbps['shmexec'] / mbps[peer]:.2f}")
         line = {"chunk_bytes": chunk_bytes, "total_bytes": total, "workers": a.workers,
                 "input": "memory", "rounds": a.rounds}
         line.update({f"{k}_mbps": round(v, 1) for k, v in mbps.items()})
+        line["spread_mbps"] = {k: [round(total / 1e6 / t) for t in v] for k, v in times.items()}
         print(json.dumps(line))
     finally:
+        if sx_pool is not None:
+            sx_pool.close()
         pickle_pool.terminate()
         shm_pool.terminate()
         pickle_pool.join()
