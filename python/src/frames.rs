@@ -126,6 +126,11 @@ impl LentFrame {
     /// Ends the loan; returns how many views are still alive.
     pub(crate) fn end(&self) -> usize {
         self.lent.store(false, Ordering::Release);
+        self.views()
+    }
+
+    /// How many views are alive.
+    pub(crate) fn views(&self) -> usize {
         self.views.load(Ordering::Acquire)
     }
 }

@@ -93,17 +93,8 @@ impl Task for PyTask {
             };
             // Every reference the call made is gone by now (its result was dropped in
             // `run_one`); a view still alive was kept by the function.
-            let kept = frame.get().end();
-            done?;
-            if kept > 0 {
-                return Err(format!(
-                    "the function kept {kept} view(s) of its input after it returned (in a \
-                     global, an attribute, a cache): the input's memory is reused for the next \
-                     chunk, so keep a copy instead (numpy.array(x) or x.copy())"
-                )
-                .into());
-            }
-            Ok(())
+            frame.get().end();
+            done
         })
     }
 
@@ -138,18 +129,48 @@ fn run_one(
     }
     let parsed: PyResult<(Vec<u8>, Vec<PyReadonlyArray1<'_, u8>>)> =
         result.extract().map_err(Into::into);
+    drop(result);
     let (skeleton, arrays) = parsed.map_err(|e| describe(py, e))?;
-    let slices = arrays
+    let lens = arrays
         .iter()
-        .map(|a| a.as_slice())
-        .collect::<Result<Vec<&[u8]>, _>>()
-        .map_err(|e| format!("a result array is not contiguous: {e}"))?;
-    let layout = Layout::new(skeleton.len(), slices.iter().map(|s| s.len()))
-        .ok_or("the result's size overflows")?;
-    out.emit_samples_last::<u8, ()>(layout.len, |buf| {
-        layout.write(buf, &skeleton, &slices);
-        Ok(())
+        .map(|a| a.len().map_err(|e| describe(py, e.into())))
+        .collect::<Result<Vec<usize>, String>>()?;
+    let layout =
+        Layout::new(skeleton.len(), lens.into_iter()).ok_or("the result's size overflows")?;
+    out.emit_samples_last::<u8, ()>(layout.len, move |buf| {
+        {
+            let slices = arrays
+                .iter()
+                .map(|a| a.as_slice())
+                .collect::<Result<Vec<&[u8]>, _>>()
+                .map_err(|e| format!("a result array is not contiguous: {e}"))?;
+            layout.write(buf, &skeleton, &slices);
+        }
+        // Before the result is published: an item whose function kept a view fails.
+        drop(arrays);
+        check_kept(py, frame)
     })
+}
+
+/// `Err` if views of the input frame are still alive now that the function's result was
+/// written (after a garbage collection, so that a view in a reference cycle does not count):
+/// the function kept one, and it would read the ring's next bytes.
+fn check_kept(py: Python<'_>, frame: &Bound<'_, LentFrame>) -> Result<(), BoxError> {
+    if frame.get().views() == 0 {
+        return Ok(());
+    }
+    if let Ok(gc) = py.import("gc") {
+        let _ = gc.call_method0("collect");
+    }
+    match frame.get().views() {
+        0 => Ok(()),
+        kept => Err(format!(
+            "the function kept {kept} view(s) of its input after it returned (in a global, an \
+             attribute, a cache): the input's memory is reused for the next chunk, so keep a \
+             copy instead (numpy.array(x) or x.copy())"
+        )
+        .into()),
+    }
 }
 
 /// Calls the Python side on one item whose result array the function writes in place, in a
@@ -188,6 +209,7 @@ fn run_in_place(
         });
         let kept = room.get().end();
         let skeleton = skeleton?;
+        check_kept(py, frame)?;
         if kept > 0 {
             return Err(format!(
                 "the function kept {kept} view(s) of its output array after it returned: that \

@@ -246,12 +246,30 @@ impl<T: Task> StreamSender<'_, T> {
     /// must not hold a lock while they wait and then place with a `try_` method (a language
     /// binding releases its interpreter's lock here); another sender may take the room first,
     /// so the `try_` call can still find none.
+    ///
+    /// With nothing of this stream in flight, a worker whose output ring is full of results
+    /// the caller holds (an earlier call's, kept) has no room to give until they are dropped:
+    /// that is [`Error::OutputsHeld`], not a wait for ever.
     pub fn wait_for_room(&self, len: usize, timeout: Duration) -> Result<bool> {
         let deadline = Instant::now().checked_add(timeout);
         let mut waiter = Waiter::new(self.shared.wait);
         loop {
             if self.wait_room(&mut waiter, len, deadline)? {
                 return Ok(true);
+            }
+            {
+                let mut st = self.shared.lock();
+                let (sup, call) = st.parts();
+                if call.pending(sup) == 0
+                    && let Some(w) = sup.slots.iter().position(|s| s.rx.blocked_by_held())
+                {
+                    let (held, bytes) = sup.slots[w].rx.held();
+                    return Err(Error::OutputsHeld {
+                        worker: w,
+                        held,
+                        bytes,
+                    });
+                }
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 return Ok(false);

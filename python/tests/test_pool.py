@@ -1,0 +1,246 @@
+"""The pool's behaviour against a sequential run: items of every shape, errors, calls."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import shmexec
+import workfns
+
+
+@pytest.fixture(scope="module")
+def pool():
+    with shmexec.Pool(workfns.double, workers=2) as p:
+        yield p
+
+
+def chunks(n, size=1000, dtype=np.float32):
+    return [np.arange(size, dtype=dtype) * (i + 1) for i in range(n)]
+
+
+def test_map_is_ordered_and_matches_sequential(pool):
+    data = chunks(50, 4096)
+    got = [np.array(r) for r in pool.map(data)]
+    assert len(got) == 50
+    for g, x in zip(got, data):
+        np.testing.assert_array_equal(g, x * 2)
+        assert g.dtype == np.float32
+
+
+def test_results_are_read_only_views_that_outlive_the_call(pool):
+    results = list(pool.map(chunks(5)))
+    assert not results[0].flags.writeable
+    with pytest.raises(ValueError):
+        results[0][0] = 1
+    # The pool goes on while earlier results are held.
+    assert len(list(pool.map(chunks(3)))) == 3
+    np.testing.assert_array_equal(results[4], chunks(5)[4] * 2)
+
+
+def test_imap_unordered_gives_every_result(pool):
+    data = chunks(40, 100)
+    got = sorted(float(r[1]) for r in pool.imap_unordered(data))
+    assert got == sorted(float(x[1] * 2) for x in data)
+
+
+def test_len_follows_the_input(pool):
+    r = pool.map(chunks(7))
+    assert len(r) == 7
+    assert len(list(r)) == 7
+    g = pool.map(x for x in chunks(2))
+    with pytest.raises(TypeError):
+        len(g)
+    g.close()
+
+
+def test_dtypes_and_shapes_survive(pool):
+    items = [
+        np.arange(12, dtype=np.int16).reshape(3, 4),
+        np.array(5.0),
+        np.zeros((0, 3), np.float64),
+        np.arange(10, dtype=np.uint64)[::2],  # not contiguous
+        np.asfortranarray(np.arange(6, dtype=np.int32).reshape(2, 3)),
+        np.array([1 + 2j, 3j], dtype=np.complex128),
+        np.array(["2026-01-01", "2026-12-02"], dtype="datetime64[ns]").astype(np.int64),
+    ]
+    for x, y in zip(items, pool.map(items)):
+        np.testing.assert_array_equal(y, x * 2)
+        assert y.shape == x.shape and y.dtype == x.dtype
+
+
+def test_structured_records_with_metadata():
+    dt = np.dtype([("time", "<i8"), ("channel", "<i2"), ("data", "<i2", (5,))])
+    items = []
+    for i in range(10):
+        r = np.zeros(20 + i, dtype=dt)
+        r["time"] = np.arange(len(r)) * 10 + i
+        r["data"] = i
+        items.append({"records": r, "meta": {"shift": i, "tag": f"c{i}"}})
+    with shmexec.Pool(workfns.records_in_records_out, workers=2) as p:
+        for item, (out, meta) in zip(items, p.map(items)):
+            want, want_meta = workfns.records_in_records_out(item)
+            assert out.dtype == want.dtype
+            np.testing.assert_array_equal(out, want)
+            assert meta == want_meta
+
+
+def test_tuples_dicts_and_scalars():
+    items = [(np.arange(4) + i, np.ones(4), f"l{i}") for i in range(5)]
+    with shmexec.Pool(workfns.pair, workers=2) as p:
+        for (a, b, label), r in zip(items, p.map(items)):
+            np.testing.assert_array_equal(r["sum"], a + b)
+            assert r["label"] == label.upper() and r["none"] is None
+    with shmexec.Pool(workfns.scalar, workers=1) as p:
+        assert list(p.map(chunks(3, 10))) == [float(x.sum()) for x in chunks(3, 10)]
+
+
+def test_an_exception_is_raised_in_its_place_and_the_pool_goes_on():
+    data = [np.full(4, i, np.int64) for i in range(6)]
+    with shmexec.Pool(workfns.fail_on_three, workers=2) as p:
+        it = p.map(data)
+        got = [next(it) for _ in range(3)]
+        with pytest.raises(shmexec.TaskError) as e:
+            next(it)
+        assert e.value.index == 3
+        assert "ValueError: three at 3" in e.value.traceback
+        assert "fail_on_three" in e.value.traceback
+        assert e.value.remote_type == "ValueError"
+        got += list(it)
+        assert [int(g[0]) for g in got] == [1, 2, 3, 5, 6]
+        # errors="yield": the exception object in the item's place.
+        out = list(p.map(data, errors="yield"))
+        assert isinstance(out[3], shmexec.TaskError) and out[3].index == 3
+        assert int(out[5][0]) == 6
+
+
+def test_a_view_kept_past_the_call_fails_that_item():
+    with shmexec.Pool(workfns.keep_input, workers=1) as p:
+        out = list(p.map(chunks(2), errors="yield"))
+        assert all(isinstance(o, shmexec.TaskError) for o in out)
+        assert "kept" in str(out[0])
+
+
+def test_returning_a_view_of_the_input_is_copied_out():
+    with shmexec.Pool(workfns.return_input_view, workers=1) as p:
+        for x, r in zip(chunks(4), p.map(chunks(4))):
+            np.testing.assert_array_equal(r, x[2:5])
+
+
+def test_results_written_in_place():
+    data = chunks(6, 1 << 16)
+    with shmexec.Pool(workfns.write_into, workers=2, out="like_input") as p:
+        for x, (out, n) in zip(data, p.map(data)):
+            np.testing.assert_array_equal(out, x * 3)
+            assert n == int((x * 3 > 10).sum())
+            assert not out.flags.writeable
+    with shmexec.Pool(workfns.write_half, workers=1, out=workfns.out_half) as p:
+        for x, out in zip(data, p.map(data)):
+            assert out.dtype == np.float64
+            np.testing.assert_array_equal(out, x[: len(x) // 2])
+
+
+def test_initializer_runs_in_each_worker():
+    with shmexec.Pool(
+        workfns.read_state, workers=2, initializer=workfns.set_state, initargs=(42,)
+    ) as p:
+        seen = {tuple(r) for r in p.map(chunks(20, 10))}
+    assert {v for v, _ in seen} == {42}
+    assert {w for _, w in seen} <= {0, 1}
+
+
+def test_a_failing_initializer_is_an_init_error():
+    with pytest.raises(shmexec.InitError, match="no database here"):
+        shmexec.Pool(workfns.double, workers=1, initializer=workfns.init_fails, max_start_attempts=1)
+
+
+def test_functions_a_worker_cannot_find_are_refused_at_pool():
+    with pytest.raises(TypeError, match="lambda"):
+        shmexec.Pool(lambda x: x)
+
+    def nested(x):
+        return x
+
+    with pytest.raises(TypeError, match="cannot be found"):
+        shmexec.Pool(nested)
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError):
+        shmexec.Pool(workfns.double, workers=0)
+    with pytest.raises(ValueError):
+        shmexec.Pool(workfns.double, errors="ignore")
+    with pytest.raises(ValueError, match="pin"):
+        shmexec.Pool(workfns.double, workers=1, pin="sometimes")
+
+
+def test_one_call_at_a_time_and_a_closed_call_frees_the_pool(pool):
+    first = pool.map(chunks(10))
+    next(first)
+    with pytest.raises(RuntimeError, match="another call"):
+        pool.map(chunks(1))
+    first.close()
+    assert len(list(pool.map(chunks(3)))) == 3
+    # An abandoned iterator frees the pool when it is dropped.
+    it = pool.map(chunks(10))
+    next(it)
+    del it
+    assert len(list(pool.map(chunks(3)))) == 3
+
+
+def test_an_item_larger_than_a_ring_fails_alone():
+    with shmexec.Pool(workfns.double, workers=1, ring_bytes=1 << 20) as p:
+        data = [np.ones(10), np.ones(1 << 20), np.ones(10)]
+        out = list(p.map(data, errors="yield"))
+        assert isinstance(out[1], shmexec.ItemTooLarge) and out[1].index == 1
+        np.testing.assert_array_equal(out[2], np.ones(10) * 2)
+
+
+def test_holding_every_result_is_an_error_not_a_hang():
+    with shmexec.Pool(workfns.double, workers=1, ring_bytes=1 << 20) as p:
+        held = []
+        with pytest.raises(shmexec.OutputsHeld):
+            for r in p.map(np.ones(1 << 14) for _ in range(100)):
+                held.append(r)
+        assert 0 < len(held) < 100
+        # Still held, they block the next call too: an error again, not a hang.
+        with pytest.raises(shmexec.OutputsHeld):
+            list(p.map([np.ones(4)]))
+        del held, r
+        # copy=True gives results of their own: collecting all of them works.
+        assert len(list(p.map([np.ones(1 << 14)] * 100, copy=True))) == 100
+
+
+def test_stream_from_a_producer_thread():
+    with shmexec.Pool(workfns.double, workers=2) as p:
+        with p.stream() as s:
+            data = chunks(30, 500)
+
+            def produce():
+                for x in data:
+                    s.submit(x)
+                s.close_input()
+
+            t = threading.Thread(target=produce)
+            t.start()
+            got = [np.array(r) for r in s]
+            t.join()
+        for g, x in zip(got, data):
+            np.testing.assert_array_equal(g, x * 2)
+        with p.stream(ordered=False) as s:
+            assert s.submit(np.ones(3)) == 0
+            assert s.submit(np.ones(3)) == 1
+            with pytest.raises(TimeoutError):
+                s.receive(timeout=0.0) if False else None or s.receive(timeout=-1)
+            s.close_input()
+            assert len(list(s)) == 2
+
+
+def test_stats_count_items_per_worker():
+    with shmexec.Pool(workfns.double, workers=2) as p:
+        list(p.map(chunks(20, 1000)))
+        st = p.stats()
+    assert st["items"] == 20
+    assert sum(w["items"] for w in st["workers"]) == 20
+    assert all(w["busy_seconds"] >= 0 for w in st["workers"])
+    assert len(st["workers"]) == 2

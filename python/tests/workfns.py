@@ -1,0 +1,86 @@
+"""Functions the tests' pools run: a worker imports them by name, so they live in a module."""
+
+import os
+import time
+
+import numpy as np
+
+import shmexec
+
+KEPT = []
+STATE = {}
+
+
+def double(x):
+    return x * 2
+
+
+def total(x):
+    return np.array([x.sum()])
+
+
+def records_in_records_out(d):
+    r = d["records"]
+    out = np.zeros(len(r), dtype=[("time", "<i8"), ("area", "<f4")])
+    out["time"] = r["time"] + d["meta"]["shift"]
+    out["area"] = r["data"].sum(axis=1)
+    return out, {"n": len(r), "tag": d["meta"]["tag"]}
+
+
+def pair(t):
+    a, b, label = t
+    return {"sum": a + b, "label": label.upper(), "none": None}
+
+
+def fail_on_three(x):
+    if int(x[0]) == 3:
+        raise ValueError(f"three at {x[0]}")
+    return x + 1
+
+
+def keep_input(x):
+    KEPT.append(x)
+    return x.sum()
+
+
+def return_input_view(x):
+    return x[2:5]
+
+
+def scalar(x):
+    return float(x.sum())
+
+
+def sleepy(x):
+    time.sleep(float(x[0]))
+    return x
+
+
+def set_state(value):
+    STATE["value"] = value
+    STATE["worker"] = shmexec.worker_index()
+
+
+def init_fails():
+    raise RuntimeError("no database here")
+
+
+def read_state(x):
+    return np.array([STATE["value"], STATE["worker"]], dtype=np.int64)
+
+
+def write_into(x, out):
+    np.multiply(x, 3, out=out)
+    return int((out > 10).sum())
+
+
+def out_half(x):
+    return (len(x) // 2,), np.float64
+
+
+def write_half(x, out):
+    out[:] = x[: len(out)].astype(np.float64)
+
+
+def pid(x):
+    return np.array([os.getpid()])
