@@ -14,13 +14,17 @@ use std::time::{Duration, Instant};
 use shmexec::shared::Span;
 use shmexec::{Error, Pool, Samples, Task};
 
-const NAMES: [&str; 5] = [
+const NAMES: [&str; 6] = [
     "fork_pool_replaces_workers_while_threads_run",
     "spawn_from_a_threaded_program",
     "spawned_workers_prove_their_task",
     "a_replacement_outlives_the_thread_that_started_it",
     "a_replacement_runs_the_program_the_pool_started_with",
+    "spawn_program_runs_the_program_with_its_arguments",
 ];
+
+/// The argument [`spawn_program_runs_the_program_with_its_arguments`] gives its workers.
+const WORKER_FLAG: &str = "--worker-flag";
 
 /// The argument that makes this program the coordinator of
 /// [`a_replacement_runs_the_program_the_pool_started_with`], run from a copy of its file.
@@ -38,10 +42,48 @@ fn span_sum_task() -> impl Task<Input = Span<i32>, Output = i64> {
     shmexec::try_from_fn::<Span<i32>, _, _>(|s| Ok(s.get()?.iter().map(|&x| x as i64).sum::<i64>()))
 }
 
+/// Says whether the worker's own arguments hold [`WORKER_FLAG`], and where it runs from.
+fn argv_task() -> impl Task<Input = u8, Output = (bool, String)> {
+    shmexec::from_fn::<u8, _, _>(|_| {
+        let args: Vec<String> = std::env::args().collect();
+        (args.iter().any(|a| a == WORKER_FLAG), args[0].clone())
+    })
+}
+
+fn spawn_program_runs_the_program_with_its_arguments() {
+    let program = std::env::current_exe().unwrap();
+    let mut pool = Pool::builder()
+        .workers(2)
+        .spawn_program("argv", &program, [WORKER_FLAG])
+        .build(argv_task())
+        .unwrap();
+    for r in pool.map(vec![0u8; 4]) {
+        let (flagged, arg0) = r.unwrap().deserialize().unwrap();
+        assert!(flagged, "the worker did not get the program's arguments");
+        assert_eq!(
+            arg0,
+            program.to_string_lossy(),
+            "argv[0] is the program as given"
+        );
+    }
+    // The workers' arguments come first: a program that serves no such name says so.
+    match Pool::builder()
+        .workers(1)
+        .spawn_program("no_such_task", &program, [WORKER_FLAG])
+        .build(sum_task())
+    {
+        Err(Error::Init { .. }) => {}
+        other => panic!("an unknown task name must fail the build: {other:?}"),
+    }
+    drop(pool);
+    assert_no_children();
+}
+
 fn main() {
     // In a spawned worker this runs the worker loop and never returns.
     shmexec::spawn::serve("sum", sum_task);
     shmexec::spawn::serve("span_sum", span_sum_task);
+    shmexec::spawn::serve("argv", argv_task);
 
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == MOVED_COORDINATOR) {
@@ -62,12 +104,13 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let selected = |name: &str| filters.iter().all(|f| name.contains(f.as_str()));
-    let tests: [fn(); 5] = [
+    let tests: [fn(); 6] = [
         fork_pool_replaces_workers_while_threads_run,
         spawn_from_a_threaded_program,
         spawned_workers_prove_their_task,
         a_replacement_outlives_the_thread_that_started_it,
         a_replacement_runs_the_program_the_pool_started_with,
+        spawn_program_runs_the_program_with_its_arguments,
     ];
     let mut ran = 0;
     for (name, test) in NAMES.into_iter().zip(tests) {

@@ -2,11 +2,11 @@
 //! run a function over numpy arrays passed through shared-memory rings, never pickled. The
 //! Python half (`python/shmexec/`) holds the API users see; see its documentation.
 //!
-//! - [`pool`]: the coordinator's pool and calls;
-//! - [`task`]: what a worker runs for each item;
-//! - [`item`]: the layout of an item (arrays plus a small skeleton) inside a frame;
-//! - [`frames`]: frames lent to numpy through the buffer protocol;
-//! - [`errors`]: shmexec's errors as Python exceptions.
+//! - `pool`: the coordinator's pool and calls;
+//! - `task`: what a worker runs for each item;
+//! - `item`: the layout of an item (arrays plus a small skeleton) inside a frame;
+//! - `frames`: frames lent to numpy through the buffer protocol;
+//! - `errors`: shmexec's errors as Python exceptions.
 
 mod errors;
 mod frames;

@@ -127,13 +127,12 @@ fn run_one(
     if let Ok(traceback) = result.extract::<String>() {
         return Err(traceback.into());
     }
-    let parsed: PyResult<(Vec<u8>, Vec<PyReadonlyArray1<'_, u8>>)> =
-        result.extract().map_err(Into::into);
+    let parsed: PyResult<(Vec<u8>, Vec<PyReadonlyArray1<'_, u8>>)> = result.extract();
     drop(result);
     let (skeleton, arrays) = parsed.map_err(|e| describe(py, e))?;
     let lens = arrays
         .iter()
-        .map(|a| a.len().map_err(|e| describe(py, e.into())))
+        .map(|a| a.len().map_err(|e| describe(py, e)))
         .collect::<Result<Vec<usize>, String>>()?;
     let layout =
         Layout::new(skeleton.len(), lens.into_iter()).ok_or("the result's size overflows")?;
@@ -205,7 +204,7 @@ fn run_in_place(
             if let Ok(traceback) = r.extract::<String>() {
                 return Err(traceback);
             }
-            r.extract::<Vec<u8>>().map_err(|e| describe(py, e.into()))
+            r.extract::<Vec<u8>>().map_err(|e| describe(py, e))
         });
         let kept = room.get().end();
         let skeleton = skeleton?;
