@@ -33,7 +33,9 @@ fn an_owned_stream_gives_its_pool_back() {
         .unwrap();
     }
     // While the sender lives the pool cannot come back: the receiver is returned intact.
-    let rx = rx.into_pool().err().expect("the sender still lives");
+    let Err(rx) = rx.into_pool() else {
+        panic!("the sender still lives: the pool cannot come back yet");
+    };
     assert_eq!(rx.recv().unwrap().unwrap().to_native(), 0);
     drop(tx);
     let mut pool = rx.into_pool().ok().expect("the sender is gone");
