@@ -230,10 +230,20 @@ def test_stream_from_a_producer_thread():
         with p.stream(ordered=False) as s:
             assert s.submit(np.ones(3)) == 0
             assert s.submit(np.ones(3)) == 1
-            with pytest.raises(TimeoutError):
-                s.receive(timeout=0.0) if False else None or s.receive(timeout=-1)
             s.close_input()
             assert len(list(s)) == 2
+
+
+def test_receive_with_a_timeout():
+    with shmexec.Pool(workfns.sleepy, workers=1) as p:
+        with p.stream() as s:
+            s.submit(np.array([0.5]))
+            with pytest.raises(TimeoutError):
+                s.receive(timeout=0.05)
+            np.testing.assert_array_equal(s.receive(timeout=30), [0.5])
+            s.close_input()
+            with pytest.raises(StopIteration):
+                s.receive()
 
 
 def test_stats_count_items_per_worker():
