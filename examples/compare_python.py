@@ -92,6 +92,7 @@ def main():
     ap.add_argument("--total-bytes", default="512MiB")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--wait", default="adaptive", help="shmexec's wait strategy")
     ap.add_argument("--engines", default="numpy_seq,pool_pickle,pool_shm,shmexec",
                     help="comma-separated subset to run")
     a = ap.parse_args()
@@ -111,7 +112,7 @@ def main():
         import shmexec
     except ImportError:
         shmexec = None
-    sx_pool = shmexec.Pool(transform, workers=a.workers, out="like_input") if shmexec else None
+    sx_pool = shmexec.Pool(transform, workers=a.workers, out="like_input", wait=a.wait) if shmexec else None
     pickle_pool = ctx.Pool(a.workers)
     shm_pool = ctx.Pool(a.workers, initializer=shm_init, initargs=(shm_in.name, shm_out.name, n))
     try:

@@ -49,6 +49,7 @@ class NativePool:
         chunk_timeout: float | None,
         shutdown_timeout: float,
         pin: str,
+        wait: str = "adaptive",
     ) -> None: ...
     @property
     def workers(self) -> int: ...

@@ -85,6 +85,9 @@ class Pool:
         shutdown_timeout: seconds ``close()`` waits for workers before killing them.
         pin: ``"auto"`` (pin workers to cores where one is left for the caller), ``"off"``,
             ``"spread"``.
+        wait: how workers and the caller wait for each other: ``"adaptive"`` (spin briefly,
+            then sleep on a futex), ``"park"`` (sleep at once: fewer cycles burnt where
+            processes outnumber cores), ``"spin"``.
         errors: ``"raise"`` (an item's error is raised from the iterator in its place; the
             iterator goes on at the next item when called again) or ``"yield"`` (the exception
             object is yielded in the item's place).
@@ -116,6 +119,7 @@ class Pool:
         pin: str = "auto",
         errors: str = "raise",
         out: str | Callable[[Any], tuple] | None = None,
+        wait: str = "adaptive",
     ):
         from . import _worker
 
@@ -159,6 +163,7 @@ class Pool:
             chunk_timeout,
             shutdown_timeout,
             pin,
+            wait,
         )
 
     @property

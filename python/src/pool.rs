@@ -11,7 +11,7 @@ use std::time::Duration;
 use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
-use shmexec::{Pinning, Pool, PoolStats, StreamReceiver, StreamSender};
+use shmexec::{Pinning, Pool, PoolStats, StreamReceiver, StreamSender, WaitStrategy};
 
 use crate::errors::{self, raise};
 use crate::frames::ResultFrame;
@@ -58,7 +58,8 @@ pub struct NativePool {
 impl NativePool {
     #[new]
     #[pyo3(signature = (python, args, workers, input_ring_bytes, output_ring_bytes, queue_bytes,
-        max_attempts, max_start_attempts, start_timeout, chunk_timeout, shutdown_timeout, pin))]
+        max_attempts, max_start_attempts, start_timeout, chunk_timeout, shutdown_timeout, pin,
+        wait="adaptive"))]
     fn new(
         py: Python<'_>,
         python: std::path::PathBuf,
@@ -73,6 +74,7 @@ impl NativePool {
         chunk_timeout: Option<f64>,
         shutdown_timeout: f64,
         pin: &str,
+        wait: &str,
     ) -> PyResult<NativePool> {
         let secs = |name: &str, s: f64| {
             Duration::try_from_secs_f64(s).map_err(|_| {
@@ -91,7 +93,18 @@ impl NativePool {
                 )));
             }
         };
+        let wait = match wait {
+            "adaptive" => WaitStrategy::Adaptive,
+            "park" => WaitStrategy::Park,
+            "spin" => WaitStrategy::Spin,
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "wait must be 'adaptive', 'park' or 'spin', got {other:?}"
+                )));
+            }
+        };
         let mut b = Pool::builder()
+            .wait_strategy(wait)
             .spawn_program(TASK_NAME, python, args)
             .pinning(pinning)
             .input_ring_bytes(input_ring_bytes)
