@@ -50,12 +50,39 @@ class _Pickler(pickle.Pickler):
         return None
 
 
+def _lone(shape, dtype: np.dtype) -> bytes:
+    """The skeleton of a lone array of a plain dtype."""
+    head = _LONE + _HEAD.pack(len(shape)) + struct.pack(f"<{len(shape)}q", *shape)
+    return head + dtype.str.encode()
+
+
+class _OnePickler(pickle.Pickler):
+    """Pickles a placeholder as array 0 (a lone array written in place later)."""
+
+    def __init__(self, file, placeholder, pid):
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.placeholder, self.pid = placeholder, pid
+
+    def persistent_id(self, obj):
+        return self.pid if obj is self.placeholder else None
+
+
+def skeleton_of(shape: tuple, dtype: np.dtype) -> bytes:
+    """The skeleton of an item that is one array of ``shape`` and ``dtype`` (any dtype), for
+    an array filled in place."""
+    if _plain(dtype):
+        return _lone(shape, dtype)
+    placeholder = object()
+    buf = io.BytesIO()
+    buf.write(_PICKLE)
+    _OnePickler(buf, placeholder, (0, dtype, shape)).dump(placeholder)
+    return buf.getvalue()
+
+
 def encode(obj) -> tuple[bytes, list[np.ndarray]]:
     """The skeleton and the arrays (flat uint8) of ``obj``."""
     if type(obj) is np.ndarray and _plain(obj.dtype):
-        shape = obj.shape
-        head = _LONE + _HEAD.pack(len(shape)) + struct.pack(f"<{len(shape)}q", *shape)
-        return head + obj.dtype.str.encode(), [_bytes_of(obj)]
+        return _lone(obj.shape, obj.dtype), [_bytes_of(obj)]
     arrays: list[np.ndarray] = []
     buf = io.BytesIO()
     buf.write(_PICKLE)

@@ -51,16 +51,10 @@ impl Layout {
 
     /// Writes the item into `buf` (at least `self.len` bytes long).
     pub fn write(&self, buf: &mut [u8], skeleton: &[u8], arrays: &[&[u8]]) {
-        let pos = HEAD + 16 * arrays.len();
         let lens: Vec<usize> = arrays.iter().map(|a| a.len()).collect();
-        write_head(buf, pos, skeleton.len(), &self.offsets, &lens);
-        buf[pos..pos + skeleton.len()].copy_from_slice(skeleton);
-        let mut end = pos + skeleton.len();
+        self.write_head_and_skeleton(buf, skeleton, &lens);
         for (&at, a) in self.offsets.iter().zip(arrays) {
-            // The padding is zeroed: a frame never carries stale bytes of the ring.
-            buf[end..at].fill(0);
             buf[at..at + a.len()].copy_from_slice(a);
-            end = at + a.len();
         }
     }
 }
@@ -117,6 +111,22 @@ impl InPlace {
         );
         buf[HEAD + 16..self.array.start].fill(0);
         buf[at..at + skeleton.len()].copy_from_slice(skeleton);
+    }
+}
+
+impl Layout {
+    /// Writes everything but the arrays' bytes (arrays of `lens` bytes, written later in
+    /// place), and zeroes the padding before each array: a frame never carries stale bytes
+    /// of the ring.
+    pub fn write_head_and_skeleton(&self, buf: &mut [u8], skeleton: &[u8], lens: &[usize]) {
+        let pos = HEAD + 16 * lens.len();
+        write_head(buf, pos, skeleton.len(), &self.offsets, lens);
+        buf[pos..pos + skeleton.len()].copy_from_slice(skeleton);
+        let mut end = pos + skeleton.len();
+        for (&at, &len) in self.offsets.iter().zip(lens) {
+            buf[end..at].fill(0);
+            end = at + len;
+        }
     }
 }
 

@@ -254,3 +254,32 @@ def test_stats_count_items_per_worker():
     assert sum(w["items"] for w in st["workers"]) == 20
     assert all(w["busy_seconds"] >= 0 for w in st["workers"])
     assert len(st["workers"]) == 2
+
+
+def test_submit_into_fills_the_slot_in_place():
+    dt = np.dtype([("time", "<i8"), ("data", "<i2", (4,))])
+    with shmexec.Pool(workfns.double_records, workers=2) as p:
+        with p.stream() as s:
+            for i in range(5):
+
+                def fill(arr, i=i):
+                    arr["time"] = np.arange(len(arr)) + i
+                    arr["data"] = i
+
+                assert s.submit_into(10 + i, dt, fill) == i
+            s.submit_into((3, 2), np.float32, lambda a: a.fill(1.5))
+            # An exception in fill is that item's error; a kept view too.
+            s.submit_into(4, np.float32, workfns.fill_fails)
+            s.submit_into(4, np.float32, workfns.fill_keeps)
+            s.close_input()
+            out = [s.receive() for _ in range(5)]
+            for i, r in enumerate(out):
+                np.testing.assert_array_equal(r["time"], (np.arange(10 + i) + i) * 2)
+                assert (r["data"] == 2 * i).all()
+            np.testing.assert_array_equal(s.receive(), np.full((3, 2), 3.0, np.float32))
+            with pytest.raises(shmexec.InvalidItem, match="ZeroDivisionError"):
+                s.receive()
+            with pytest.raises(shmexec.InvalidItem, match="kept"):
+                s.receive()
+            with pytest.raises(StopIteration):
+                s.receive()

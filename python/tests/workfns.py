@@ -84,3 +84,20 @@ def write_half(x, out):
 
 def pid(x):
     return np.array([os.getpid()])
+
+
+def double_records(r):
+    if r.dtype.names is None:
+        return r * 2
+    out = r.copy()
+    out["time"] *= 2
+    out["data"] *= 2
+    return out
+
+
+def fill_fails(arr):
+    arr[:] = 1 / 0
+
+
+def fill_keeps(arr):
+    KEPT.append(arr)
