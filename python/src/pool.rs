@@ -6,7 +6,7 @@
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
@@ -21,6 +21,9 @@ use crate::task::describe;
 
 /// How long one wait lasts before the waiter looks at the interpreter's signals (Ctrl-C).
 const SLICE: Duration = Duration::from_millis(50);
+
+/// How long finishing a call waits for another thread's wait on it to let go.
+const LET_GO: Duration = Duration::from_secs(1);
 
 /// The task name spawned workers serve (`shmexec._worker`).
 pub const TASK_NAME: &str = "shmexec-python";
@@ -280,12 +283,25 @@ impl NativeCall {
             .ok_or_else(|| errors::usage("this call is finished"))
     }
 
-    /// Gives the pool back to its owner, if nobody else holds the call's halves.
-    fn give_back(&self) {
-        drop(lock(&self.halves.tx).take());
+    /// Gives the pool back to its owner. Another thread may be in a wait on this call
+    /// (`recv`, `wait_for_room`): it sees the call finished at its next slice and lets go of
+    /// its half, which this waits for (the interpreter's lock released) at most [`LET_GO`].
+    fn give_back(&self, py: Python<'_>) {
+        let tx = lock(&self.halves.tx).take();
         let Some(rx) = lock(&self.halves.rx).take() else {
             return;
         };
+        let (rx, tx) = py.detach(move || {
+            let deadline = Instant::now() + LET_GO;
+            let shared = |tx: &Option<Arc<Sender>>| {
+                Arc::strong_count(&rx) > 1 || tx.as_ref().is_some_and(|t| Arc::strong_count(t) > 1)
+            };
+            while shared(&tx) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            (rx, tx)
+        });
+        drop(tx);
         let owner = self.owner.get();
         let mut st = lock(&owner.state);
         let mine =
@@ -296,9 +312,17 @@ impl NativeCall {
         }
         *st = match Arc::try_unwrap(rx).map(Receiver::into_pool) {
             Ok(Ok(pool)) => State::Idle(Box::new(pool)),
-            // Another thread is still in a wait on the call: the pool goes when it returns.
+            // Still held past LET_GO: the pool goes when the holder lets go.
             _ => State::Closed,
         };
+    }
+
+    /// `Err` once the call is finished (checked by waits at every slice).
+    fn still_running(&self) -> PyResult<()> {
+        if lock(&self.halves.rx).is_none() {
+            return Err(errors::usage("this call is finished"));
+        }
+        Ok(())
     }
 }
 
@@ -375,6 +399,7 @@ impl NativeCall {
                 return Ok(true);
             }
             py.check_signals()?;
+            self.still_running()?;
             left = left.saturating_sub(slice);
             if left.is_zero() {
                 return Ok(false);
@@ -432,6 +457,7 @@ impl NativeCall {
                 Poll::Ready(None) => return Ok(Some(("end",).into_pyobject(py)?.into_any())),
                 Poll::Pending => {
                     py.check_signals()?;
+                    self.still_running()?;
                     if let Some(l) = &mut left {
                         *l = l.saturating_sub(slice);
                         if l.is_zero() {
@@ -444,13 +470,13 @@ impl NativeCall {
     }
 
     /// Ends the call and gives the pool back (results still in flight are discarded).
-    fn finish(&self) {
-        self.give_back();
+    fn finish(&self, py: Python<'_>) {
+        self.give_back(py);
     }
 }
 
 impl Drop for NativeCall {
     fn drop(&mut self) {
-        self.give_back();
+        Python::attach(|py| self.give_back(py));
     }
 }

@@ -283,3 +283,28 @@ def test_submit_into_fills_the_slot_in_place():
                 s.receive()
             with pytest.raises(StopIteration):
                 s.receive()
+
+
+def test_finishing_a_stream_another_thread_waits_on_keeps_the_pool():
+    with shmexec.Pool(workfns.sleepy, workers=1) as p:
+        s = p.stream()
+        s.submit(np.array([1.0]))
+        errors = []
+
+        def consume():
+            try:
+                s.receive()
+            except RuntimeError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=consume)
+        t.start()
+        import time
+
+        time.sleep(0.2)
+        s.close()
+        t.join(timeout=10)
+        assert not t.is_alive() and errors and "finished" in str(errors[0])
+        # The pool came back: the next call runs (after the worker skips or ends the
+        # abandoned item).
+        np.testing.assert_array_equal(list(p.map([np.array([0.0])]))[0], [0.0])
