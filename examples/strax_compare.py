@@ -234,8 +234,8 @@ def same(a, b):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--total-mb", type=float, default=256, help="raw_records in all, MiB")
-    ap.add_argument("--chunk-mb", type=float, default=8, help="raw_records per chunk, MiB")
+    ap.add_argument("--total-mb", type=float, default=256, help="raw_records in all, MiB (about)")
+    ap.add_argument("--chunk-mb", type=float, default=8, help="raw_records per chunk, MiB (about)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--seed", type=int, default=2024)
