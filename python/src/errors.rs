@@ -43,6 +43,30 @@ pub fn raise(py: Python<'_>, e: &Error, seq: Option<u64>) -> PyErr {
     }
 }
 
+/// `e`, an error of the pool's start, as a Python exception: a worker that died or hung before
+/// its start-up report (an initializer that called `os._exit`, crashed in C code or never
+/// returned) could not start, which is an `InitError` as an initializer's exception is, not an
+/// item's `WorkerCrashed` or `ChunkTimeout`.
+pub fn raise_start(py: Python<'_>, e: &Error) -> PyErr {
+    let message = match e {
+        Error::WorkerDied { worker, status, .. } => format!(
+            "worker {worker} died while it started (in the import of the function or in the \
+             initializer): {status}"
+        ),
+        Error::Timeout { what: "start", .. } => format!(
+            "{e} (the import of the function or the initializer took longer than start_timeout)"
+        ),
+        _ => return raise(py, e, None),
+    };
+    let made = py
+        .import("shmexec._errors")
+        .and_then(|m| m.call_method1("make", ("init", None::<u64>, message.clone())));
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),
+    }
+}
+
 /// A call made at the wrong time (a second call on a busy pool, a closed pool).
 pub fn usage(message: &str) -> PyErr {
     pyo3::exceptions::PyRuntimeError::new_err(message.to_owned())

@@ -109,7 +109,7 @@ impl NativePool {
         }
         let pool = py
             .detach(|| b.build(PyTask::default()))
-            .map_err(|e| raise(py, &e, None))?;
+            .map_err(|e| errors::raise_start(py, &e))?;
         Ok(NativePool {
             workers: pool.workers(),
             max_input: pool.max_input_bytes(),
