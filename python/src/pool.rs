@@ -4,9 +4,11 @@
 //! during every wait). `shmexec/_pool.py` builds `map`, `imap_unordered` and the streaming
 //! pair on it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
-use std::time::Duration;
+use std::thread::ThreadId;
+use std::time::{Duration, Instant};
 
 use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
@@ -44,7 +46,31 @@ enum State {
 struct Halves {
     tx: Mutex<Option<Arc<Sender>>>,
     rx: Mutex<Option<Arc<Receiver>>>,
+    /// Set by [`NativePool::close`]: a thread waiting on the call (for a result, for room)
+    /// stops at its next slice and lets go of its half, so that the pool can shut down.
+    closed: AtomicBool,
+    /// The threads in a wait on the call now (each holds a half while it waits).
+    waiters: Mutex<Vec<ThreadId>>,
 }
+
+/// A thread's wait on a call, from [`Halves::enter`] until it drops.
+struct Waiting<'a> {
+    halves: &'a Halves,
+    id: ThreadId,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut w = lock(&self.halves.waiters);
+        if let Some(i) = w.iter().position(|&t| t == self.id) {
+            w.swap_remove(i);
+        }
+    }
+}
+
+/// How long [`NativePool::close`] waits for the threads in a wait on its call to let go (each
+/// looks at `closed` every [`SLICE`]).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[pyclass(module = "shmexec._native", frozen)]
 pub struct NativePool {
@@ -151,6 +177,8 @@ impl NativePool {
         let halves = Arc::new(Halves {
             tx: Mutex::new(Some(Arc::new(tx))),
             rx: Mutex::new(Some(Arc::new(rx))),
+            closed: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
         });
         *st = State::Busy(Arc::downgrade(&halves));
         Ok(NativeCall {
@@ -191,19 +219,31 @@ impl NativePool {
     }
 
     /// Shuts the workers down (waiting for them at most the shutdown timeout); a call still
-    /// running ends.
+    /// running ends, and a thread waiting on it (for a result, for room) gets an error.
     fn close(&self, py: Python<'_>) {
         let old = std::mem::replace(&mut *lock(&self.state), State::Closed);
         let halves = match &old {
             State::Busy(h) => h.upgrade(),
             _ => None,
         };
-        if let Some(h) = halves {
-            h.end();
-        }
         // The pool (or the call's halves) drop here, with the interpreter's lock released:
         // dropping a pool waits for its workers to exit.
-        py.detach(move || drop(old));
+        py.detach(move || {
+            if let Some(h) = halves {
+                h.closed.store(true, Ordering::SeqCst);
+                let taken = (lock(&h.tx).take(), lock(&h.rx).take());
+                // A thread in a wait on the call holds a half, and the pool with it: it sees
+                // `closed` within a slice and lets go, and the pool shuts down here. (This
+                // thread may be one of them, in a signal handler run from its wait.)
+                let me = std::thread::current().id();
+                let deadline = Instant::now() + CLOSE_WAIT;
+                while lock(&h.waiters).iter().any(|&t| t != me) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                drop(taken);
+            }
+            drop(old)
+        });
     }
 
     #[getter]
@@ -213,10 +253,19 @@ impl NativePool {
 }
 
 impl Halves {
-    /// Drops both halves (the stream ends; its pool goes when the last user lets go).
-    fn end(&self) {
-        drop(lock(&self.tx).take());
-        drop(lock(&self.rx).take());
+    /// Marks this thread as in a wait on the call until the guard drops.
+    fn enter(&self) -> Waiting<'_> {
+        let id = std::thread::current().id();
+        lock(&self.waiters).push(id);
+        Waiting { halves: self, id }
+    }
+
+    /// An error if the pool was closed under the call.
+    fn check_open(&self) -> PyResult<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(errors::usage("the pool of this call was closed"));
+        }
+        Ok(())
     }
 }
 
@@ -257,13 +306,23 @@ impl NativeCall {
     fn sender(&self) -> PyResult<Arc<Sender>> {
         lock(&self.halves.tx)
             .clone()
-            .ok_or_else(|| errors::usage("this call takes no more input"))
+            .ok_or_else(|| self.gone("this call takes no more input"))
     }
 
     fn receiver(&self) -> PyResult<Arc<Receiver>> {
         lock(&self.halves.rx)
             .clone()
-            .ok_or_else(|| errors::usage("this call is finished"))
+            .ok_or_else(|| self.gone("this call is finished"))
+    }
+
+    /// The error of a half that is gone: `otherwise`, or the pool's closing if that took it.
+    fn gone(&self, otherwise: &str) -> PyErr {
+        let closed = matches!(*lock(&self.owner.get().state), State::Closed);
+        errors::usage(if closed {
+            "the pool of this call was closed"
+        } else {
+            otherwise
+        })
     }
 
     /// Gives the pool back to its owner, if nobody else holds the call's halves.
@@ -314,9 +373,12 @@ impl NativeCall {
     /// Waits (the interpreter's lock released) at most `timeout` seconds until a worker may
     /// have room for an item of `len` bytes; `True` if one may.
     fn wait_for_room(&self, py: Python<'_>, len: usize, timeout: f64) -> PyResult<bool> {
+        // Dropped after `tx` (locals drop in reverse order): close() waits for that.
+        let _waiting = self.halves.enter();
         let tx = self.sender()?;
         let mut left = Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::MAX);
         loop {
+            self.halves.check_open()?;
             let slice = left.min(SLICE);
             let room = py
                 .detach(|| tx.wait_for_room(len, slice))
@@ -347,10 +409,13 @@ impl NativeCall {
         py: Python<'py>,
         timeout: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        // Dropped after `rx` (locals drop in reverse order): close() waits for that.
+        let _waiting = self.halves.enter();
         let rx = self.receiver()?;
         let mut left =
             timeout.map(|t| Duration::try_from_secs_f64(t.max(0.0)).unwrap_or(Duration::MAX));
         loop {
+            self.halves.check_open()?;
             let slice = left.map_or(SLICE, |l| l.min(SLICE));
             let got = if slice.is_zero() {
                 rx.try_recv()
