@@ -231,6 +231,9 @@ class _Call:
         if pool.closed:
             raise RuntimeError("this pool is closed")
         self._call = pool._native.start(ordered)
+        # The call keeps its pool: a pool nobody else names (`Pool(fn).map(xs)`, a `del pool`
+        # while iterating) is closed by its __del__, which would end the call midway.
+        self._pool: Pool | None = pool
         self._errors = errors
         self._copy = copy
         self._base: int | None = None
@@ -262,6 +265,8 @@ class _Call:
         call, self._call = self._call, None
         if call is not None:
             call.finish()
+        # Last: if this was the pool's last reference, the pool closes now, idle.
+        self._pool = None
 
 
 class Results(_Call):
@@ -311,6 +316,9 @@ class Results(_Call):
         call = self._call
         if call is None:
             raise StopIteration
+        if self._pool is not None and self._pool.closed:
+            self.close()
+            raise RuntimeError("the pool of this call was closed")
         while True:
             self._feed()
             if self._exhausted and self._in_flight == 0:
