@@ -237,11 +237,14 @@ class _Call:
         self._errors = errors
         self._copy = copy
         self._base: int | None = None
+        #: Inputs that never got a sequence number (they could not be encoded): the positions
+        #: of the inputs sent after them are their sequence numbers plus this.
+        self._skipped = 0
 
     def _index(self, seq):
         if seq is None or self._base is None:
             return None
-        return seq - self._base
+        return seq - self._base + self._skipped
 
     def _sent(self, seq: int) -> None:
         if self._base is None:
@@ -284,6 +287,12 @@ class Results(_Call):
         self._pending = None
         self._exhausted = False
         self._in_flight = 0
+        #: Inputs taken from the iterable so far (the next one's position).
+        self._taken = 0
+        #: An error found on the input side (an item that cannot be encoded, the iterable
+        #: raising), given in its place once every result before it was handed out:
+        #: ``(exception, is_item_error)``.
+        self._failed: tuple[BaseException, bool] | None = None
 
     def __iter__(self) -> Iterator:
         return self
@@ -294,9 +303,11 @@ class Results(_Call):
         return self._len
 
     def _feed(self) -> None:
-        """Places every input that finds room; keeps the first that finds none."""
+        """Places every input that finds room; keeps the first that finds none. An input
+        that fails (the iterable raises, an item cannot be encoded) stops the feeding: its
+        error waits in ``_failed`` for the results before it."""
         call = self._call
-        while not self._exhausted:
+        while not self._exhausted and self._failed is None:
             if self._pending is None:
                 try:
                     item = next(self._it)
@@ -304,7 +315,22 @@ class Results(_Call):
                     self._exhausted = True
                     call.close_input()
                     return
-                self._pending = _codec.encode(item)
+                except Exception as e:
+                    # The input ends here; the error comes after the results before it.
+                    self._exhausted = True
+                    call.close_input()
+                    self._failed = (e, False)
+                    return
+                index = self._taken
+                self._taken += 1
+                try:
+                    self._pending = _codec.encode(item)
+                except Exception as e:
+                    message = f"item {index} cannot be sent to a worker: {e}"
+                    err = _errors.InvalidItem(message, index)
+                    err.__cause__ = e
+                    self._failed = (err, True)
+                    return
             seq = call.try_send(*self._pending)
             if seq is None:
                 return
@@ -321,6 +347,17 @@ class Results(_Call):
             raise RuntimeError("the pool of this call was closed")
         while True:
             self._feed()
+            if self._failed is not None and self._in_flight == 0:
+                # Every result before the failed input was handed out: its error now.
+                exc, of_item = self._failed
+                self._failed = None
+                if not of_item:
+                    self.close()
+                    raise exc
+                self._skipped += 1
+                if self._errors == "yield":
+                    return exc
+                raise exc
             if self._exhausted and self._in_flight == 0:
                 self.close()
                 raise StopIteration
