@@ -21,6 +21,28 @@ _BOOT = (
 _SLICE = 0.05
 
 
+#: The largest setup (hex) passed to a worker in its command line; a larger one travels in an
+#: inherited file (see ``_setup_file``).
+_SETUP_IN_ARGS = 32 << 10
+
+
+def _setup_file(setup: bytes) -> int:
+    """An anonymous file (memfd) holding ``setup``, inheritable: a worker reads it through the
+    descriptor number in its command line (``shmexec._worker.main``). Inheritable means that
+    another program this process starts with ``close_fds=False`` (``os.system``) gets it too,
+    which costs it nothing but the memory, so only setups too large for a command line take
+    this way."""
+    fd = os.memfd_create("shmexec-setup", 0)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as f:
+            f.write(setup)
+        os.set_inheritable(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _check_importable(name: str, f: Callable | None) -> None:
     if f is None:
         return
@@ -143,23 +165,36 @@ class Pool:
         prep = multiprocessing.spawn.get_preparation_data("shmexec-worker")
         # multiprocessing's own processes authenticate with it; these talk through rings.
         prep.pop("authkey", None)
-        setup = pickle.dumps({"prep": prep, "calls": calls, "in_place": out is not None}).hex()
+        setup = pickle.dumps({"prep": prep, "calls": calls, "in_place": out is not None})
         self.errors = errors
         self._lock = threading.Lock()
-        self._native = _native.NativePool(
-            sys.executable,
-            ["-c", _BOOT.format(root=_ROOT), setup],
-            workers,
-            input_ring_bytes or ring_bytes,
-            output_ring_bytes or ring_bytes,
-            queue_bytes,
-            max_attempts,
-            max_start_attempts,
-            start_timeout,
-            chunk_timeout,
-            shutdown_timeout,
-            pin,
-        )
+        self._setup_fd: int | None = None
+        if 2 * len(setup) <= _SETUP_IN_ARGS:
+            arg = setup.hex()
+        else:
+            # Too large for the command line (Linux takes at most 128 KiB in one argument; a
+            # lookup table in initargs is more): an anonymous file every worker inherits,
+            # replacements included, for as long as the pool lives.
+            self._setup_fd = _setup_file(setup)
+            arg = f"fd:{self._setup_fd}:{len(setup)}"
+        try:
+            self._native = _native.NativePool(
+                sys.executable,
+                ["-c", _BOOT.format(root=_ROOT), arg],
+                workers,
+                input_ring_bytes or ring_bytes,
+                output_ring_bytes or ring_bytes,
+                queue_bytes,
+                max_attempts,
+                max_start_attempts,
+                start_timeout,
+                chunk_timeout,
+                shutdown_timeout,
+                pin,
+            )
+        except BaseException:
+            self._close_setup()
+            raise
 
     @property
     def workers(self) -> int:
@@ -202,6 +237,12 @@ class Pool:
         ``shutdown_timeout`` it is killed). A call still running ends. Idempotent."""
         if self._native is not None:
             self._native.close()
+        self._close_setup()
+
+    def _close_setup(self) -> None:
+        fd, self._setup_fd = getattr(self, "_setup_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def closed(self) -> bool:
