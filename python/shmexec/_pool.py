@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing.spawn
 import os
 import pickle
+import re
 import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator
@@ -298,7 +299,12 @@ class _Call:
             _, _seq, skeleton, arrays, frame = r
             return _codec.decode(frame, skeleton, arrays, self._copy)
         _, kind, seq, message = r
-        exc = _errors.make(kind, self._index(seq), message)
+        index = self._index(seq)
+        if kind != "task" and index is not None and index != seq:
+            # The native message names the item by its number in the pool's life ("item 8"
+            # in a second call); the caller knows it by its place in this call.
+            message = re.sub(rf"\b(item|input|output) {seq}\b", rf"\g<1> {index}", message)
+        exc = _errors.make(kind, index, message)
         if self._errors == "yield" and isinstance(exc, _errors.ItemError):
             return exc
         raise exc

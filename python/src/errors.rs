@@ -17,7 +17,23 @@ pub fn classify(e: &Error) -> (&'static str, Option<u64>, String) {
             "crashed"
         }
         Error::ChunkTimeout { .. } | Error::Timeout { .. } => "timeout",
-        Error::InputTooLarge { .. } | Error::OutputTooLarge { .. } => "too_large",
+        // In the Python pool's terms (its settings are not `Builder::ring_bytes`).
+        Error::InputTooLarge { seq, len, max } => {
+            let m = format!(
+                "item {seq} is {len} bytes (its arrays and the rest, pickled), larger than an \
+                 input ring can carry ({max} bytes): raise the pool's input_ring_bytes (or \
+                 ring_bytes), or split the chunk"
+            );
+            return ("too_large", Some(*seq), m);
+        }
+        Error::OutputTooLarge { seq, len, max } => {
+            let m = format!(
+                "the result of item {seq} is {len} bytes (its arrays and the rest, pickled), \
+                 larger than an output ring can carry ({max} bytes): raise the pool's \
+                 output_ring_bytes (or ring_bytes), or return less"
+            );
+            return ("too_large", Some(*seq), m);
+        }
         Error::OutputsHeld { .. } => "outputs_held",
         Error::Encode { .. } | Error::InvalidInput { .. } | Error::InvalidOutput { .. } => {
             "invalid"
