@@ -77,6 +77,39 @@ pub struct NativePool {
     state: Mutex<State>,
     workers: usize,
     max_input: usize,
+    /// The process that made the pool. A forked child of it (`os.fork()`) holds a copy of
+    /// the pool whose workers, rings and threads are the parent's: it must neither use it
+    /// (it would read the parent's results) nor drop it (that would shut the parent's
+    /// workers down, and release the parent's held results in the shared rings).
+    pid: u32,
+}
+
+/// The error of a pool used in a process that did not make it.
+fn foreign_pool(pid: u32) -> PyErr {
+    errors::usage(&format!(
+        "this pool belongs to process {pid}, of which this process is a fork: a forked child \
+         cannot use its parent's pool (make a pool of its own in the child)"
+    ))
+}
+
+impl NativePool {
+    /// `Err` in a process that did not make the pool.
+    fn check_owner(&self) -> PyResult<()> {
+        if std::process::id() != self.pid {
+            return Err(foreign_pool(self.pid));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NativePool {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // A forked child's copy: the parent's pool is not this process's to shut down.
+            let state = std::mem::replace(&mut *lock(&self.state), State::Closed);
+            std::mem::forget(state);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -140,6 +173,7 @@ impl NativePool {
             workers: pool.workers(),
             max_input: pool.max_input_bytes(),
             state: Mutex::new(State::Idle(Box::new(pool))),
+            pid: std::process::id(),
         })
     }
 
@@ -157,6 +191,7 @@ impl NativePool {
     /// Starts a call: results in input order (`ordered`) or as they come.
     fn start(slf: Bound<'_, Self>, ordered: bool) -> PyResult<NativeCall> {
         let me = slf.get();
+        me.check_owner()?;
         let mut st = lock(&me.state);
         let pool = match std::mem::replace(&mut *st, State::Closed) {
             State::Idle(pool) => pool,
@@ -189,6 +224,7 @@ impl NativePool {
 
     /// Figures of every worker: a dict with the pool's totals and a list `workers` of dicts.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.check_owner()?;
         let stats = {
             let st = lock(&self.state);
             match &*st {
@@ -206,6 +242,7 @@ impl NativePool {
 
     /// Process ids of the workers now (0 for one without a process).
     fn pids(&self) -> PyResult<Vec<i32>> {
+        self.check_owner()?;
         let st = lock(&self.state);
         match &*st {
             State::Idle(pool) => Ok(pool.pids()),
@@ -222,6 +259,11 @@ impl NativePool {
     /// running ends, and a thread waiting on it (for a result, for room) gets an error.
     fn close(&self, py: Python<'_>) {
         let old = std::mem::replace(&mut *lock(&self.state), State::Closed);
+        if self.check_owner().is_err() {
+            // Closed for this (forked) process only; the parent's pool goes on.
+            std::mem::forget(old);
+            return;
+        }
         let halves = match &old {
             State::Busy(h) => h.upgrade(),
             _ => None,
@@ -303,13 +345,20 @@ pub struct NativeCall {
 }
 
 impl NativeCall {
+    /// Whether this process is not the pool's (a forked child of it).
+    fn foreign(&self) -> bool {
+        std::process::id() != self.owner.get().pid
+    }
+
     fn sender(&self) -> PyResult<Arc<Sender>> {
+        self.owner.get().check_owner()?;
         lock(&self.halves.tx)
             .clone()
             .ok_or_else(|| self.gone("this call takes no more input"))
     }
 
     fn receiver(&self) -> PyResult<Arc<Receiver>> {
+        self.owner.get().check_owner()?;
         lock(&self.halves.rx)
             .clone()
             .ok_or_else(|| self.gone("this call is finished"))
@@ -327,6 +376,12 @@ impl NativeCall {
 
     /// Gives the pool back to its owner, if nobody else holds the call's halves.
     fn give_back(&self) {
+        if self.foreign() {
+            // A forked child's copy of the call: its halves are never dropped here (see
+            // `NativePool::pid`).
+            std::mem::forget(Arc::clone(&self.halves));
+            return;
+        }
         drop(lock(&self.halves.tx).take());
         let Some(rx) = lock(&self.halves.rx).take() else {
             return;
@@ -396,6 +451,9 @@ impl NativeCall {
 
     /// Ends the input: the results of what was sent still come, then the end.
     fn close_input(&self) {
+        if self.foreign() {
+            return;
+        }
         drop(lock(&self.halves.tx).take());
     }
 
@@ -424,8 +482,8 @@ impl NativeCall {
             };
             match got {
                 Poll::Ready(Some(Ok(output))) => {
-                    let seq = output.seq();
-                    let frame = ResultFrame { output };
+                    let frame = ResultFrame::new(output);
+                    let seq = frame.seq();
                     let bytes = frame.bytes();
                     let parts = match item::parse(bytes) {
                         Ok(p) => p,
