@@ -5,6 +5,7 @@
 //! pair on it.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
 use std::thread::ThreadId;
@@ -166,9 +167,35 @@ impl NativePool {
         if let Some(t) = chunk_timeout {
             b = b.chunk_timeout(secs("chunk_timeout", t)?);
         }
-        let pool = py
-            .detach(|| b.build(PyTask::default()))
-            .map_err(|e| errors::raise_start(py, &e))?;
+        // The build waits for every worker's start (imports, the initializer: seconds, up to
+        // start_timeout): it runs on a thread of its own while this one waits in slices and
+        // looks at the interpreter's signals, so that Ctrl-C stops a slow start. Then the
+        // build goes on alone and its pool, or its error, is dropped when it ends (a worker
+        // still starting is killed with it, or dies with this process). Every worker,
+        // replacements too, is started by the pool's spawner thread, not by this one, so the
+        // build's thread ending does not fire the workers' death signal.
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("shmexec-build".into())
+            .spawn(move || {
+                let _ = done.send(b.build(PyTask::default()));
+            })
+            .map_err(|e| {
+                pyo3::exceptions::PyOSError::new_err(format!("cannot start a thread: {e}"))
+            })?;
+        // (In a mutex: a receiver is not `Sync`, and the wait borrows it across `detach`.)
+        let result = Mutex::new(result);
+        let pool = loop {
+            match py.detach(|| lock(&result).recv_timeout(SLICE)) {
+                Ok(built) => break built.map_err(|e| errors::raise_start(py, &e))?,
+                Err(RecvTimeoutError::Timeout) => py.check_signals()?,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(errors::usage(
+                        "the pool's build failed (its thread panicked)",
+                    ));
+                }
+            }
+        };
         Ok(NativePool {
             workers: pool.workers(),
             max_input: pool.max_input_bytes(),
