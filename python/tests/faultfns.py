@@ -240,3 +240,15 @@ def return_odd_things(x):
     return {"scalar": np.float32(3.5), "zero_d": np.array(7), "strided": np.arange(10)[::3],
             "fortran": np.asfortranarray(np.ones((3, 2))), "same_twice": (x, x),
             "empty": np.zeros((0, 5)), "bool": np.array([True, False])}
+
+
+def write_into_or_die(x, out):
+    """Writes ``x * 3`` into ``out``; on the item whose value is 3, dies half-way (a crash
+    while its result's slot is reserved in the output ring); on 5 it hangs there."""
+    out[: len(out) // 2] = x[: len(out) // 2] * 3
+    if int(x[0]) == 3:
+        os._exit(9)
+    if int(x[0]) == 5:
+        while True:
+            time.sleep(60)
+    out[len(out) // 2:] = x[len(out) // 2:] * 3

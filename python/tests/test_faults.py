@@ -376,6 +376,21 @@ def test_a_chunk_that_never_ends_times_out_alone():
         assert [int(r[0]) for r in p.map(arrays([7]))] == [14]
 
 
+def test_a_crash_or_a_timeout_while_a_result_is_written_in_place():
+    """Pool(fn, out=...): the worker dies (3) or hangs (5) with its result's slot reserved in
+    its output ring, half written; the replacement takes the ring over cleanly."""
+    with shmexec.Pool(faultfns.write_into_or_die, workers=1, out="like_input", chunk_timeout=0.5,
+                      ring_bytes=1 << 20, max_attempts=1) as p:
+        for _ in range(2):
+            out = list(p.map([np.full(1 << 14, i, np.int64) for i in range(8)], errors="yield"))
+            assert isinstance(out[3], shmexec.WorkerCrashed) and out[3].index == 3, out[3]
+            assert isinstance(out[5], shmexec.ChunkTimeout) and out[5].index == 5, out[5]
+            for i, o in enumerate(out):
+                if i not in (3, 5):
+                    assert int(o.min()) == int(o.max()) == 3 * i, i
+            del out, o
+
+
 # 4. Ctrl-C and a killed caller.
 
 _SLOW_MAP = """
