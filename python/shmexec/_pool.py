@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing.spawn
 import os
 import pickle
+import re
 import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator
@@ -19,6 +20,28 @@ _BOOT = (
 )
 #: One wait of the results iterator while it holds an input no worker has room for.
 _SLICE = 0.05
+
+
+#: The largest setup (hex) passed to a worker in its command line; a larger one travels in an
+#: inherited file (see ``_setup_file``).
+_SETUP_IN_ARGS = 32 << 10
+
+
+def _setup_file(setup: bytes) -> int:
+    """An anonymous file (memfd) holding ``setup``, inheritable: a worker reads it through the
+    descriptor number in its command line (``shmexec._worker.main``). Inheritable means that
+    another program this process starts with ``close_fds=False`` (``os.system``) gets it too,
+    which costs it nothing but the memory, so only setups too large for a command line take
+    this way."""
+    fd = os.memfd_create("shmexec-setup", 0)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as f:
+            f.write(setup)
+        os.set_inheritable(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _check_importable(name: str, f: Callable | None) -> None:
@@ -147,24 +170,37 @@ class Pool:
         prep = multiprocessing.spawn.get_preparation_data("shmexec-worker")
         # multiprocessing's own processes authenticate with it; these talk through rings.
         prep.pop("authkey", None)
-        setup = pickle.dumps({"prep": prep, "calls": calls, "in_place": out is not None}).hex()
+        setup = pickle.dumps({"prep": prep, "calls": calls, "in_place": out is not None})
         self.errors = errors
         self._lock = threading.Lock()
-        self._native = _native.NativePool(
-            sys.executable,
-            ["-c", _BOOT.format(root=_ROOT), setup],
-            workers,
-            input_ring_bytes or ring_bytes,
-            output_ring_bytes or ring_bytes,
-            queue_bytes,
-            max_attempts,
-            max_start_attempts,
-            start_timeout,
-            chunk_timeout,
-            shutdown_timeout,
-            pin,
-            wait,
-        )
+        self._setup_fd: int | None = None
+        if 2 * len(setup) <= _SETUP_IN_ARGS:
+            arg = setup.hex()
+        else:
+            # Too large for the command line (Linux takes at most 128 KiB in one argument; a
+            # lookup table in initargs is more): an anonymous file every worker inherits,
+            # replacements included, for as long as the pool lives.
+            self._setup_fd = _setup_file(setup)
+            arg = f"fd:{self._setup_fd}:{len(setup)}"
+        try:
+            self._native = _native.NativePool(
+                sys.executable,
+                ["-c", _BOOT.format(root=_ROOT), arg],
+                workers,
+                input_ring_bytes or ring_bytes,
+                output_ring_bytes or ring_bytes,
+                queue_bytes,
+                max_attempts,
+                max_start_attempts,
+                start_timeout,
+                chunk_timeout,
+                shutdown_timeout,
+                pin,
+                wait,
+            )
+        except BaseException:
+            self._close_setup()
+            raise
 
     @property
     def workers(self) -> int:
@@ -207,6 +243,12 @@ class Pool:
         ``shutdown_timeout`` it is killed). A call still running ends. Idempotent."""
         if self._native is not None:
             self._native.close()
+        self._close_setup()
+
+    def _close_setup(self) -> None:
+        fd, self._setup_fd = getattr(self, "_setup_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def closed(self) -> bool:
@@ -236,14 +278,20 @@ class _Call:
         if pool.closed:
             raise RuntimeError("this pool is closed")
         self._call = pool._native.start(ordered)
+        # The call keeps its pool: a pool nobody else names (`Pool(fn).map(xs)`, a `del pool`
+        # while iterating) is closed by its __del__, which would end the call midway.
+        self._pool: Pool | None = pool
         self._errors = errors
         self._copy = copy
         self._base: int | None = None
+        #: Inputs that never got a sequence number (they could not be encoded): the positions
+        #: of the inputs sent after them are their sequence numbers plus this.
+        self._skipped = 0
 
     def _index(self, seq):
         if seq is None or self._base is None:
             return None
-        return seq - self._base
+        return seq - self._base + self._skipped
 
     def _sent(self, seq: int) -> None:
         if self._base is None:
@@ -256,7 +304,12 @@ class _Call:
             _, _seq, skeleton, arrays, frame = r
             return _codec.decode(frame, skeleton, arrays, self._copy)
         _, kind, seq, message = r
-        exc = _errors.make(kind, self._index(seq), message)
+        index = self._index(seq)
+        if kind != "task" and index is not None and index != seq:
+            # The native message names the item by its number in the pool's life ("item 8"
+            # in a second call); the caller knows it by its place in this call.
+            message = re.sub(rf"\b(item|input|output) {seq}\b", rf"\g<1> {index}", message)
+        exc = _errors.make(kind, index, message)
         if self._errors == "yield" and isinstance(exc, _errors.ItemError):
             return exc
         raise exc
@@ -267,6 +320,8 @@ class _Call:
         call, self._call = self._call, None
         if call is not None:
             call.finish()
+        # Last: if this was the pool's last reference, the pool closes now, idle.
+        self._pool = None
 
 
 class Results(_Call):
@@ -284,6 +339,12 @@ class Results(_Call):
         self._pending = None
         self._exhausted = False
         self._in_flight = 0
+        #: Inputs taken from the iterable so far (the next one's position).
+        self._taken = 0
+        #: An error found on the input side (an item that cannot be encoded, the iterable
+        #: raising), given in its place once every result before it was handed out:
+        #: ``(exception, is_item_error)``.
+        self._failed: tuple[BaseException, bool] | None = None
 
     def __iter__(self) -> Iterator:
         return self
@@ -294,9 +355,11 @@ class Results(_Call):
         return self._len
 
     def _feed(self) -> None:
-        """Places every input that finds room; keeps the first that finds none."""
+        """Places every input that finds room; keeps the first that finds none. An input
+        that fails (the iterable raises, an item cannot be encoded) stops the feeding: its
+        error waits in ``_failed`` for the results before it."""
         call = self._call
-        while not self._exhausted:
+        while not self._exhausted and self._failed is None:
             if self._pending is None:
                 try:
                     item = next(self._it)
@@ -304,7 +367,22 @@ class Results(_Call):
                     self._exhausted = True
                     call.close_input()
                     return
-                self._pending = _codec.encode(item)
+                except Exception as e:
+                    # The input ends here; the error comes after the results before it.
+                    self._exhausted = True
+                    call.close_input()
+                    self._failed = (e, False)
+                    return
+                index = self._taken
+                self._taken += 1
+                try:
+                    self._pending = _codec.encode(item)
+                except Exception as e:
+                    message = f"item {index} cannot be sent to a worker: {e}"
+                    err = _errors.InvalidItem(message, index)
+                    err.__cause__ = e
+                    self._failed = (err, True)
+                    return
             seq = call.try_send(*self._pending)
             if seq is None:
                 return
@@ -316,8 +394,22 @@ class Results(_Call):
         call = self._call
         if call is None:
             raise StopIteration
+        if self._pool is not None and self._pool.closed:
+            self.close()
+            raise RuntimeError("the pool of this call was closed")
         while True:
             self._feed()
+            if self._failed is not None and self._in_flight == 0:
+                # Every result before the failed input was handed out: its error now.
+                exc, of_item = self._failed
+                self._failed = None
+                if not of_item:
+                    self.close()
+                    raise exc
+                self._skipped += 1
+                if self._errors == "yield":
+                    return exc
+                raise exc
             if self._exhausted and self._in_flight == 0:
                 self.close()
                 raise StopIteration

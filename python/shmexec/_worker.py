@@ -101,10 +101,34 @@ def worker_index() -> int | None:
     return info[0] if info else None
 
 
+def _read_setup(arg: str) -> bytes:
+    """The pool's setup: the hex in ``arg``, or ``fd:N:LEN``, the ``LEN`` bytes of the
+    inherited file ``N`` (a setup too large for a command line; see ``shmexec._pool``)."""
+    if not arg.startswith("fd:"):
+        return bytes.fromhex(arg)
+    import os
+
+    _, fd, size = arg.split(":")
+    fd, size = int(fd), int(size)
+    try:
+        parts = []
+        got = 0
+        while got < size:
+            # pread: the file's offset is shared with every other worker of the pool.
+            part = os.pread(fd, size - got, got)
+            if not part:
+                raise RuntimeError(f"the pool's setup file ends after {got} of {size} bytes")
+            parts.append(part)
+            got += len(part)
+    finally:
+        os.close(fd)
+    return b"".join(parts)
+
+
 def main() -> None:
     from . import _native
 
-    _state["setup"] = setup = pickle.loads(bytes.fromhex(sys.argv[1]))
+    _state["setup"] = setup = pickle.loads(_read_setup(sys.argv[1]))
     del sys.argv[1:]
     if setup["in_place"]:
         _native.serve(_init, _prepare, _finish, _run_into)

@@ -17,7 +17,23 @@ pub fn classify(e: &Error) -> (&'static str, Option<u64>, String) {
             "crashed"
         }
         Error::ChunkTimeout { .. } | Error::Timeout { .. } => "timeout",
-        Error::InputTooLarge { .. } | Error::OutputTooLarge { .. } => "too_large",
+        // In the Python pool's terms (its settings are not `Builder::ring_bytes`).
+        Error::InputTooLarge { seq, len, max } => {
+            let m = format!(
+                "item {seq} is {len} bytes (its arrays and the rest, pickled), larger than an \
+                 input ring can carry ({max} bytes): raise the pool's input_ring_bytes (or \
+                 ring_bytes), or split the chunk"
+            );
+            return ("too_large", Some(*seq), m);
+        }
+        Error::OutputTooLarge { seq, len, max } => {
+            let m = format!(
+                "the result of item {seq} is {len} bytes (its arrays and the rest, pickled), \
+                 larger than an output ring can carry ({max} bytes): raise the pool's \
+                 output_ring_bytes (or ring_bytes), or return less"
+            );
+            return ("too_large", Some(*seq), m);
+        }
         Error::OutputsHeld { .. } => "outputs_held",
         Error::Encode { .. } | Error::InvalidInput { .. } | Error::InvalidOutput { .. } => {
             "invalid"
@@ -37,6 +53,30 @@ pub fn raise(py: Python<'_>, e: &Error, seq: Option<u64>) -> PyErr {
     let made = py
         .import("shmexec._errors")
         .and_then(|m| m.call_method1("make", (kind, seq.or(own), message.clone())));
+    match made {
+        Ok(exc) => PyErr::from_value(exc),
+        Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),
+    }
+}
+
+/// `e`, an error of the pool's start, as a Python exception: a worker that died or hung before
+/// its start-up report (an initializer that called `os._exit`, crashed in C code or never
+/// returned) could not start, which is an `InitError` as an initializer's exception is, not an
+/// item's `WorkerCrashed` or `ChunkTimeout`.
+pub fn raise_start(py: Python<'_>, e: &Error) -> PyErr {
+    let message = match e {
+        Error::WorkerDied { worker, status, .. } => format!(
+            "worker {worker} died while it started (in the import of the function or in the \
+             initializer): {status}"
+        ),
+        Error::Timeout { what: "start", .. } => format!(
+            "{e} (the import of the function or the initializer took longer than start_timeout)"
+        ),
+        _ => return raise(py, e, None),
+    };
+    let made = py
+        .import("shmexec._errors")
+        .and_then(|m| m.call_method1("make", ("init", None::<u64>, message.clone())));
     match made {
         Ok(exc) => PyErr::from_value(exc),
         Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),

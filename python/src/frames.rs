@@ -55,13 +55,38 @@ unsafe fn fill(
 /// One result, in its worker's output ring (read-only).
 #[pyclass(module = "shmexec._native", name = "ResultFrame", frozen)]
 pub struct ResultFrame {
-    pub(crate) output: shmexec::OutputRef<<PyTask as shmexec::Task>::Output>,
+    /// `None` only while it drops.
+    output: Option<shmexec::OutputRef<<PyTask as shmexec::Task>::Output>>,
+    /// The process that received it: the pool's.
+    pid: u32,
 }
 
 impl ResultFrame {
+    pub(crate) fn new(output: shmexec::OutputRef<<PyTask as shmexec::Task>::Output>) -> Self {
+        ResultFrame {
+            output: Some(output),
+            pid: std::process::id(),
+        }
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        self.output.as_ref().map_or(0, |o| o.seq())
+    }
+
     /// The item's bytes.
     pub(crate) fn bytes(&self) -> &[u8] {
-        self.output.0.as_slice()
+        self.output.as_ref().map_or(&[], |o| o.0.as_slice())
+    }
+}
+
+impl Drop for ResultFrame {
+    fn drop(&mut self) {
+        // In a forked child (`os.fork()` of the caller) the frame is a copy of the parent's:
+        // releasing it would move the tail of the parent's ring (shared memory) over a result
+        // the parent still holds, and its worker would overwrite it. The child forgets it.
+        if std::process::id() != self.pid {
+            std::mem::forget(self.output.take());
+        }
     }
 }
 

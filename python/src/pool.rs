@@ -4,8 +4,11 @@
 //! during every wait). `shmexec/_pool.py` builds `map`, `imap_unordered` and the streaming
 //! pair on it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Poll;
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use numpy::PyReadonlyArray1;
@@ -48,13 +51,70 @@ enum State {
 struct Halves {
     tx: Mutex<Option<Arc<Sender>>>,
     rx: Mutex<Option<Arc<Receiver>>>,
+    /// Set by [`NativePool::close`]: a thread waiting on the call (for a result, for room)
+    /// stops at its next slice and lets go of its half, so that the pool can shut down.
+    closed: AtomicBool,
+    /// The threads in a wait on the call now (each holds a half while it waits).
+    waiters: Mutex<Vec<ThreadId>>,
 }
+
+/// A thread's wait on a call, from [`Halves::enter`] until it drops.
+struct Waiting<'a> {
+    halves: &'a Halves,
+    id: ThreadId,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let mut w = lock(&self.halves.waiters);
+        if let Some(i) = w.iter().position(|&t| t == self.id) {
+            w.swap_remove(i);
+        }
+    }
+}
+
+/// How long [`NativePool::close`] waits for the threads in a wait on its call to let go (each
+/// looks at `closed` every [`SLICE`]).
+const CLOSE_WAIT: Duration = Duration::from_secs(2);
 
 #[pyclass(module = "shmexec._native", frozen)]
 pub struct NativePool {
     state: Mutex<State>,
     workers: usize,
     max_input: usize,
+    /// The process that made the pool. A forked child of it (`os.fork()`) holds a copy of
+    /// the pool whose workers, rings and threads are the parent's: it must neither use it
+    /// (it would read the parent's results) nor drop it (that would shut the parent's
+    /// workers down, and release the parent's held results in the shared rings).
+    pid: u32,
+}
+
+/// The error of a pool used in a process that did not make it.
+fn foreign_pool(pid: u32) -> PyErr {
+    errors::usage(&format!(
+        "this pool belongs to process {pid}, of which this process is a fork: a forked child \
+         cannot use its parent's pool (make a pool of its own in the child)"
+    ))
+}
+
+impl NativePool {
+    /// `Err` in a process that did not make the pool.
+    fn check_owner(&self) -> PyResult<()> {
+        if std::process::id() != self.pid {
+            return Err(foreign_pool(self.pid));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for NativePool {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            // A forked child's copy: the parent's pool is not this process's to shut down.
+            let state = std::mem::replace(&mut *lock(&self.state), State::Closed);
+            std::mem::forget(state);
+        }
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -124,13 +184,40 @@ impl NativePool {
         if let Some(t) = chunk_timeout {
             b = b.chunk_timeout(secs("chunk_timeout", t)?);
         }
-        let pool = py
-            .detach(|| b.build(PyTask::default()))
-            .map_err(|e| raise(py, &e, None))?;
+        // The build waits for every worker's start (imports, the initializer: seconds, up to
+        // start_timeout): it runs on a thread of its own while this one waits in slices and
+        // looks at the interpreter's signals, so that Ctrl-C stops a slow start. Then the
+        // build goes on alone and its pool, or its error, is dropped when it ends (a worker
+        // still starting is killed with it, or dies with this process). Every worker,
+        // replacements too, is started by the pool's spawner thread, not by this one, so the
+        // build's thread ending does not fire the workers' death signal.
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("shmexec-build".into())
+            .spawn(move || {
+                let _ = done.send(b.build(PyTask::default()));
+            })
+            .map_err(|e| {
+                pyo3::exceptions::PyOSError::new_err(format!("cannot start a thread: {e}"))
+            })?;
+        // (In a mutex: a receiver is not `Sync`, and the wait borrows it across `detach`.)
+        let result = Mutex::new(result);
+        let pool = loop {
+            match py.detach(|| lock(&result).recv_timeout(SLICE)) {
+                Ok(built) => break built.map_err(|e| errors::raise_start(py, &e))?,
+                Err(RecvTimeoutError::Timeout) => py.check_signals()?,
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(errors::usage(
+                        "the pool's build failed (its thread panicked)",
+                    ));
+                }
+            }
+        };
         Ok(NativePool {
             workers: pool.workers(),
             max_input: pool.max_input_bytes(),
             state: Mutex::new(State::Idle(Box::new(pool))),
+            pid: std::process::id(),
         })
     }
 
@@ -148,6 +235,7 @@ impl NativePool {
     /// Starts a call: results in input order (`ordered`) or as they come.
     fn start(slf: Bound<'_, Self>, ordered: bool) -> PyResult<NativeCall> {
         let me = slf.get();
+        me.check_owner()?;
         let mut st = lock(&me.state);
         let pool = match std::mem::replace(&mut *st, State::Closed) {
             State::Idle(pool) => pool,
@@ -168,6 +256,8 @@ impl NativePool {
         let halves = Arc::new(Halves {
             tx: Mutex::new(Some(Arc::new(tx))),
             rx: Mutex::new(Some(Arc::new(rx))),
+            closed: AtomicBool::new(false),
+            waiters: Mutex::new(Vec::new()),
         });
         *st = State::Busy(Arc::downgrade(&halves));
         Ok(NativeCall {
@@ -178,6 +268,7 @@ impl NativePool {
 
     /// Figures of every worker: a dict with the pool's totals and a list `workers` of dicts.
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.check_owner()?;
         let stats = {
             let st = lock(&self.state);
             match &*st {
@@ -195,6 +286,7 @@ impl NativePool {
 
     /// Process ids of the workers now (0 for one without a process).
     fn pids(&self) -> PyResult<Vec<i32>> {
+        self.check_owner()?;
         let st = lock(&self.state);
         match &*st {
             State::Idle(pool) => Ok(pool.pids()),
@@ -208,19 +300,36 @@ impl NativePool {
     }
 
     /// Shuts the workers down (waiting for them at most the shutdown timeout); a call still
-    /// running ends.
+    /// running ends, and a thread waiting on it (for a result, for room) gets an error.
     fn close(&self, py: Python<'_>) {
         let old = std::mem::replace(&mut *lock(&self.state), State::Closed);
+        if self.check_owner().is_err() {
+            // Closed for this (forked) process only; the parent's pool goes on.
+            std::mem::forget(old);
+            return;
+        }
         let halves = match &old {
             State::Busy(h) => h.upgrade(),
             _ => None,
         };
-        if let Some(h) = halves {
-            h.end();
-        }
         // The pool (or the call's halves) drop here, with the interpreter's lock released:
         // dropping a pool waits for its workers to exit.
-        py.detach(move || drop(old));
+        py.detach(move || {
+            if let Some(h) = halves {
+                h.closed.store(true, Ordering::SeqCst);
+                let taken = (lock(&h.tx).take(), lock(&h.rx).take());
+                // A thread in a wait on the call holds a half, and the pool with it: it sees
+                // `closed` within a slice and lets go, and the pool shuts down here. (This
+                // thread may be one of them, in a signal handler run from its wait.)
+                let me = std::thread::current().id();
+                let deadline = Instant::now() + CLOSE_WAIT;
+                while lock(&h.waiters).iter().any(|&t| t != me) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                drop(taken);
+            }
+            drop(old)
+        });
     }
 
     #[getter]
@@ -230,10 +339,19 @@ impl NativePool {
 }
 
 impl Halves {
-    /// Drops both halves (the stream ends; its pool goes when the last user lets go).
-    fn end(&self) {
-        drop(lock(&self.tx).take());
-        drop(lock(&self.rx).take());
+    /// Marks this thread as in a wait on the call until the guard drops.
+    fn enter(&self) -> Waiting<'_> {
+        let id = std::thread::current().id();
+        lock(&self.waiters).push(id);
+        Waiting { halves: self, id }
+    }
+
+    /// An error if the pool was closed under the call.
+    fn check_open(&self) -> PyResult<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(errors::usage("the pool of this call was closed"));
+        }
+        Ok(())
     }
 }
 
@@ -271,22 +389,45 @@ pub struct NativeCall {
 }
 
 impl NativeCall {
+    /// Whether this process is not the pool's (a forked child of it).
+    fn foreign(&self) -> bool {
+        std::process::id() != self.owner.get().pid
+    }
+
     fn sender(&self) -> PyResult<Arc<Sender>> {
+        self.owner.get().check_owner()?;
         lock(&self.halves.tx)
             .clone()
-            .ok_or_else(|| errors::usage("this call takes no more input"))
+            .ok_or_else(|| self.gone("this call takes no more input"))
     }
 
     fn receiver(&self) -> PyResult<Arc<Receiver>> {
+        self.owner.get().check_owner()?;
         lock(&self.halves.rx)
             .clone()
-            .ok_or_else(|| errors::usage("this call is finished"))
+            .ok_or_else(|| self.gone("this call is finished"))
+    }
+
+    /// The error of a half that is gone: `otherwise`, or the pool's closing if that took it.
+    fn gone(&self, otherwise: &str) -> PyErr {
+        let closed = matches!(*lock(&self.owner.get().state), State::Closed);
+        errors::usage(if closed {
+            "the pool of this call was closed"
+        } else {
+            otherwise
+        })
     }
 
     /// Gives the pool back to its owner. Another thread may be in a wait on this call
     /// (`recv`, `wait_for_room`): it sees the call finished at its next slice and lets go of
     /// its half, which this waits for (the interpreter's lock released) at most [`LET_GO`].
     fn give_back(&self, py: Python<'_>) {
+        if self.foreign() {
+            // A forked child's copy of the call: its halves are never dropped here (see
+            // `NativePool::pid`).
+            std::mem::forget(Arc::clone(&self.halves));
+            return;
+        }
         let tx = lock(&self.halves.tx).take();
         let Some(rx) = lock(&self.halves.rx).take() else {
             return;
@@ -319,8 +460,9 @@ impl NativeCall {
 
     /// `Err` once the call is finished (checked by waits at every slice).
     fn still_running(&self) -> PyResult<()> {
+        self.halves.check_open()?;
         if lock(&self.halves.rx).is_none() {
-            return Err(errors::usage("this call is finished"));
+            return Err(self.gone("this call is finished"));
         }
         Ok(())
     }
@@ -388,9 +530,12 @@ impl NativeCall {
     /// Waits (the interpreter's lock released) at most `timeout` seconds until a worker may
     /// have room for an item of `len` bytes; `True` if one may.
     fn wait_for_room(&self, py: Python<'_>, len: usize, timeout: f64) -> PyResult<bool> {
+        // Dropped after `tx` (locals drop in reverse order): close() waits for that.
+        let _waiting = self.halves.enter();
         let tx = self.sender()?;
         let mut left = Duration::try_from_secs_f64(timeout.max(0.0)).unwrap_or(Duration::MAX);
         loop {
+            self.halves.check_open()?;
             let slice = left.min(SLICE);
             let room = py
                 .detach(|| tx.wait_for_room(len, slice))
@@ -409,6 +554,9 @@ impl NativeCall {
 
     /// Ends the input: the results of what was sent still come, then the end.
     fn close_input(&self) {
+        if self.foreign() {
+            return;
+        }
         drop(lock(&self.halves.tx).take());
     }
 
@@ -422,10 +570,13 @@ impl NativeCall {
         py: Python<'py>,
         timeout: Option<f64>,
     ) -> PyResult<Option<Bound<'py, PyAny>>> {
+        // Dropped after `rx` (locals drop in reverse order): close() waits for that.
+        let _waiting = self.halves.enter();
         let rx = self.receiver()?;
         let mut left =
             timeout.map(|t| Duration::try_from_secs_f64(t.max(0.0)).unwrap_or(Duration::MAX));
         loop {
+            self.halves.check_open()?;
             let slice = left.map_or(SLICE, |l| l.min(SLICE));
             let got = if slice.is_zero() {
                 rx.try_recv()
@@ -434,8 +585,8 @@ impl NativeCall {
             };
             match got {
                 Poll::Ready(Some(Ok(output))) => {
-                    let seq = output.seq();
-                    let frame = ResultFrame { output };
+                    let frame = ResultFrame::new(output);
+                    let seq = frame.seq();
                     let bytes = frame.bytes();
                     let parts = match item::parse(bytes) {
                         Ok(p) => p,
