@@ -112,8 +112,18 @@ def encode_around(obj, out: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _expand(dtype: np.dtype, shape) -> tuple[np.dtype, tuple]:
+    """A subarray dtype (``('f8', (3,))``) as its base and a longer shape, as numpy makes
+    arrays of it."""
+    if dtype.subdtype is not None:
+        base, sub = dtype.subdtype
+        return base, tuple(shape) + tuple(sub)
+    return dtype, tuple(shape)
+
+
 def room(frame, dtype: np.dtype, shape) -> np.ndarray:
     """A writable array of ``shape`` and ``dtype`` over ``frame`` (the room of a result)."""
+    dtype, shape = _expand(dtype, shape)
     count = 1
     for n in shape:
         count *= n
@@ -124,6 +134,7 @@ def room(frame, dtype: np.dtype, shape) -> np.ndarray:
 
 def _view(frame, dtype: np.dtype, shape, at: tuple[int, int], copy: bool) -> np.ndarray:
     offset, nbytes = at
+    dtype, shape = _expand(dtype, shape)
     count = 1
     for n in shape:
         count *= n

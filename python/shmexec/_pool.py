@@ -438,8 +438,9 @@ class Results(_Call):
 
 class Stream(_Call):
     """A live stream on a pool (``Pool.stream()``): ``submit()`` from one thread, iterate
-    the results (or ``receive()``) on another; ``close_input()`` (or leaving the ``with``
-    block of the producer) ends it after the last result.
+    the results (or ``receive()``) on another; ``close_input()`` ends it after the last
+    result. ``close()`` (or leaving the ``with`` block) ends it at once, discarding results
+    still in flight.
 
     >>> with pool.stream() as s:                       # doctest: +SKIP
     ...     threading.Thread(target=lambda: [s.submit(c) for c in source()] and s.close_input()).start()
@@ -457,30 +458,6 @@ class Stream(_Call):
         skeleton, arrays = _codec.encode(item)
         size = len(skeleton) + sum(a.nbytes for a in arrays)
         return self._place(lambda: call.try_send(skeleton, arrays), size, timeout)
-
-    def submit_into(self, shape, dtype, fill: Callable[[Any], Any], timeout: float | None = None) -> int | None:
-        """Submits an array of ``shape`` and ``dtype`` that ``fill(arr)`` writes in place, in
-        the worker's input ring (a digitizer's read, ``file.readinto(arr)``): no copy at all.
-        ``arr`` is lent for the call of ``fill`` only; keep no view of it. An exception in
-        ``fill`` becomes the item's error in its place (``InvalidItem``). Waits for room as
-        ``submit`` does; returns the item's index, or ``None`` on timeout (``fill`` did not
-        run)."""
-        import numpy as np
-
-        call = self._call
-        if call is None:
-            raise RuntimeError("this stream is closed")
-        dtype = np.dtype(dtype)
-        shape = (shape,) if isinstance(shape, int) else tuple(int(n) for n in shape)
-        nbytes = dtype.itemsize
-        for n in shape:
-            nbytes *= n
-        skeleton = _codec.skeleton_of(shape, dtype)
-
-        def fill_room(room):
-            fill(_codec.room(room, dtype, shape))
-
-        return self._place(lambda: call.try_send_filled(skeleton, nbytes, fill_room), nbytes, timeout)
 
     def _place(self, try_send, size: int, timeout: float | None) -> int | None:
         call = self._call

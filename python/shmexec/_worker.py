@@ -79,7 +79,8 @@ def _run_into(room):
         out = _state["room"](room, dtype, shape)
         returned = _state["fn"](x, out)
         del x
-        return _state["encode_around"](out if returned is None else (out, returned), out)
+        result = out if returned is None or returned is out else (out, returned)
+        return _state["encode_around"](result, out)
     except BaseException:
         return traceback.format_exc()
 

@@ -181,8 +181,9 @@ impl LentFrame {
         // SAFETY: `addr..addr + len` lies in one of the worker's rings (its input frame, or a
         // slot it reserved in its output ring), whose mapping lasts as long as the worker
         // process (the worker loop owns the rings until the process exits), so the bytes stay
-        // valid whatever outlives the call. Only the room of an output slot is lent writable,
-        // and nothing else writes it until the slot is published, after the loan. After the
+        // valid whatever outlives the call. Only the room of an output slot is lent writable;
+        // nothing else writes it until the slot is published, after the loan, and a worker
+        // whose function kept a writable view exits before its next item (`task::TAINTED`). After the
         // call the coordinator may write new frames there (or read the published slot); a view
         // kept past it would see those, and the worker fails the item (`PyTask::produce`
         // counts the views left).

@@ -17,16 +17,18 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use shmexec::{Pinning, Pool, PoolStats, StreamReceiver, StreamSender, WaitStrategy};
 
 use crate::errors::{self, raise};
-use crate::frames::{LentFrame, ResultFrame};
+use crate::frames::ResultFrame;
 use crate::item::{self, Layout};
 use crate::task::PyTask;
-use crate::task::describe;
 
 /// How long one wait lasts before the waiter looks at the interpreter's signals (Ctrl-C).
 const SLICE: Duration = Duration::from_millis(50);
 
 /// How long finishing a call waits for another thread's wait on it to let go.
 const LET_GO: Duration = Duration::from_secs(1);
+
+/// The exit code of a worker whose function kept a writable view of its output ring.
+pub const EXIT_TAINTED: i32 = 75;
 
 /// The task name spawned workers serve (`shmexec._worker`).
 pub const TASK_NAME: &str = "shmexec-python";
@@ -487,41 +489,6 @@ impl NativeCall {
             .ok_or_else(|| pyo3::exceptions::PyOverflowError::new_err("item too large"))?;
         let sent = tx.try_send_in_place::<u8, ()>(layout.len, &(), |buf| {
             layout.write(buf, skeleton, &slices);
-            Ok(())
-        });
-        sent.map_err(|e| raise(py, &e, None))
-    }
-
-    /// Places one item of one array without waiting, `fill(room)` writing the array's
-    /// `nbytes` in the slot (`room` lends them writable for that call only): its sequence
-    /// number, or `None` if no worker has room (`fill` did not run). An exception in `fill`,
-    /// or a view of `room` kept after it, makes the item an error in its place (it is not
-    /// run).
-    fn try_send_filled(
-        &self,
-        py: Python<'_>,
-        skeleton: &[u8],
-        nbytes: usize,
-        fill: Bound<'_, PyAny>,
-    ) -> PyResult<Option<u64>> {
-        let tx = self.sender()?;
-        let layout = Layout::new(skeleton.len(), std::iter::once(nbytes))
-            .ok_or_else(|| pyo3::exceptions::PyOverflowError::new_err("item too large"))?;
-        let at = layout.offsets[0];
-        let sent = tx.try_send_in_place::<u8, ()>(layout.len, &(), |buf| {
-            layout.write_head_and_skeleton(buf, skeleton, &[nbytes]);
-            let room = Bound::new(py, LentFrame::room(&mut buf[at..at + nbytes]))
-                .map_err(|e| describe(py, e))?;
-            let filled = fill.call1((&room,)).map(drop).map_err(|e| describe(py, e));
-            let kept = room.get().end();
-            filled?;
-            if kept > 0 {
-                return Err(format!(
-                    "fill kept {kept} view(s) of the slot after it returned: the slot belongs to \
-                     a worker once sent"
-                )
-                .into());
-            }
             Ok(())
         });
         sent.map_err(|e| raise(py, &e, None))

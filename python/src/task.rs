@@ -24,8 +24,13 @@ pub struct Handlers {
 }
 
 /// Room for the skeleton of a result written in place (its return value, pickled): the slot
-/// is reserved before the function runs.
-const SKELETON_ROOM: usize = 64 << 10;
+/// is reserved before the function runs, so this counts against the output ring's size.
+const SKELETON_ROOM: usize = 4 << 10;
+
+/// Set when a function kept a view of its result's room: that view aliases the output ring,
+/// where later results are written, so the worker must not run another item (see
+/// [`PyTask::produce`]).
+static TAINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The task of a Python pool: items are [`item`] layouts inside `(Vec<u8>, ())` archives (a
 /// byte array the coordinator fills in place, and the worker's output written in place).
@@ -83,6 +88,13 @@ impl Task for PyTask {
         out: &mut OutputSink<'_>,
     ) -> Result<(), BoxError> {
         let h = self.handlers()?;
+        if TAINTED.load(std::sync::atomic::Ordering::Relaxed) {
+            // The last item's function kept a writable view of the output ring (its item
+            // failed). Only this process's end makes that view harmless: the worker exits, and
+            // this item is run again by its successor (the death is charged to it, one of its
+            // `max_attempts`).
+            std::process::exit(crate::pool::EXIT_TAINTED);
+        }
         let bytes = input.0.as_slice();
         let parts = item::parse(bytes)?;
         Python::attach(|py| {
@@ -206,13 +218,24 @@ fn run_in_place(
             }
             r.extract::<Vec<u8>>().map_err(|e| describe(py, e))
         });
-        let kept = room.get().end();
+        let mut kept = room.get().end();
+        if kept > 0 {
+            // A view in a reference cycle is no view kept.
+            if let Ok(gc) = py.import("gc") {
+                let _ = gc.call_method0("collect");
+            }
+            kept = room.get().views();
+        }
+        if kept > 0 {
+            TAINTED.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         let skeleton = skeleton?;
         check_kept(py, frame)?;
         if kept > 0 {
             return Err(format!(
                 "the function kept {kept} view(s) of its output array after it returned: that \
-                 memory is the result, handed to the caller; keep a copy instead"
+                 memory is the result, handed to the caller; keep a copy instead (the worker \
+                 is replaced: the view would write into later results)"
             )
             .into());
         }

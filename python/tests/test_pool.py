@@ -256,35 +256,6 @@ def test_stats_count_items_per_worker():
     assert len(st["workers"]) == 2
 
 
-def test_submit_into_fills_the_slot_in_place():
-    dt = np.dtype([("time", "<i8"), ("data", "<i2", (4,))])
-    with shmexec.Pool(workfns.double_records, workers=2) as p:
-        with p.stream() as s:
-            for i in range(5):
-
-                def fill(arr, i=i):
-                    arr["time"] = np.arange(len(arr)) + i
-                    arr["data"] = i
-
-                assert s.submit_into(10 + i, dt, fill) == i
-            s.submit_into((3, 2), np.float32, lambda a: a.fill(1.5))
-            # An exception in fill is that item's error; a kept view too.
-            s.submit_into(4, np.float32, workfns.fill_fails)
-            s.submit_into(4, np.float32, workfns.fill_keeps)
-            s.close_input()
-            out = [s.receive() for _ in range(5)]
-            for i, r in enumerate(out):
-                np.testing.assert_array_equal(r["time"], (np.arange(10 + i) + i) * 2)
-                assert (r["data"] == 2 * i).all()
-            np.testing.assert_array_equal(s.receive(), np.full((3, 2), 3.0, np.float32))
-            with pytest.raises(shmexec.InvalidItem, match="ZeroDivisionError"):
-                s.receive()
-            with pytest.raises(shmexec.InvalidItem, match="kept"):
-                s.receive()
-            with pytest.raises(StopIteration):
-                s.receive()
-
-
 def test_finishing_a_stream_another_thread_waits_on_keeps_the_pool():
     with shmexec.Pool(workfns.sleepy, workers=1) as p:
         s = p.stream()
@@ -308,3 +279,27 @@ def test_finishing_a_stream_another_thread_waits_on_keeps_the_pool():
         # The pool came back: the next call runs (after the worker skips or ends the
         # abandoned item).
         np.testing.assert_array_equal(list(p.map([np.array([0.0])]))[0], [0.0])
+
+
+def test_an_out_function_may_return_out_and_use_subarray_dtypes():
+    data = chunks(3, 100)
+    with shmexec.Pool(workfns.returns_out, workers=1, out="like_input") as p:
+        for x, r in zip(data, p.map(data)):
+            assert isinstance(r, np.ndarray)
+            np.testing.assert_array_equal(r, x - 1)
+    with shmexec.Pool(workfns.write_vectors, workers=1, out=workfns.out_vectors) as p:
+        for x, r in zip(data, p.map(data)):
+            assert r.shape == (100, 3) and r.dtype == np.float64
+            np.testing.assert_array_equal(r, np.repeat(x[:, None], 3, axis=1))
+
+
+def test_a_kept_view_of_out_never_corrupts_a_later_result():
+    data = [np.arange(1000, dtype=np.float64) + i for i in range(12)]
+    with shmexec.Pool(workfns.keep_out, workers=1, out="like_input", ring_bytes=1 << 20) as p:
+        out = list(p.map(data, errors="yield"))
+    assert len(out) == 12
+    kept = [o for o in out if isinstance(o, shmexec.TaskError)]
+    assert kept and all("kept" in str(k) for k in kept)
+    for x, o in zip(data, out):
+        if not isinstance(o, shmexec.ShmexecError):
+            np.testing.assert_array_equal(o, x)

@@ -337,7 +337,9 @@ impl Builder {
     /// otherwise). For a worker executable of its own, or an interpreter that runs a
     /// language binding's worker (the Python binding starts `python -c ..` this way). The
     /// program file is opened at `build`, and every worker, replacements included, runs that
-    /// file, as `spawn` does with this program's.
+    /// file, as `spawn` does with this program's. It runs as `/proc/self/fd/N`, so it must be
+    /// a binary (an ELF executable, such as an interpreter), not a `#!` script, whose
+    /// interpreter could not open that path; give an absolute path, which `argv[0]` repeats.
     pub fn spawn_program(
         mut self,
         name: &str,
