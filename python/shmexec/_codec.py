@@ -56,29 +56,6 @@ def _lone(shape, dtype: np.dtype) -> bytes:
     return head + dtype.str.encode()
 
 
-class _OnePickler(pickle.Pickler):
-    """Pickles a placeholder as array 0 (a lone array written in place later)."""
-
-    def __init__(self, file, placeholder, pid):
-        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
-        self.placeholder, self.pid = placeholder, pid
-
-    def persistent_id(self, obj):
-        return self.pid if obj is self.placeholder else None
-
-
-def skeleton_of(shape: tuple, dtype: np.dtype) -> bytes:
-    """The skeleton of an item that is one array of ``shape`` and ``dtype`` (any dtype), for
-    an array filled in place."""
-    if _plain(dtype):
-        return _lone(shape, dtype)
-    placeholder = object()
-    buf = io.BytesIO()
-    buf.write(_PICKLE)
-    _OnePickler(buf, placeholder, (0, dtype, shape)).dump(placeholder)
-    return buf.getvalue()
-
-
 def encode(obj) -> tuple[bytes, list[np.ndarray]]:
     """The skeleton and the arrays (flat uint8) of ``obj``."""
     if type(obj) is np.ndarray and _plain(obj.dtype):
@@ -140,7 +117,7 @@ def _view(frame, dtype: np.dtype, shape, at: tuple[int, int], copy: bool) -> np.
         count *= n
     if count == 0 or dtype.itemsize == 0:
         a = np.empty(shape, dtype)
-        a.flags.writeable = False
+        a.flags.writeable = copy
         return a
     if count * dtype.itemsize != nbytes:
         raise ValueError(f"an array of {shape} {dtype} has {nbytes} bytes in the frame")

@@ -442,8 +442,12 @@ class Stream(_Call):
     result. ``close()`` (or leaving the ``with`` block) ends it at once, discarding results
     still in flight.
 
+    >>> def produce(s):                                # doctest: +SKIP
+    ...     for chunk in source():
+    ...         s.submit(chunk)
+    ...     s.close_input()
     >>> with pool.stream() as s:                       # doctest: +SKIP
-    ...     threading.Thread(target=lambda: [s.submit(c) for c in source()] and s.close_input()).start()
+    ...     threading.Thread(target=produce, args=(s,)).start()
     ...     for result in s:
     ...         handle(result)
     """
