@@ -121,6 +121,27 @@ impl Task for PyTask {
     }
 }
 
+/// Calls the worker's `run` on the item in `frame`: what it returned, or the traceback of the
+/// function's exception (a `str`) as the item's error.
+fn call_run<'py>(
+    py: Python<'py>,
+    h: &Handlers,
+    frame: &Bound<'py, LentFrame>,
+    bytes: &[u8],
+    parts: &item::Parts,
+) -> Result<Bound<'py, PyAny>, BoxError> {
+    let skeleton = PyBytes::new(py, &bytes[parts.skeleton.clone()]);
+    let returned = h
+        .run
+        .call1(py, (frame, skeleton, parts.arrays.clone()))
+        .map_err(|e| describe(py, e))?
+        .into_bound(py);
+    if let Ok(traceback) = returned.extract::<String>() {
+        return Err(traceback.into());
+    }
+    Ok(returned)
+}
+
 /// Calls the Python side on one item and writes its result.
 fn run_one(
     py: Python<'_>,
@@ -130,15 +151,7 @@ fn run_one(
     parts: &item::Parts,
     out: &mut OutputSink<'_>,
 ) -> Result<(), BoxError> {
-    let skeleton = PyBytes::new(py, &bytes[parts.skeleton.clone()]);
-    let result = h
-        .run
-        .call1(py, (frame, skeleton, parts.arrays.clone()))
-        .map_err(|e| describe(py, e))?;
-    let result = result.into_bound(py);
-    if let Ok(traceback) = result.extract::<String>() {
-        return Err(traceback.into());
-    }
+    let result = call_run(py, h, frame, bytes, parts)?;
     let parsed: PyResult<(Vec<u8>, Vec<PyReadonlyArray1<'_, u8>>)> = result.extract();
     drop(result);
     let (skeleton, arrays) = parsed.map_err(|e| describe(py, e))?;
@@ -195,15 +208,7 @@ fn run_in_place(
     parts: &item::Parts,
     out: &mut OutputSink<'_>,
 ) -> Result<(), BoxError> {
-    let skeleton = PyBytes::new(py, &bytes[parts.skeleton.clone()]);
-    let size = h
-        .run
-        .call1(py, (frame, skeleton, parts.arrays.clone()))
-        .map_err(|e| describe(py, e))?
-        .into_bound(py);
-    if let Ok(traceback) = size.extract::<String>() {
-        return Err(traceback.into());
-    }
+    let size = call_run(py, h, frame, bytes, parts)?;
     let size: usize = size.extract().map_err(|e: PyErr| describe(py, e))?;
     let place = InPlace::new(size).ok_or("the result's size overflows")?;
     let max = place.array.end.saturating_add(SKELETON_ROOM);
