@@ -461,13 +461,9 @@ class Stream(_Call):
             raise RuntimeError("this stream is closed")
         skeleton, arrays = _codec.encode(item)
         size = len(skeleton) + sum(a.nbytes for a in arrays)
-        return self._place(lambda: call.try_send(skeleton, arrays), size, timeout)
-
-    def _place(self, try_send, size: int, timeout: float | None) -> int | None:
-        call = self._call
         while True:
             with self._lock:
-                seq = try_send()
+                seq = call.try_send(skeleton, arrays)
                 if seq is not None:
                     self._sent(seq)
                     return self._index(seq)

@@ -50,13 +50,7 @@ pub fn classify(e: &Error) -> (&'static str, Option<u64>, String) {
 /// `e` as the Python exception of its kind (`seq`, if given, in place of the error's own).
 pub fn raise(py: Python<'_>, e: &Error, seq: Option<u64>) -> PyErr {
     let (kind, own, message) = classify(e);
-    let made = py
-        .import("shmexec._errors")
-        .and_then(|m| m.call_method1("make", (kind, seq.or(own), message.clone())));
-    match made {
-        Ok(exc) => PyErr::from_value(exc),
-        Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),
-    }
+    make(py, kind, seq.or(own), message)
 }
 
 /// `e`, an error of the pool's start, as a Python exception: a worker that died or hung before
@@ -74,9 +68,15 @@ pub fn raise_start(py: Python<'_>, e: &Error) -> PyErr {
         ),
         _ => return raise(py, e, None),
     };
+    make(py, "init", None, message)
+}
+
+/// The exception `shmexec._errors.make` gives for an error of `kind` (a RuntimeError if the
+/// Python side cannot be reached).
+fn make(py: Python<'_>, kind: &str, seq: Option<u64>, message: String) -> PyErr {
     let made = py
         .import("shmexec._errors")
-        .and_then(|m| m.call_method1("make", ("init", None::<u64>, message.clone())));
+        .and_then(|m| m.call_method1("make", (kind, seq, message.clone())));
     match made {
         Ok(exc) => PyErr::from_value(exc),
         Err(_) => pyo3::exceptions::PyRuntimeError::new_err(message),

@@ -118,7 +118,7 @@ impl Layout {
     /// Writes everything but the arrays' bytes (arrays of `lens` bytes, written later in
     /// place), and zeroes the padding before each array: a frame never carries stale bytes
     /// of the ring.
-    pub fn write_head_and_skeleton(&self, buf: &mut [u8], skeleton: &[u8], lens: &[usize]) {
+    fn write_head_and_skeleton(&self, buf: &mut [u8], skeleton: &[u8], lens: &[usize]) {
         let pos = HEAD + 16 * lens.len();
         write_head(buf, pos, skeleton.len(), &self.offsets, lens);
         buf[pos..pos + skeleton.len()].copy_from_slice(skeleton);
