@@ -26,6 +26,7 @@ from ._errors import (
     TaskError,
     WorkerCrashed,
 )
+from ._pipeline import Pipeline, Run
 from ._pool import Pool, Results, Stream
 from ._worker import worker_index
 
@@ -33,6 +34,8 @@ __all__ = [
     "Pool",
     "Results",
     "Stream",
+    "Pipeline",
+    "Run",
     "worker_index",
     "ShmexecError",
     "ItemError",

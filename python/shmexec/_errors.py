@@ -10,7 +10,10 @@ class ShmexecError(Exception):
 
 class ItemError(ShmexecError):
     """An error of one item. ``index`` is the item's position in its call's input (``None``
-    when the error is not one item's)."""
+    when the error is not one item's); in a ``Pipeline``, ``stage`` names the stage it failed
+    in (for a crash or a timeout, the stages of the group that ran it, joined by " + ")."""
+
+    stage: str | None = None
 
     def __init__(self, message: str, index: int | None = None):
         super().__init__(message)

@@ -40,14 +40,26 @@ def _init(index: int, workers: int) -> None:
         initializer(*initargs)
 
 
+def _failure(e: BaseException) -> str:
+    """What the caller hears of an item that raised ``e``: the traceback, after a line naming
+    the pipeline stage that raised, where one did (``shmexec._pipeline``)."""
+    text = traceback.format_exc()
+    stage = getattr(e, "_shmexec_stage", None)
+    if isinstance(stage, str):
+        from ._pipeline import STAGE_MARK
+
+        return f"{STAGE_MARK}{stage}\n{text}"
+    return text
+
+
 def _run(frame, skeleton, arrays):
     try:
         x = _state["decode"](frame, skeleton, arrays)
         y = _state["fn"](x)
         del x
         return _state["encode"](y)
-    except BaseException:  # the item fails, the worker goes on
-        return traceback.format_exc()
+    except BaseException as e:  # the item fails, the worker goes on
+        return _failure(e)
 
 
 def _prepare(frame, skeleton, arrays):

@@ -1,0 +1,711 @@
+"""``shmexec.Pipeline``: stages of Python functions over a stream of chunks, each stage's
+input the output of the one before, run by worker processes.
+
+Adjacent stages with the same placement are *fused*: they run one after the other in the
+same worker, in one call, the output of one handed to the next as the Python object it is
+(nothing between them is copied or pickled). A stage placed otherwise (``workers=``,
+``serial=True``, ``alone=True``, a ``stateful`` stage) starts a *group*: a ``Pool`` of its
+own. A result of one group reaches the next as any pool's input does: its arrays copied once,
+by the caller, from the upstream output ring into a downstream input ring.
+
+How a run moves (``Run``): the caller's thread takes inputs and places them into the first
+group; one thread per group collects that group's results, in input order, and hands each
+on (into the next group, or to the caller). Every hand-off is recorded in order in a queue
+per group (a *tag*: an item placed, or an error that ends an input's way early), so the
+results leave in input order and an input that failed in any stage gives its error in its
+place. Each group's backpressure holds the group before it: a full downstream ring stops the
+thread that feeds it, whose upstream results then stay in their ring, which stops that
+group's workers, and so on back to the caller.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import queue
+import re
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+from . import _codec, _errors
+from ._pool import _SLICE, Pool, _Call, _check_importable
+
+_MAP, _FILTER, _FLAT = "map", "filter", "flat_map"
+#: The first line of a worker's failure text when a stage of a chain raised (see
+#: ``_worker._failure``): it names the stage.
+STAGE_MARK = "shmexec stage: "
+#: Inputs a stateful group may have waiting (each holds its upstream frame, or an input).
+_STATEFUL_QUEUE = 2
+#: Results waiting for the caller (each holds its frame in the last group's output ring).
+_OUT_QUEUE = 4
+#: The settings of ``Pool`` that a pipeline passes on to each of its groups.
+_POOL_OPTIONS = frozenset(
+    "initializer initargs finalizer ring_bytes input_ring_bytes output_ring_bytes queue_bytes "
+    "max_attempts max_start_attempts chunk_timeout start_timeout shutdown_timeout pin "
+    "wait".split()
+)
+
+
+def _mark(e: BaseException, stage: str) -> None:
+    try:
+        e._shmexec_stage = stage  # type: ignore[attr-defined]
+    except Exception:  # an exception type without attributes: the group's name serves
+        pass
+
+
+class _Chain:
+    """What a group's workers run: its fused stages one after the other. With a filter or a
+    flat_map among them the result is the list of outputs (0..n per input)."""
+
+    def __init__(self, stages: list[tuple[str, Callable, str]], many: bool):
+        self.stages = stages
+        self.many = many
+
+    def __call__(self, x):
+        items = [x]
+        del x
+        for kind, fn, name in self.stages:
+            try:
+                if kind == _MAP:
+                    items = [fn(i) for i in items]
+                elif kind == _FILTER:
+                    items = [i for i in items if fn(i)]
+                else:
+                    items = [o for i in items for o in fn(i)]
+            except BaseException as e:
+                _mark(e, name)
+                raise
+        return items if self.many else items[0]
+
+
+class _Stateful:
+    """What the worker of a stateful stage runs: ``fn(state, x) -> (state, y)`` on the pair
+    the caller sent. The state travels with each input and its result (its arrays raw, the
+    rest pickled), so the worker keeps nothing: an item rerun after a crash runs from the
+    same state, and a failed item leaves the caller's state as it was."""
+
+    def __init__(self, fn: Callable, name: str):
+        self.fn = fn
+        self.name = name
+
+    def __call__(self, pair):
+        state, x = pair
+        try:
+            out = self.fn(state, x)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"a stateful stage returns (state, output), got {type(out).__name__}"
+                )
+            return out
+        except BaseException as e:
+            _mark(e, self.name)
+            raise
+
+
+class _Spec:
+    def __init__(self, kind, fn, name, workers, serial, alone, initial=None):
+        self.kind, self.fn, self.name = kind, fn, name
+        self.workers, self.serial, self.alone = workers, serial, alone
+        self.initial = initial
+
+    def fuses_with(self, before: "_Spec") -> bool:
+        return (
+            not self.alone
+            and not before.alone
+            and self.kind != "stateful"
+            and before.kind != "stateful"
+            and (self.workers, self.serial) == (before.workers, before.serial)
+        )
+
+
+class _Group:
+    """A group of fused stages and its pool."""
+
+    def __init__(self, specs: list[_Spec], default_workers):
+        self.specs = specs
+        self.names = [s.name for s in specs]
+        self.label = " + ".join(self.names)
+        self.stateful = specs[0].kind == "stateful"
+        first = specs[0]
+        self.serial = first.serial or self.stateful
+        self.workers = 1 if self.serial else (first.workers or default_workers)
+        self.many = any(s.kind in (_FILTER, _FLAT) for s in specs)
+        self.pool: Pool | None = None
+
+    def task(self):
+        if self.stateful:
+            return _Stateful(self.specs[0].fn, self.specs[0].name)
+        return _Chain([(s.kind, s.fn, s.name) for s in self.specs], self.many)
+
+
+class Pipeline:
+    """Stages of Python functions run by worker processes over a stream of chunks, in input
+    order, chunks passing through shared memory.
+
+    >>> import shmexec                                       # doctest: +SKIP
+    >>> from mydaq import to_records, find_hits, has_hits, number_hits
+    >>> pipe = (shmexec.Pipeline(workers=2)
+    ...         .map(to_records)                  # fused: one call per chunk in one worker,
+    ...         .map(find_hits)                   # records passed on as Python objects
+    ...         .filter(has_hits)
+    ...         .stateful(number_hits, initial=0))  # serial, in input order, its own worker
+    >>> with pipe:
+    ...     for numbered in pipe.run(chunks):
+    ...         ...
+
+    Stages:
+        ``map(fn)``: one output per input. ``filter(fn)``: the input itself where ``fn(x)`` is
+        true, nothing otherwise. ``flat_map(fn)``: every item of the iterable ``fn(x)``
+        returns. ``stateful(fn, initial)``: ``fn(state, x)`` returns ``(state, y)``; the
+        stage runs in one worker, in input order, each run starting from a copy of
+        ``initial``. The state travels with each item (keep it small: a count, the end of the
+        last chunk, a carry-over array), so a crashed worker's item runs again from the same
+        state and a failed item changes nothing.
+
+    Placement (keywords of ``map``, ``filter`` and ``flat_map``): by default a stage runs in
+    the pipeline's ``workers``; ``workers=n`` gives it ``n`` of its own, ``serial=True`` one
+    worker that sees every item in input order, ``alone=True`` a group of its own. Neighbours
+    with the same placement are fused; ``plan()`` says which stages run where. Functions must
+    be importable by name, as for ``Pool``.
+
+    Parameters:
+        workers: the workers of each group without a count of its own (default: one per
+            core this process may use).
+        errors: ``"raise"`` or ``"yield"``, as for ``Pool``.
+        **options: any setting of ``Pool`` (``initializer``, ``ring_bytes``,
+            ``max_attempts``, ``chunk_timeout``, ``pin``, ...), for every group. ``pin``
+            defaults to ``"off"``: groups share the cores.
+    """
+
+    def __init__(self, workers: int | None = None, *, errors: str = "raise", **options: Any):
+        unknown = set(options) - _POOL_OPTIONS
+        if unknown:
+            raise TypeError(f"Pipeline() got unknown settings: {', '.join(sorted(unknown))}")
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        options.setdefault("pin", "off")
+        self._workers = workers
+        self._options = options
+        self.errors = errors
+        self._specs: list[_Spec] = []
+        self._groups: list[_Group] | None = None
+        self._run: Run | None = None
+        self._closed = False
+
+    # --- stages -------------------------------------------------------------------------
+
+    def _add(self, kind, fn, name, workers=None, serial=False, alone=False, initial=None):
+        if self._groups is not None or self._closed:
+            raise RuntimeError("stages are added before the pipeline starts")
+        if not callable(fn):
+            raise TypeError(f"a stage must be callable, got {type(fn).__name__}")
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if serial and workers not in (None, 1):
+            raise ValueError("a serial stage has one worker")
+        name = name or getattr(fn, "__name__", None) or type(fn).__name__
+        if any(s.name == name for s in self._specs):
+            raise ValueError(
+                f"two stages are named {name!r}: stage names must be unique (pass name=)"
+            )
+        _check_importable(f"stage {name!r}", fn)
+        self._specs.append(_Spec(kind, fn, name, workers, serial, alone, initial))
+        return self
+
+    def map(self, fn: Callable, *, name: str | None = None, workers: int | None = None,
+            serial: bool = False, alone: bool = False) -> "Pipeline":
+        """Adds a stage whose output is ``fn(x)``."""
+        return self._add(_MAP, fn, name, workers, serial, alone)
+
+    def filter(self, fn: Callable, *, name: str | None = None, workers: int | None = None,
+               serial: bool = False, alone: bool = False) -> "Pipeline":
+        """Adds a stage that passes on the inputs for which ``fn(x)`` is true."""
+        return self._add(_FILTER, fn, name, workers, serial, alone)
+
+    def flat_map(self, fn: Callable, *, name: str | None = None, workers: int | None = None,
+                 serial: bool = False, alone: bool = False) -> "Pipeline":
+        """Adds a stage whose outputs are the items of ``fn(x)`` (any number, in order)."""
+        return self._add(_FLAT, fn, name, workers, serial, alone)
+
+    def stateful(self, fn: Callable, initial: Any = None, *, name: str | None = None) -> "Pipeline":
+        """Adds a serial stage with state: ``fn(state, x)`` returns ``(state, y)``; the first
+        item of each run sees a copy of ``initial``. ``Run.states`` holds each stateful
+        stage's state when its run ended."""
+        return self._add("stateful", fn, name, initial=initial)
+
+    def plan(self) -> list[dict]:
+        """The groups: for each, its stages (fused, in one call per item), its workers,
+        whether it is serial."""
+        return [
+            {"stages": list(g.names), "workers": g.workers, "serial": g.serial}
+            for g in self._grouped()
+        ]
+
+    def _grouped(self) -> list[_Group]:
+        if self._groups is not None:
+            return self._groups
+        if not self._specs:
+            raise ValueError("a pipeline needs at least one stage")
+        runs: list[list[_Spec]] = []
+        for s in self._specs:
+            if runs and s.fuses_with(runs[-1][-1]):
+                runs[-1].append(s)
+            else:
+                runs.append([s])
+        return [_Group(r, self._workers) for r in runs]
+
+    # --- life ---------------------------------------------------------------------------
+
+    def start(self) -> "Pipeline":
+        """Starts every group's workers (``run`` does it on first use). Raises as ``Pool``
+        does (``InitError`` for an initializer that fails)."""
+        if self._closed:
+            raise RuntimeError("this pipeline is closed")
+        if self._groups is not None:
+            return self
+        groups = self._grouped()
+        try:
+            for g in groups:
+                g.pool = Pool(g.task(), g.workers, errors="yield", **self._options)
+        except BaseException:
+            for g in groups:
+                if g.pool is not None:
+                    g.pool.close()
+            raise
+        self._groups = groups
+        return self
+
+    def run(self, iterable: Iterable, *, errors: str | None = None, copy: bool = False) -> "Run":
+        """Runs the stages on every item of ``iterable``: the last stage's outputs, in input
+        order, each as soon as it and those before it are ready. Lazy and bounded, as
+        ``Pool.map``; ``len()`` is the input's where the input has one and no stage filters
+        or flattens. ``copy=True`` gives results that own their memory."""
+        self.start()
+        if self._run is not None and not self._run._over:
+            raise RuntimeError(
+                "this pipeline runs another call: finish or close it first (one run at a "
+                "time)"
+            )
+        errors = errors or self.errors
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        self._run = Run(self, iterable, errors, copy)
+        return self._run
+
+    def stats(self) -> list[dict]:
+        """Each group's counters (``Pool.stats()``) with its ``stages``."""
+        return [
+            {"stages": list(g.names), **g.pool.stats()}
+            for g in (self._groups or [])
+            if g.pool is not None
+        ]
+
+    def close(self) -> None:
+        """Ends a run still going and stops every worker. Idempotent."""
+        self._closed = True
+        run, self._run = self._run, None
+        if run is not None:
+            run.close()
+        for g in self._groups or []:
+            if g.pool is not None:
+                g.pool.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> "Pipeline":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        plan = " | ".join(
+            f"{' + '.join(g['stages'])} ({g['workers']})" for g in self.plan()
+        ) if self._specs else "no stages"
+        return f"<shmexec.Pipeline {plan}{' closed' if self._closed else ''}>"
+
+
+class _Cancelled(Exception):
+    """The run was closed while a thread of it waited."""
+
+
+class _Flow:
+    """What the threads of a run share (not the ``Run`` itself, so that a dropped ``Run`` is
+    collected and closes it). ``tags[g]`` is group ``g``'s queue of hand-offs in input
+    order: ``("item", index)`` (placed into its pool), ``("val", index, x)`` (for a stateful
+    group, which places it itself), ``("err", exc, ends_run)``, ``("end",)``. ``tags[-1]``
+    is the caller's: ``("ok", index, result)``, errors and the end."""
+
+    def __init__(self, groups: list[_Group], copy: bool):
+        self.groups = groups
+        self.copy = copy
+        self.cancel = threading.Event()
+        self.tags: list[queue.Queue] = [
+            queue.Queue(_STATEFUL_QUEUE if g.stateful else 0) for g in groups
+        ] + [queue.Queue(_OUT_QUEUE)]
+        self.calls: list[_Call] = []
+        self.states: dict[str, Any] = {}
+        # Rung whenever something moved: the caller's thread waits on it for room or results.
+        self.bell = threading.Condition()
+        self.rings = 0
+        #: Calls of ``Run.__next__`` so far, and the one that was handed an ``OutputsHeld``.
+        self.asks = 0
+        self.held_at: int | None = None
+
+    def ring(self) -> None:
+        with self.bell:
+            self.rings += 1
+            self.bell.notify_all()
+
+    def wait(self, seen: int, timeout: float) -> None:
+        with self.bell:
+            if self.rings == seen and not self.cancel.is_set():
+                self.bell.wait(timeout)
+
+    def wait_for_ask(self) -> None:
+        """Waits until the caller, handed an ``OutputsHeld``, asks for the next result."""
+        with self.bell:
+            while self.held_at is None or self.asks <= self.held_at:
+                if self.cancel.is_set():
+                    raise _Cancelled
+                self.bell.wait(_SLICE)
+            self.held_at = None
+
+    def put(self, g: int, tag) -> None:
+        """Hands ``tag`` to group ``g`` (``len(groups)``: the caller), waiting while its queue
+        is full."""
+        q = self.tags[g]
+        while True:
+            if self.cancel.is_set():
+                raise _Cancelled
+            try:
+                q.put(tag, timeout=_SLICE)
+                self.ring()
+                return
+            except queue.Full:
+                continue
+
+    def take(self, g: int):
+        q = self.tags[g]
+        while True:
+            if self.cancel.is_set():
+                raise _Cancelled
+            try:
+                tag = q.get(timeout=_SLICE)
+                self.ring()
+                return tag
+            except queue.Empty:
+                continue
+
+    def send(self, g: int, index: int, x) -> bool:
+        """Places ``x`` (input ``index``'s) into group ``g``, waiting for room; ``False``
+        where the item could not be placed (its error was handed on in its place)."""
+        if g == len(self.groups):
+            self.put(g, ("ok", index, x))
+            return True
+        if self.groups[g].stateful:
+            self.put(g, ("val", index, x))
+            return True
+        try:
+            encoded = _codec.encode(x)
+        except Exception as e:
+            err = _errors.InvalidItem(
+                f"item {index}: the output of stages {self.groups[g - 1].label!r} cannot be "
+                f"passed on: {e}",
+                index,
+            )
+            err.stage = self.groups[g - 1].names[-1]
+            self.put(g, ("err", err, False))
+            return False
+        self.place(g, encoded)
+        self.put(g, ("item", index))
+        return True
+
+    def place(self, g: int, encoded) -> None:
+        call = self.calls[g]
+        skeleton, arrays = encoded
+        size = len(skeleton) + sum(a.nbytes for a in arrays)
+        while True:
+            if self.cancel.is_set():
+                raise _Cancelled
+            seq = call._call.try_send(skeleton, arrays)
+            if seq is not None:
+                call._sent(seq)
+                return
+            call._call.wait_for_room(size, _SLICE)
+
+    def receive(self, g: int):
+        """Group ``g``'s next result: the value, or the item's error (with ``errors="yield"``
+        a pool's item errors are values; any other is raised)."""
+        call = self.calls[g]
+        while True:
+            if self.cancel.is_set():
+                raise _Cancelled
+            r = call._call.recv(_SLICE)
+            if r is None:
+                continue
+            if r[0] == "end":
+                raise _errors.PoolError(f"group {self.groups[g].label!r} ended early")
+            self.ring()
+            if r[0] == "ok":
+                _, _seq, skeleton, arrays, frame = r
+                last = g == len(self.groups) - 1
+                return _codec.decode(frame, skeleton, arrays, self.copy and last)
+            return call._result(r)
+
+
+def _restaged(exc: _errors.ItemError, index: int, group: _Group) -> _errors.ItemError:
+    """A group's item error as the pipeline's: numbered by the pipeline's input and naming
+    its stage."""
+    if isinstance(exc, _errors.TaskError):
+        text, stage = exc.traceback, group.label
+        if text.startswith(STAGE_MARK):
+            first, _, text = text.partition("\n")
+            stage = first[len(STAGE_MARK):]
+        last = text.strip().splitlines()[-1] if text.strip() else "the function raised"
+        new: _errors.ItemError = _errors.TaskError(
+            f"item {index}, stage {stage!r}: {last}", index, text
+        )
+    else:
+        stage = group.label
+        message = str(exc.args[0]) if exc.args else str(exc)
+        if exc.index is not None:
+            message = re.sub(rf"\b(item|input|output) {exc.index}\b", rf"\g<1> {index}", message)
+        new = type(exc)(f"stages {stage!r}: {message}", index)
+    new.stage = stage
+    new.__cause__ = exc.__cause__
+    return new
+
+
+def _hand_on(flow: _Flow, g: int, index: int, r) -> None:
+    """Hands group ``g``'s result for input ``index`` to the next (its outputs, for a group
+    that filters or flattens); the result's frame is let go on return."""
+    for x in r if flow.groups[g].many else (r,):
+        flow.send(g + 1, index, x)
+
+
+def _move(flow: _Flow, g: int) -> None:
+    """Group ``g``'s thread: follows its tags in order, collects each placed item's result
+    and hands it on."""
+    group = flow.groups[g]
+    state = _copy.deepcopy(group.specs[0].initial) if group.stateful else None
+    try:
+        while True:
+            tag = flow.take(g)
+            kind = tag[0]
+            if kind == "end":
+                if g + 1 < len(flow.groups) and not flow.groups[g + 1].stateful:
+                    flow.calls[g + 1]._call.close_input()
+                if group.stateful:
+                    flow.states[group.names[0]] = _copy.deepcopy(state)
+                flow.put(g + 1, tag)
+                return
+            if kind in ("err", "held"):
+                flow.put(g + 1, tag)
+                continue
+            index = tag[1]
+            if group.stateful:
+                try:
+                    encoded = _codec.encode((state, tag[2]))
+                except Exception as e:
+                    err = _errors.InvalidItem(
+                        f"item {index}: the input of stateful stage {group.label!r} with its "
+                        f"state cannot be sent: {e}",
+                        index,
+                    )
+                    err.stage = group.label
+                    flow.put(g + 1, ("err", err, False))
+                    continue
+                del tag
+                flow.place(g, encoded)
+                del encoded
+            try:
+                r = flow.receive(g)
+            except _errors.OutputsHeld as e:
+                # The caller holds the results that fill the last group's ring: it hears so,
+                # and this group asks again only once the caller asked for more (as a pool's
+                # results do: asked again with none dropped, the call ends).
+                flow.put(g + 1, ("held", e))
+                flow.wait_for_ask()
+                continue
+            except _Cancelled:
+                raise
+            except Exception as e:
+                # The pool's error, not an item's: the run ends here, in order.
+                flow.put(g + 1, ("err", e, True))
+                return
+            if isinstance(r, _errors.ItemError):
+                flow.put(g + 1, ("err", _restaged(r, index, group), False))
+                continue
+            if group.stateful:
+                state, r = r
+            _hand_on(flow, g, index, r)
+            del r
+    except _Cancelled:
+        return
+    except BaseException as e:  # a bug: the caller hears of it rather than waiting
+        try:
+            flow.put(len(flow.groups), ("err", e, True))
+        except _Cancelled:
+            pass
+
+
+class Run:
+    """The results of ``Pipeline.run``: an iterator, in input order. An item's error is
+    raised in its place (``TaskError`` and the others, with ``.index``, the input's position,
+    and ``.stage``, the stage it failed in); calling ``next()`` again goes on. Closing it (or
+    dropping it) midway discards what is in flight."""
+
+    def __init__(self, pipeline: Pipeline, iterable: Iterable, errors: str, copy: bool):
+        groups = pipeline._groups
+        assert groups is not None
+        self._len = None
+        if not any(g.many for g in groups):
+            try:
+                self._len = len(iterable)  # type: ignore[arg-type]
+            except TypeError:
+                pass
+        self._it = iter(iterable)
+        self._errors = errors
+        self._over = False
+        self._flow = flow = _Flow(groups, copy)
+        #: The state of each stateful stage when the run ended (by stage name).
+        self.states = flow.states
+        try:
+            for g in groups:
+                flow.calls.append(_Call(g.pool, True, "yield", False))
+        except BaseException:
+            self.close()
+            raise
+        self._pending = None
+        self._taken = 0
+        self._exhausted = False
+        self._threads = [
+            threading.Thread(target=_move, args=(flow, g), daemon=True, name=f"shmexec-{g}")
+            for g in range(len(groups))
+        ]
+        for t in self._threads:
+            t.start()
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __len__(self) -> int:
+        if self._len is None:
+            raise TypeError("the input of this run has no len(), or a stage filters or flattens")
+        return self._len
+
+    def _feed(self) -> None:
+        """Places inputs into the first group while it has room (never waits)."""
+        flow = self._flow
+        first = flow.groups[0]
+        while self._pending is not None or not self._exhausted:
+            if self._pending is None:
+                try:
+                    item = next(self._it)
+                except StopIteration:
+                    self._exhausted = True
+                    self._pending = ("end",)
+                except Exception as e:
+                    self._exhausted = True
+                    self._pending = ("err", e, True)
+                else:
+                    index = self._taken
+                    self._taken += 1
+                    if first.stateful:
+                        self._pending = ("val", index, item)
+                    else:
+                        try:
+                            self._pending = ("place", index, _codec.encode(item))
+                        except Exception as e:
+                            err = _errors.InvalidItem(
+                                f"item {index} cannot be sent to a worker: {e}", index
+                            )
+                            err.__cause__ = e
+                            err.stage = first.names[0]
+                            self._pending = ("err", err, False)
+            tag = self._pending
+            if tag[0] == "place":
+                seq = flow.calls[0]._call.try_send(*tag[2])
+                if seq is None:
+                    return
+                flow.calls[0]._sent(seq)
+                tag = ("item", tag[1])
+            elif tag[0] == "end" and not first.stateful:
+                flow.calls[0]._call.close_input()
+            try:
+                flow.tags[0].put_nowait(tag)
+            except queue.Full:
+                return
+            flow.ring()
+            self._pending = None
+
+    def __next__(self):
+        if self._over:
+            raise StopIteration
+        flow = self._flow
+        out = flow.tags[-1]
+        with flow.bell:
+            flow.asks += 1
+            flow.bell.notify_all()
+        try:
+            while True:
+                seen = flow.rings
+                self._feed()
+                try:
+                    tag = out.get_nowait()
+                except queue.Empty:
+                    flow.wait(seen, _SLICE)
+                    continue
+                flow.ring()
+                break
+        except BaseException:
+            # Ctrl-C, or the input's iterator: nothing is left running.
+            self.close()
+            raise
+        if tag[0] == "ok":
+            return tag[2]
+        if tag[0] == "end":
+            self.close()
+            raise StopIteration
+        if tag[0] == "held":
+            with flow.bell:
+                flow.held_at = flow.asks
+            raise tag[1]
+        _, exc, ends = tag
+        if ends:
+            self.close()
+            raise exc
+        if self._errors == "yield":
+            return exc
+        raise exc
+
+    def close(self) -> None:
+        """Ends the run; what is in flight is discarded. The pipeline is ready for the next
+        run."""
+        if self._over:
+            return
+        self._over = True
+        flow = self._flow
+        flow.cancel.set()
+        flow.ring()
+        for t in getattr(self, "_threads", []):
+            t.join(5.0)
+        for call in flow.calls:
+            call.close()
+        flow.calls.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

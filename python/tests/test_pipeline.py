@@ -1,0 +1,199 @@
+"""Pipelines of Python stages against the same functions run one after the other."""
+
+import faulthandler
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import pipefns
+import shmexec
+
+
+@pytest.fixture(autouse=True)
+def hang_guard():
+    faulthandler.dump_traceback_later(60, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
+
+
+def raw_chunks(n, size=4096):
+    rng = np.random.default_rng(7)
+    out = []
+    for i in range(n):
+        c = rng.integers(0, 30, size).astype(np.float32)
+        c[0] = i * 1000
+        out.append(c)
+    return out
+
+
+def sequential(chunks):
+    out = []
+    for c in chunks:
+        r = pipefns.loud(pipefns.to_records(c))
+        if pipefns.has_records(r):
+            out.append(pipefns.summarize(r))
+    return out
+
+
+def test_fused_stages_match_a_sequential_run():
+    chunks = raw_chunks(30)
+    pipe = (shmexec.Pipeline(workers=2)
+            .map(pipefns.to_records).map(pipefns.loud).filter(pipefns.has_records)
+            .map(pipefns.summarize))
+    assert pipe.plan() == [{"stages": ["to_records", "loud", "has_records", "summarize"],
+                            "workers": 2, "serial": False}]
+    with pipe:
+        got = list(pipe.run(chunks))
+        assert got == sequential(chunks)
+        # The pipeline runs again.
+        assert list(pipe.run(chunks[:5])) == sequential(chunks[:5])
+        stats = pipe.stats()
+        assert len(stats) == 1 and stats[0]["items"] == 35
+
+
+def test_groups_hand_structured_arrays_on_in_order():
+    chunks = raw_chunks(40)
+    pipe = (shmexec.Pipeline(workers=2)
+            .map(pipefns.to_records)
+            .map(pipefns.loud, serial=True)       # a group of one worker
+            .map(pipefns.identity, workers=2))  # and a third group
+    assert [g["stages"] for g in pipe.plan()] == [["to_records"], ["loud"], ["identity"]]
+    assert [g["workers"] for g in pipe.plan()] == [2, 1, 2]
+    with pipe:
+        run = pipe.run(chunks)
+        assert len(run) == 40
+        for c, r in zip(chunks, run, strict=True):
+            want = pipefns.loud(pipefns.to_records(c))
+            assert r.dtype == pipefns.RECORD
+            np.testing.assert_array_equal(r, want)
+
+
+def test_flat_map_across_groups():
+    chunks = raw_chunks(12)
+    pipe = (shmexec.Pipeline(workers=2)
+            .map(pipefns.to_records).flat_map(pipefns.split_halves)
+            .map(pipefns.summarize, alone=True))
+    want = [pipefns.summarize(h) for c in chunks
+            for h in pipefns.split_halves(pipefns.to_records(c))]
+    with pipe:
+        run = pipe.run(chunks)
+        with pytest.raises(TypeError):
+            len(run)
+        assert list(run) == want
+
+
+def test_a_stateful_stage_numbers_in_order_and_keeps_its_state():
+    chunks = raw_chunks(25)
+    pipe = (shmexec.Pipeline(workers=2)
+            .map(pipefns.to_records).map(pipefns.summarize)
+            .stateful(pipefns.number, initial=100))
+    assert [g["serial"] for g in pipe.plan()] == [False, True]
+    with pipe:
+        run = pipe.run(chunks)
+        got = list(run)
+        assert [n for n, _ in got] == list(range(100, 125))
+        assert [k for _, k in got] == [512] * 25
+        assert run.states == {"number": 125}
+        # Each run starts from the initial state.
+        assert [n for n, _ in pipe.run(chunks[:3])] == [100, 101, 102]
+
+
+def test_a_stateful_stage_first_and_alone():
+    xs = [np.array([i]) for i in range(6)]
+    with shmexec.Pipeline(workers=1).stateful(pipefns.raise_on_two, initial=[]) as pipe:
+        run = pipe.run(xs, errors="yield")
+        got = list(run)
+        assert isinstance(got[2], shmexec.TaskError)
+        assert got[2].index == 2 and got[2].stage == "raise_on_two"
+        # The failed item changed nothing: the state went on from [0, 1].
+        assert [g for i, g in enumerate(got) if i != 2] == [0, 1, 2, 3, 4]
+        assert run.states["raise_on_two"] == [0, 1, 3, 4, 5]
+
+
+def test_a_crash_in_a_stateful_stage_reruns_from_the_same_state(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHMEXEC_TEST_MARKER", str(tmp_path / "crashed"))
+    xs = [np.array([i]) for i in range(8)]
+    with shmexec.Pipeline(workers=2).map(pipefns.identity).stateful(
+            pipefns.crash_once, initial=0) as pipe:
+        run = pipe.run(xs)
+        assert list(run) == [0, 0, 1, 3, 6, 10, 15, 21]
+        assert run.states["crash_once"] == 28
+        assert (tmp_path / "crashed").exists()
+        assert sum(g["respawns"] for g in pipe.stats()) == 1
+
+
+def test_an_error_names_its_stage_and_input_and_the_run_goes_on():
+    chunks = raw_chunks(12)
+    pipe = (shmexec.Pipeline(workers=2)
+            .map(pipefns.to_records).map(pipefns.fail_on_seven).map(pipefns.loud)
+            .map(pipefns.summarize, serial=True))
+    with pipe:
+        run = pipe.run(chunks)
+        got = []
+        while True:
+            try:
+                got.append(next(run))
+            except StopIteration:
+                break
+            except shmexec.TaskError as e:
+                assert e.index == 7 and e.stage == "fail_on_seven"
+                assert e.remote_type == "ValueError"
+                assert "chunk seven" in str(e) and "stage 'fail_on_seven'" in str(e)
+                got.append("failed")
+        want = sequential(chunks)
+        want[7] = "failed"
+        assert got == want
+
+
+def test_an_input_that_cannot_be_sent_fails_in_its_place():
+    xs = [np.array([1.0]), threading.Lock(), np.array([3.0])]
+    with shmexec.Pipeline(workers=1, errors="yield").map(pipefns.identity) as pipe:
+        got = list(pipe.run(xs))
+    assert isinstance(got[1], shmexec.InvalidItem) and got[1].index == 1
+    assert [float(got[0][0]), float(got[2][0])] == [1.0, 3.0]
+
+
+def test_closing_a_run_midway_frees_the_pipeline():
+    chunks = raw_chunks(200)
+    with shmexec.Pipeline(workers=2).map(pipefns.to_records).map(
+            pipefns.loud, serial=True) as pipe:
+        run = pipe.run(chunks)
+        next(run)
+        with pytest.raises(RuntimeError):
+            pipe.run(chunks)
+        run.close()
+        assert len(list(pipe.run(chunks[:4]))) == 4
+        pids = [p for g in pipe.stats() for p in (w["pid"] for w in g["workers"])]
+    assert len(pids) == 3
+    for p in pids:
+        for _ in range(100):
+            if not os.path.exists(f"/proc/{p}"):
+                break
+            import time
+            time.sleep(0.05)
+
+
+def test_settings_and_stages_are_checked():
+    with pytest.raises(TypeError, match="unknown settings"):
+        shmexec.Pipeline(ringbytes=1)
+    with pytest.raises(TypeError, match="lambda"):
+        shmexec.Pipeline().map(lambda x: x)
+    with pytest.raises(ValueError, match="unique"):
+        shmexec.Pipeline().map(pipefns.identity).map(pipefns.identity)
+    with pytest.raises(ValueError, match="at least one stage"):
+        shmexec.Pipeline().plan()
+    with pytest.raises(ValueError, match="serial"):
+        shmexec.Pipeline().map(pipefns.identity, serial=True, workers=2)
+    with shmexec.Pipeline(workers=1).map(pipefns.identity) as pipe:
+        with pytest.raises(RuntimeError, match="before the pipeline starts"):
+            pipe.map(pipefns.loud)
+
+
+def test_a_stateful_stage_that_returns_no_pair_fails_its_items():
+    xs = [np.array([i]) for i in range(3)]
+    with shmexec.Pipeline().stateful(pipefns.bad_stateful, initial=0) as pipe:
+        got = list(pipe.run(xs, errors="yield"))
+    assert all(isinstance(g, shmexec.TaskError) for g in got)
+    assert "returns (state, output)" in str(got[0])
