@@ -493,6 +493,18 @@ def _hand_on(flow: _Flow, g: int, index: int, r) -> None:
         flow.send(g + 1, index, x)
 
 
+def _collect(flow: _Flow, g: int):
+    """Group ``g``'s next result. While the caller holds the results that fill the ring, it
+    hears so (``OutputsHeld``), and the group asks again once the caller asked for more: as a
+    pool's results do, where asking again with none dropped ends the call."""
+    while True:
+        try:
+            return flow.receive(g)
+        except _errors.OutputsHeld as e:
+            flow.put(g + 1, ("held", e))
+            flow.wait_for_ask()
+
+
 def _move(flow: _Flow, g: int) -> None:
     """Group ``g``'s thread: follows its tags in order, collects each placed item's result
     and hands it on."""
@@ -529,14 +541,7 @@ def _move(flow: _Flow, g: int) -> None:
                 flow.place(g, encoded)
                 del encoded
             try:
-                r = flow.receive(g)
-            except _errors.OutputsHeld as e:
-                # The caller holds the results that fill the last group's ring: it hears so,
-                # and this group asks again only once the caller asked for more (as a pool's
-                # results do: asked again with none dropped, the call ends).
-                flow.put(g + 1, ("held", e))
-                flow.wait_for_ask()
-                continue
+                r = _collect(flow, g)
             except _Cancelled:
                 raise
             except Exception as e:

@@ -71,3 +71,10 @@ def identity(x):
 
 def pid(x):
     return np.array([os.getpid()])
+
+
+def slow(x):
+    import time
+
+    time.sleep(0.05)
+    return x

@@ -167,12 +167,11 @@ def test_closing_a_run_midway_frees_the_pipeline():
         assert len(list(pipe.run(chunks[:4]))) == 4
         pids = [p for g in pipe.stats() for p in (w["pid"] for w in g["workers"])]
     assert len(pids) == 3
-    for p in pids:
-        for _ in range(100):
-            if not os.path.exists(f"/proc/{p}"):
-                break
-            import time
-            time.sleep(0.05)
+    import time
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
+        time.sleep(0.05)
+    assert not [p for p in pids if os.path.exists(f"/proc/{p}")]
 
 
 def test_settings_and_stages_are_checked():
@@ -197,3 +196,69 @@ def test_a_stateful_stage_that_returns_no_pair_fails_its_items():
         got = list(pipe.run(xs, errors="yield"))
     assert all(isinstance(g, shmexec.TaskError) for g in got)
     assert "returns (state, output)" in str(got[0])
+
+
+def test_held_results_raise_outputs_held_and_the_run_goes_on_once_dropped():
+    xs = [np.full(16 << 10, i, np.float32) for i in range(60)]  # 64 KiB each
+    with shmexec.Pipeline(workers=1, ring_bytes=1 << 20).map(pipefns.identity) as pipe:
+        run = pipe.run(xs)
+        held = []
+        try:
+            while True:
+                held.append(next(run))
+        except shmexec.OutputsHeld:
+            pass
+        assert 0 < len(held) < 60
+        got = [float(h[0]) for h in held]
+        held.clear()
+        got += [float(r[0]) for r in run]
+        assert got == [float(i) for i in range(60)]
+
+
+_CTRL_C = """
+import numpy as np, shmexec, pipefns
+if __name__ == "__main__":
+    pipe = shmexec.Pipeline(workers=2).map(pipefns.identity).map(pipefns.slow, serial=True)
+    pipe.start()
+    print("PIDS", *[w["pid"] for g in pipe.stats() for w in g["workers"]], flush=True)
+    try:
+        for i, r in enumerate(pipe.run(np.zeros(4) for _ in range(1000))):
+            if i == 1:
+                print("RUNNING", flush=True)
+    except KeyboardInterrupt:
+        print("INTERRUPTED", flush=True)
+        raise
+"""
+
+
+def test_ctrl_c_ends_the_caller_and_every_group():
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = f"import sys; sys.path.insert(0, {here!r})\n" + _CTRL_C
+    shm = set(os.listdir("/dev/shm"))
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=here)
+    pids = []
+    try:
+        for line in p.stdout:
+            if line.startswith("PIDS"):
+                pids = [int(x) for x in line.split()[1:]]
+            if line.startswith("RUNNING"):
+                p.send_signal(signal.SIGINT)
+                break
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert "INTERRUPTED" in out, (out, err)
+    assert "KeyboardInterrupt" in err and p.returncode != 0
+    assert len(pids) == 3
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{q}") for q in pids):
+        time.sleep(0.05)
+    assert not [q for q in pids if os.path.exists(f"/proc/{q}")]
+    assert {n for n in set(os.listdir("/dev/shm")) - shm if not n.startswith(("psm_", "sem."))} == set()
