@@ -20,6 +20,7 @@ group's workers, and so on back to the caller.
 
 from __future__ import annotations
 
+import collections
 import copy as _copy
 import queue
 import re
@@ -61,6 +62,15 @@ class _Chain:
         self.many = many
 
     def __call__(self, x):
+        if not self.many:
+            # Maps only: one output per stage.
+            for _, fn, name in self.stages:
+                try:
+                    x = fn(x)
+                except BaseException as e:
+                    _mark(e, name)
+                    raise
+            return x
         items = [x]
         del x
         for kind, fn, name in self.stages:
@@ -334,6 +344,31 @@ class Pipeline:
         return f"<shmexec.Pipeline {plan}{' closed' if self._closed else ''}>"
 
 
+class _LocalQueue:
+    """The tag queues of a one-group pipeline, used by the caller's thread alone: a
+    ``queue.Queue``'s interface without its locks."""
+
+    def __init__(self, maxsize: int = 0):
+        self.items: collections.deque = collections.deque()
+        self.maxsize = maxsize
+
+    def put_nowait(self, tag) -> None:
+        if self.maxsize and len(self.items) >= self.maxsize:
+            raise queue.Full
+        self.items.append(tag)
+
+    def put(self, tag, timeout=None) -> None:
+        self.put_nowait(tag)
+
+    def get_nowait(self):
+        if not self.items:
+            raise queue.Empty
+        return self.items.popleft()
+
+    def get(self, timeout=None):
+        return self.get_nowait()
+
+
 class _Cancelled(Exception):
     """The run was closed while a thread of it waited."""
 
@@ -348,10 +383,13 @@ class _Flow:
     def __init__(self, groups: list[_Group], copy: bool):
         self.groups = groups
         self.copy = copy
+        #: A pipeline of one group runs on the caller's thread alone, as ``Pool.map`` does.
+        self.direct = len(groups) == 1
         self.cancel = threading.Event()
-        self.tags: list[queue.Queue] = [
-            queue.Queue(_STATEFUL_QUEUE if g.stateful else 0) for g in groups
-        ] + [queue.Queue(_OUT_QUEUE)]
+        make = _LocalQueue if self.direct else queue.Queue
+        self.tags = [make(_STATEFUL_QUEUE if g.stateful else 0) for g in groups] + [
+            make(0 if self.direct else _OUT_QUEUE)
+        ]
         self.calls: list[_Call] = []
         self.states: dict[str, Any] = {}
         # Rung whenever something moved: the caller's thread waits on it for room or results.
@@ -362,6 +400,8 @@ class _Flow:
         self.held_at: int | None = None
 
     def ring(self) -> None:
+        if self.direct:  # nobody waits on the bell
+            return
         with self.bell:
             self.rings += 1
             self.bell.notify_all()
@@ -493,68 +533,92 @@ def _hand_on(flow: _Flow, g: int, index: int, r) -> None:
         flow.send(g + 1, index, x)
 
 
-def _collect(flow: _Flow, g: int):
-    """Group ``g``'s next result. While the caller holds the results that fill the ring, it
-    hears so (``OutputsHeld``), and the group asks again once the caller asked for more: as a
-    pool's results do, where asking again with none dropped ends the call."""
-    while True:
-        try:
-            return flow.receive(g)
-        except _errors.OutputsHeld as e:
-            flow.put(g + 1, ("held", e))
-            flow.wait_for_ask()
+class _Mover:
+    """What group ``g``'s thread does with each of its tags (in a one-group pipeline, the
+    caller's thread does it): collects each placed item's result, in order, and hands it on."""
 
+    def __init__(self, flow: _Flow, g: int):
+        self.flow, self.g = flow, g
+        self.group = flow.groups[g]
+        self.state = _copy.deepcopy(self.group.specs[0].initial) if self.group.stateful else None
+        #: The input whose result the group gives next, once it was placed (kept across an
+        #: ``OutputsHeld``, after which it is collected again).
+        self.waiting: int | None = None
 
-def _move(flow: _Flow, g: int) -> None:
-    """Group ``g``'s thread: follows its tags in order, collects each placed item's result
-    and hands it on."""
-    group = flow.groups[g]
-    state = _copy.deepcopy(group.specs[0].initial) if group.stateful else None
-    try:
-        while True:
-            tag = flow.take(g)
-            kind = tag[0]
-            if kind == "end":
-                if g + 1 < len(flow.groups) and not flow.groups[g + 1].stateful:
-                    flow.calls[g + 1]._call.close_input()
-                if group.stateful:
-                    flow.states[group.names[0]] = _copy.deepcopy(state)
-                flow.put(g + 1, tag)
-                return
-            if kind in ("err", "held"):
-                flow.put(g + 1, tag)
-                continue
-            index = tag[1]
+    def step(self, tag) -> bool:
+        """Follows one tag; ``False`` once the group's part of the run is over."""
+        flow, g, group = self.flow, self.g, self.group
+        kind = tag[0]
+        if kind == "end":
+            if g + 1 < len(flow.groups) and not flow.groups[g + 1].stateful:
+                flow.calls[g + 1]._call.close_input()
             if group.stateful:
-                try:
-                    encoded = _codec.encode((state, tag[2]))
-                except Exception as e:
-                    err = _errors.InvalidItem(
-                        f"item {index}: the input of stateful stage {group.label!r} with its "
-                        f"state cannot be sent: {e}",
-                        index,
-                    )
-                    err.stage = group.label
-                    flow.put(g + 1, ("err", err, False))
-                    continue
-                del tag
-                flow.place(g, encoded)
-                del encoded
+                flow.states[group.names[0]] = _copy.deepcopy(self.state)
+            flow.put(g + 1, tag)
+            return False
+        if kind in ("err", "held"):
+            flow.put(g + 1, tag)
+            return True
+        index = tag[1]
+        if group.stateful:
             try:
-                r = _collect(flow, g)
+                encoded = _codec.encode((self.state, tag[2]))
+            except Exception as e:
+                err = _errors.InvalidItem(
+                    f"item {index}: the input of stateful stage {group.label!r} with its "
+                    f"state cannot be sent: {e}",
+                    index,
+                )
+                err.stage = group.label
+                flow.put(g + 1, ("err", err, False))
+                return True
+            del tag
+            flow.place(g, encoded)
+            del encoded
+        self.waiting = index
+        return self.finish()
+
+    def finish(self) -> bool:
+        """Collects the result of the input placed last and hands it on."""
+        flow, g, group = self.flow, self.g, self.group
+        index = self.waiting
+        assert index is not None
+        while True:
+            try:
+                r = flow.receive(g)
+                break
+            except _errors.OutputsHeld as e:
+                # The caller holds the results that fill the ring: it hears so, and the
+                # group asks again once the caller asked for more (as a pool's results do:
+                # asked again with none dropped, the call ends).
+                flow.put(g + 1, ("held", e))
+                if flow.direct:
+                    return True
+                flow.wait_for_ask()
             except _Cancelled:
                 raise
             except Exception as e:
                 # The pool's error, not an item's: the run ends here, in order.
+                self.waiting = None
                 flow.put(g + 1, ("err", e, True))
-                return
-            if isinstance(r, _errors.ItemError):
-                flow.put(g + 1, ("err", _restaged(r, index, group), False))
-                continue
-            if group.stateful:
-                state, r = r
-            _hand_on(flow, g, index, r)
-            del r
+                return False
+        self.waiting = None
+        if isinstance(r, _errors.ItemError):
+            flow.put(g + 1, ("err", _restaged(r, index, group), False))
+            return True
+        if group.stateful:
+            self.state, r = r
+        for x in r if group.many else (r,):
+            flow.send(g + 1, index, x)
+        return True
+
+
+def _move(flow: _Flow, g: int) -> None:
+    """Group ``g``'s thread."""
+    mover = _Mover(flow, g)
+    try:
+        while mover.step(flow.take(g)):
+            pass
     except _Cancelled:
         return
     except BaseException as e:  # a bug: the caller hears of it rather than waiting
@@ -594,9 +658,11 @@ class Run:
         self._pending = None
         self._taken = 0
         self._exhausted = False
+        self._mover = _Mover(flow, 0) if flow.direct else None
         self._threads = [
             threading.Thread(target=_move, args=(flow, g), daemon=True, name=f"shmexec-{g}")
             for g in range(len(groups))
+            if not flow.direct
         ]
         for t in self._threads:
             t.start()
@@ -654,6 +720,25 @@ class Run:
             flow.ring()
             self._pending = None
 
+    def _step(self) -> None:
+        """One step of a one-group pipeline, on the caller's thread: collects the next result
+        (waiting for it), or waits for room where nothing is in flight."""
+        mover, flow = self._mover, self._flow
+        if mover.waiting is not None:
+            mover.finish()
+            return
+        try:
+            tag = flow.tags[0].get_nowait()
+        except queue.Empty:
+            pending = self._pending
+            if pending is not None and pending[0] == "place":
+                # No worker has room and nothing is in flight (workers restarting).
+                skeleton, arrays = pending[2]
+                size = len(skeleton) + sum(a.nbytes for a in arrays)
+                flow.calls[0]._call.wait_for_room(size, _SLICE)
+            return
+        mover.step(tag)
+
     def __next__(self):
         if self._over:
             raise StopIteration
@@ -669,7 +754,10 @@ class Run:
                 try:
                     tag = out.get_nowait()
                 except queue.Empty:
-                    flow.wait(seen, _SLICE)
+                    if self._mover is not None:
+                        self._step()
+                    else:
+                        flow.wait(seen, _SLICE)
                     continue
                 flow.ring()
                 break
