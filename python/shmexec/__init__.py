@@ -26,7 +26,7 @@ from ._errors import (
     TaskError,
     WorkerCrashed,
 )
-from ._pipeline import Pipeline, Run
+from ._pipeline import Pipeline, PipelineStream, Run
 from ._pool import Pool, Results, Stream
 from ._worker import worker_index
 
@@ -36,6 +36,7 @@ __all__ = [
     "Stream",
     "Pipeline",
     "Run",
+    "PipelineStream",
     "worker_index",
     "ShmexecError",
     "ItemError",

@@ -25,6 +25,7 @@ import copy as _copy
 import queue
 import re
 import threading
+import time
 from typing import Any, Callable, Iterable, Iterator
 
 from . import _codec, _errors
@@ -200,7 +201,7 @@ class Pipeline:
         self.errors = errors
         self._specs: list[_Spec] = []
         self._groups: list[_Group] | None = None
-        self._run: Run | None = None
+        self._run: _Output | None = None
         self._closed = False
 
     # --- stages -------------------------------------------------------------------------
@@ -291,17 +292,30 @@ class Pipeline:
         order, each as soon as it and those before it are ready. Lazy and bounded, as
         ``Pool.map``; ``len()`` is the input's where the input has one and no stage filters
         or flattens. ``copy=True`` gives results that own their memory."""
+        self._check_idle()
+        errors = errors or self.errors
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        self._run = Run(self, iterable, errors, copy)
+        return self._run
+
+    def stream(self, *, errors: str | None = None, copy: bool = False) -> "PipelineStream":
+        """A live run: ``submit()`` chunks from a producer thread as they arrive and iterate
+        the results on another, in submission order. See ``PipelineStream``."""
+        self._check_idle()
+        errors = errors or self.errors
+        if errors not in ("raise", "yield"):
+            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        self._run = PipelineStream(self, errors, copy)
+        return self._run
+
+    def _check_idle(self) -> None:
         self.start()
         if self._run is not None and not self._run._over:
             raise RuntimeError(
                 "this pipeline runs another call: finish or close it first (one run at a "
                 "time)"
             )
-        errors = errors or self.errors
-        if errors not in ("raise", "yield"):
-            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
-        self._run = Run(self, iterable, errors, copy)
-        return self._run
 
     def stats(self) -> list[dict]:
         """Each group's counters (``Pool.stats()``) with its ``stages``."""
@@ -380,11 +394,11 @@ class _Flow:
     group, which places it itself), ``("err", exc, ends_run)``, ``("end",)``. ``tags[-1]``
     is the caller's: ``("ok", index, result)``, errors and the end."""
 
-    def __init__(self, groups: list[_Group], copy: bool):
+    def __init__(self, groups: list[_Group], copy: bool, direct: bool):
         self.groups = groups
         self.copy = copy
-        #: A pipeline of one group runs on the caller's thread alone, as ``Pool.map`` does.
-        self.direct = len(groups) == 1
+        #: A run of one group runs on the caller's thread alone, as ``Pool.map`` does.
+        self.direct = direct
         self.cancel = threading.Event()
         make = _LocalQueue if self.direct else queue.Queue
         self.tags = [make(_STATEFUL_QUEUE if g.stateful else 0) for g in groups] + [
@@ -628,7 +642,89 @@ def _move(flow: _Flow, g: int) -> None:
             pass
 
 
-class Run:
+class _Output:
+    """What ``Run`` and ``PipelineStream`` share: a run's flow, its threads, and its results as the
+    caller gets them."""
+
+    def __init__(self, pipeline: Pipeline, errors: str, copy: bool, direct: bool):
+        groups = pipeline._groups
+        assert groups is not None
+        self._errors = errors
+        self._over = False
+        self._flow = flow = _Flow(groups, copy, direct)
+        #: The state of each stateful stage when the run ended (by stage name).
+        self.states = flow.states
+        self._threads: list[threading.Thread] = []
+        try:
+            for g in groups:
+                flow.calls.append(_Call(g.pool, True, "yield", False))
+        except BaseException:
+            self.close()
+            raise
+        self._mover = _Mover(flow, 0) if flow.direct else None
+        if not flow.direct:
+            self._threads = [
+                threading.Thread(target=_move, args=(flow, g), daemon=True, name=f"shmexec-{g}")
+                for g in range(len(groups))
+            ]
+            for t in self._threads:
+                t.start()
+
+    def _asked(self) -> None:
+        flow = self._flow
+        with flow.bell:
+            flow.asks += 1
+            flow.bell.notify_all()
+
+    def _deliver(self, tag):
+        """The caller's tag as a result, or its error raised (given, with errors="yield")."""
+        flow = self._flow
+        flow.ring()
+        if tag[0] == "ok":
+            return tag[2]
+        if tag[0] == "end":
+            self.close()
+            raise StopIteration
+        if tag[0] == "held":
+            with flow.bell:
+                flow.held_at = flow.asks
+            raise tag[1]
+        _, exc, ends = tag
+        if ends:
+            self.close()
+            raise exc
+        if self._errors == "yield":
+            return exc
+        raise exc
+
+    def __iter__(self) -> Iterator:
+        return self
+
+    def close(self) -> None:
+        """Ends the run; what is in flight is discarded. The pipeline is ready for the next
+        run."""
+        if self._over:
+            return
+        self._over = True
+        flow = self._flow
+        flow.cancel.set()
+        with flow.bell:
+            flow.bell.notify_all()
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(5.0)
+        for call in flow.calls:
+            call.close()
+        flow.calls.clear()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Run(_Output):
     """The results of ``Pipeline.run``: an iterator, in input order. An item's error is
     raised in its place (``TaskError`` and the others, with ``.index``, the input's position,
     and ``.stage``, the stage it failed in); calling ``next()`` again goes on. Closing it (or
@@ -644,31 +740,10 @@ class Run:
             except TypeError:
                 pass
         self._it = iter(iterable)
-        self._errors = errors
-        self._over = False
-        self._flow = flow = _Flow(groups, copy)
-        #: The state of each stateful stage when the run ended (by stage name).
-        self.states = flow.states
-        try:
-            for g in groups:
-                flow.calls.append(_Call(g.pool, True, "yield", False))
-        except BaseException:
-            self.close()
-            raise
         self._pending = None
         self._taken = 0
         self._exhausted = False
-        self._mover = _Mover(flow, 0) if flow.direct else None
-        self._threads = [
-            threading.Thread(target=_move, args=(flow, g), daemon=True, name=f"shmexec-{g}")
-            for g in range(len(groups))
-            if not flow.direct
-        ]
-        for t in self._threads:
-            t.start()
-
-    def __iter__(self) -> Iterator:
-        return self
+        super().__init__(pipeline, errors, copy, direct=len(groups) == 1)
 
     def __len__(self) -> int:
         if self._len is None:
@@ -698,12 +773,7 @@ class Run:
                         try:
                             self._pending = ("place", index, _codec.encode(item))
                         except Exception as e:
-                            err = _errors.InvalidItem(
-                                f"item {index} cannot be sent to a worker: {e}", index
-                            )
-                            err.__cause__ = e
-                            err.stage = first.names[0]
-                            self._pending = ("err", err, False)
+                            self._pending = ("err", _unsendable(e, index, first), False)
             tag = self._pending
             if tag[0] == "place":
                 seq = flow.calls[0]._call.try_send(*tag[2])
@@ -744,9 +814,7 @@ class Run:
             raise StopIteration
         flow = self._flow
         out = flow.tags[-1]
-        with flow.bell:
-            flow.asks += 1
-            flow.bell.notify_all()
+        self._asked()
         try:
             while True:
                 seen = flow.rings
@@ -759,46 +827,135 @@ class Run:
                     else:
                         flow.wait(seen, _SLICE)
                     continue
-                flow.ring()
                 break
         except BaseException:
             # Ctrl-C, or the input's iterator: nothing is left running.
             self.close()
             raise
-        if tag[0] == "ok":
-            return tag[2]
-        if tag[0] == "end":
-            self.close()
-            raise StopIteration
-        if tag[0] == "held":
-            with flow.bell:
-                flow.held_at = flow.asks
-            raise tag[1]
-        _, exc, ends = tag
-        if ends:
-            self.close()
-            raise exc
-        if self._errors == "yield":
-            return exc
-        raise exc
+        return self._deliver(tag)
 
-    def close(self) -> None:
-        """Ends the run; what is in flight is discarded. The pipeline is ready for the next
-        run."""
-        if self._over:
-            return
-        self._over = True
+
+class PipelineStream(_Output):
+    """A live run (``Pipeline.stream()``): ``submit()`` chunks from one thread (a producer, a
+    digitizer's reader), iterate the results (or ``receive()``) on another, in submission
+    order; ``close_input()`` ends it after the last result. ``close()`` (or leaving the
+    ``with`` block) ends it at once, discarding what is in flight."""
+
+    def __init__(self, pipeline: Pipeline, errors: str, copy: bool):
+        super().__init__(pipeline, errors, copy, direct=False)
+        self._submitting = threading.Lock()
+        self._taken = 0
+        self._input_closed = False
+
+    def submit(self, item, timeout: float | None = None) -> int | None:
+        """Hands ``item`` to the first stage, waiting while its workers have no room (the
+        interpreter's lock released). Returns the item's index in the stream, or ``None`` if
+        ``timeout`` seconds passed without room. An item that cannot be sent raises
+        ``InvalidItem`` here."""
         flow = self._flow
-        flow.cancel.set()
-        flow.ring()
-        for t in getattr(self, "_threads", []):
-            t.join(5.0)
-        for call in flow.calls:
-            call.close()
-        flow.calls.clear()
+        first = flow.groups[0]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._submitting:
+            if self._over or self._input_closed:
+                raise RuntimeError("this stream's input is closed")
+            index = self._taken
+            if first.stateful:
+                tag = ("val", index, item)
+                while True:
+                    try:
+                        flow.tags[0].put(tag, timeout=_left(deadline))
+                        break
+                    except queue.Full:
+                        if _expired(deadline):
+                            return None
+                        if self._over:
+                            raise RuntimeError("this stream is closed") from None
+            else:
+                try:
+                    skeleton, arrays = _codec.encode(item)
+                except Exception as e:
+                    raise _unsendable(e, index, first) from e
+                size = len(skeleton) + sum(a.nbytes for a in arrays)
+                call = flow.calls[0]
+                while True:
+                    if self._over:
+                        raise RuntimeError("this stream is closed")
+                    seq = call._call.try_send(skeleton, arrays)
+                    if seq is not None:
+                        call._sent(seq)
+                        break
+                    if _expired(deadline):
+                        return None
+                    call._call.wait_for_room(size, _left(deadline))
+                flow.tags[0].put(("item", index))
+            self._taken += 1
+            flow.ring()
+            return index
 
-    def __del__(self) -> None:
+    def close_input(self) -> None:
+        """Ends the input: the results of what was submitted still come, then the end."""
+        flow = self._flow
+        with self._submitting:
+            if self._over or self._input_closed:
+                return
+            self._input_closed = True
+            if not flow.groups[0].stateful:
+                flow.calls[0]._call.close_input()
+            while True:
+                try:
+                    flow.tags[0].put(("end",), timeout=_SLICE)
+                    break
+                except queue.Full:
+                    if self._over:
+                        return
+            flow.ring()
+
+    def receive(self, timeout: float | None = None):
+        """The next result, waiting at most ``timeout`` seconds (``None``: for as long as it
+        takes). Raises ``StopIteration`` at the end, ``TimeoutError`` when the time runs out."""
+        if self._over:
+            raise StopIteration
+        out = self._flow.tags[-1]
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._asked()
         try:
+            while True:
+                try:
+                    tag = out.get(timeout=_left(deadline))
+                    break
+                except queue.Empty:
+                    if _expired(deadline):
+                        raise TimeoutError(f"no result within {timeout} s") from None
+                    if self._over:
+                        raise StopIteration from None
+        except KeyboardInterrupt:
             self.close()
-        except Exception:
-            pass
+            raise
+        return self._deliver(tag)
+
+    def __next__(self):
+        return self.receive()
+
+    def __enter__(self) -> "PipelineStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _left(deadline: float | None) -> float:
+    """One wait's length: a slice, or less where the deadline comes first."""
+    if deadline is None:
+        return _SLICE
+    return max(0.0, min(_SLICE, deadline - time.monotonic()))
+
+
+def _expired(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline
+
+
+def _unsendable(e: Exception, index: int, first: _Group) -> _errors.InvalidItem:
+    err = _errors.InvalidItem(f"item {index} cannot be sent to a worker: {e}", index)
+    err.__cause__ = e
+    err.stage = first.names[0]
+    return err

@@ -262,3 +262,56 @@ def test_ctrl_c_ends_the_caller_and_every_group():
         time.sleep(0.05)
     assert not [q for q in pids if os.path.exists(f"/proc/{q}")]
     assert {n for n in set(os.listdir("/dev/shm")) - shm if not n.startswith(("psm_", "sem."))} == set()
+
+
+def test_a_stream_takes_chunks_from_a_producer_thread():
+    chunks = raw_chunks(30)
+    pipe = (shmexec.Pipeline(workers=2)
+            .map(pipefns.to_records).map(pipefns.loud, serial=True).map(pipefns.summarize))
+    with pipe:
+        with pipe.stream() as s:
+            def produce():
+                for c in chunks:
+                    s.submit(c)
+                s.close_input()
+            t = threading.Thread(target=produce)
+            t.start()
+            got = list(s)
+            t.join()
+        assert got == [pipefns.summarize(pipefns.loud(pipefns.to_records(c))) for c in chunks]
+        # A stream of one group, receive() with a timeout, a stateful first stage.
+    with shmexec.Pipeline(workers=1).stateful(pipefns.raise_on_two, initial=[]) as pipe:
+        with pipe.stream(errors="yield") as s:
+            with pytest.raises(TimeoutError):
+                s.receive(timeout=0.2)
+            assert s.submit(np.array([5])) == 0
+            assert s.receive(timeout=30) == 0
+            assert s.submit(np.array([2])) == 1
+            assert isinstance(s.receive(timeout=30), shmexec.TaskError)
+            s.close_input()
+            with pytest.raises(StopIteration):
+                s.receive(timeout=30)
+            assert s.states == {"raise_on_two": [5]}
+            with pytest.raises(RuntimeError):
+                s.submit(np.array([1]))
+
+
+def test_closing_a_stream_stops_a_blocked_producer():
+    with shmexec.Pipeline(workers=1, queue_bytes=1 << 16).map(pipefns.slow) as pipe:
+        s = pipe.stream()
+        errors = []
+
+        def produce():
+            try:
+                for _ in range(1000):
+                    s.submit(np.zeros(1 << 14))
+            except RuntimeError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=produce)
+        t.start()
+        next(s)
+        s.close()
+        t.join(10)
+        assert not t.is_alive() and errors
+        assert len(list(pipe.run([np.zeros(3)]))) == 1
