@@ -23,11 +23,13 @@ from ._errors import (
     PoolBroken,
     PoolError,
     ShmexecError,
+    StoreError,
     TaskError,
     WorkerCrashed,
 )
 from ._pipeline import Pipeline, PipelineStream, Run
 from ._pool import Pool, Results, Stream
+from ._store import SavedStream, StageKey, Store
 from ._worker import worker_index
 
 __all__ = [
@@ -37,6 +39,10 @@ __all__ = [
     "Pipeline",
     "Run",
     "PipelineStream",
+    "Store",
+    "StageKey",
+    "SavedStream",
+    "StoreError",
     "worker_index",
     "ShmexecError",
     "ItemError",

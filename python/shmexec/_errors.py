@@ -68,6 +68,11 @@ class PoolBroken(ShmexecError):
     """The pool cannot go on (every worker given up, a transport failure)."""
 
 
+class StoreError(ShmexecError):
+    """A saved stream could not be written or read (the file system, or a damaged stream:
+    the message names the path and what to do)."""
+
+
 class PoolError(ShmexecError):
     """Any other failure of the pool (out of memory at start, a bad setting, the system)."""
 
@@ -94,6 +99,8 @@ def make(kind: str, index: int | None, message: str) -> ShmexecError:
         return InitError(message)
     if kind == "broken":
         return PoolBroken(message)
+    if kind == "store":
+        return StoreError(message)
     if kind == "setting":
         return ValueError(message)
     return PoolError(message)

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 from . import _codec, _errors
 from ._pool import _SLICE, Pool, _Call, _check_importable
+from ._store import SavedStream, StageKey, Store
 
 _MAP, _FILTER, _FLAT = "map", "filter", "flat_map"
 #: The first line of a worker's failure text when a stage of a chain raised (see
@@ -113,15 +114,19 @@ class _Stateful:
 
 
 class _Spec:
-    def __init__(self, kind, fn, name, workers, serial, alone, initial=None):
+    def __init__(self, kind, fn, name, workers, serial, alone, initial, version, config):
         self.kind, self.fn, self.name = kind, fn, name
         self.workers, self.serial, self.alone = workers, serial, alone
         self.initial = initial
+        self.version, self.config = version, config
+        #: The store its outputs are saved in (``Pipeline.save``): the stage ends its group.
+        self.store: Store | None = None
 
     def fuses_with(self, before: "_Spec") -> bool:
         return (
             not self.alone
             and not before.alone
+            and before.store is None
             and self.kind != "stateful"
             and before.kind != "stateful"
             and (self.workers, self.serial) == (before.workers, before.serial)
@@ -140,6 +145,8 @@ class _Group:
         self.serial = first.serial or self.stateful
         self.workers = 1 if self.serial else (first.workers or default_workers)
         self.many = any(s.kind in (_FILTER, _FLAT) for s in specs)
+        #: Where the group's results are saved (its last stage's store), if anywhere.
+        self.store = specs[-1].store
         self.pool: Pool | None = None
 
     def task(self):
@@ -206,7 +213,8 @@ class Pipeline:
 
     # --- stages -------------------------------------------------------------------------
 
-    def _add(self, kind, fn, name, workers=None, serial=False, alone=False, initial=None):
+    def _add(self, kind, fn, name, workers=None, serial=False, alone=False, initial=None,
+             version="", config=None):
         if self._groups is not None or self._closed:
             raise RuntimeError("stages are added before the pipeline starts")
         if not callable(fn):
@@ -221,29 +229,68 @@ class Pipeline:
                 f"two stages are named {name!r}: stage names must be unique (pass name=)"
             )
         _check_importable(f"stage {name!r}", fn)
-        self._specs.append(_Spec(kind, fn, name, workers, serial, alone, initial))
+        if not isinstance(version, str):
+            raise TypeError(f"a stage's version is a str, got {type(version).__name__}")
+        if config is not None and not isinstance(config, (bytes, str)):
+            raise TypeError(
+                f"a stage's config is bytes or a str, got {type(config).__name__} (for a dict, "
+                "json.dumps(config, sort_keys=True))"
+            )
+        self._specs.append(
+            _Spec(kind, fn, name, workers, serial, alone, initial, version, config)
+        )
         return self
 
     def map(self, fn: Callable, *, name: str | None = None, workers: int | None = None,
-            serial: bool = False, alone: bool = False) -> "Pipeline":
-        """Adds a stage whose output is ``fn(x)``."""
-        return self._add(_MAP, fn, name, workers, serial, alone)
+            serial: bool = False, alone: bool = False, version: str = "",
+            config: bytes | str | None = None) -> "Pipeline":
+        """Adds a stage whose output is ``fn(x)``. ``version`` and ``config`` are part of
+        its key and of every later stage's (see ``save``)."""
+        return self._add(_MAP, fn, name, workers, serial, alone, None, version, config)
 
     def filter(self, fn: Callable, *, name: str | None = None, workers: int | None = None,
-               serial: bool = False, alone: bool = False) -> "Pipeline":
+               serial: bool = False, alone: bool = False, version: str = "",
+               config: bytes | str | None = None) -> "Pipeline":
         """Adds a stage that passes on the inputs for which ``fn(x)`` is true."""
-        return self._add(_FILTER, fn, name, workers, serial, alone)
+        return self._add(_FILTER, fn, name, workers, serial, alone, None, version, config)
 
     def flat_map(self, fn: Callable, *, name: str | None = None, workers: int | None = None,
-                 serial: bool = False, alone: bool = False) -> "Pipeline":
+                 serial: bool = False, alone: bool = False, version: str = "",
+                 config: bytes | str | None = None) -> "Pipeline":
         """Adds a stage whose outputs are the items of ``fn(x)`` (any number, in order)."""
-        return self._add(_FLAT, fn, name, workers, serial, alone)
+        return self._add(_FLAT, fn, name, workers, serial, alone, None, version, config)
 
-    def stateful(self, fn: Callable, initial: Any = None, *, name: str | None = None) -> "Pipeline":
+    def stateful(self, fn: Callable, initial: Any = None, *, name: str | None = None,
+                 version: str = "", config: bytes | str | None = None) -> "Pipeline":
         """Adds a serial stage with state: ``fn(state, x)`` returns ``(state, y)``; the first
         item of each run sees a copy of ``initial``. ``Run.states`` holds each stateful
         stage's state when its run ended."""
-        return self._add("stateful", fn, name, initial=initial)
+        return self._add("stateful", fn, name, initial=initial, version=version, config=config)
+
+    def save(self, store: Store) -> "Pipeline":
+        """Saves the outputs of the stage added last in ``store`` under its key, in a run
+        given a source key (``run(items, key=...)``), and serves a later run with the same
+        key from there, skipping that stage and every stage before it. The stage ends its
+        group (its results pass the caller, which writes them). A run that does not go
+        through every input without a failed item saves nothing."""
+        if self._groups is not None or self._closed:
+            raise RuntimeError("stages are added before the pipeline starts")
+        if not isinstance(store, Store):
+            raise TypeError(f"save() takes a shmexec.Store, got {type(store).__name__}")
+        if not self._specs:
+            raise ValueError("save() saves the stage added last: add one first")
+        self._specs[-1].store = store
+        return self
+
+    def keys(self, source: StageKey) -> dict[str, StageKey]:
+        """Each stage's key in a run whose source key is ``source``: its name, version and
+        config, with the key of the stage before (the first stage's: ``source``)."""
+        if not isinstance(source, StageKey):
+            raise TypeError(f"a source key is a shmexec.StageKey, got {type(source).__name__}")
+        keys, before = {}, source
+        for spec in self._specs:
+            before = keys[spec.name] = StageKey(spec.name, spec.version, spec.config, [before])
+        return keys
 
     def plan(self) -> list[dict]:
         """The groups: for each, its stages (fused, in one call per item), its workers,
@@ -287,16 +334,49 @@ class Pipeline:
         self._groups = groups
         return self
 
-    def run(self, iterable: Iterable, *, errors: str | None = None, copy: bool = False) -> "Run":
+    def run(self, iterable: Iterable, *, key: StageKey | None = None, errors: str | None = None,
+            copy: bool = False) -> "Run":
         """Runs the stages on every item of ``iterable``: the last stage's outputs, in input
         order, each as soon as it and those before it are ready. Lazy and bounded, as
         ``Pool.map``; ``len()`` is the input's where the input has one and no stage filters
-        or flattens. ``copy=True`` gives results that own their memory."""
+        or flattens. ``copy=True`` gives results that own their memory.
+
+        With ``key`` (the source's ``StageKey``: which run, which raw data), saved stages
+        (``save``) are saved, and the run is served from the last saved stage whose stream
+        is complete: ``iterable`` is not read, and ``Run.cache`` names that stage."""
         self._check_idle()
         errors = errors or self.errors
         if errors not in ("raise", "yield"):
             raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
-        self._run = Run(self, iterable, errors, copy)
+        groups = self._groups
+        assert groups is not None
+        source: Iterable = enumerate(iterable)
+        length = _length(iterable) if not any(g.many for g in groups) else None
+        writers: list = [None] * len(groups)
+        served = None
+        if key is not None:
+            keys = self.keys(key)
+            for i in range(len(groups) - 1, -1, -1):
+                g = groups[i]
+                if g.store is not None:
+                    saved = g.store.load(keys[g.names[-1]])
+                    if saved is not None:
+                        served = (i, saved)
+                        break
+            first = 0 if served is None else served[0] + 1
+            if served is not None:
+                i, saved = served
+                rest_many = any(g.many for g in groups[first:])
+                length = None if groups[i].many or rest_many else len(saved)
+                source = _served(saved, groups[i].many, copy and first == len(groups))
+            groups = groups[first:]
+            writers = [
+                None if g.store is None else (g.store._native.writer(keys[g.names[-1]]), g.names[-1])
+                for g in groups
+            ]
+        self._run = Run(groups, source, length, errors, copy, writers)
+        if served is not None:
+            self._run.cache = self._groups[served[0]].names[-1]
         return self._run
 
     def stream(self, *, errors: str | None = None, copy: bool = False) -> "PipelineStream":
@@ -306,7 +386,7 @@ class Pipeline:
         errors = errors or self.errors
         if errors not in ("raise", "yield"):
             raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
-        self._run = PipelineStream(self, errors, copy)
+        self._run = PipelineStream(self._groups, errors, copy)
         return self._run
 
     def _check_idle(self) -> None:
@@ -394,9 +474,14 @@ class _Flow:
     group, which places it itself), ``("err", exc, ends_run)``, ``("end",)``. ``tags[-1]``
     is the caller's: ``("ok", index, result)``, errors and the end."""
 
-    def __init__(self, groups: list[_Group], copy: bool, direct: bool):
+    def __init__(self, groups: list[_Group], copy: bool, direct: bool, writers: list):
         self.groups = groups
         self.copy = copy
+        #: Per group, ``(writer, stage)`` where its results are saved; ``failed``, whether an
+        #: input did not get through it (then its stream is not committed).
+        self.writers = writers
+        self.failed = [False] * len(groups)
+        self.saved: list[str] = []
         #: A run of one group runs on the caller's thread alone, as ``Pool.map`` does.
         self.direct = direct
         self.cancel = threading.Event()
@@ -412,6 +497,25 @@ class _Flow:
         #: Calls of ``Run.__next__`` so far, and the one that was handed an ``OutputsHeld``.
         self.asks = 0
         self.held_at: int | None = None
+
+    def commit(self, g: int) -> None:
+        """Group ``g`` saw the run's end: its stream is committed if every input got
+        through."""
+        w, self.writers[g] = self.writers[g], None
+        if w is None:
+            return
+        writer, stage = w
+        if self.failed[g]:
+            writer.abandon()
+        else:
+            writer.finish()
+            self.saved.append(stage)
+
+    def abandon(self) -> None:
+        for g, w in enumerate(self.writers):
+            if w is not None:
+                w[0].abandon()
+                self.writers[g] = None
 
     def ring(self) -> None:
         if self.direct:  # nobody waits on the bell
@@ -512,6 +616,8 @@ class _Flow:
             self.ring()
             if r[0] == "ok":
                 _, _seq, skeleton, arrays, frame = r
+                if self.writers[g] is not None:
+                    self.writers[g][0].write_frame(frame)
                 last = g == len(self.groups) - 1
                 return _codec.decode(frame, skeleton, arrays, self.copy and last)
             return call._result(r)
@@ -568,9 +674,12 @@ class _Mover:
                 flow.calls[g + 1]._call.close_input()
             if group.stateful:
                 flow.states[group.names[0]] = _copy.deepcopy(self.state)
+            flow.commit(g)
             flow.put(g + 1, tag)
             return False
         if kind in ("err", "held"):
+            if kind == "err":
+                flow.failed[g] = True
             flow.put(g + 1, tag)
             return True
         index = tag[1]
@@ -584,6 +693,7 @@ class _Mover:
                     index,
                 )
                 err.stage = group.label
+                flow.failed[g] = True
                 flow.put(g + 1, ("err", err, False))
                 return True
             del tag
@@ -618,6 +728,7 @@ class _Mover:
                 return False
         self.waiting = None
         if isinstance(r, _errors.ItemError):
+            flow.failed[g] = True
             flow.put(g + 1, ("err", _restaged(r, index, group), False))
             return True
         if group.stateful:
@@ -642,16 +753,40 @@ def _move(flow: _Flow, g: int) -> None:
             pass
 
 
+def _length(iterable) -> int | None:
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _served(saved: SavedStream, many: bool, copy: bool):
+    """The inputs a served run feeds the groups after its saved stage: ``(index, value)``,
+    each chunk's outputs numbered by the input that made them."""
+    for k in range(len(saved)):
+        value = saved[k]
+        if copy:
+            value = _copy.deepcopy(value)
+        if many:
+            for v in value:
+                yield k, v
+        else:
+            yield k, value
+
+
 class _Output:
     """What ``Run`` and ``PipelineStream`` share: a run's flow, its threads, and its results as the
     caller gets them."""
 
-    def __init__(self, pipeline: Pipeline, errors: str, copy: bool, direct: bool):
-        groups = pipeline._groups
-        assert groups is not None
+    def __init__(self, groups: list[_Group], errors: str, copy: bool, direct: bool,
+                 writers: list | None = None):
         self._errors = errors
         self._over = False
-        self._flow = flow = _Flow(groups, copy, direct)
+        self._flow = flow = _Flow(groups, copy, direct, writers or [None] * len(groups))
+        #: The stage a run was served from (its saved stream), or ``None``.
+        self.cache: str | None = None
+        #: The stages whose streams this run saved, once it ended.
+        self.saved = flow.saved
         #: The state of each stateful stage when the run ended (by stage name).
         self.states = flow.states
         self._threads: list[threading.Thread] = []
@@ -661,7 +796,7 @@ class _Output:
         except BaseException:
             self.close()
             raise
-        self._mover = _Mover(flow, 0) if flow.direct else None
+        self._mover = _Mover(flow, 0) if flow.direct and groups else None
         if not flow.direct:
             self._threads = [
                 threading.Thread(target=_move, args=(flow, g), daemon=True, name=f"shmexec-{g}")
@@ -716,6 +851,7 @@ class _Output:
         for call in flow.calls:
             call.close()
         flow.calls.clear()
+        flow.abandon()
 
     def __del__(self) -> None:
         try:
@@ -730,20 +866,14 @@ class Run(_Output):
     and ``.stage``, the stage it failed in); calling ``next()`` again goes on. Closing it (or
     dropping it) midway discards what is in flight."""
 
-    def __init__(self, pipeline: Pipeline, iterable: Iterable, errors: str, copy: bool):
-        groups = pipeline._groups
-        assert groups is not None
-        self._len = None
-        if not any(g.many for g in groups):
-            try:
-                self._len = len(iterable)  # type: ignore[arg-type]
-            except TypeError:
-                pass
-        self._it = iter(iterable)
+    def __init__(self, groups: list[_Group], source: Iterable, length: int | None, errors: str,
+                 copy: bool, writers: list):
+        self._len = length
+        #: ``(index, item)`` pairs: the caller's items, or a saved stream's outputs.
+        self._it = iter(source)
         self._pending = None
-        self._taken = 0
         self._exhausted = False
-        super().__init__(pipeline, errors, copy, direct=len(groups) == 1)
+        super().__init__(groups, errors, copy, len(groups) <= 1, writers)
 
     def __len__(self) -> int:
         if self._len is None:
@@ -753,11 +883,11 @@ class Run(_Output):
     def _feed(self) -> None:
         """Places inputs into the first group while it has room (never waits)."""
         flow = self._flow
-        first = flow.groups[0]
+        first = flow.groups[0] if flow.groups else None
         while self._pending is not None or not self._exhausted:
             if self._pending is None:
                 try:
-                    item = next(self._it)
+                    index, item = next(self._it)
                 except StopIteration:
                     self._exhausted = True
                     self._pending = ("end",)
@@ -765,9 +895,9 @@ class Run(_Output):
                     self._exhausted = True
                     self._pending = ("err", e, True)
                 else:
-                    index = self._taken
-                    self._taken += 1
-                    if first.stateful:
+                    if first is None:  # served from the store, every stage skipped
+                        self._pending = ("ok", index, item)
+                    elif first.stateful:
                         self._pending = ("val", index, item)
                     else:
                         try:
@@ -781,7 +911,7 @@ class Run(_Output):
                     return
                 flow.calls[0]._sent(seq)
                 tag = ("item", tag[1])
-            elif tag[0] == "end" and not first.stateful:
+            elif tag[0] == "end" and first is not None and not first.stateful:
                 flow.calls[0]._call.close_input()
             try:
                 flow.tags[0].put_nowait(tag)
@@ -824,7 +954,7 @@ class Run(_Output):
                 except queue.Empty:
                     if self._mover is not None:
                         self._step()
-                    else:
+                    elif not flow.direct:
                         flow.wait(seen, _SLICE)
                     continue
                 break
@@ -841,8 +971,8 @@ class PipelineStream(_Output):
     order; ``close_input()`` ends it after the last result. ``close()`` (or leaving the
     ``with`` block) ends it at once, discarding what is in flight."""
 
-    def __init__(self, pipeline: Pipeline, errors: str, copy: bool):
-        super().__init__(pipeline, errors, copy, direct=False)
+    def __init__(self, groups: list[_Group], errors: str, copy: bool):
+        super().__init__(groups, errors, copy, direct=False)
         self._submitting = threading.Lock()
         self._taken = 0
         self._input_closed = False

@@ -83,6 +83,12 @@ fn make(py: Python<'_>, kind: &str, seq: Option<u64>, message: String) -> PyErr 
     }
 }
 
+/// The exception of `kind` (as `make` gives it), made where the interpreter's lock may not be
+/// held.
+pub fn make_error(kind: &str, seq: Option<u64>, message: String) -> PyErr {
+    Python::attach(|py| make(py, kind, seq, message))
+}
+
 /// A call made at the wrong time (a second call on a busy pool, a closed pool).
 pub fn usage(message: &str) -> PyErr {
     pyo3::exceptions::PyRuntimeError::new_err(message.to_owned())

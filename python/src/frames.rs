@@ -25,7 +25,7 @@ use crate::task::PyTask;
 ///
 /// `view` is the pointer CPython passed to `__getbuffer__`, and `buf..buf + len` stays
 /// readable (and writable unless `readonly`) for as long as `owner` lives.
-unsafe fn fill(
+pub(crate) unsafe fn fill(
     view: *mut ffi::Py_buffer,
     owner: &Bound<'_, PyAny>,
     buf: *const u8,

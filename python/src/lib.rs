@@ -6,12 +6,14 @@
 //! - `task`: what a worker runs for each item;
 //! - `item`: the layout of an item (arrays plus a small skeleton) inside a frame;
 //! - `frames`: frames lent to numpy through the buffer protocol;
+//! - `store`: saved streams of pipeline stages (`shmexec::store`);
 //! - `errors`: shmexec's errors as Python exceptions.
 
 mod errors;
 mod frames;
 mod item;
 mod pool;
+mod store;
 mod task;
 
 use pyo3::prelude::*;
@@ -49,6 +51,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::NativeCall>()?;
     m.add_class::<frames::ResultFrame>()?;
     m.add_class::<frames::LentFrame>()?;
+    m.add_class::<store::PyStageKey>()?;
+    m.add_class::<store::NativeStore>()?;
+    m.add_class::<store::NativeWriter>()?;
+    m.add_class::<store::NativeSaved>()?;
+    m.add_class::<store::SavedFrame>()?;
     m.add_function(wrap_pyfunction!(serve, m)?)?;
     m.add("TASK_NAME", pool::TASK_NAME)?;
     Ok(())

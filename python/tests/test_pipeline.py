@@ -315,3 +315,101 @@ def test_closing_a_stream_stops_a_blocked_producer():
         t.join(10)
         assert not t.is_alive() and errors
         assert len(list(pipe.run([np.zeros(3)]))) == 1
+
+
+def _calls(path):
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def _store_pipe(store, **kw):
+    return (shmexec.Pipeline(workers=2)
+            .map(pipefns.counted_records).map(pipefns.loud, version="1", config="area > 100")
+            .save(store)
+            .map(pipefns.summarize, serial=True, **kw))
+
+
+def test_a_saved_stage_serves_a_later_run_with_the_same_key(tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("SHMEXEC_TEST_CALLS", str(calls))
+    store = shmexec.Store(tmp_path / "store")
+    chunks = raw_chunks(10)
+    want = [pipefns.summarize(pipefns.loud(pipefns.to_records(c))) for c in chunks]
+    run42 = shmexec.StageKey("raw_records", "run 42")
+    pipe = _store_pipe(store)
+    assert [g["stages"] for g in pipe.plan()] == [["counted_records", "loud"], ["summarize"]]
+    with pipe:
+        run = pipe.run(chunks, key=run42)
+        assert list(run) == want
+        assert run.cache is None and run.saved == ["loud"]
+        assert _calls(calls) == 10
+        again = pipe.run(chunks, key=run42)
+        assert list(again) == want
+        assert again.cache == "loud" and again.saved == []
+        assert _calls(calls) == 10  # nothing before the saved stage ran
+        # Without a key nothing is saved or served; another key is another stream.
+        assert list(pipe.run(chunks[:2])) == want[:2]
+        assert list(pipe.run(chunks[:3], key=shmexec.StageKey("raw_records", "run 43"))) == want[:3]
+        assert _calls(calls) == 15
+    key = pipe.keys(run42)["loud"]
+    assert [h[0] for h in key.history()] == ["raw_records", "counted_records", "loud"]
+    saved = store.load(key)
+    assert len(saved) == 10 and saved.name == "loud"
+    np.testing.assert_array_equal(saved[3], pipefns.loud(pipefns.to_records(chunks[3])))
+    assert not saved[3].flags.writeable
+    # Another version of a stage is another key.
+    other = (shmexec.Pipeline().map(pipefns.counted_records)
+             .map(pipefns.loud, version="2", config="area > 100"))
+    assert other.keys(run42)["loud"] != key
+    assert store.load(other.keys(run42)["loud"]) is None
+
+
+def test_a_run_with_a_failed_item_or_dropped_midway_saves_nothing(tmp_path):
+    store = shmexec.Store(tmp_path)
+    chunks = raw_chunks(10)
+    key = shmexec.StageKey("raw", "failing")
+    pipe = (shmexec.Pipeline(workers=2).map(pipefns.to_records).map(pipefns.fail_on_seven)
+            .save(store).map(pipefns.summarize))
+    with pipe:
+        got = list(pipe.run(chunks, key=key, errors="yield"))
+        assert isinstance(got[7], shmexec.TaskError)
+        assert store.load(pipe.keys(key)["fail_on_seven"]) is None
+        run = pipe.run(raw_chunks(6), key=key)
+        next(run)
+        run.close()
+        assert store.load(pipe.keys(key)["fail_on_seven"]) is None
+        run = pipe.run(raw_chunks(6), key=key)
+        assert len(list(run)) == 6 and run.saved == ["fail_on_seven"]
+    assert len(store.load(pipe.keys(key)["fail_on_seven"])) == 6
+
+
+
+def test_a_saved_last_stage_and_a_saved_filter(tmp_path):
+    store = shmexec.Store(tmp_path)
+    chunks = raw_chunks(8)
+    chunks[3][:] = 0  # no loud records: filtered out
+    key = shmexec.StageKey("raw", "filtered")
+    pipe = (shmexec.Pipeline(workers=2).map(pipefns.to_records).map(pipefns.loud)
+            .filter(pipefns.has_records).save(store))
+    want = [r for r in (pipefns.loud(pipefns.to_records(c)) for c in chunks) if len(r)]
+    with pipe:
+        for round in range(2):
+            run = pipe.run(chunks, key=key, copy=True)
+            got = list(run)
+            assert len(got) == 7
+            for g, w in zip(got, want):
+                np.testing.assert_array_equal(g, w)
+            assert run.cache == (None if round == 0 else "has_records")
+            assert got[0].flags.writeable
+    saved = store.load(pipe.keys(key)["has_records"])
+    assert len(saved) == 8 and saved[3] == []   # one chunk per input, its outputs listed
+
+
+def test_store_errors_and_keys():
+    with pytest.raises(TypeError, match="config"):
+        shmexec.Pipeline().map(pipefns.identity, config={"a": 1})
+    with pytest.raises(TypeError, match="Store"):
+        shmexec.Pipeline().map(pipefns.identity).save("/tmp/x")
+    k = shmexec.StageKey("a", "1", "cfg")
+    assert k == shmexec.StageKey("a", "1", b"cfg") and hash(k) == hash(shmexec.StageKey("a", "1", b"cfg"))
+    assert k != shmexec.StageKey("a", "1", "cfg", [shmexec.StageKey("src")])
+    assert len(k.id) == 64 and k.name == "a" and k.version == "1" and k.config == b"cfg"
