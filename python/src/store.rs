@@ -184,11 +184,7 @@ impl NativeWriter {
 
     /// Commits the stream: complete under its key from now on.
     fn finish(&self, py: Python<'_>) -> PyResult<()> {
-        let taken = self
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let taken = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         match taken {
             Some(w) => py.detach(|| w.finish()).map_err(raise),
             None => Err(errors::usage("this stream writer is finished")),
@@ -200,6 +196,13 @@ impl NativeWriter {
         drop(self.writer.lock().unwrap_or_else(|p| p.into_inner()).take());
     }
 }
+
+/// A saved chunk as a result is handed to Python: `(skeleton, arrays, frame)`.
+type Chunk<'py> = (
+    Bound<'py, PyBytes>,
+    Vec<(usize, usize)>,
+    Bound<'py, SavedFrame>,
+);
 
 /// A complete saved stream.
 #[pyclass(module = "shmexec._native", name = "NativeSaved", frozen)]
@@ -233,11 +236,7 @@ impl NativeSaved {
     }
 
     /// Chunk `index`, mapped and checked: `(skeleton, arrays, frame)` as a result is.
-    fn chunk<'py>(
-        &self,
-        py: Python<'py>,
-        index: usize,
-    ) -> PyResult<(Bound<'py, PyBytes>, Vec<(usize, usize)>, Bound<'py, SavedFrame>)> {
+    fn chunk<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Chunk<'py>> {
         let chunk = py.detach(|| self.saved.chunk(index)).map_err(raise)?;
         let parts = item::parse(chunk.bytes()).map_err(|reason| {
             errors::make_error(
