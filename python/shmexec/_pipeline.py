@@ -29,7 +29,7 @@ import time
 from typing import Any, Callable, Iterable, Iterator
 
 from . import _codec, _errors
-from ._pool import _SLICE, Pool, _Call, _check_importable
+from ._pool import _SLICE, Pool, _Call, _check_importable, _undecodable
 from ._store import SavedStream, StageKey, Store
 
 _MAP, _FILTER, _FLAT = "map", "filter", "flat_map"
@@ -619,7 +619,10 @@ class _Flow:
                 if self.writers[g] is not None:
                     self.writers[g][0].write_frame(frame)
                 last = g == len(self.groups) - 1
-                return _codec.decode(frame, skeleton, arrays, self.copy and last)
+                try:
+                    return _codec.decode(frame, skeleton, arrays, self.copy and last)
+                except Exception as e:
+                    return _undecodable(e, call._index(r[1]))
             return call._result(r)
 
 

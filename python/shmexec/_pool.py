@@ -67,6 +67,20 @@ def _check_importable(name: str, f: Callable | None) -> None:
         ) from None
 
 
+def _undecodable(e: Exception, index: int | None) -> _errors.InvalidItem:
+    """The error of a result that does not read back: most often an object of a class the
+    worker could import and this process cannot (one defined in a module only the worker
+    imported), or a damaged frame."""
+    where = f"the result of item {index}" if index is not None else "a result"
+    err = _errors.InvalidItem(
+        f"{where} does not read back in this process: {type(e).__name__}: {e} (return numpy "
+        "arrays and objects of classes this process can import)",
+        index,
+    )
+    err.__cause__ = e
+    return err
+
+
 class Pool:
     """Worker processes that run ``fn`` on every item of a stream, items passing through
     shared memory.
@@ -301,8 +315,14 @@ class _Call:
         """A result tuple of the native call as the item, or its exception raised (or
         returned, with errors="yield")."""
         if r[0] == "ok":
-            _, _seq, skeleton, arrays, frame = r
-            return _codec.decode(frame, skeleton, arrays, self._copy)
+            _, seq, skeleton, arrays, frame = r
+            try:
+                return _codec.decode(frame, skeleton, arrays, self._copy)
+            except Exception as e:
+                exc = _undecodable(e, self._index(seq))
+                if self._errors == "yield":
+                    return exc
+                raise exc from e
         _, kind, seq, message = r
         index = self._index(seq)
         if kind != "task" and index is not None and index != seq:

@@ -303,3 +303,17 @@ def test_a_kept_view_of_out_never_corrupts_a_later_result():
     for x, o in zip(data, out):
         if not isinstance(o, shmexec.ShmexecError):
             np.testing.assert_array_equal(o, x)
+
+
+def test_a_result_that_does_not_read_back_fails_in_its_place():
+    with shmexec.Pool(workfns.returns_worker_only, workers=1) as p:
+        r = p.map([np.zeros(3), np.ones(3)])
+        with pytest.raises(shmexec.InvalidItem, match="does not read back") as e:
+            next(r)
+        assert e.value.index == 0 and "shmexec_only_in_worker" in str(e.value)
+        with pytest.raises(shmexec.InvalidItem):
+            next(r)
+        with pytest.raises(StopIteration):
+            next(r)
+        got = list(p.map([np.zeros(2)], errors="yield"))
+        assert isinstance(got[0], shmexec.InvalidItem)

@@ -105,3 +105,15 @@ def keep_out(x, out):
         KEPT.append(out)
     else:
         KEPT[0][:] = -1
+
+
+def returns_worker_only(x):
+    """An object of a class that only the worker can import."""
+    import sys
+    import types
+
+    m = types.ModuleType("shmexec_only_in_worker")
+    exec("class Thing:\n    pass\n", m.__dict__)
+    m.Thing.__module__ = "shmexec_only_in_worker"
+    sys.modules["shmexec_only_in_worker"] = m
+    return (x, m.Thing())
