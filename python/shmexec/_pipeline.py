@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import collections
 import copy as _copy
+import pickle
 import queue
 import re
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 from . import _codec, _errors
@@ -102,7 +104,9 @@ class _Stateful:
     def __call__(self, pair):
         state, x = pair
         try:
-            out = self.fn(state, x)
+            # The state arrived as read-only views of the input: the function may change its
+            # own copy in place.
+            out = self.fn(_copy.deepcopy(state), x)
             if not (isinstance(out, tuple) and len(out) == 2):
                 raise TypeError(
                     f"a stateful stage returns (state, output), got {type(out).__name__}"
@@ -208,7 +212,9 @@ class Pipeline:
         self.errors = errors
         self._specs: list[_Spec] = []
         self._groups: list[_Group] | None = None
-        self._run: _Output | None = None
+        #: The run going on, if any (weak: a run dropped midway closes, and frees the
+        #: pipeline for the next).
+        self._run: weakref.ref | None = None
         self._closed = False
 
     # --- stages -------------------------------------------------------------------------
@@ -265,6 +271,13 @@ class Pipeline:
         """Adds a serial stage with state: ``fn(state, x)`` returns ``(state, y)``; the first
         item of each run sees a copy of ``initial``. ``Run.states`` holds each stateful
         stage's state when its run ended."""
+        try:
+            pickle.dumps(_copy.deepcopy(initial))
+        except Exception as e:
+            raise TypeError(
+                f"a stateful stage's initial state is copied for each run and sent with each "
+                f"item: this one cannot be ({type(e).__name__}: {e})"
+            ) from None
         return self._add("stateful", fn, name, initial=initial, version=version, config=config)
 
     def save(self, store: Store) -> "Pipeline":
@@ -325,11 +338,17 @@ class Pipeline:
         groups = self._grouped()
         try:
             for g in groups:
-                g.pool = Pool(g.task(), g.workers, errors="yield", **self._options)
+                try:
+                    g.pool = Pool(g.task(), g.workers, errors="yield", **self._options)
+                except _errors.ShmexecError as e:
+                    if e.args and isinstance(e.args[0], str):
+                        e.args = (f"stages {g.label!r}: {e.args[0]}",) + e.args[1:]
+                    raise
         except BaseException:
             for g in groups:
                 if g.pool is not None:
                     g.pool.close()
+                    g.pool = None
             raise
         self._groups = groups
         return self
@@ -374,10 +393,11 @@ class Pipeline:
                 None if g.store is None else (g.store._native.writer(keys[g.names[-1]]), g.names[-1])
                 for g in groups
             ]
-        self._run = Run(groups, source, length, errors, copy, writers)
+        run = Run(self, groups, source, length, errors, copy, writers)
         if served is not None:
-            self._run.cache = self._groups[served[0]].names[-1]
-        return self._run
+            run.cache = self._groups[served[0]].names[-1]
+        self._run = weakref.ref(run)
+        return run
 
     def stream(self, *, errors: str | None = None, copy: bool = False) -> "PipelineStream":
         """A live run: ``submit()`` chunks from a producer thread as they arrive and iterate
@@ -386,12 +406,14 @@ class Pipeline:
         errors = errors or self.errors
         if errors not in ("raise", "yield"):
             raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
-        self._run = PipelineStream(self._groups, errors, copy)
-        return self._run
+        stream = PipelineStream(self, self._groups, errors, copy)
+        self._run = weakref.ref(stream)
+        return stream
 
     def _check_idle(self) -> None:
         self.start()
-        if self._run is not None and not self._run._over:
+        run = self._run() if self._run is not None else None
+        if run is not None and not run._over:
             raise RuntimeError(
                 "this pipeline runs another call: finish or close it first (one run at a "
                 "time)"
@@ -399,6 +421,8 @@ class Pipeline:
 
     def stats(self) -> list[dict]:
         """Each group's counters (``Pool.stats()``) with its ``stages``."""
+        if self._closed:
+            return []
         return [
             {"stages": list(g.names), **g.pool.stats()}
             for g in (self._groups or [])
@@ -408,7 +432,8 @@ class Pipeline:
     def close(self) -> None:
         """Ends a run still going and stops every worker. Idempotent."""
         self._closed = True
-        run, self._run = self._run, None
+        ref, self._run = self._run, None
+        run = ref() if ref is not None else None
         if run is not None:
             run.close()
         for g in self._groups or []:
@@ -462,6 +487,9 @@ class _LocalQueue:
     def get(self, timeout=None):
         return self.get_nowait()
 
+    def qsize(self) -> int:
+        return len(self.items)
+
 
 class _Cancelled(Exception):
     """The run was closed while a thread of it waited."""
@@ -494,9 +522,11 @@ class _Flow:
         # Rung whenever something moved: the caller's thread waits on it for room or results.
         self.bell = threading.Condition()
         self.rings = 0
-        #: Calls of ``Run.__next__`` so far, and the one that was handed an ``OutputsHeld``.
+        #: Results the caller asked for so far, and tags it took: the last group collects a
+        #: result only when one is asked for and none waits, so that the results holding
+        #: its ring are the caller's, as with ``Pool.map``.
         self.asks = 0
-        self.held_at: int | None = None
+        self.taken = 0
 
     def commit(self, g: int) -> None:
         """Group ``g`` saw the run's end: its stream is committed if every input got
@@ -529,14 +559,24 @@ class _Flow:
             if self.rings == seen and not self.cancel.is_set():
                 self.bell.wait(timeout)
 
-    def wait_for_ask(self) -> None:
-        """Waits until the caller, handed an ``OutputsHeld``, asks for the next result."""
+    def wait_for_demand(self) -> None:
+        """Waits until the caller asks for a result that no tag in its queue answers."""
+        out = self.tags[-1]
         with self.bell:
-            while self.held_at is None or self.asks <= self.held_at:
+            while self.asks - self.taken <= out.qsize():
                 if self.cancel.is_set():
                     raise _Cancelled
                 self.bell.wait(_SLICE)
-            self.held_at = None
+
+    def asked(self, n: int = 1) -> None:
+        with self.bell:
+            self.asks += n
+            self.bell.notify_all()
+
+    def took(self) -> None:
+        with self.bell:
+            self.taken += 1
+            self.bell.notify_all()
 
     def put(self, g: int, tag) -> None:
         """Hands ``tag`` to group ``g`` (``len(groups)``: the caller), waiting while its queue
@@ -571,7 +611,9 @@ class _Flow:
             self.put(g, ("ok", index, x))
             return True
         if self.groups[g].stateful:
-            self.put(g, ("val", index, x))
+            # A copy: the value waits for the stateful group's one worker, and a view would
+            # hold its frame in the group before's ring meanwhile.
+            self.put(g, ("val", index, _copy.deepcopy(x)))
             return True
         try:
             encoded = _codec.encode(x)
@@ -601,29 +643,37 @@ class _Flow:
                 return
             call._call.wait_for_room(size, _SLICE)
 
-    def receive(self, g: int):
-        """Group ``g``'s next result: the value, or the item's error (with ``errors="yield"``
-        a pool's item errors are values; any other is raised)."""
+    def collect(self, g: int, wait: bool = True):
+        """Group ``g``'s next result as the native call gives it, waiting for it (without
+        ``wait``: ``None`` if none is ready)."""
         call = self.calls[g]
         while True:
             if self.cancel.is_set():
                 raise _Cancelled
-            r = call._call.recv(_SLICE)
-            if r is None:
-                continue
-            if r[0] == "end":
-                raise _errors.PoolError(f"group {self.groups[g].label!r} ended early")
-            self.ring()
-            if r[0] == "ok":
-                _, _seq, skeleton, arrays, frame = r
-                if self.writers[g] is not None:
-                    self.writers[g][0].write_frame(frame)
-                last = g == len(self.groups) - 1
-                try:
-                    return _codec.decode(frame, skeleton, arrays, self.copy and last)
-                except Exception as e:
-                    return _undecodable(e, call._index(r[1]))
-            return call._result(r)
+            r = call._call.recv(_SLICE if wait else 0)
+            if r is not None or not wait:
+                return r
+
+    def receive(self, g: int, r=None):
+        """Group ``g``'s next result (``r``, if collected already): the value, or the item's
+        error (with ``errors="yield"`` a pool's item errors are values; any other is
+        raised)."""
+        call = self.calls[g]
+        if r is None:
+            r = self.collect(g)
+        if r[0] == "end":
+            raise _errors.PoolError(f"group {self.groups[g].label!r} ended early")
+        self.ring()
+        if r[0] == "ok":
+            _, _seq, skeleton, arrays, frame = r
+            if self.writers[g] is not None:
+                self.writers[g][0].write_frame(frame)
+            last = g == len(self.groups) - 1
+            try:
+                return _codec.decode(frame, skeleton, arrays, self.copy and last)
+            except Exception as e:
+                return _undecodable(e, call._index(r[1]))
+        return call._result(r)
 
 
 def _restaged(exc: _errors.ItemError, index: int, group: _Group) -> _errors.ItemError:
@@ -663,10 +713,18 @@ class _Mover:
     def __init__(self, flow: _Flow, g: int):
         self.flow, self.g = flow, g
         self.group = flow.groups[g]
-        self.state = _copy.deepcopy(self.group.specs[0].initial) if self.group.stateful else None
+        self.state = None
+        if self.group.stateful:
+            self.state = _copy.deepcopy(self.group.specs[0].initial)
+            flow.states[self.group.names[0]] = self.state
         #: The input whose result the group gives next, once it was placed (kept across an
         #: ``OutputsHeld``, after which it is collected again).
         self.waiting: int | None = None
+        #: Its result, where the caller's thread collected it ahead (a one-group run).
+        self.ready = None
+        #: Whether the last thing collected was an ``OutputsHeld``: a second in a row (the
+        #: caller asked again holding every result) ends the run, as it ends a pool's call.
+        self.held = False
 
     def step(self, tag) -> bool:
         """Follows one tag; ``False`` once the group's part of the run is over."""
@@ -675,8 +733,6 @@ class _Mover:
         if kind == "end":
             if g + 1 < len(flow.groups) and not flow.groups[g + 1].stateful:
                 flow.calls[g + 1]._call.close_input()
-            if group.stateful:
-                flow.states[group.names[0]] = _copy.deepcopy(self.state)
             flow.commit(g)
             flow.put(g + 1, tag)
             return False
@@ -710,18 +766,29 @@ class _Mover:
         flow, g, group = self.flow, self.g, self.group
         index = self.waiting
         assert index is not None
+        last = g + 1 == len(flow.groups)
         while True:
+            if last and not flow.direct:
+                flow.wait_for_demand()
             try:
-                r = flow.receive(g)
+                ready, self.ready = self.ready, None
+                r = flow.receive(g, ready)
+                self.held = False
                 break
             except _errors.OutputsHeld as e:
+                if not last or self.held:
+                    # Held by nobody but the pipeline (its rings are too small for the
+                    # items in flight between two groups), or asked for again by a caller
+                    # that dropped none.
+                    self.waiting = None
+                    flow.put(g + 1, ("err", e, True))
+                    return False
                 # The caller holds the results that fill the ring: it hears so, and the
-                # group asks again once the caller asked for more (as a pool's results do:
-                # asked again with none dropped, the call ends).
+                # group asks again when the caller asks for more.
+                self.held = True
                 flow.put(g + 1, ("held", e))
                 if flow.direct:
                     return True
-                flow.wait_for_ask()
             except _Cancelled:
                 raise
             except Exception as e:
@@ -735,7 +802,12 @@ class _Mover:
             flow.put(g + 1, ("err", _restaged(r, index, group), False))
             return True
         if group.stateful:
-            self.state, r = r
+            # A copy: a view would hold its frame in the group's output ring until the next
+            # item, and the ring would fill with frames nobody reads.
+            state, r = r
+            self.state = _copy.deepcopy(state)
+            del state
+            flow.states[group.names[0]] = self.state
         for x in r if group.many else (r,):
             flow.send(g + 1, index, x)
         return True
@@ -743,8 +815,8 @@ class _Mover:
 
 def _move(flow: _Flow, g: int) -> None:
     """Group ``g``'s thread."""
-    mover = _Mover(flow, g)
     try:
+        mover = _Mover(flow, g)
         while mover.step(flow.take(g)):
             pass
     except _Cancelled:
@@ -781,25 +853,32 @@ class _Output:
     """What ``Run`` and ``PipelineStream`` share: a run's flow, its threads, and its results as the
     caller gets them."""
 
-    def __init__(self, groups: list[_Group], errors: str, copy: bool, direct: bool,
-                 writers: list | None = None):
+    def __init__(self, pipeline: Pipeline, groups: list[_Group], errors: str, copy: bool,
+                 direct: bool, writers: list | None = None):
+        # The run keeps its pipeline: one nobody else names (`Pipeline().map(f).run(xs)`)
+        # would be closed by its __del__ midway.
+        self._pipeline: Pipeline | None = pipeline
         self._errors = errors
         self._over = False
+        self._closing = threading.RLock()
+        self._closed = False
         self._flow = flow = _Flow(groups, copy, direct, writers or [None] * len(groups))
         #: The stage a run was served from (its saved stream), or ``None``.
         self.cache: str | None = None
         #: The stages whose streams this run saved, once it ended.
         self.saved = flow.saved
-        #: The state of each stateful stage when the run ended (by stage name).
+        #: The state of each stateful stage after the last item it finished (by stage name).
         self.states = flow.states
         self._threads: list[threading.Thread] = []
+        self._mover = None
         try:
             for g in groups:
                 flow.calls.append(_Call(g.pool, True, "yield", False))
+            if flow.direct and groups:
+                self._mover = _Mover(flow, 0)
         except BaseException:
             self.close()
             raise
-        self._mover = _Mover(flow, 0) if flow.direct and groups else None
         if not flow.direct:
             self._threads = [
                 threading.Thread(target=_move, args=(flow, g), daemon=True, name=f"shmexec-{g}")
@@ -808,24 +887,15 @@ class _Output:
             for t in self._threads:
                 t.start()
 
-    def _asked(self) -> None:
-        flow = self._flow
-        with flow.bell:
-            flow.asks += 1
-            flow.bell.notify_all()
-
     def _deliver(self, tag):
         """The caller's tag as a result, or its error raised (given, with errors="yield")."""
-        flow = self._flow
-        flow.ring()
+        self._flow.took()
         if tag[0] == "ok":
             return tag[2]
         if tag[0] == "end":
             self.close()
             raise StopIteration
         if tag[0] == "held":
-            with flow.bell:
-                flow.held_at = flow.asks
             raise tag[1]
         _, exc, ends = tag
         if ends:
@@ -840,21 +910,24 @@ class _Output:
 
     def close(self) -> None:
         """Ends the run; what is in flight is discarded. The pipeline is ready for the next
-        run."""
-        if self._over:
-            return
-        self._over = True
-        flow = self._flow
-        flow.cancel.set()
-        with flow.bell:
-            flow.bell.notify_all()
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join(5.0)
-        for call in flow.calls:
-            call.close()
-        flow.calls.clear()
-        flow.abandon()
+        run once this returns (also where another thread closes it meanwhile)."""
+        self._over = True  # first: the loops of other threads look at it
+        # Reentrant: letting go of the pipeline below may close it, which closes this run.
+        with self._closing:
+            if self._closed:
+                return
+            self._closed = True
+            flow = self._flow
+            flow.cancel.set()
+            with flow.bell:
+                flow.bell.notify_all()
+            for t in self._threads:
+                if t is not threading.current_thread():
+                    t.join(5.0)
+            for call in flow.calls:
+                call.close()
+            flow.abandon()
+            self._pipeline = None
 
     def __del__(self) -> None:
         try:
@@ -869,14 +942,14 @@ class Run(_Output):
     and ``.stage``, the stage it failed in); calling ``next()`` again goes on. Closing it (or
     dropping it) midway discards what is in flight."""
 
-    def __init__(self, groups: list[_Group], source: Iterable, length: int | None, errors: str,
-                 copy: bool, writers: list):
+    def __init__(self, pipeline: Pipeline, groups: list[_Group], source: Iterable,
+                 length: int | None, errors: str, copy: bool, writers: list):
         self._len = length
         #: ``(index, item)`` pairs: the caller's items, or a saved stream's outputs.
         self._it = iter(source)
         self._pending = None
         self._exhausted = False
-        super().__init__(groups, errors, copy, len(groups) <= 1, writers)
+        super().__init__(pipeline, groups, errors, copy, len(groups) <= 1, writers)
 
     def __len__(self) -> int:
         if self._len is None:
@@ -887,8 +960,13 @@ class Run(_Output):
         """Places inputs into the first group while it has room (never waits)."""
         flow = self._flow
         first = flow.groups[0] if flow.groups else None
+        out = flow.tags[-1]
         while self._pending is not None or not self._exhausted:
             if self._pending is None:
+                if out.qsize() or self._result_ready():
+                    # A result is ready: the caller gets it before the source (a live one,
+                    # slow) is read again.
+                    return
                 try:
                     index, item = next(self._it)
                 except StopIteration:
@@ -923,6 +1001,16 @@ class Run(_Output):
             flow.ring()
             self._pending = None
 
+    def _result_ready(self) -> bool:
+        """In a one-group run, whether the group has the next result ready (collected
+        ahead, for the step that hands it out)."""
+        mover = self._mover
+        if mover is None or self._flow.tags[0].qsize() == 0:
+            return False
+        if mover.ready is None and mover.waiting is None:
+            mover.ready = self._flow.collect(0, wait=False)
+        return mover.ready is not None
+
     def _step(self) -> None:
         """One step of a one-group pipeline, on the caller's thread: collects the next result
         (waiting for it), or waits for room where nothing is in flight."""
@@ -947,23 +1035,27 @@ class Run(_Output):
             raise StopIteration
         flow = self._flow
         out = flow.tags[-1]
-        self._asked()
+        flow.asked()
         try:
             while True:
+                if self._over:  # closed by another thread
+                    raise StopIteration
                 seen = flow.rings
                 self._feed()
-                try:
-                    tag = out.get_nowait()
-                except queue.Empty:
-                    if self._mover is not None:
-                        self._step()
-                    elif not flow.direct:
-                        flow.wait(seen, _SLICE)
-                    continue
-                break
-        except BaseException:
-            # Ctrl-C, or the input's iterator: nothing is left running.
+                tag = out.get_nowait() if out.qsize() else None
+                if tag is not None:
+                    break
+                if self._mover is not None:
+                    self._step()
+                elif not flow.direct:
+                    flow.wait(seen, _SLICE)
+        except BaseException as e:
+            # Ctrl-C, or the input's iterator: nothing is left running. A run closed by
+            # another thread meanwhile (its calls ended under this one) is over.
+            closed = self._over
             self.close()
+            if closed and not isinstance(e, KeyboardInterrupt):
+                raise StopIteration from None
             raise
         return self._deliver(tag)
 
@@ -974,8 +1066,8 @@ class PipelineStream(_Output):
     order; ``close_input()`` ends it after the last result. ``close()`` (or leaving the
     ``with`` block) ends it at once, discarding what is in flight."""
 
-    def __init__(self, groups: list[_Group], errors: str, copy: bool):
-        super().__init__(groups, errors, copy, direct=False)
+    def __init__(self, pipeline: Pipeline, groups: list[_Group], errors: str, copy: bool):
+        super().__init__(pipeline, groups, errors, copy, direct=False)
         self._submitting = threading.Lock()
         self._taken = 0
         self._input_closed = False
@@ -1050,7 +1142,7 @@ class PipelineStream(_Output):
             raise StopIteration
         out = self._flow.tags[-1]
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._asked()
+        self._flow.asked()
         try:
             while True:
                 try:
@@ -1058,6 +1150,7 @@ class PipelineStream(_Output):
                     break
                 except queue.Empty:
                     if _expired(deadline):
+                        self._flow.asked(-1)
                         raise TimeoutError(f"no result within {timeout} s") from None
                     if self._over:
                         raise StopIteration from None

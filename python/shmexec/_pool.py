@@ -357,6 +357,8 @@ class Results(_Call):
         self._it = iter(iterable)
         super().__init__(pool, ordered, errors, copy)
         self._pending = None
+        #: A result collected ahead (by ``_feed``), handed out next.
+        self._ready = None
         self._exhausted = False
         self._in_flight = 0
         #: Inputs taken from the iterable so far (the next one's position).
@@ -381,6 +383,12 @@ class Results(_Call):
         call = self._call
         while not self._exhausted and self._failed is None:
             if self._pending is None:
+                if self._in_flight and self._ready is None:
+                    # A result ready goes to the caller before the input (a live source,
+                    # slow) is read again.
+                    self._ready = call.recv(0)
+                    if self._ready is not None:
+                        return
                 try:
                     item = next(self._it)
                 except StopIteration:
@@ -439,7 +447,7 @@ class Results(_Call):
                 skeleton, arrays = self._pending
                 call.wait_for_room(len(skeleton) + sum(a.nbytes for a in arrays), _SLICE)
                 continue
-            r = call.recv()
+            r, self._ready = self._ready or call.recv(), None
             if r[0] == "end":
                 self.close()
                 raise StopIteration

@@ -89,3 +89,24 @@ def counted_records(raw):
         with open(CALLS, "a") as f:
             f.write("x\n")
     return to_records(raw)
+
+
+def big(x):
+    """300 KB out: three fill a 1 MiB ring."""
+    return np.full(300_000 // 8, int(x[0]), np.int64)
+
+
+def count_with_array_state(state, x):
+    """An array state, changed in place."""
+    if state is None:
+        state = np.zeros(300_000 // 8, np.int64)
+    state += 1
+    return state, int(state[0])
+
+
+def wait_for_file(x):
+    import time
+
+    while not os.path.exists(os.environ["SHMEXEC_TEST_MARKER"]):
+        time.sleep(0.01)
+    return x

@@ -413,3 +413,96 @@ def test_store_errors_and_keys():
     assert k == shmexec.StageKey("a", "1", b"cfg") and hash(k) == hash(shmexec.StageKey("a", "1", b"cfg"))
     assert k != shmexec.StageKey("a", "1", "cfg", [shmexec.StageKey("src")])
     assert len(k.id) == 64 and k.name == "a" and k.version == "1" and k.config == b"cfg"
+
+
+def xs(n):
+    return [np.full(1, i, np.int64) for i in range(n)]
+
+
+def test_a_consumer_that_keeps_nothing_never_sees_outputs_held():
+    # The pipeline holds no result of its own in the last group's ring: only the caller's.
+    for pipe in (shmexec.Pipeline(workers=1, ring_bytes=1 << 20).map(pipefns.big),
+                 shmexec.Pipeline(workers=1, ring_bytes=1 << 20).map(pipefns.identity)
+                 .map(pipefns.big, alone=True)):
+        with pipe:
+            got = []
+            for r in pipe.run(xs(30)):
+                got.append(int(r[0]))
+                import time
+                time.sleep(0.005)
+            assert got == list(range(30))
+
+
+def test_asked_again_holding_every_result_the_run_ends():
+    with shmexec.Pipeline(workers=1, ring_bytes=1 << 20).map(pipefns.big, alone=True) as pipe:
+        run = pipe.run(xs(30))
+        held, raised = [], 0
+        while True:
+            try:
+                held.append(next(run))
+            except StopIteration:
+                break
+            except shmexec.OutputsHeld:
+                raised += 1
+                assert raised < 5, "the run goes on raising OutputsHeld"
+        assert raised == 2 and 0 < len(held) < 30
+        del held
+        assert [int(r[0]) for r in pipe.run(xs(3))] == [0, 1, 2]
+
+
+def test_an_array_state_changes_in_place_and_holds_no_ring():
+    with shmexec.Pipeline(workers=1, ring_bytes=1 << 20).stateful(
+            pipefns.count_with_array_state) as pipe:
+        run = pipe.run(xs(30))
+        assert list(run) == list(range(1, 31))
+        state = run.states["count_with_array_state"]
+        assert state.flags.writeable and int(state[-1]) == 30
+
+
+def test_a_dropped_or_unnamed_run_frees_the_pipeline():
+    assert [int(r[0]) for r in shmexec.Pipeline(workers=1).map(pipefns.identity).run(xs(5))] \
+        == list(range(5))
+    with shmexec.Pipeline(workers=1).map(pipefns.identity).map(pipefns.identity, alone=True, name="again") as pipe:
+        for _ in pipe.run(xs(100)):
+            break
+        assert len(list(pipe.run(xs(3)))) == 3
+        run = pipe.run(xs(100))
+        next(run)
+        del run
+        assert len(list(pipe.run(xs(3)))) == 3
+
+
+def test_a_run_closed_by_another_thread_ends_its_iterator(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHMEXEC_TEST_MARKER", str(tmp_path / "go"))
+    for second in (False, True):
+        pipe = shmexec.Pipeline(workers=1).map(pipefns.wait_for_file)
+        if second:
+            pipe.map(pipefns.identity, alone=True, name="again")
+        with pipe:
+            run = pipe.run(xs(3))
+            threading.Timer(0.5, run.close).start()
+            assert list(run) == []
+            (tmp_path / "go").touch()
+            assert len(list(pipe.run(xs(2)))) == 2
+            (tmp_path / "go").unlink()
+
+
+def test_results_leave_as_they_come_from_a_slow_source():
+    import time
+
+    def source(n):
+        for i in range(n):
+            time.sleep(0.1)
+            yield np.full(1, i, np.int64)
+
+    for make in (lambda: shmexec.Pool(pipefns.identity, workers=1),
+                 lambda: shmexec.Pipeline(workers=1).map(pipefns.identity),
+                 lambda: shmexec.Pipeline(workers=1).map(pipefns.identity)
+                 .map(pipefns.identity, alone=True, name="again")):
+        with make() as p:
+            started = time.monotonic()
+            it = p.map(source(15)) if isinstance(p, shmexec.Pool) else p.run(source(15))
+            next(it)
+            first = time.monotonic() - started
+            assert len(list(it)) == 14
+            assert first < 1.0, f"the first result came after {first:.1f} s"
