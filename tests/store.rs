@@ -543,3 +543,30 @@ fn bad_ranges_and_wrong_types_are_errors() {
         e => panic!("unexpected {e}"),
     }
 }
+
+#[test]
+fn a_load_while_the_stream_is_committed_and_removed_is_a_hit_or_a_miss() {
+    // The commit renames the whole directory into place: a reader that found no metadata and
+    // then the directory must not take it for a damaged stream.
+    let t = TempStore::new("load-race");
+    let key = peaks_key();
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_millis(1500) {
+                save_samples(&t.store, &key, &[4]);
+                t.store.remove(&key).unwrap();
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        let mut loads = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            match t.store.load(&key) {
+                Ok(_) => loads += 1,
+                Err(e) => panic!("load {loads} while the stream is committed: {e}"),
+            }
+        }
+        assert!(loads > 0);
+    });
+}

@@ -196,24 +196,33 @@ impl AsRef<[u8]> for SavedChunk {
 /// directory; an error if the directory is there without metadata that parses and names `id`.
 pub(crate) fn read_stream(dir: &Path, id: &str) -> Result<Option<SavedStream>> {
     let meta_path = dir.join(meta::FILE);
-    let text = match fs::read(&meta_path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == ErrorKind::NotFound => {
-            // No directory (a miss, or removed meanwhile), or a directory without metadata.
-            return match fs::symlink_metadata(dir) {
-                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(StoreError::io("stat", dir, e)),
-                Ok(_) => Err(StoreError::MissingMetadata {
+    let mut looked = false;
+    let text = loop {
+        match fs::read(&meta_path) {
+            Ok(text) => break text,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                // No directory (a miss, or removed meanwhile), or a directory without metadata.
+                match fs::symlink_metadata(dir) {
+                    Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+                    Err(e) => return Err(StoreError::io("stat", dir, e)),
+                    // A writer that committed between the two looks renamed the whole
+                    // directory into place: it is read again once before it is taken for a
+                    // damaged one.
+                    Ok(_) if !looked => looked = true,
+                    Ok(_) => {
+                        return Err(StoreError::MissingMetadata {
+                            path: dir.to_owned(),
+                        });
+                    }
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::NotADirectory => {
+                return Err(StoreError::MissingMetadata {
                     path: dir.to_owned(),
-                }),
-            };
+                });
+            }
+            Err(e) => return Err(StoreError::io("read", meta_path, e)),
         }
-        Err(e) if e.kind() == ErrorKind::NotADirectory => {
-            return Err(StoreError::MissingMetadata {
-                path: dir.to_owned(),
-            });
-        }
-        Err(e) => return Err(StoreError::io("read", meta_path, e)),
     };
     let bad = |line, what: String| StoreError::BadMetadata {
         path: meta_path.clone(),
