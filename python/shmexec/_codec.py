@@ -56,6 +56,12 @@ def _lone(shape, dtype: np.dtype) -> bytes:
     return head + dtype.str.encode()
 
 
+def size(encoded: tuple[bytes, list[np.ndarray]]) -> int:
+    """The bytes an encoded item takes in a ring (its skeleton and its arrays)."""
+    skeleton, arrays = encoded
+    return len(skeleton) + sum(a.nbytes for a in arrays)
+
+
 def encode(obj) -> tuple[bytes, list[np.ndarray]]:
     """The skeleton and the arrays (flat uint8) of ``obj``."""
     if type(obj) is np.ndarray and _plain(obj.dtype):

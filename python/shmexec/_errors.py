@@ -4,6 +4,17 @@ that item's place (or, with ``errors="yield"``, given in its place), and the poo
 from __future__ import annotations
 
 
+#: The first line of a worker's failure text when a stage of a pipeline raised: it names the
+#: stage (``shmexec._worker._failure`` writes it, ``shmexec._pipeline`` reads it).
+STAGE_MARK = "shmexec stage: "
+
+
+def check_errors(errors: str) -> str:
+    if errors not in ("raise", "yield"):
+        raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+    return errors
+
+
 class ShmexecError(Exception):
     """Base class of every shmexec error."""
 
@@ -55,8 +66,9 @@ class InvalidItem(ItemError):
 
 class OutputsHeld(ShmexecError):
     """A worker's output ring is full of results the caller still holds (numpy arrays that
-    point into it, collected in a list, say). Drop some and go on, or keep copies
-    (``numpy.array(x)``), or pass ``copy=True`` to ``map``."""
+    point into it, collected in a list, say): the call ends here, not in a wait for ever.
+    Drop them and start again, keeping copies (``numpy.array(x)``) or passing ``copy=True``
+    to ``map``."""
 
 
 class InitError(ShmexecError):

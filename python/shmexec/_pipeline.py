@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import collections
 import copy as _copy
+import os
 import pickle
 import queue
 import re
 import threading
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Iterable, Iterator
 
@@ -35,9 +37,6 @@ from ._pool import _SLICE, Pool, _Call, _check_importable, _undecodable
 from ._store import SavedStream, StageKey, Store
 
 _MAP, _FILTER, _FLAT = "map", "filter", "flat_map"
-#: The first line of a worker's failure text when a stage of a chain raised (see
-#: ``_worker._failure``): it names the stage.
-STAGE_MARK = "shmexec stage: "
 #: Inputs a stateful group may have waiting (each holds its upstream frame, or an input).
 _STATEFUL_QUEUE = 2
 #: Results waiting for the caller (each holds its frame in the last group's output ring).
@@ -67,7 +66,7 @@ class _Chain:
 
     def __call__(self, x):
         if not self.many:
-            # Maps only: one output per stage.
+            # One output per stage: no list to build.
             for _, fn, name in self.stages:
                 try:
                     x = fn(x)
@@ -88,7 +87,7 @@ class _Chain:
             except BaseException as e:
                 _mark(e, name)
                 raise
-        return items if self.many else items[0]
+        return items
 
 
 class _Stateful:
@@ -190,8 +189,8 @@ class Pipeline:
     be importable by name, as for ``Pool``.
 
     Parameters:
-        workers: the workers of each group without a count of its own (default: one per
-            core this process may use).
+        workers: the workers of each group without a count of its own (default: the cores
+            this process may use, shared among those groups).
         errors: ``"raise"`` or ``"yield"``, as for ``Pool``.
         **options: any setting of ``Pool`` (``initializer``, ``ring_bytes``,
             ``max_attempts``, ``chunk_timeout``, ``pin``, ...), for every group. ``pin``
@@ -204,8 +203,7 @@ class Pipeline:
             raise TypeError(f"Pipeline() got unknown settings: {', '.join(sorted(unknown))}")
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive int, got {workers!r}")
-        if errors not in ("raise", "yield"):
-            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        _errors.check_errors(errors)
         options.setdefault("pin", "off")
         self._workers = workers
         self._options = options
@@ -300,9 +298,11 @@ class Pipeline:
         config, with the key of the stage before (the first stage's: ``source``)."""
         if not isinstance(source, StageKey):
             raise TypeError(f"a source key is a shmexec.StageKey, got {type(source).__name__}")
+        lists = {name for g in self._grouped() if g.many for name in g.names}
         keys, before = {}, source
         for spec in self._specs:
-            before = keys[spec.name] = StageKey(spec.name, spec.version, spec.config, [before])
+            config = _what_makes(spec, spec.name in lists)
+            before = keys[spec.name] = StageKey(spec.name, spec.version, config, [before])
         return keys
 
     def plan(self) -> list[dict]:
@@ -324,7 +324,13 @@ class Pipeline:
                 runs[-1].append(s)
             else:
                 runs.append([s])
-        return [_Group(r, self._workers) for r in runs]
+        default = self._workers
+        shared = [r for r in runs if not r[0].workers and not r[0].serial and r[0].kind != "stateful"]
+        if default is None and len(shared) > 1:
+            # The cores this process may use, shared by the groups without a count of their
+            # own (each a pool of that many processes, with their rings).
+            default = max(1, len(os.sched_getaffinity(0)) // len(shared))
+        return [_Group(r, default) for r in runs]
 
     # --- life ---------------------------------------------------------------------------
 
@@ -362,11 +368,12 @@ class Pipeline:
 
         With ``key`` (the source's ``StageKey``: which run, which raw data), saved stages
         (``save``) are saved, and the run is served from the last saved stage whose stream
-        is complete: ``iterable`` is not read, and ``Run.cache`` names that stage."""
+        is complete: ``iterable`` is not read, and ``Run.cache`` names that stage.
+
+        ``iterable`` is read on the caller's thread, between results: for a live source
+        (chunks that arrive when they arrive) use ``stream()``."""
         self._check_idle()
-        errors = errors or self.errors
-        if errors not in ("raise", "yield"):
-            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        errors = _errors.check_errors(errors or self.errors)
         groups = self._groups
         assert groups is not None
         source: Iterable = enumerate(iterable)
@@ -403,9 +410,7 @@ class Pipeline:
         """A live run: ``submit()`` chunks from a producer thread as they arrive and iterate
         the results on another, in submission order. See ``PipelineStream``."""
         self._check_idle()
-        errors = errors or self.errors
-        if errors not in ("raise", "yield"):
-            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        errors = _errors.check_errors(errors or self.errors)
         stream = PipelineStream(self, self._groups, errors, copy)
         self._run = weakref.ref(stream)
         return stream
@@ -477,15 +482,13 @@ class _LocalQueue:
         self.items.append(tag)
 
     def put(self, tag, timeout=None) -> None:
+        # Never full where the caller's thread puts (only an unbounded queue takes puts).
         self.put_nowait(tag)
 
     def get_nowait(self):
         if not self.items:
             raise queue.Empty
         return self.items.popleft()
-
-    def get(self, timeout=None):
-        return self.get_nowait()
 
     def qsize(self) -> int:
         return len(self.items)
@@ -500,7 +503,8 @@ class _Flow:
     collected and closes it). ``tags[g]`` is group ``g``'s queue of hand-offs in input
     order: ``("item", index)`` (placed into its pool), ``("val", index, x)`` (for a stateful
     group, which places it itself), ``("err", exc, ends_run)``, ``("end",)``. ``tags[-1]``
-    is the caller's: ``("ok", index, result)``, errors and the end."""
+    is the caller's: ``("ok", index, result)``, errors and the end. (``Run._feed`` keeps an input it could not place yet as ``("place", index,
+    encoded)``.)"""
 
     def __init__(self, groups: list[_Group], copy: bool, direct: bool, writers: list):
         self.groups = groups
@@ -514,24 +518,24 @@ class _Flow:
         self.direct = direct
         self.cancel = threading.Event()
         make = _LocalQueue if self.direct else queue.Queue
-        self.tags = [make(_STATEFUL_QUEUE if g.stateful else 0) for g in groups] + [
-            make(0 if self.direct else _OUT_QUEUE)
-        ]
+        # Unbounded: a stateful group's values are bounded where they are put (`room`), so
+        # that an error tag or the end never waits for a slot.
+        self.tags = [make() for _ in groups] + [make(0 if self.direct else _OUT_QUEUE)]
         self.calls: list[_Call] = []
         self.states: dict[str, Any] = {}
         # Rung whenever something moved: the caller's thread waits on it for room or results.
         self.bell = threading.Condition()
         self.rings = 0
-        #: Results the caller asked for so far, and tags it took: the last group collects a
-        #: result only when one is asked for and none waits, so that the results holding
-        #: its ring are the caller's, as with ``Pool.map``.
-        self.asks = 0
-        self.taken = 0
+        #: Whether the caller waits for a result: the last group collects one only then,
+        #: and only where no tag waits in the caller's queue, so that the results holding
+        #: its ring are the caller's, as with ``Pool.map``. Set and cleared under ``bell``.
+        self.wanted = False
 
     def commit(self, g: int) -> None:
         """Group ``g`` saw the run's end: its stream is committed if every input got
         through."""
-        w, self.writers[g] = self.writers[g], None
+        with self.bell:  # against abandon() on a thread that closes the run
+            w, self.writers[g] = self.writers[g], None
         if w is None:
             return
         writer, stage = w
@@ -541,11 +545,26 @@ class _Flow:
             writer.finish()
             self.saved.append(stage)
 
-    def abandon(self) -> None:
-        for g, w in enumerate(self.writers):
-            if w is not None:
-                w[0].abandon()
+    def save(self, g: int, write: Callable) -> None:
+        """Writes a result of group ``g`` into its stream, if it saves one. A write that
+        fails (a full disk) costs the stream, not the run: it is abandoned, with a warning."""
+        w = self.writers[g]
+        if w is None:
+            return
+        try:
+            write(w[0])
+        except _errors.StoreError as e:
+            with self.bell:
                 self.writers[g] = None
+            w[0].abandon()
+            warnings.warn(f"the outputs of stage {w[1]!r} are not saved: {e}", RuntimeWarning)
+
+    def abandon(self) -> None:
+        with self.bell:
+            writers = [w for w in self.writers if w is not None]
+            self.writers = [None] * len(self.writers)
+        for writer, _ in writers:
+            writer.abandon()
 
     def ring(self) -> None:
         if self.direct:  # nobody waits on the bell
@@ -559,24 +578,37 @@ class _Flow:
             if self.rings == seen and not self.cancel.is_set():
                 self.bell.wait(timeout)
 
+    def room(self, g: int) -> bool:
+        """Whether stateful group ``g`` takes another value now (each waits, copied, for its
+        one worker: a few at most)."""
+        return self.tags[g].qsize() < _STATEFUL_QUEUE
+
     def wait_for_demand(self) -> None:
-        """Waits until the caller asks for a result that no tag in its queue answers."""
+        """Waits until the caller waits for a result that no tag in its queue answers."""
         out = self.tags[-1]
         with self.bell:
-            while self.asks - self.taken <= out.qsize():
+            while not self.wanted or out.qsize():
                 if self.cancel.is_set():
                     raise _Cancelled
                 self.bell.wait(_SLICE)
 
-    def asked(self, n: int = 1) -> None:
+    def want(self) -> None:
+        """The caller waits for a result (it stays wanted, across a timeout, until one is
+        taken: a caller that polls gets the one collected meanwhile)."""
         with self.bell:
-            self.asks += n
+            self.wanted = True
             self.bell.notify_all()
 
-    def took(self) -> None:
+    def take_result(self, timeout: float | None):
+        """The caller's next tag, or ``None`` (none within ``timeout``; ``None``: none now)."""
+        out = self.tags[-1]
         with self.bell:
-            self.taken += 1
-            self.bell.notify_all()
+            if not out.qsize() and timeout:
+                self.bell.wait(timeout)
+            if not out.qsize():
+                return None
+            self.wanted = False
+            return out.get_nowait()
 
     def put(self, g: int, tag) -> None:
         """Hands ``tag`` to group ``g`` (``len(groups)``: the caller), waiting while its queue
@@ -613,7 +645,13 @@ class _Flow:
         if self.groups[g].stateful:
             # A copy: the value waits for the stateful group's one worker, and a view would
             # hold its frame in the group before's ring meanwhile.
-            self.put(g, ("val", index, _copy.deepcopy(x)))
+            tag = ("val", index, _copy.deepcopy(x))
+            with self.bell:
+                while not self.room(g):
+                    if self.cancel.is_set():
+                        raise _Cancelled
+                    self.bell.wait(_SLICE)
+            self.put(g, tag)
             return True
         try:
             encoded = _codec.encode(x)
@@ -633,7 +671,7 @@ class _Flow:
     def place(self, g: int, encoded) -> None:
         call = self.calls[g]
         skeleton, arrays = encoded
-        size = len(skeleton) + sum(a.nbytes for a in arrays)
+        size = _codec.size((skeleton, arrays))
         while True:
             if self.cancel.is_set():
                 raise _Cancelled
@@ -666,14 +704,19 @@ class _Flow:
         self.ring()
         if r[0] == "ok":
             _, _seq, skeleton, arrays, frame = r
-            if self.writers[g] is not None:
-                self.writers[g][0].write_frame(frame)
+            if not self.groups[g].stateful:
+                self.save(g, lambda w: w.write_frame(frame))
             last = g == len(self.groups) - 1
             try:
                 return _codec.decode(frame, skeleton, arrays, self.copy and last)
             except Exception as e:
                 return _undecodable(e, call._index(r[1]))
-        return call._result(r)
+        result = call._result(r)
+        if isinstance(result, _errors.ItemError):
+            # Its number in the pool's life, which its message may name (the call's own
+            # numbering may not be known yet: an error can come before `_sent`).
+            result._seq = r[2]
+        return result
 
 
 def _restaged(exc: _errors.ItemError, index: int, group: _Group) -> _errors.ItemError:
@@ -681,9 +724,9 @@ def _restaged(exc: _errors.ItemError, index: int, group: _Group) -> _errors.Item
     its stage."""
     if isinstance(exc, _errors.TaskError):
         text, stage = exc.traceback, group.label
-        if text.startswith(STAGE_MARK):
+        if text.startswith(_errors.STAGE_MARK):
             first, _, text = text.partition("\n")
-            stage = first[len(STAGE_MARK):]
+            stage = first[len(_errors.STAGE_MARK):]
         last = text.strip().splitlines()[-1] if text.strip() else "the function raised"
         new: _errors.ItemError = _errors.TaskError(
             f"item {index}, stage {stage!r}: {last}", index, text
@@ -691,19 +734,12 @@ def _restaged(exc: _errors.ItemError, index: int, group: _Group) -> _errors.Item
     else:
         stage = group.label
         message = str(exc.args[0]) if exc.args else str(exc)
-        if exc.index is not None:
-            message = re.sub(rf"\b(item|input|output) {exc.index}\b", rf"\g<1> {index}", message)
+        for old in {exc.index, getattr(exc, "_seq", None)} - {None}:
+            message = re.sub(rf"\b(item|input|output) {old}\b", rf"\g<1> {index}", message)
         new = type(exc)(f"stages {stage!r}: {message}", index)
     new.stage = stage
     new.__cause__ = exc.__cause__
     return new
-
-
-def _hand_on(flow: _Flow, g: int, index: int, r) -> None:
-    """Hands group ``g``'s result for input ``index`` to the next (its outputs, for a group
-    that filters or flattens); the result's frame is let go on return."""
-    for x in r if flow.groups[g].many else (r,):
-        flow.send(g + 1, index, x)
 
 
 class _Mover:
@@ -717,14 +753,10 @@ class _Mover:
         if self.group.stateful:
             self.state = _copy.deepcopy(self.group.specs[0].initial)
             flow.states[self.group.names[0]] = self.state
-        #: The input whose result the group gives next, once it was placed (kept across an
-        #: ``OutputsHeld``, after which it is collected again).
+        #: The input whose result the group gives next, once it was placed.
         self.waiting: int | None = None
         #: Its result, where the caller's thread collected it ahead (a one-group run).
         self.ready = None
-        #: Whether the last thing collected was an ``OutputsHeld``: a second in a row (the
-        #: caller asked again holding every result) ends the run, as it ends a pool's call.
-        self.held = False
 
     def step(self, tag) -> bool:
         """Follows one tag; ``False`` once the group's part of the run is over."""
@@ -733,12 +765,15 @@ class _Mover:
         if kind == "end":
             if g + 1 < len(flow.groups) and not flow.groups[g + 1].stateful:
                 flow.calls[g + 1]._call.close_input()
-            flow.commit(g)
+            try:
+                flow.commit(g)
+            except Exception as e:  # the store failed: in order, after the results before
+                flow.put(g + 1, ("err", e, True))
+                return False
             flow.put(g + 1, tag)
             return False
-        if kind in ("err", "held"):
-            if kind == "err":
-                flow.failed[g] = True
+        if kind == "err":
+            flow.failed[g] = True
             flow.put(g + 1, tag)
             return True
         index = tag[1]
@@ -768,27 +803,12 @@ class _Mover:
         assert index is not None
         last = g + 1 == len(flow.groups)
         while True:
-            if last and not flow.direct:
+            if last and not flow.direct and not group.stateful:
                 flow.wait_for_demand()
             try:
                 ready, self.ready = self.ready, None
                 r = flow.receive(g, ready)
-                self.held = False
                 break
-            except _errors.OutputsHeld as e:
-                if not last or self.held:
-                    # Held by nobody but the pipeline (its rings are too small for the
-                    # items in flight between two groups), or asked for again by a caller
-                    # that dropped none.
-                    self.waiting = None
-                    flow.put(g + 1, ("err", e, True))
-                    return False
-                # The caller holds the results that fill the ring: it hears so, and the
-                # group asks again when the caller asks for more.
-                self.held = True
-                flow.put(g + 1, ("held", e))
-                if flow.direct:
-                    return True
             except _Cancelled:
                 raise
             except Exception as e:
@@ -808,13 +828,19 @@ class _Mover:
             self.state = _copy.deepcopy(state)
             del state
             flow.states[group.names[0]] = self.state
+            # Its frame holds the state beside the output: the output alone is saved.
+            flow.save(g, lambda w: w.write_item(*_codec.encode(r)))
+            if last:
+                # Collected ahead of the caller's asking (the next item needs this one's
+                # state): a copy, so that it holds no frame of the ring.
+                r = _copy.deepcopy(r)
         for x in r if group.many else (r,):
             flow.send(g + 1, index, x)
         return True
 
 
 def _move(flow: _Flow, g: int) -> None:
-    """Group ``g``'s thread."""
+    """Group ``g``'s thread: follows its tags until the run's end (or its close)."""
     try:
         mover = _Mover(flow, g)
         while mover.step(flow.take(g)):
@@ -826,6 +852,19 @@ def _move(flow: _Flow, g: int) -> None:
             flow.put(len(flow.groups), ("err", e, True))
         except _Cancelled:
             pass
+
+
+def _what_makes(spec: _Spec, lists: bool) -> bytes:
+    """A stage's configuration as its key holds it: beside the user's, what else decides what
+    it saves, so that a change to any of it is another stream, never a stale one served: its
+    kind, its function (by the name a worker imports it by; a ``partial`` with its
+    arguments), a stateful stage's initial state, and the layout of its saved chunks (a list
+    of outputs where its group filters or flattens, one output otherwise)."""
+    made = [spec.kind.encode(), pickle.dumps(spec.fn), b"list" if lists else b"one"]
+    if spec.kind == "stateful":
+        made.append(pickle.dumps(spec.initial))
+    user = spec.config.encode() if isinstance(spec.config, str) else (spec.config or b"")
+    return b"\0".join(made) + b"\0" + user
 
 
 def _length(iterable) -> int | None:
@@ -889,14 +928,12 @@ class _Output:
 
     def _deliver(self, tag):
         """The caller's tag as a result, or its error raised (given, with errors="yield")."""
-        self._flow.took()
+        self._flow.ring()
         if tag[0] == "ok":
             return tag[2]
         if tag[0] == "end":
             self.close()
             raise StopIteration
-        if tag[0] == "held":
-            raise tag[1]
         _, exc, ends = tag
         if ends:
             self.close()
@@ -979,7 +1016,9 @@ class Run(_Output):
                     if first is None:  # served from the store, every stage skipped
                         self._pending = ("ok", index, item)
                     elif first.stateful:
-                        self._pending = ("val", index, item)
+                        # A copy: the item waits for the group's one worker, and the source
+                        # may reuse its buffer meanwhile.
+                        self._pending = ("val", index, _copy.deepcopy(item))
                     else:
                         try:
                             self._pending = ("place", index, _codec.encode(item))
@@ -994,10 +1033,9 @@ class Run(_Output):
                 tag = ("item", tag[1])
             elif tag[0] == "end" and first is not None and not first.stateful:
                 flow.calls[0]._call.close_input()
-            try:
-                flow.tags[0].put_nowait(tag)
-            except queue.Full:
+            elif tag[0] == "val" and not flow.room(0):
                 return
+            flow.tags[0].put_nowait(tag)
             flow.ring()
             self._pending = None
 
@@ -1025,7 +1063,7 @@ class Run(_Output):
             if pending is not None and pending[0] == "place":
                 # No worker has room and nothing is in flight (workers restarting).
                 skeleton, arrays = pending[2]
-                size = len(skeleton) + sum(a.nbytes for a in arrays)
+                size = _codec.size((skeleton, arrays))
                 flow.calls[0]._call.wait_for_room(size, _SLICE)
             return
         mover.step(tag)
@@ -1034,15 +1072,14 @@ class Run(_Output):
         if self._over:
             raise StopIteration
         flow = self._flow
-        out = flow.tags[-1]
-        flow.asked()
+        flow.want()
         try:
             while True:
                 if self._over:  # closed by another thread
                     raise StopIteration
                 seen = flow.rings
                 self._feed()
-                tag = out.get_nowait() if out.qsize() else None
+                tag = flow.take_result(None)
                 if tag is not None:
                     break
                 if self._mover is not None:
@@ -1057,7 +1094,16 @@ class Run(_Output):
             if closed and not isinstance(e, KeyboardInterrupt):
                 raise StopIteration from None
             raise
+        if self._mover is not None and tag[0] == "ok":
+            self._end_if_done()
         return self._deliver(tag)
+
+    def _end_if_done(self) -> None:
+        """In a one-group run, follows the end at once when nothing else is left before it
+        (so that a saved stream is committed with the last result, not at a later next())."""
+        mover, first = self._mover, self._flow.tags[0]
+        if mover.waiting is None and first.qsize() == 1 and first.items[0][0] == "end":
+            mover.step(first.get_nowait())
 
 
 class PipelineStream(_Output):
@@ -1080,42 +1126,47 @@ class PipelineStream(_Output):
         flow = self._flow
         first = flow.groups[0]
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._submitting:
-            if self._over or self._input_closed:
-                raise RuntimeError("this stream's input is closed")
-            index = self._taken
-            if first.stateful:
-                tag = ("val", index, item)
-                while True:
-                    try:
-                        flow.tags[0].put(tag, timeout=_left(deadline))
-                        break
-                    except queue.Full:
-                        if _expired(deadline):
-                            return None
-                        if self._over:
-                            raise RuntimeError("this stream is closed") from None
-            else:
-                try:
-                    skeleton, arrays = _codec.encode(item)
-                except Exception as e:
-                    raise _unsendable(e, index, first) from e
-                size = len(skeleton) + sum(a.nbytes for a in arrays)
-                call = flow.calls[0]
-                while True:
-                    if self._over:
-                        raise RuntimeError("this stream is closed")
-                    seq = call._call.try_send(skeleton, arrays)
-                    if seq is not None:
+        if first.stateful:
+            # A copy: the item waits for the group's one worker, and the producer may reuse
+            # its buffer meanwhile (as Run._feed).
+            tag, encoded = ("val", None, _copy.deepcopy(item)), None
+        else:
+            try:
+                encoded = _codec.encode(item)
+            except Exception as e:
+                raise _unsendable(e, self._taken, first) from e
+        # Placed and tagged under the lock (the tags' order is the placements'); waited for
+        # outside it, so that close_input() and other producers are not held up.
+        while True:
+            with self._submitting:
+                if self._over:
+                    raise RuntimeError("this stream is closed")
+                if self._input_closed:
+                    raise RuntimeError("this stream's input is closed")
+                index = self._taken
+                if encoded is None:
+                    placed = flow.room(0)
+                    if placed:
+                        flow.tags[0].put(("val", index, tag[2]))
+                else:
+                    call = flow.calls[0]
+                    seq = call._call.try_send(*encoded)
+                    placed = seq is not None
+                    if placed:
                         call._sent(seq)
-                        break
-                    if _expired(deadline):
-                        return None
-                    call._call.wait_for_room(size, _left(deadline))
-                flow.tags[0].put(("item", index))
-            self._taken += 1
-            flow.ring()
-            return index
+                        flow.tags[0].put(("item", index))
+                if placed:
+                    self._taken += 1
+                    flow.ring()
+                    return index
+            if _expired(deadline):
+                return None
+            if encoded is None:
+                with flow.bell:
+                    if not flow.room(0) and not self._over:
+                        flow.bell.wait(_left(deadline))
+            else:
+                flow.calls[0]._call.wait_for_room(_codec.size(encoded), _left(deadline))
 
     def close_input(self) -> None:
         """Ends the input: the results of what was submitted still come, then the end."""
@@ -1126,13 +1177,7 @@ class PipelineStream(_Output):
             self._input_closed = True
             if not flow.groups[0].stateful:
                 flow.calls[0]._call.close_input()
-            while True:
-                try:
-                    flow.tags[0].put(("end",), timeout=_SLICE)
-                    break
-                except queue.Full:
-                    if self._over:
-                        return
+            flow.tags[0].put(("end",))
             flow.ring()
 
     def receive(self, timeout: float | None = None):
@@ -1140,20 +1185,18 @@ class PipelineStream(_Output):
         takes). Raises ``StopIteration`` at the end, ``TimeoutError`` when the time runs out."""
         if self._over:
             raise StopIteration
-        out = self._flow.tags[-1]
+        flow = self._flow
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._flow.asked()
+        flow.want()
         try:
             while True:
-                try:
-                    tag = out.get(timeout=_left(deadline))
+                tag = flow.take_result(_left(deadline))
+                if tag is not None:
                     break
-                except queue.Empty:
-                    if _expired(deadline):
-                        self._flow.asked(-1)
-                        raise TimeoutError(f"no result within {timeout} s") from None
-                    if self._over:
-                        raise StopIteration from None
+                if self._over:
+                    raise StopIteration
+                if _expired(deadline):
+                    raise TimeoutError(f"no result within {timeout} s")
         except KeyboardInterrupt:
             self.close()
             raise

@@ -168,8 +168,7 @@ class Pool:
             )
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
-        if errors not in ("raise", "yield"):
-            raise ValueError(f"errors must be 'raise' or 'yield', got {errors!r}")
+        _errors.check_errors(errors)
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive int, got {workers!r}")
         _check_importable("fn", fn)
@@ -444,8 +443,7 @@ class Results(_Call):
             if self._pending is not None and self._in_flight == 0:
                 # No worker has room and nothing is in flight (workers restarting): wait for
                 # room, not for a result.
-                skeleton, arrays = self._pending
-                call.wait_for_room(len(skeleton) + sum(a.nbytes for a in arrays), _SLICE)
+                call.wait_for_room(_codec.size(self._pending), _SLICE)
                 continue
             r, self._ready = self._ready or call.recv(), None
             if r[0] == "end":
@@ -488,7 +486,7 @@ class Stream(_Call):
         if call is None:
             raise RuntimeError("this stream is closed")
         skeleton, arrays = _codec.encode(item)
-        size = len(skeleton) + sum(a.nbytes for a in arrays)
+        size = _codec.size((skeleton, arrays))
         while True:
             with self._lock:
                 seq = call.try_send(skeleton, arrays)

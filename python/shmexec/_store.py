@@ -54,13 +54,21 @@ class Store:
         """Removes the stream of ``key``; ``False`` if there was none."""
         return self._native.remove(key)
 
+    def remove_stale_partials(self) -> list[str]:
+        """Removes what writers that died (a killed run) left in the store: temporary
+        directories whose process is gone. Returns their paths. Process ids are this
+        machine's: not for a store that processes of other machines (a shared file system)
+        or containers write at the same time."""
+        return [os.fspath(p) for p in self._native.remove_stale_partials()]
+
     def __repr__(self) -> str:
         return f"<shmexec.Store {self.path!r}>"
 
 
 class SavedStream:
-    """A saved stream: ``len()`` chunks, one per input of the run that saved it; each chunk
-    is that input's output (for a stage that filters or flattens, the list of its outputs).
+    """A saved stream: ``len()`` chunks, one per input that reached the stage in the run that
+    saved it; each chunk is that input's output (where the stage's group filters or
+    flattens, the list of its outputs). A run served from it numbers its items by chunk.
     Iterating (or indexing) reads each chunk where it is mapped: its arrays are read-only
     views that hold the mapping; its checksum is checked first."""
 

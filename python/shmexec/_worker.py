@@ -46,7 +46,7 @@ def _failure(e: BaseException) -> str:
     text = traceback.format_exc()
     stage = getattr(e, "_shmexec_stage", None)
     if isinstance(stage, str):
-        from ._pipeline import STAGE_MARK
+        from ._errors import STAGE_MARK
 
         return f"{STAGE_MARK}{stage}\n{text}"
     return text

@@ -34,7 +34,18 @@ pub fn classify(e: &Error) -> (&'static str, Option<u64>, String) {
             );
             return ("too_large", Some(*seq), m);
         }
-        Error::OutputsHeld { .. } => "outputs_held",
+        Error::OutputsHeld {
+            worker,
+            held,
+            bytes,
+        } => {
+            let m = format!(
+                "worker {worker}'s output ring is full of {held} results ({bytes} bytes) that \
+                 the caller still holds (arrays that point into it), so the call ends: keep \
+                 copies instead (numpy.array(x), or copy=True)"
+            );
+            return ("outputs_held", None, m);
+        }
         Error::Encode { .. } | Error::InvalidInput { .. } | Error::InvalidOutput { .. } => {
             "invalid"
         }

@@ -13,9 +13,11 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use shmexec::store::{SavedChunk, SavedStream, StageKey, Store, StoreError, StreamWriter};
 
+use numpy::PyReadonlyArray1;
+
 use crate::errors;
 use crate::frames::{ResultFrame, fill};
-use crate::item;
+use crate::item::{self, Layout};
 
 fn raise(e: StoreError) -> PyErr {
     errors::make_error("store", None, e.to_string())
@@ -42,15 +44,18 @@ impl PyStageKey {
     ) -> PyResult<Self> {
         let config: Vec<u8> = match config {
             None => Vec::new(),
-            Some(c) => match c.extract::<String>() {
-                Ok(text) => text.into_bytes(),
-                Err(_) => c.extract::<Vec<u8>>().map_err(|_| {
-                    pyo3::exceptions::PyTypeError::new_err(
+            Some(c) => {
+                if let Ok(text) = c.cast::<pyo3::types::PyString>() {
+                    text.to_str()?.as_bytes().to_vec()
+                } else if let Ok(bytes) = c.cast::<PyBytes>() {
+                    bytes.as_bytes().to_vec()
+                } else {
+                    return Err(pyo3::exceptions::PyTypeError::new_err(
                         "a stage's config is bytes or a str (one that does not change between \
                          runs of the same settings)",
-                    )
-                })?,
-            },
+                    ));
+                }
+            }
         };
         let mut key = StageKey::new(name, version, config);
         for input in inputs {
@@ -142,6 +147,7 @@ impl NativeStore {
         let w = self.store.writer(&key.key).map_err(raise)?;
         Ok(NativeWriter {
             writer: Mutex::new(Some(w)),
+            pid: std::process::id(),
         })
     }
 
@@ -158,6 +164,12 @@ impl NativeStore {
     fn remove(&self, key: &PyStageKey) -> PyResult<bool> {
         self.store.remove(&key.key).map_err(raise)
     }
+
+    /// Removes the temporary directories of writers whose process is gone; their paths.
+    fn remove_stale_partials(&self, py: Python<'_>) -> PyResult<Vec<std::path::PathBuf>> {
+        py.detach(|| self.store.remove_stale_partials())
+            .map_err(raise)
+    }
 }
 
 /// A stream being saved: each chunk a result frame's item bytes.
@@ -165,13 +177,29 @@ impl NativeStore {
 pub struct NativeWriter {
     /// `None` once finished or abandoned.
     writer: Mutex<Option<StreamWriter>>,
+    /// The process that made it. A forked child's copy is the parent's writer: dropping it
+    /// there would remove the parent's partial stream, so the child forgets it.
+    pid: u32,
 }
 
-#[pymethods]
 impl NativeWriter {
-    /// Saves the item bytes of `frame` as the stream's next chunk (written and synced).
-    fn write_frame(&self, py: Python<'_>, frame: &ResultFrame) -> PyResult<()> {
-        let bytes = frame.bytes();
+    /// The writer, taken, in the process that made it; `None` once finished, abandoned, or
+    /// in a forked child.
+    fn take(&self) -> Option<StreamWriter> {
+        let taken = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if std::process::id() != self.pid {
+            std::mem::forget(taken);
+            return None;
+        }
+        taken
+    }
+
+    fn write(&self, py: Python<'_>, bytes: &[u8]) -> PyResult<()> {
+        if std::process::id() != self.pid {
+            return Err(errors::usage(
+                "this stream writer belongs to another process",
+            ));
+        }
         let written = py.detach(|| {
             let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
             w.as_mut().map(|w| w.write_chunk(bytes, None))
@@ -181,19 +209,61 @@ impl NativeWriter {
             None => Err(errors::usage("this stream writer is finished")),
         }
     }
+}
+
+impl Drop for NativeWriter {
+    fn drop(&mut self) {
+        if std::process::id() != self.pid {
+            let w = self
+                .writer
+                .get_mut()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+            std::mem::forget(w);
+        }
+    }
+}
+
+#[pymethods]
+impl NativeWriter {
+    /// Saves the item bytes of `frame` as the stream's next chunk (written and synced).
+    fn write_frame(&self, py: Python<'_>, frame: &ResultFrame) -> PyResult<()> {
+        self.write(py, frame.bytes())
+    }
+
+    /// Saves an item (a skeleton and its arrays, as `_codec.encode` gives them) as the
+    /// stream's next chunk: for a result whose frame holds more than the stage's output (a
+    /// stateful stage's state beside it).
+    fn write_item(
+        &self,
+        py: Python<'_>,
+        skeleton: &[u8],
+        arrays: Vec<PyReadonlyArray1<'_, u8>>,
+    ) -> PyResult<()> {
+        let slices = arrays
+            .iter()
+            .map(|a| a.as_slice())
+            .collect::<Result<Vec<&[u8]>, _>>()?;
+        let layout = Layout::new(skeleton.len(), slices.iter().map(|s| s.len()))
+            .ok_or_else(|| pyo3::exceptions::PyOverflowError::new_err("item too large"))?;
+        let mut bytes = vec![0u8; layout.len];
+        layout.write(&mut bytes, skeleton, &slices);
+        self.write(py, &bytes)
+    }
 
     /// Commits the stream: complete under its key from now on.
     fn finish(&self, py: Python<'_>) -> PyResult<()> {
-        let taken = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        match taken {
+        match self.take() {
             Some(w) => py.detach(|| w.finish()).map_err(raise),
             None => Err(errors::usage("this stream writer is finished")),
         }
     }
 
     /// Drops what was written: nothing appears under the key.
-    fn abandon(&self) {
-        drop(self.writer.lock().unwrap_or_else(|p| p.into_inner()).take());
+    fn abandon(&self, py: Python<'_>) {
+        // Waits for a write in progress and removes the partial files: not under the
+        // interpreter's lock.
+        py.detach(|| drop(self.take()));
     }
 }
 

@@ -110,3 +110,15 @@ def wait_for_file(x):
     while not os.path.exists(os.environ["SHMEXEC_TEST_MARKER"]):
         time.sleep(0.01)
     return x
+
+
+def count(state, x):
+    return state + 1, (state, int(x[0]))
+
+
+def even(x):
+    return int(x[0]) % 2 == 0
+
+
+def plus1(x):
+    return x + 1

@@ -198,21 +198,24 @@ def test_a_stateful_stage_that_returns_no_pair_fails_its_items():
     assert "returns (state, output)" in str(got[0])
 
 
-def test_held_results_raise_outputs_held_and_the_run_goes_on_once_dropped():
+def test_held_results_end_the_run_with_outputs_held_not_a_hang():
     xs = [np.full(16 << 10, i, np.float32) for i in range(60)]  # 64 KiB each
-    with shmexec.Pipeline(workers=1, ring_bytes=1 << 20).map(pipefns.identity) as pipe:
-        run = pipe.run(xs)
-        held = []
-        try:
-            while True:
-                held.append(next(run))
-        except shmexec.OutputsHeld:
-            pass
-        assert 0 < len(held) < 60
-        got = [float(h[0]) for h in held]
-        held.clear()
-        got += [float(r[0]) for r in run]
-        assert got == [float(i) for i in range(60)]
+    for pipe in (shmexec.Pipeline(workers=1, ring_bytes=1 << 20).map(pipefns.identity),
+                 shmexec.Pipeline(workers=1, ring_bytes=1 << 20).map(pipefns.identity)
+                 .map(pipefns.identity, alone=True, name="again")):
+        with pipe:
+            run = pipe.run(xs)
+            held = []
+            with pytest.raises(shmexec.OutputsHeld):
+                for r in run:
+                    held.append(r)
+            assert 0 < len(held) < 60
+            assert [float(h[0]) for h in held] == [float(i) for i in range(len(held))]
+            with pytest.raises(StopIteration):
+                next(run)
+            del held, r
+            # The pipeline takes the next run.
+            assert [float(r[0]) for r in pipe.run(xs[:3])] == [0.0, 1.0, 2.0]
 
 
 _CTRL_C = """
@@ -433,23 +436,6 @@ def test_a_consumer_that_keeps_nothing_never_sees_outputs_held():
             assert got == list(range(30))
 
 
-def test_asked_again_holding_every_result_the_run_ends():
-    with shmexec.Pipeline(workers=1, ring_bytes=1 << 20).map(pipefns.big, alone=True) as pipe:
-        run = pipe.run(xs(30))
-        held, raised = [], 0
-        while True:
-            try:
-                held.append(next(run))
-            except StopIteration:
-                break
-            except shmexec.OutputsHeld:
-                raised += 1
-                assert raised < 5, "the run goes on raising OutputsHeld"
-        assert raised == 2 and 0 < len(held) < 30
-        del held
-        assert [int(r[0]) for r in pipe.run(xs(3))] == [0, 1, 2]
-
-
 def test_an_array_state_changes_in_place_and_holds_no_ring():
     with shmexec.Pipeline(workers=1, ring_bytes=1 << 20).stateful(
             pipefns.count_with_array_state) as pipe:
@@ -506,3 +492,128 @@ def test_results_leave_as_they_come_from_a_slow_source():
             first = time.monotonic() - started
             assert len(list(it)) == 14
             assert first < 1.0, f"the first result came after {first:.1f} s"
+
+
+def test_a_stateful_first_stage_copies_what_it_is_given():
+    buf = np.zeros(1, np.int64)
+
+    def reused():
+        for i in range(10):
+            buf[0] = i
+            yield buf
+
+    with shmexec.Pipeline(workers=1).stateful(pipefns.count, initial=0) as pipe:
+        assert [x for _, x in pipe.run(reused())] == list(range(10))
+        with pipe.stream() as s:
+            for i in range(3):
+                buf[0] = i
+                s.submit(buf)
+            s.close_input()  # every slot of the group taken
+            assert [x for _, x in s] == list(range(3))
+        with pipe.stream() as s:
+            def produce():
+                for i in range(20):
+                    buf[0] = i
+                    s.submit(buf)
+                s.close_input()
+            t = threading.Thread(target=produce)
+            t.start()
+            assert [x for _, x in s] == list(range(20))
+            t.join()
+
+
+def test_close_input_while_a_producer_waits_for_room():
+    with shmexec.Pipeline(workers=1, queue_bytes=1 << 16).map(pipefns.slow) as pipe:
+        s = pipe.stream()
+        submitted = []
+
+        def produce():
+            try:
+                for i in range(50):
+                    s.submit(np.full(1 << 13, i, np.int64))
+                    submitted.append(i)
+            except RuntimeError:
+                pass
+
+        t = threading.Thread(target=produce)
+        t.start()
+        first = next(s)
+        s.close_input()
+        t.join(10)
+        assert not t.is_alive()
+        rest = list(s)
+        assert [int(first[0])] + [int(r[0]) for r in rest] == submitted
+
+
+def test_a_polling_consumer_gets_every_result():
+    with shmexec.Pipeline(workers=1).map(pipefns.identity).map(
+            pipefns.identity, alone=True, name="again") as pipe:
+        with pipe.stream() as s:
+            for i in range(5):
+                s.submit(np.full(1, i, np.int64))
+            s.close_input()
+            got = []
+            import time
+            deadline = time.monotonic() + 20
+            while len(got) < 5 and time.monotonic() < deadline:
+                try:
+                    got.append(int(s.receive(timeout=0)[0]))
+                except TimeoutError:
+                    time.sleep(0.01)
+            assert got == list(range(5))
+
+
+def test_a_saved_stateful_stage_serves_its_outputs(tmp_path):
+    store = shmexec.Store(tmp_path)
+    key = shmexec.StageKey("src")
+    for round in range(2):
+        with shmexec.Pipeline(workers=1).stateful(pipefns.count, initial=0).save(store) as p:
+            run = p.run(xs(3), key=key)
+            assert list(run) == [(0, 0), (1, 1), (2, 2)]
+            assert run.cache == (None if round == 0 else "count")
+
+
+def test_what_makes_a_stage_is_in_its_key(tmp_path):
+    store = shmexec.Store(tmp_path)
+    src = shmexec.StageKey("src")
+    fused = shmexec.Pipeline(workers=1).filter(pipefns.even).map(pipefns.plus1).save(store)
+    alone = (shmexec.Pipeline(workers=1).filter(pipefns.even)
+             .map(pipefns.plus1, alone=True).save(store))
+    as_map = shmexec.Pipeline(workers=1).map(pipefns.even).save(store)
+    as_filter = shmexec.Pipeline(workers=1).filter(pipefns.even).save(store)
+    other_fn = shmexec.Pipeline(workers=1).map(pipefns.identity, name="even").save(store)
+    init0 = shmexec.Pipeline(workers=1).stateful(pipefns.count, initial=0).save(store)
+    init1 = shmexec.Pipeline(workers=1).stateful(pipefns.count, initial=1).save(store)
+    assert fused.keys(src)["plus1"] != alone.keys(src)["plus1"]
+    assert as_map.keys(src)["even"] != as_filter.keys(src)["even"] != other_fn.keys(src)["even"]
+    assert init0.keys(src)["count"] != init1.keys(src)["count"]
+    def fused_():
+        return shmexec.Pipeline(workers=1).filter(pipefns.even).map(pipefns.plus1).save(store)
+
+    def alone_():
+        return (shmexec.Pipeline(workers=1).filter(pipefns.even)
+                .map(pipefns.plus1, alone=True).save(store))
+
+    for make, cached in ((fused_, None), (alone_, None), (fused_, "plus1"), (alone_, "plus1")):
+        with make() as pipe:
+            run = pipe.run(xs(6), key=src)
+            assert [int(g[0]) for g in run] == [1, 3, 5]
+            assert run.cache == cached
+
+
+def test_a_store_that_fails_costs_the_stream_not_the_run(tmp_path):
+    import shutil
+    import warnings
+
+    store = shmexec.Store(tmp_path / "store")
+    with shmexec.Pipeline(workers=1).map(pipefns.identity).save(store) as pipe:
+        run = pipe.run(xs(20), key=shmexec.StageKey("src"))
+        got = [int(next(run)[0])]
+        for partial in (tmp_path / "store").iterdir():
+            shutil.rmtree(partial)  # a cleanup job, a full disk
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got += [int(r[0]) for r in run]
+        assert got == list(range(20))
+        assert run.saved == [] and any("not saved" in str(w.message) for w in caught)
+    assert store.load(pipe.keys(shmexec.StageKey("src"))["identity"]) is None
