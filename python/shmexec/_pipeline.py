@@ -268,7 +268,8 @@ class Pipeline:
                  version: str = "", config: bytes | str | None = None) -> "Pipeline":
         """Adds a serial stage with state: ``fn(state, x)`` returns ``(state, y)``; the first
         item of each run sees a copy of ``initial``. ``Run.states`` holds each stateful
-        stage's state when its run ended."""
+        stage's state after the last item it finished (none for a stage a run skipped,
+        served from the store)."""
         try:
             pickle.dumps(_copy.deepcopy(initial))
         except Exception as e:
@@ -1150,7 +1151,10 @@ class PipelineStream(_Output):
                         flow.tags[0].put(("val", index, tag[2]))
                 else:
                     call = flow.calls[0]
-                    seq = call._call.try_send(*encoded)
+                    native = call._call
+                    if native is None:  # closed by another thread since the check above
+                        raise RuntimeError("this stream is closed")
+                    seq = native.try_send(*encoded)
                     placed = seq is not None
                     if placed:
                         call._sent(seq)
