@@ -1170,7 +1170,10 @@ class PipelineStream(_Output):
                     if not flow.room(0) and not self._over:
                         flow.bell.wait(_left(deadline))
             else:
-                flow.calls[0]._call.wait_for_room(_codec.size(encoded), _left(deadline))
+                native = flow.calls[0]._call
+                if native is None:
+                    raise RuntimeError("this stream is closed")
+                native.wait_for_room(_codec.size(encoded), _left(deadline))
 
     def close_input(self) -> None:
         """Ends the input: the results of what was submitted still come, then the end."""
