@@ -18,6 +18,9 @@
 //! sends), so aligned offsets are aligned addresses. The reader checks every length and
 //! offset against the item's size: a frame is bytes from another process.
 
+use numpy::PyReadonlyArray1;
+use pyo3::PyResult;
+
 const MAGIC: u32 = 0x5958_5053; // "SPXY"
 const HEAD: usize = 24;
 const ALIGN: usize = 64;
@@ -134,6 +137,21 @@ impl Layout {
 pub struct Parts {
     pub skeleton: std::ops::Range<usize>,
     pub arrays: Vec<(usize, usize)>,
+}
+
+/// The bytes of an item's arrays (numpy's, which must be contiguous) and the layout they make
+/// with a skeleton of `skeleton` bytes: what a sender and a store writer both lay out.
+pub fn lay_out<'a>(
+    skeleton: usize,
+    arrays: &'a [PyReadonlyArray1<'_, u8>],
+) -> PyResult<(Layout, Vec<&'a [u8]>)> {
+    let slices = arrays
+        .iter()
+        .map(|a| a.as_slice())
+        .collect::<Result<Vec<&[u8]>, _>>()?;
+    let layout = Layout::new(skeleton, slices.iter().map(|s| s.len()))
+        .ok_or_else(|| pyo3::exceptions::PyOverflowError::new_err("item too large"))?;
+    Ok((layout, slices))
 }
 
 /// Reads the header of the item in `buf`, checking every range against it.

@@ -18,7 +18,7 @@ use shmexec::{Pinning, Pool, PoolStats, StreamReceiver, StreamSender, WaitStrate
 
 use crate::errors::{self, raise};
 use crate::frames::ResultFrame;
-use crate::item::{self, Layout};
+use crate::item;
 use crate::task::PyTask;
 
 /// How long one wait lasts before the waiter looks at the interpreter's signals (Ctrl-C).
@@ -481,12 +481,7 @@ impl NativeCall {
         arrays: Vec<PyReadonlyArray1<'_, u8>>,
     ) -> PyResult<Option<u64>> {
         let tx = self.sender()?;
-        let slices = arrays
-            .iter()
-            .map(|a| a.as_slice())
-            .collect::<Result<Vec<&[u8]>, _>>()?;
-        let layout = Layout::new(skeleton.len(), slices.iter().map(|s| s.len()))
-            .ok_or_else(|| pyo3::exceptions::PyOverflowError::new_err("item too large"))?;
+        let (layout, slices) = item::lay_out(skeleton.len(), &arrays)?;
         let sent = tx.try_send_in_place::<u8, ()>(layout.len, &(), |buf| {
             layout.write(buf, skeleton, &slices);
             Ok(())

@@ -17,7 +17,7 @@ use numpy::PyReadonlyArray1;
 
 use crate::errors;
 use crate::frames::{ResultFrame, fill};
-use crate::item::{self, Layout};
+use crate::item;
 
 fn raise(e: StoreError) -> PyErr {
     errors::make_error("store", None, e.to_string())
@@ -240,12 +240,7 @@ impl NativeWriter {
         skeleton: &[u8],
         arrays: Vec<PyReadonlyArray1<'_, u8>>,
     ) -> PyResult<()> {
-        let slices = arrays
-            .iter()
-            .map(|a| a.as_slice())
-            .collect::<Result<Vec<&[u8]>, _>>()?;
-        let layout = Layout::new(skeleton.len(), slices.iter().map(|s| s.len()))
-            .ok_or_else(|| pyo3::exceptions::PyOverflowError::new_err("item too large"))?;
+        let (layout, slices) = item::lay_out(skeleton.len(), &arrays)?;
         let mut bytes = vec![0u8; layout.len];
         layout.write(&mut bytes, skeleton, &slices);
         self.write(py, &bytes)
