@@ -13,6 +13,10 @@ Engines:
   shmexec     shmexec.Pool.map: chunks copied once into the rings; the worker writes the
               transformed chunk in place in its output ring and the caller reads (array, count)
               there (needs the shmexec package: pip install ./python).
+  shmexec-shared
+              the same, with the chunks made in the pool's shared region (Pool.shared) before
+              timing instead of in private memory: no copy in, the worker reads each chunk
+              where the program put it.
 
 Transform per chunk of float32: subtract the mean of the first 64 samples, scale by 0.5, count
 samples above 1.0; the transformed array is the output. The consumer takes the count and one
@@ -93,7 +97,7 @@ def main():
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--wait", default="adaptive", help="shmexec's wait strategy")
-    ap.add_argument("--engines", default="numpy_seq,pool_pickle,pool_shm,shmexec",
+    ap.add_argument("--engines", default="numpy_seq,pool_pickle,pool_shm,shmexec,shmexec_shared",
                     help="comma-separated subset to run")
     a = ap.parse_args()
     chunk_bytes, total_bytes = parse_size(a.chunk_bytes), parse_size(a.total_bytes)
@@ -112,7 +116,17 @@ def main():
         import shmexec
     except ImportError:
         shmexec = None
-    sx_pool = shmexec.Pool(transform, workers=a.workers, out="like_input", wait=a.wait) if shmexec else None
+    wanted = a.engines.split(",")
+    sx_pool = sx_shared = None
+    if shmexec is not None and "shmexec" in wanted:
+        sx_pool = shmexec.Pool(transform, workers=a.workers, out="like_input", wait=a.wait)
+    if shmexec is not None and "shmexec_shared" in wanted:
+        sx_shared = shmexec.Pool(transform, workers=a.workers, out="like_input", wait=a.wait,
+                                 shared_bytes=total)
+        region = sx_shared.shared(np.float32)
+        shared_data = [region[i * n:(i + 1) * n] for i in range(chunks)]
+        for d, x in zip(shared_data, data):
+            d[:] = x
     pickle_pool = ctx.Pool(a.workers)
     shm_pool = ctx.Pool(a.workers, initializer=shm_init, initargs=(shm_in.name, shm_out.name, n))
     try:
@@ -142,12 +156,16 @@ def main():
         def shmexec_map():
             return [summarize(o, c) for o, c in sx_pool.map(data)]
 
+        def shmexec_shared():
+            return [summarize(o, c) for o, c in sx_shared.map(shared_data)]
+
         engines = {"numpy_seq": numpy_seq, "pool_pickle": pool_pickle, "pool_shm": pool_shm}
         if sx_pool is not None:
             engines["shmexec"] = shmexec_map
-        else:
-            print("shmexec is not installed (pip install ./python): its engine is skipped")
-        wanted = a.engines.split(",")
+        if sx_shared is not None:
+            engines["shmexec_shared"] = shmexec_shared
+        if shmexec is None:
+            print("shmexec is not installed (pip install ./python): its engines are skipped")
         engines = {k: v for k, v in engines.items() if k in wanted}
         times = {k: [] for k in engines}
         reference = None
@@ -164,18 +182,19 @@ def main():
         print(f"{'engine':<16} {'MB/s':>10}")
         for k, v in mbps.items():
             print(f"{k:<16} {v:>10.0f}")
-        if "shmexec" in mbps:
+        for mine in ("shmexec", "shmexec_shared"):
             for peer in ("pool_pickle", "pool_shm", "numpy_seq"):
-                if peer in mbps:
-                    print(f"shmexec / {peer}: {mbps['shmexec'] / mbps[peer]:.2f}")
+                if mine in mbps and peer in mbps:
+                    print(f"{mine} / {peer}: {mbps[mine] / mbps[peer]:.2f}")
         line = {"chunk_bytes": chunk_bytes, "total_bytes": total, "workers": a.workers,
                 "input": "memory", "rounds": a.rounds}
         line.update({f"{k}_mbps": round(v, 1) for k, v in mbps.items()})
         line["spread_mbps"] = {k: [round(total / 1e6 / t) for t in v] for k, v in times.items()}
         print(json.dumps(line))
     finally:
-        if sx_pool is not None:
-            sx_pool.close()
+        for p in (sx_pool, sx_shared):
+            if p is not None:
+                p.close()
         pickle_pool.terminate()
         shm_pool.terminate()
         pickle_pool.join()

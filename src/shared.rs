@@ -145,6 +145,14 @@ pub(crate) fn take_region_read() -> u64 {
 /// The region as mapped in this worker process; set once, before `Task::init`.
 static REGION: OnceLock<Arc<Segment>> = OnceLock::new();
 
+/// The shared region as mapped (read-only) in this worker process, if its pool has one: for a
+/// language binding whose workers lend it to arrays of their own (see
+/// [`crate::Pool::shared_segment`]).
+#[doc(hidden)]
+pub fn worker_segment() -> Option<Arc<Segment>> {
+    REGION.get().cloned()
+}
+
 /// Makes `region` the one [`ArchivedSpan::get`] reads in this (worker) process, and makes the
 /// worker's mapping of it read-only: a worker that writes into the region (a stray pointer in a
 /// C extension) dies with SIGSEGV, is replaced, and its item is retried on intact input, instead
@@ -176,10 +184,12 @@ pub(crate) fn view<S: Sample>(region: &Segment) -> &[S] {
 /// The coordinator's writable view of the region. The caller (`Pool::shared_mut`) holds the
 /// pool mutably and has waited until no worker is reading.
 pub(crate) fn view_mut<S: Sample>(region: &mut Arc<Segment>) -> &mut [S] {
-    // SAFETY: as in `view`, for bounds, alignment and validity. Exclusive: the pool owns the one
-    // `Arc` of this process that reaches the region (workers hold theirs in their own address
-    // space) and lends it mutably here; every item handed to a worker has been answered, and a
-    // worker reads the region only while it holds an item.
+    // SAFETY: as in `view`, for bounds, alignment and validity. Exclusive: the pool lends its
+    // `Arc` mutably here, and the only other `Arc`s of this process that reach the region are
+    // those `Pool::shared_segment` gave out, which yield a raw address (making a reference of it
+    // is their holder's `unsafe`); workers hold theirs in their own address space. Every item
+    // handed to a worker has been answered, and a worker reads the region only while it holds
+    // an item.
     unsafe {
         std::slice::from_raw_parts_mut(
             region.as_ptr().cast::<S>(),

@@ -115,8 +115,12 @@ def room(frame, dtype: np.dtype, shape) -> np.ndarray:
     return np.frombuffer(frame, dtype=dtype, count=count).reshape(shape)
 
 
-def _view(frame, dtype: np.dtype, shape, at: tuple[int, int], copy: bool) -> np.ndarray:
-    offset, nbytes = at
+def _view(frame, dtype: np.dtype, shape, at: tuple, copy: bool) -> np.ndarray:
+    # (offset, length) in the frame, or (offset, length, region) for an input array that lies
+    # in the pool's shared region.
+    offset, nbytes = at[0], at[1]
+    if len(at) == 3:
+        frame = at[2]
     dtype, shape = _expand(dtype, shape)
     count = 1
     for n in shape:
@@ -145,8 +149,8 @@ class _Unpickler(pickle.Unpickler):
 
 def decode(frame, skeleton: bytes, arrays: list[tuple[int, int]], copy: bool = False):
     """The item whose skeleton is ``skeleton`` and whose arrays lie in ``frame`` at
-    ``arrays`` (offset, length): arrays are read-only views of the frame (``copy``: arrays
-    of their own)."""
+    ``arrays`` (offset, length), or in a shared region (offset, length, region): arrays are
+    read-only views of the frame (``copy``: arrays of their own)."""
     tag = skeleton[:1]
     if tag == _LONE:
         (ndim,) = _HEAD.unpack_from(skeleton, 1)

@@ -927,8 +927,12 @@ class _Output:
             for t in self._threads:
                 t.start()
 
-    def _deliver(self, tag):
-        """The caller's tag as a result, or its error raised (given, with errors="yield")."""
+    def _deliver(self, box: list):
+        """The caller's tag (the one in ``box``) as a result, or its error raised (given,
+        with errors="yield"). The tag comes in a box its caller keeps no other name for: a
+        frame that names the exception makes a cycle with its traceback, and the cycle would
+        hold the run (and refuse the pipeline's next run) until the garbage collector ran."""
+        tag = box.pop()
         self._flow.ring()
         if tag[0] == "ok":
             return tag[2]
@@ -936,12 +940,15 @@ class _Output:
             self.close()
             raise StopIteration
         _, exc, ends = tag
+        del tag
         if ends:
             self.close()
-            raise exc
-        if self._errors == "yield":
+        elif self._errors == "yield":
             return exc
-        raise exc
+        try:
+            raise exc
+        finally:
+            del exc
 
     def __iter__(self) -> Iterator:
         return self
@@ -1097,7 +1104,9 @@ class Run(_Output):
             raise
         if self._mover is not None and tag[0] == "ok":
             self._end_if_done()
-        return self._deliver(tag)
+        box = [tag]
+        del tag
+        return self._deliver(box)
 
     def _end_if_done(self) -> None:
         """In a one-group run, follows the end at once when nothing else is left before it
@@ -1207,7 +1216,9 @@ class PipelineStream(_Output):
         except KeyboardInterrupt:
             self.close()
             raise
-        return self._deliver(tag)
+        box = [tag]
+        del tag
+        return self._deliver(box)
 
     def __next__(self):
         return self.receive()

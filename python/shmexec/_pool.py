@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
 from . import _codec, _errors, _native
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -134,6 +136,10 @@ class Pool:
             metadata: a count). ``out="like_input"`` gives ``out`` the input's shape and
             dtype; a function ``out(x) -> (shape, dtype)`` (importable, as ``fn``) any other.
             Saves the copy of the result into the ring.
+        shared_bytes: size of the pool's shared region (default 0: none), memory every
+            worker maps. Make input arrays there (``Pool.shared``) and an input array that
+            lies in it is sent as its place, not copied into a ring: the one copy left for
+            chunks the program holds in memory.
     """
 
     def __init__(
@@ -157,6 +163,7 @@ class Pool:
         errors: str = "raise",
         out: str | Callable[[Any], tuple] | None = None,
         wait: str = "adaptive",
+        shared_bytes: int = 0,
     ):
         from . import _worker
 
@@ -171,6 +178,8 @@ class Pool:
         _errors.check_errors(errors)
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive int, got {workers!r}")
+        if not isinstance(shared_bytes, int) or shared_bytes < 0:
+            raise ValueError(f"shared_bytes must be a non-negative int, got {shared_bytes!r}")
         _check_importable("fn", fn)
         _check_importable("initializer", initializer)
         _check_importable("finalizer", finalizer)
@@ -210,6 +219,7 @@ class Pool:
                 shutdown_timeout,
                 pin,
                 wait,
+                shared_bytes,
             )
         except BaseException:
             self._close_setup()
@@ -240,6 +250,32 @@ class Pool:
         """A live stream: ``submit()`` items from one thread (a producer, a digitizer's
         reader) and iterate the results on another. See ``Stream``."""
         return Stream(self, ordered, errors or self.errors, copy)
+
+    def shared(self, dtype=np.uint8) -> np.ndarray:
+        """The pool's shared region (``Pool(fn, shared_bytes=...)``) as a writable 1-D array
+        of ``dtype``: make input chunks there (generate them in it, ``file.readinto`` a slice
+        of it) and send slices of it. An input array that lies in the region reaches its
+        worker as a read-only view of the same memory: no byte of it is copied.
+
+        The region is the program's to manage: a chunk must not be changed while an item that
+        holds it is in flight (the worker would read the new values; a retried item reads the
+        region again). Arrays over it stay valid after the pool is closed.
+
+        >>> pool = shmexec.Pool(fn, workers=2, shared_bytes=64 << 20)   # doctest: +SKIP
+        >>> region = pool.shared(np.float32)
+        >>> chunks = [region[i << 20:(i + 1) << 20] for i in range(16)]
+        >>> for i, c in enumerate(chunks):
+        ...     c[:] = i                        # or: source.readinto(c)
+        >>> results = list(pool.map(chunks))
+        """
+        region = None if self.closed else self._native.region
+        if region is None:
+            if self.closed:
+                raise RuntimeError("this pool is closed")
+            raise ValueError(
+                "this pool has no shared region: make it with Pool(fn, shared_bytes=N)"
+            )
+        return np.frombuffer(region, dtype=dtype, count=len(region) // np.dtype(dtype).itemsize)
 
     def stats(self) -> dict:
         """Counters since the pool started: totals (``items``, ``input_bytes``,
@@ -291,6 +327,8 @@ class _Call:
         if pool.closed:
             raise RuntimeError("this pool is closed")
         self._call = pool._native.start(ordered)
+        #: The ring bytes an encoded item takes (one in the shared region takes none).
+        self._ring_bytes = pool._native.item_bytes
         # The call keeps its pool: a pool nobody else names (`Pool(fn).map(xs)`, a `del pool`
         # while iterating) is closed by its __del__, which would end the call midway.
         self._pool: Pool | None = pool
@@ -321,7 +359,10 @@ class _Call:
                 exc = _undecodable(e, self._index(seq))
                 if self._errors == "yield":
                     return exc
-                raise exc from e
+                try:
+                    raise exc from e
+                finally:
+                    del exc  # (see the raise below)
         _, kind, seq, message = r
         index = self._index(seq)
         if kind != "task" and index is not None and index != seq:
@@ -331,7 +372,13 @@ class _Call:
         exc = _errors.make(kind, index, message)
         if self._errors == "yield" and isinstance(exc, _errors.ItemError):
             return exc
-        raise exc
+        try:
+            raise exc
+        finally:
+            # A local naming the exception makes a cycle with its traceback (which holds this
+            # frame), and the cycle holds the call: the pool would refuse its next call (a
+            # `list(pool.map(xs))` that raised) until the garbage collector ran.
+            del exc
 
     def close(self) -> None:
         """Ends the call; results still in flight are discarded. The pool is ready for the
@@ -430,20 +477,23 @@ class Results(_Call):
                 # Every result before the failed input was handed out: its error now.
                 exc, of_item = self._failed
                 self._failed = None
-                if not of_item:
+                if of_item:
+                    self._skipped += 1
+                    if self._errors == "yield":
+                        return exc
+                else:
                     self.close()
+                try:
                     raise exc
-                self._skipped += 1
-                if self._errors == "yield":
-                    return exc
-                raise exc
+                finally:
+                    del exc  # (see `_result`)
             if self._exhausted and self._in_flight == 0:
                 self.close()
                 raise StopIteration
             if self._pending is not None and self._in_flight == 0:
                 # No worker has room and nothing is in flight (workers restarting): wait for
                 # room, not for a result.
-                call.wait_for_room(_codec.size(self._pending), _SLICE)
+                call.wait_for_room(self._ring_bytes(*self._pending), _SLICE)
                 continue
             r, self._ready = self._ready or call.recv(), None
             if r[0] == "end":
@@ -486,7 +536,7 @@ class Stream(_Call):
         if call is None:
             raise RuntimeError("this stream is closed")
         skeleton, arrays = _codec.encode(item)
-        size = _codec.size((skeleton, arrays))
+        size = self._ring_bytes(skeleton, arrays)
         while True:
             with self._lock:
                 seq = call.try_send(skeleton, arrays)

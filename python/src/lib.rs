@@ -13,6 +13,7 @@ mod errors;
 mod frames;
 mod item;
 mod pool;
+mod region;
 mod store;
 mod task;
 
@@ -51,6 +52,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<pool::NativeCall>()?;
     m.add_class::<frames::ResultFrame>()?;
     m.add_class::<frames::LentFrame>()?;
+    m.add_class::<region::SharedRegion>()?;
     m.add_class::<store::PyStageKey>()?;
     m.add_class::<store::NativeStore>()?;
     m.add_class::<store::NativeWriter>()?;

@@ -19,6 +19,7 @@ use shmexec::{Pinning, Pool, PoolStats, StreamReceiver, StreamSender, WaitStrate
 use crate::errors::{self, raise};
 use crate::frames::ResultFrame;
 use crate::item;
+use crate::region::SharedRegion;
 use crate::task::PyTask;
 
 /// How long one wait lasts before the waiter looks at the interpreter's signals (Ctrl-C).
@@ -89,6 +90,8 @@ pub struct NativePool {
     /// (it would read the parent's results) nor drop it (that would shut the parent's
     /// workers down, and release the parent's held results in the shared rings).
     pid: u32,
+    /// The pool's shared region (`shared_bytes`), lent to the caller's arrays.
+    region: Option<Py<SharedRegion>>,
 }
 
 /// The error of a pool used in a process that did not make it.
@@ -125,7 +128,7 @@ impl NativePool {
     #[new]
     #[pyo3(signature = (python, args, workers, input_ring_bytes, output_ring_bytes, queue_bytes,
         max_attempts, max_start_attempts, start_timeout, chunk_timeout, shutdown_timeout, pin,
-        wait="adaptive"))]
+        wait="adaptive", shared_bytes=0))]
     fn new(
         py: Python<'_>,
         python: std::path::PathBuf,
@@ -141,6 +144,7 @@ impl NativePool {
         shutdown_timeout: f64,
         pin: &str,
         wait: &str,
+        shared_bytes: usize,
     ) -> PyResult<NativePool> {
         let secs = |name: &str, s: f64| {
             Duration::try_from_secs_f64(s).map_err(|_| {
@@ -176,6 +180,7 @@ impl NativePool {
             .input_ring_bytes(input_ring_bytes)
             .output_ring_bytes(output_ring_bytes)
             .queue_bytes(queue_bytes)
+            .shared_bytes(shared_bytes)
             .max_attempts(max_attempts)
             .max_start_attempts(max_start_attempts)
             .start_timeout(secs("start_timeout", start_timeout)?)
@@ -215,7 +220,12 @@ impl NativePool {
                 }
             }
         };
+        let region = match pool.shared_segment() {
+            Some(segment) => Some(Py::new(py, SharedRegion::caller(segment))?),
+            None => None,
+        };
         Ok(NativePool {
+            region,
             workers: pool.workers(),
             max_input: pool.max_input_bytes(),
             state: Mutex::new(State::Idle(Box::new(pool))),
@@ -232,6 +242,23 @@ impl NativePool {
     #[getter]
     fn max_input_bytes(&self) -> usize {
         self.max_input
+    }
+
+    /// The pool's shared region (writable), or `None` for a pool without one.
+    #[getter]
+    fn region(&self, py: Python<'_>) -> Option<Py<SharedRegion>> {
+        self.region.as_ref().map(|r| r.clone_ref(py))
+    }
+
+    /// The bytes an item of this skeleton and these arrays takes in a ring (an array in the
+    /// shared region takes none): what a sender waits for room for.
+    fn item_bytes(
+        &self,
+        skeleton: &[u8],
+        arrays: Vec<PyReadonlyArray1<'_, u8>>,
+    ) -> PyResult<usize> {
+        let region = self.region.as_ref().map(|r| r.get());
+        Ok(item::lay_out(skeleton.len(), &arrays, region)?.0.len)
     }
 
     /// Starts a call: results in input order (`ordered`) or as they come.
@@ -481,9 +508,10 @@ impl NativeCall {
         arrays: Vec<PyReadonlyArray1<'_, u8>>,
     ) -> PyResult<Option<u64>> {
         let tx = self.sender()?;
-        let (layout, slices) = item::lay_out(skeleton.len(), &arrays)?;
+        let region = self.owner.get().region.as_ref().map(|r| r.get());
+        let (layout, parts) = item::lay_out(skeleton.len(), &arrays, region)?;
         let sent = tx.try_send_in_place::<u8, ()>(layout.len, &(), |buf| {
-            layout.write(buf, skeleton, &slices);
+            layout.write_parts(buf, skeleton, &parts);
             Ok(())
         });
         sent.map_err(|e| raise(py, &e, None))
@@ -550,7 +578,7 @@ impl NativeCall {
                     let frame = ResultFrame::new(output);
                     let seq = frame.seq();
                     let bytes = frame.bytes();
-                    let parts = match item::parse(bytes) {
+                    let parts = match item::parse(bytes, None) {
                         Ok(p) => p,
                         Err(reason) => {
                             let t = ("err", "invalid", seq, format!("result {seq}: {reason}"));
@@ -559,7 +587,7 @@ impl NativeCall {
                     };
                     let skeleton = PyBytes::new(py, &bytes[parts.skeleton.clone()]);
                     let frame = Bound::new(py, frame)?;
-                    let t = ("ok", seq, skeleton, parts.arrays, frame);
+                    let t = ("ok", seq, skeleton, parts.in_item(), frame);
                     return Ok(Some(t.into_pyobject(py)?.into_any()));
                 }
                 Poll::Ready(Some(Err(e))) => {

@@ -240,9 +240,9 @@ impl NativeWriter {
         skeleton: &[u8],
         arrays: Vec<PyReadonlyArray1<'_, u8>>,
     ) -> PyResult<()> {
-        let (layout, slices) = item::lay_out(skeleton.len(), &arrays)?;
+        let (layout, slices) = item::lay_out(skeleton.len(), &arrays, None)?;
         let mut bytes = vec![0u8; layout.len];
-        layout.write(&mut bytes, skeleton, &slices);
+        layout.write_parts(&mut bytes, skeleton, &slices);
         self.write(py, &bytes)
     }
 
@@ -303,7 +303,7 @@ impl NativeSaved {
     /// Chunk `index`, mapped and checked: `(skeleton, arrays, frame)` as a result is.
     fn chunk<'py>(&self, py: Python<'py>, index: usize) -> PyResult<Chunk<'py>> {
         let chunk = py.detach(|| self.saved.chunk(index)).map_err(raise)?;
-        let parts = item::parse(chunk.bytes()).map_err(|reason| {
+        let parts = item::parse(chunk.bytes(), None).map_err(|reason| {
             errors::make_error(
                 "store",
                 None,
@@ -312,7 +312,7 @@ impl NativeSaved {
         })?;
         let skeleton = PyBytes::new(py, &chunk.bytes()[parts.skeleton.clone()]);
         let frame = Bound::new(py, SavedFrame { chunk })?;
-        Ok((skeleton, parts.arrays, frame))
+        Ok((skeleton, parts.in_item(), frame))
     }
 }
 

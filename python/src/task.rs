@@ -5,11 +5,12 @@
 
 use numpy::PyReadonlyArray1;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyString};
+use pyo3::types::{PyBytes, PyList, PyString};
 use shmexec::{BoxError, OutputSink, Task, WorkerInfo};
 
 use crate::frames::LentFrame;
-use crate::item::{self, InPlace, Layout};
+use crate::item::{self, InPlace, Layout, Place};
+use crate::region::SharedRegion;
 
 /// The Python callables a worker runs (`shmexec._worker`): `init(index, workers)`,
 /// `run(frame, skeleton, arrays) -> (skeleton, [uint8 arrays]) | str` (a `str` is the
@@ -37,12 +38,15 @@ static TAINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 #[derive(Default)]
 pub struct PyTask {
     handlers: Option<Handlers>,
+    /// The pool's shared region in this worker (read-only), once `init` found one.
+    region: Option<Py<SharedRegion>>,
 }
 
 impl PyTask {
     pub fn worker(handlers: Handlers) -> PyTask {
         PyTask {
             handlers: Some(handlers),
+            region: None,
         }
     }
 
@@ -69,8 +73,13 @@ impl Task for PyTask {
     type Output = (Vec<u8>, ());
 
     fn init(&mut self, worker: &WorkerInfo) -> Result<(), BoxError> {
-        let h = self.handlers()?;
         Python::attach(|py| {
+            // (The core maps the region before `init`.)
+            self.region = match SharedRegion::worker() {
+                Some(r) => Some(Py::new(py, r).map_err(|e| describe(py, e))?),
+                None => None,
+            };
+            let h = self.handlers()?;
             h.init
                 .call1(py, (worker.index, worker.workers))
                 .map(drop)
@@ -96,12 +105,19 @@ impl Task for PyTask {
             std::process::exit(crate::pool::EXIT_TAINTED);
         }
         let bytes = input.0.as_slice();
-        let parts = item::parse(bytes)?;
+        let region = self.region.as_ref();
+        let parts = item::parse(bytes, region.map(|r| r.get().len()))?;
         Python::attach(|py| {
             let frame = Bound::new(py, LentFrame::input(bytes)).map_err(|e| describe(py, e))?;
+            let input = Input {
+                frame: &frame,
+                bytes,
+                parts: &parts,
+                region,
+            };
             let done = match &h.run_into {
-                None => run_one(py, h, &frame, bytes, &parts, out),
-                Some(run_into) => run_in_place(py, h, run_into, &frame, bytes, &parts, out),
+                None => run_one(py, h, &input, out),
+                Some(run_into) => run_in_place(py, h, run_into, &input, out),
             };
             // Every reference the call made is gone by now (its result was dropped in
             // `run_one`); a view still alive was kept by the function.
@@ -121,19 +137,38 @@ impl Task for PyTask {
     }
 }
 
-/// Calls the worker's `run` on the item in `frame`: what it returned, or the traceback of the
-/// function's exception (a `str`) as the item's error.
+/// One input item in a worker: its frame (lent to the function) and where its parts lie.
+struct Input<'a, 'py> {
+    frame: &'a Bound<'py, LentFrame>,
+    bytes: &'a [u8],
+    parts: &'a item::Parts,
+    region: Option<&'a Py<SharedRegion>>,
+}
+
+/// Calls the worker's `run` on the item: what it returned, or the traceback of the function's
+/// exception (a `str`) as the item's error. Each array goes to Python as `(offset, length)` in
+/// the frame, or `(offset, length, region)` for one in the shared region.
 fn call_run<'py>(
     py: Python<'py>,
     h: &Handlers,
-    frame: &Bound<'py, LentFrame>,
-    bytes: &[u8],
-    parts: &item::Parts,
+    input: &Input<'_, 'py>,
 ) -> Result<Bound<'py, PyAny>, BoxError> {
-    let skeleton = PyBytes::new(py, &bytes[parts.skeleton.clone()]);
+    let skeleton = PyBytes::new(py, &input.bytes[input.parts.skeleton.clone()]);
+    let arrays = PyList::empty(py);
+    for place in &input.parts.arrays {
+        let entry = match (*place, input.region) {
+            (Place::Item { at, len }, _) => (at, len).into_pyobject(py),
+            (Place::Region { at, len }, Some(region)) => (at, len, region).into_pyobject(py),
+            // (`parse` allows region entries only where there is a region.)
+            (Place::Region { .. }, None) => return Err("an array lies in a missing region".into()),
+        };
+        arrays
+            .append(entry.map_err(|e| describe(py, e))?)
+            .map_err(|e| describe(py, e))?;
+    }
     let returned = h
         .run
-        .call1(py, (frame, skeleton, parts.arrays.clone()))
+        .call1(py, (input.frame, skeleton, arrays))
         .map_err(|e| describe(py, e))?
         .into_bound(py);
     if let Ok(traceback) = returned.extract::<String>() {
@@ -146,12 +181,10 @@ fn call_run<'py>(
 fn run_one(
     py: Python<'_>,
     h: &Handlers,
-    frame: &Bound<'_, LentFrame>,
-    bytes: &[u8],
-    parts: &item::Parts,
+    input: &Input<'_, '_>,
     out: &mut OutputSink<'_>,
 ) -> Result<(), BoxError> {
-    let result = call_run(py, h, frame, bytes, parts)?;
+    let result = call_run(py, h, input)?;
     let parsed: PyResult<(Vec<u8>, Vec<PyReadonlyArray1<'_, u8>>)> = result.extract();
     drop(result);
     let (skeleton, arrays) = parsed.map_err(|e| describe(py, e))?;
@@ -172,7 +205,7 @@ fn run_one(
         }
         // Before the result is published: an item whose function kept a view fails.
         drop(arrays);
-        check_kept(py, frame)
+        check_kept(py, input.frame)
     })
 }
 
@@ -203,12 +236,10 @@ fn run_in_place(
     py: Python<'_>,
     h: &Handlers,
     run_into: &Py<PyAny>,
-    frame: &Bound<'_, LentFrame>,
-    bytes: &[u8],
-    parts: &item::Parts,
+    input: &Input<'_, '_>,
     out: &mut OutputSink<'_>,
 ) -> Result<(), BoxError> {
-    let size = call_run(py, h, frame, bytes, parts)?;
+    let size = call_run(py, h, input)?;
     let size: usize = size.extract().map_err(|e: PyErr| describe(py, e))?;
     let place = InPlace::new(size).ok_or("the result's size overflows")?;
     let max = place.array.end.saturating_add(SKELETON_ROOM);
@@ -235,7 +266,7 @@ fn run_in_place(
             TAINTED.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let skeleton = skeleton?;
-        check_kept(py, frame)?;
+        check_kept(py, input.frame)?;
         if kept > 0 {
             return Err(format!(
                 "the function kept {kept} view(s) of its output array after it returned: that \

@@ -617,3 +617,18 @@ def test_a_store_that_fails_costs_the_stream_not_the_run(tmp_path):
         assert got == list(range(20))
         assert run.saved == [] and any("not saved" in str(w.message) for w in caught)
     assert store.load(pipe.keys(shmexec.StageKey("src"))["identity"]) is None
+
+
+def test_an_error_raised_from_a_run_does_not_hold_the_pipeline():
+    import gc
+
+    gc.disable()
+    try:
+        pipe = shmexec.Pipeline(workers=1).map(pipefns.to_records).map(pipefns.fail_on_seven)
+        with pipe:
+            for _ in range(2):
+                with pytest.raises(shmexec.TaskError):
+                    list(pipe.run(raw_chunks(9)))
+                assert len(list(pipe.run(raw_chunks(3)))) == 3
+    finally:
+        gc.enable()

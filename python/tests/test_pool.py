@@ -317,3 +317,74 @@ def test_a_result_that_does_not_read_back_fails_in_its_place():
             next(r)
         got = list(p.map([np.zeros(2)], errors="yield"))
         assert isinstance(got[0], shmexec.InvalidItem)
+
+
+def test_inputs_in_the_shared_region_are_not_copied():
+    n = 1 << 20  # 4 MiB chunks, larger than the 1 MiB rings: they cannot have been copied
+    with shmexec.Pool(workfns.where_input, workers=2, ring_bytes=1 << 20,
+                      shared_bytes=16 * n * 4) as p:
+        region = p.shared(np.float32)
+        assert region.flags.writeable and region.shape == (16 * n,)
+        chunks = [region[i * n:(i + 1) * n] for i in range(16)]
+        for i, c in enumerate(chunks):
+            c[:] = i
+        got = list(p.map(chunks))
+        assert got == [(float(i * n), False, "SharedRegion") for i in range(16)]
+        # Any view of it, streamed too; an array outside it is copied as usual.
+        with p.stream() as s:
+            s.submit(region[5:105])
+            s.submit(np.ones(100, np.float32))
+            s.close_input()
+            assert list(s) == [(0.0, False, "SharedRegion"), (100.0, False, "LentFrame")]
+        # A non-contiguous view is made contiguous: a copy, in the ring.
+        assert p.map([region[::2][:1000]]).__next__()[2] == "LentFrame"
+        with pytest.raises(shmexec.ItemTooLarge):
+            list(p.map([np.ones(n, np.float32)]))
+
+
+def test_an_item_mixes_region_arrays_with_copied_ones():
+    with shmexec.Pool(workfns.where_parts, workers=1, shared_bytes=1 << 20) as p:
+        region = p.shared(np.int32)
+        item = {"a": region[:10], "b": np.arange(3), "c": region[100:200].reshape(10, 10)}
+        assert next(p.map([item])) == {"a": "SharedRegion", "b": "LentFrame",
+                                       "c": "SharedRegion"}
+
+
+def test_a_worker_cannot_write_the_region_and_may_keep_views_of_it():
+    with shmexec.Pool(workfns.write_input, workers=1, shared_bytes=1 << 20) as p:
+        region = p.shared(np.float64)
+        with pytest.raises(shmexec.TaskError, match="read-only"):
+            next(p.map([region[:10]]))
+    with shmexec.Pool(workfns.keep_input, workers=1, shared_bytes=1 << 20) as p:
+        region = p.shared(np.float64)
+        region[:20] = 2.0
+        # The region stays mapped in the worker: a view kept of it reads nothing stale.
+        assert list(p.map([region[:10], region[10:20]])) == [20.0, 20.0]
+    # The caller's arrays over the region outlive the pool.
+    assert region[:20].sum() == 40.0
+    with pytest.raises(RuntimeError, match="closed"):
+        p.shared()
+
+
+def test_a_pool_without_a_region_says_so():
+    with shmexec.Pool(workfns.double, workers=1) as p:
+        with pytest.raises(ValueError, match="shared_bytes"):
+            p.shared()
+    with pytest.raises(ValueError, match="shared_bytes"):
+        shmexec.Pool(workfns.double, workers=1, shared_bytes=-1)
+
+
+def test_an_error_raised_from_a_call_does_not_hold_the_pool():
+    import gc
+
+    gc.disable()
+    try:
+        with shmexec.Pool(workfns.fail_on_three, workers=1) as p:
+            data = [np.full(2, i, np.int64) for i in range(5)]
+            for _ in range(2):
+                with pytest.raises(shmexec.TaskError):
+                    list(p.map(data))
+                # No cycle holds the failed call: the next one starts at once.
+                assert len(list(p.map(data[:2]))) == 2
+    finally:
+        gc.enable()

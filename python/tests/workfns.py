@@ -117,3 +117,23 @@ def returns_worker_only(x):
     m.Thing.__module__ = "shmexec_only_in_worker"
     sys.modules["shmexec_only_in_worker"] = m
     return (x, m.Thing())
+
+
+def where_input(x):
+    """The input's sum, whether it is writable, and which object lends its memory (the
+    shared region, or the item's frame in the ring)."""
+    owner = x
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    if isinstance(owner, memoryview):
+        owner = owner.obj
+    return float(x.sum(dtype=np.float64)), x.flags.writeable, type(owner).__name__
+
+
+def where_parts(d):
+    return {k: where_input(v)[2] for k, v in d.items()}
+
+
+def write_input(x):
+    x[0] = 1
+    return x

@@ -189,6 +189,16 @@ impl<T: Task> Pool<T> {
         ))
     }
 
+    /// The memory of the pool's shared region, for a language binding that lends it to arrays
+    /// of its own (Python's numpy): an `Arc`, so the mapping outlives the pool for as long as
+    /// such an array does. The segment gives out only its address; a write through it while a
+    /// worker reads those bytes is the writer's own `unsafe` promise to break, which
+    /// [`Pool::shared_mut`] keeps for Rust callers.
+    #[doc(hidden)]
+    pub fn shared_segment(&self) -> Option<std::sync::Arc<shmexec_shm::Segment>> {
+        self.rt.shared.clone()
+    }
+
     /// The pool's shared region as samples of `S`, to write chunks into before handing out
     /// [`crate::shared::Span`]s of them. Waits first until no worker reads the region (the
     /// items of a call dropped before its end are finished), so it can return an error of
