@@ -3,7 +3,8 @@
 An item is any picklable object; its numpy arrays (of any dtype without Python objects,
 structured ones included, at any depth: a tuple, a dict, a dataclass) travel as raw bytes
 beside a small pickle of everything else (the *skeleton*), in which each array is a
-reference ``(index, dtype, shape)``. A lone array needs no pickle at all. The receiver makes
+reference ``(index, dtype, shape)``. A lone array needs no pickle at all, and an array paired
+with a scalar (``(out, count)``, the commonest result) only the scalar's. The receiver makes
 each array with ``numpy.frombuffer`` over the frame: a read-only view in shared memory.
 
 Arrays that are not C-contiguous are made contiguous first (a copy); arrays of Python
@@ -19,8 +20,11 @@ import struct
 import numpy as np
 
 _LONE = b"A"
+_PAIR = b"T"
 _PICKLE = b"P"
 _HEAD = struct.Struct("<B")
+#: What the second half of a pair may be: objects that hold no array, pickled alone fast.
+_SCALARS = (int, float, bool, complex, str, bytes, type(None), np.generic)
 _DTYPES: dict[bytes, np.dtype] = {}
 
 
@@ -56,6 +60,33 @@ def _lone(shape, dtype: np.dtype) -> bytes:
     return head + dtype.str.encode()
 
 
+def _pair(a: np.ndarray, scalar) -> bytes:
+    """The skeleton of ``(a, scalar)``: ``a``'s shape and dtype, then the scalar pickled."""
+    code = a.dtype.str.encode()
+    head = _PAIR + _HEAD.pack(a.ndim) + struct.pack(f"<{a.ndim}q", *a.shape)
+    return head + _HEAD.pack(len(code)) + code + pickle.dumps(scalar, pickle.HIGHEST_PROTOCOL)
+
+
+def _is_pair(obj) -> bool:
+    """Whether ``obj`` is ``(array of a plain dtype, scalar)``: a skeleton without a pickler."""
+    return (type(obj) is tuple and len(obj) == 2 and type(obj[0]) is np.ndarray
+            and _plain(obj[0].dtype) and isinstance(obj[1], _SCALARS)
+            and not (isinstance(obj[1], np.generic) and obj[1].dtype.hasobject))
+
+
+def _dtype(code: bytes) -> np.dtype:
+    dtype = _DTYPES.get(code)
+    if dtype is None:
+        dtype = _DTYPES.setdefault(code, np.dtype(code.decode()))
+    return dtype
+
+
+def _shape(skeleton: bytes) -> tuple[tuple, int]:
+    """The shape of a lone or paired skeleton, and where the bytes after it start."""
+    (ndim,) = _HEAD.unpack_from(skeleton, 1)
+    return struct.unpack_from(f"<{ndim}q", skeleton, 2), 2 + 8 * ndim
+
+
 def size(encoded: tuple[bytes, list[np.ndarray]]) -> int:
     """The bytes an encoded item takes in a ring (its skeleton and its arrays)."""
     skeleton, arrays = encoded
@@ -66,6 +97,8 @@ def encode(obj) -> tuple[bytes, list[np.ndarray]]:
     """The skeleton and the arrays (flat uint8) of ``obj``."""
     if type(obj) is np.ndarray and _plain(obj.dtype):
         return _lone(obj.shape, obj.dtype), [_bytes_of(obj)]
+    if _is_pair(obj):
+        return _pair(obj[0], obj[1]), [_bytes_of(obj[0])]
     arrays: list[np.ndarray] = []
     buf = io.BytesIO()
     buf.write(_PICKLE)
@@ -89,6 +122,10 @@ class _AroundPickler(_Pickler):
 def encode_around(obj, out: np.ndarray) -> bytes:
     """The skeleton of ``obj``, whose one array in the frame is ``out`` (written in place);
     any other array in it is pickled with the skeleton."""
+    if obj is out and _plain(out.dtype):
+        return _lone(out.shape, out.dtype)
+    if _is_pair(obj) and obj[0] is out:
+        return _pair(out, obj[1])
     buf = io.BytesIO()
     buf.write(_PICKLE)
     _AroundPickler(buf, out).dump(obj)
@@ -153,13 +190,13 @@ def decode(frame, skeleton: bytes, arrays: list[tuple[int, int]], copy: bool = F
     read-only views of the frame (``copy``: arrays of their own)."""
     tag = skeleton[:1]
     if tag == _LONE:
-        (ndim,) = _HEAD.unpack_from(skeleton, 1)
-        shape = struct.unpack_from(f"<{ndim}q", skeleton, 2)
-        code = skeleton[2 + 8 * ndim :]
-        dtype = _DTYPES.get(code)
-        if dtype is None:
-            dtype = _DTYPES.setdefault(code, np.dtype(code.decode()))
-        return _view(frame, dtype, shape, arrays[0], copy)
+        shape, at = _shape(skeleton)
+        return _view(frame, _dtype(skeleton[at:]), shape, arrays[0], copy)
+    if tag == _PAIR:
+        shape, at = _shape(skeleton)
+        (n,) = _HEAD.unpack_from(skeleton, at)
+        dtype = _dtype(skeleton[at + 1 : at + 1 + n])
+        return _view(frame, dtype, shape, arrays[0], copy), pickle.loads(skeleton[at + 1 + n :])
     if tag == _PICKLE:
         return _Unpickler(io.BytesIO(skeleton[1:]), frame, arrays, copy).load()
     raise ValueError("not a shmexec item")

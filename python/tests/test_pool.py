@@ -388,3 +388,15 @@ def test_an_error_raised_from_a_call_does_not_hold_the_pool():
                 assert len(list(p.map(data[:2]))) == 2
     finally:
         gc.enable()
+
+
+def test_an_array_paired_with_a_scalar_keeps_both():
+    scalars = [7, 2.5, True, None, "label", b"raw", 1 + 2j, np.float32(0.25), np.int64(-3)]
+    items = [(np.arange(6, dtype=np.int16).reshape(2, 3), s) for s in scalars]
+    # A pair whose second half is not a scalar takes the general path; byte order survives.
+    items += [(np.arange(3), [1, 2]), (np.arange(4, dtype=">i4"), 5)]
+    with shmexec.Pool(workfns.with_scalar, workers=1) as p:
+        for (x, s), (y, t) in zip(items, p.map(items)):
+            np.testing.assert_array_equal(y, x * 2)
+            assert y.dtype == (x * 2).dtype and y.shape == x.shape
+            assert type(t) is type(s) and t == s
