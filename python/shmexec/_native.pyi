@@ -20,6 +20,13 @@ class LentFrame:
 
     def __len__(self) -> int: ...
 
+class SharedRegion:
+    """A pool's shared region (``Pool(fn, shared_bytes=...)``): lends its bytes through the
+    buffer protocol, writable in the caller and read-only in a worker; the mapping lasts as
+    long as this object (and every array over it)."""
+
+    def __len__(self) -> int: ...
+
 ArraysAt = list[tuple[int, int]]
 Received = (
     tuple[Literal["ok"], int, bytes, ArraysAt, ResultFrame]
@@ -50,9 +57,13 @@ class NativePool:
         shutdown_timeout: float,
         pin: str,
         wait: str = "adaptive",
+        shared_bytes: int = 0,
     ) -> None: ...
     @property
     def workers(self) -> int: ...
+    @property
+    def region(self) -> SharedRegion | None: ...
+    def item_bytes(self, skeleton: bytes, arrays: Sequence[npt.NDArray[np.uint8]]) -> int: ...
     @property
     def max_input_bytes(self) -> int: ...
     @property
