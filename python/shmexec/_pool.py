@@ -275,7 +275,10 @@ class Pool:
             raise ValueError(
                 "this pool has no shared region: make it with Pool(fn, shared_bytes=N)"
             )
-        return np.frombuffer(region, dtype=dtype, count=len(region) // np.dtype(dtype).itemsize)
+        dtype = np.dtype(dtype)
+        if dtype.itemsize == 0 or dtype.hasobject:
+            raise ValueError(f"the region holds samples of a plain dtype, not {dtype}")
+        return np.frombuffer(region, dtype=dtype, count=len(region) // dtype.itemsize)
 
     def stats(self) -> dict:
         """Counters since the pool started: totals (``items``, ``input_bytes``,

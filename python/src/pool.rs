@@ -246,8 +246,10 @@ impl NativePool {
 
     /// The pool's shared region (writable), or `None` for a pool without one.
     #[getter]
-    fn region(&self, py: Python<'_>) -> Option<Py<SharedRegion>> {
-        self.region.as_ref().map(|r| r.clone_ref(py))
+    fn region(&self, py: Python<'_>) -> PyResult<Option<Py<SharedRegion>>> {
+        // A forked child writing its parent's region would change the parent's chunks.
+        self.check_owner()?;
+        Ok(self.region.as_ref().map(|r| r.clone_ref(py)))
     }
 
     /// The bytes an item of this skeleton and these arrays takes in a ring (an array in the

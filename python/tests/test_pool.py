@@ -372,6 +372,10 @@ def test_a_pool_without_a_region_says_so():
             p.shared()
     with pytest.raises(ValueError, match="shared_bytes"):
         shmexec.Pool(workfns.double, workers=1, shared_bytes=-1)
+    with shmexec.Pool(workfns.double, workers=1, shared_bytes=4096) as p:
+        with pytest.raises(ValueError, match="plain dtype"):
+            p.shared(object)
+        assert p.shared(np.float64).shape == (512,)
 
 
 def test_an_error_raised_from_a_call_does_not_hold_the_pool():
