@@ -97,6 +97,16 @@ _KINDS = {
 }
 
 
+def caused_by(err: BaseException, cause: BaseException) -> BaseException:
+    """``err`` with ``cause`` as its ``__cause__``, without the cause's traceback. That
+    traceback holds the frame that caught it, whose locals (the call, the run) then live as
+    long as ``err`` does: raised later, and held by a caller's ``except`` or a test's
+    ``pytest.raises``, it would keep the pool busy. The cause's type and message say enough
+    (it comes from pickling or unpickling, in shmexec's frames)."""
+    err.__cause__ = cause.with_traceback(None)
+    return err
+
+
 def make(kind: str, index: int | None, message: str) -> ShmexecError:
     """The exception for an error of ``kind`` (as the native side sorts them)."""
     if kind == "task":

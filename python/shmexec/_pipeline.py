@@ -1243,6 +1243,6 @@ def _expired(deadline: float | None) -> bool:
 
 def _unsendable(e: Exception, index: int, first: _Group) -> _errors.InvalidItem:
     err = _errors.InvalidItem(f"item {index} cannot be sent to a worker: {e}", index)
-    err.__cause__ = e
+    _errors.caused_by(err, e)
     err.stage = first.names[0]
     return err

@@ -79,8 +79,7 @@ def _undecodable(e: Exception, index: int | None) -> _errors.InvalidItem:
         "arrays and objects of classes this process can import)",
         index,
     )
-    err.__cause__ = e
-    return err
+    return _errors.caused_by(err, e)
 
 
 class Pool:
@@ -178,7 +177,7 @@ class Pool:
         _errors.check_errors(errors)
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise ValueError(f"workers must be a positive int, got {workers!r}")
-        if not isinstance(shared_bytes, int) or shared_bytes < 0:
+        if type(shared_bytes) is not int or not 0 <= shared_bytes < 1 << 63:
             raise ValueError(f"shared_bytes must be a non-negative int, got {shared_bytes!r}")
         _check_importable("fn", fn)
         _check_importable("initializer", initializer)
@@ -252,8 +251,8 @@ class Pool:
         return Stream(self, ordered, errors or self.errors, copy)
 
     def shared(self, dtype=np.uint8) -> np.ndarray:
-        """The pool's shared region (``Pool(fn, shared_bytes=...)``) as a writable 1-D array
-        of ``dtype``: make input chunks there (generate them in it, ``file.readinto`` a slice
+        """The pool's shared region (``Pool(fn, shared_bytes=...)``) as a writable array of
+        ``dtype``, one dimension (and a subarray dtype's own): make input chunks there (generate them in it, ``file.readinto`` a slice
         of it) and send slices of it. An input array that lies in the region reaches its
         worker as a read-only view of the same memory: no byte of it is copied.
 
@@ -456,8 +455,7 @@ class Results(_Call):
                     self._pending = _codec.encode(item)
                 except Exception as e:
                     message = f"item {index} cannot be sent to a worker: {e}"
-                    err = _errors.InvalidItem(message, index)
-                    err.__cause__ = e
+                    err = _errors.caused_by(_errors.InvalidItem(message, index), e)
                     self._failed = (err, True)
                     return
             seq = call.try_send(*self._pending)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import pipefns
+import workfns
 import shmexec
 
 
@@ -630,5 +631,10 @@ def test_an_error_raised_from_a_run_does_not_hold_the_pipeline():
                 with pytest.raises(shmexec.TaskError):
                     list(pipe.run(raw_chunks(9)))
                 assert len(list(pipe.run(raw_chunks(3)))) == 3
+        # A result that does not read back in the caller.
+        with shmexec.Pipeline(workers=1).map(workfns.returns_worker_only) as pipe:
+            with pytest.raises(shmexec.InvalidItem):
+                list(pipe.run([np.ones(2)]))
+            assert len(list(pipe.run([np.ones(2)], errors="yield"))) == 1
     finally:
         gc.enable()

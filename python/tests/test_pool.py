@@ -370,8 +370,9 @@ def test_a_pool_without_a_region_says_so():
     with shmexec.Pool(workfns.double, workers=1) as p:
         with pytest.raises(ValueError, match="shared_bytes"):
             p.shared()
-    with pytest.raises(ValueError, match="shared_bytes"):
-        shmexec.Pool(workfns.double, workers=1, shared_bytes=-1)
+    for bad in (-1, True, 1 << 64, 1.5):
+        with pytest.raises(ValueError, match="shared_bytes"):
+            shmexec.Pool(workfns.double, workers=1, shared_bytes=bad)
     with shmexec.Pool(workfns.double, workers=1, shared_bytes=4096) as p:
         with pytest.raises(ValueError, match="plain dtype"):
             p.shared(object)
@@ -390,6 +391,14 @@ def test_an_error_raised_from_a_call_does_not_hold_the_pool():
                     list(p.map(data))
                 # No cycle holds the failed call: the next one starts at once.
                 assert len(list(p.map(data[:2]))) == 2
+                # Nor one through the cause of an input that cannot be sent.
+                with pytest.raises(shmexec.InvalidItem):
+                    list(p.map([(data[0], lambda: 1)]))
+                assert len(list(p.map(data[:2]))) == 2
+        with shmexec.Pool(workfns.returns_worker_only, workers=1) as p:
+            with pytest.raises(shmexec.InvalidItem):
+                list(p.map([np.ones(2)]))
+            assert len(list(p.map([np.ones(2)], errors="yield"))) == 1
     finally:
         gc.enable()
 
