@@ -927,28 +927,21 @@ class _Output:
             for t in self._threads:
                 t.start()
 
-    def _deliver(self, box: list):
-        """The caller's tag (the one in ``box``) as a result, or its error raised (given,
-        with errors="yield"). The tag comes in a box its caller keeps no other name for: a
-        frame that names the exception makes a cycle with its traceback, and the cycle would
-        hold the run (and refuse the pipeline's next run) until the garbage collector ran."""
-        tag = box.pop()
+    def _deliver(self, tag):
+        """The caller's tag as ``(result, None)``, or ``(None, exc)`` for the error to raise
+        (with errors="yield", an item's exception is its result)."""
         self._flow.ring()
         if tag[0] == "ok":
-            return tag[2]
+            return tag[2], None
         if tag[0] == "end":
             self.close()
             raise StopIteration
         _, exc, ends = tag
-        del tag
         if ends:
             self.close()
         elif self._errors == "yield":
-            return exc
-        try:
-            raise exc
-        finally:
-            del exc
+            return exc, None
+        return None, exc
 
     def __iter__(self) -> Iterator:
         return self
@@ -1077,6 +1070,17 @@ class Run(_Output):
         mover.step(tag)
 
     def __next__(self):
+        result, exc = self._next()
+        if exc is None:
+            return result
+        # The error's traceback keeps this frame (and none below: `_next` returned): it must
+        # not name the run, or a caller that keeps the error would keep the pipeline busy (see
+        # `_pool.Results.__next__`).
+        del self
+        raise exc
+
+    def _next(self):
+        """``__next__``'s ``(result, None)``, or ``(None, exc)`` for the error to raise."""
         if self._over:
             raise StopIteration
         flow = self._flow
@@ -1104,9 +1108,7 @@ class Run(_Output):
             raise
         if self._mover is not None and tag[0] == "ok":
             self._end_if_done()
-        box = [tag]
-        del tag
-        return self._deliver(box)
+        return self._deliver(tag)
 
     def _end_if_done(self) -> None:
         """In a one-group run, follows the end at once when nothing else is left before it
@@ -1216,9 +1218,10 @@ class PipelineStream(_Output):
         except KeyboardInterrupt:
             self.close()
             raise
-        box = [tag]
-        del tag
-        return self._deliver(box)
+        result, exc = self._deliver(tag)
+        if exc is not None:
+            raise exc
+        return result
 
     def __next__(self):
         return self.receive()

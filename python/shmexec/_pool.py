@@ -350,21 +350,16 @@ class _Call:
         if self._base is None:
             self._base = seq
 
-    def _result(self, r):
-        """A result tuple of the native call as the item, or its exception raised (or
-        returned, with errors="yield")."""
+    def _outcome(self, r):
+        """A result tuple of the native call as ``(item, None)``, or ``(None, exc)`` for an
+        error to raise (with errors="yield", an item's exception is its item)."""
         if r[0] == "ok":
             _, seq, skeleton, arrays, frame = r
             try:
-                return _codec.decode(frame, skeleton, arrays, self._copy)
+                return _codec.decode(frame, skeleton, arrays, self._copy), None
             except Exception as e:
                 exc = _undecodable(e, self._index(seq))
-                if self._errors == "yield":
-                    return exc
-                try:
-                    raise exc from e
-                finally:
-                    del exc  # (see the raise below)
+                return (exc, None) if self._errors == "yield" else (None, exc)
         _, kind, seq, message = r
         index = self._index(seq)
         if kind != "task" and index is not None and index != seq:
@@ -373,14 +368,15 @@ class _Call:
             message = re.sub(rf"\b(item|input|output) {seq}\b", rf"\g<1> {index}", message)
         exc = _errors.make(kind, index, message)
         if self._errors == "yield" and isinstance(exc, _errors.ItemError):
-            return exc
-        try:
+            return exc, None
+        return None, exc
+
+    def _result(self, r):
+        """``_outcome``'s item, or its error raised."""
+        item, exc = self._outcome(r)
+        if exc is not None:
             raise exc
-        finally:
-            # A local naming the exception makes a cycle with its traceback (which holds this
-            # frame), and the cycle holds the call: the pool would refuse its next call (a
-            # `list(pool.map(xs))` that raised) until the garbage collector ran.
-            del exc
+        return item
 
     def close(self) -> None:
         """Ends the call; results still in flight are discarded. The pool is ready for the
@@ -466,6 +462,17 @@ class Results(_Call):
             self._in_flight += 1
 
     def __next__(self):
+        item, exc = self._next()
+        if exc is None:
+            return item
+        # The error's traceback keeps this frame (and none below: `_next` returned). Were it
+        # to name the call, a caller that keeps the error (`except ... as e`, a test's
+        # `pytest.raises`) would keep the pool busy, refusing its next call.
+        del self
+        raise exc
+
+    def _next(self):
+        """``__next__``'s ``(item, None)``, or ``(None, exc)`` for the error to raise."""
         call = self._call
         if call is None:
             raise StopIteration
@@ -481,13 +488,10 @@ class Results(_Call):
                 if of_item:
                     self._skipped += 1
                     if self._errors == "yield":
-                        return exc
+                        return exc, None
                 else:
                     self.close()
-                try:
-                    raise exc
-                finally:
-                    del exc  # (see `_result`)
+                return None, exc
             if self._exhausted and self._in_flight == 0:
                 self.close()
                 raise StopIteration
@@ -504,7 +508,7 @@ class Results(_Call):
             if r[0] == "err" and r[2] is None:
                 # The pool's error, not an item's: the call is over.
                 self.close()
-            return self._result(r)
+            return self._outcome(r)
 
     def __del__(self) -> None:
         try:

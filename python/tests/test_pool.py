@@ -395,6 +395,13 @@ def test_an_error_raised_from_a_call_does_not_hold_the_pool():
                 with pytest.raises(shmexec.InvalidItem):
                     list(p.map([(data[0], lambda: 1)]))
                 assert len(list(p.map(data[:2]))) == 2
+            # An error kept (as `pytest.raises` keeps it) does not hold the call either.
+            with pytest.raises(shmexec.TaskError) as kept:
+                list(p.map(data))
+            with pytest.raises(shmexec.InvalidItem) as kept_too:
+                list(p.map([(data[0], lambda: 1)]))
+            assert len(list(p.map(data[:2]))) == 2
+            assert kept.value.index == 3 and kept_too.value.index == 0
         with shmexec.Pool(workfns.returns_worker_only, workers=1) as p:
             with pytest.raises(shmexec.InvalidItem):
                 list(p.map([np.ones(2)]))
