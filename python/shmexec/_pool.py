@@ -252,9 +252,10 @@ class Pool:
 
     def shared(self, dtype=np.uint8) -> np.ndarray:
         """The pool's shared region (``Pool(fn, shared_bytes=...)``) as a writable array of
-        ``dtype``, one dimension (and a subarray dtype's own): make input chunks there (generate them in it, ``file.readinto`` a slice
-        of it) and send slices of it. An input array that lies in the region reaches its
-        worker as a read-only view of the same memory: no byte of it is copied.
+        ``dtype``, of one dimension (and a subarray dtype's own): make input chunks there
+        (generate them in it, ``file.readinto`` a slice of it) and send slices of it. An input
+        array that lies in the region reaches its worker as a read-only view of the same
+        memory: no byte of it is copied.
 
         The region is the program's to manage: a chunk must not be changed while an item that
         holds it is in flight (the worker would read the new values; a retried item reads the
