@@ -97,6 +97,24 @@ _KINDS = {
 }
 
 
+class RaisesAlone:
+    """An iterator whose ``_next()`` gives ``(item, None)``, or ``(None, exc)`` for an
+    item's error, which ``__next__`` raises from a frame that no longer names the iterator:
+    the error's traceback keeps that frame (and none below, ``_next`` having returned), and a
+    caller that keeps the error (``except ... as e``, a test's ``pytest.raises``) would
+    otherwise keep the call, and its pool, busy."""
+
+    def _next(self):
+        raise NotImplementedError
+
+    def __next__(self):
+        item, exc = self._next()
+        if exc is None:
+            return item
+        del self
+        raise exc
+
+
 def caused_by(err: BaseException, cause: BaseException) -> BaseException:
     """``err`` with ``cause`` as its ``__cause__``, without the cause's traceback. That
     traceback holds the frame that caught it, whose locals (the call, the run) then live as

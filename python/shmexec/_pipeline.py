@@ -974,7 +974,7 @@ class _Output:
             pass
 
 
-class Run(_Output):
+class Run(_Output, _errors.RaisesAlone):
     """The results of ``Pipeline.run``: an iterator, in input order. An item's error is
     raised in its place (``TaskError`` and the others, with ``.index``, the input's position,
     and ``.stage``, the stage it failed in); calling ``next()`` again goes on. Closing it (or
@@ -1068,16 +1068,6 @@ class Run(_Output):
                 flow.calls[0]._call.wait_for_room(size, _SLICE)
             return
         mover.step(tag)
-
-    def __next__(self):
-        result, exc = self._next()
-        if exc is None:
-            return result
-        # The error's traceback keeps this frame (and none below: `_next` returned): it must
-        # not name the run, or a caller that keeps the error would keep the pipeline busy (see
-        # `_pool.Results.__next__`).
-        del self
-        raise exc
 
     def _next(self):
         """``__next__``'s ``(result, None)``, or ``(None, exc)`` for the error to raise."""

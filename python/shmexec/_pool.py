@@ -389,7 +389,7 @@ class _Call:
         self._pool = None
 
 
-class Results(_Call):
+class Results(_Call, _errors.RaisesAlone):
     """The results of ``Pool.map`` / ``imap_unordered``: an iterator. An item's error is
     raised in its place; calling ``next()`` again goes on with the next item. Closing it (or
     dropping it) midway discards what is in flight."""
@@ -461,16 +461,6 @@ class Results(_Call):
             self._pending = None
             self._sent(seq)
             self._in_flight += 1
-
-    def __next__(self):
-        item, exc = self._next()
-        if exc is None:
-            return item
-        # The error's traceback keeps this frame (and none below: `_next` returned). Were it
-        # to name the call, a caller that keeps the error (`except ... as e`, a test's
-        # `pytest.raises`) would keep the pool busy, refusing its next call.
-        del self
-        raise exc
 
     def _next(self):
         """``__next__``'s ``(item, None)``, or ``(None, exc)`` for the error to raise."""
