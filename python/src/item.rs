@@ -98,14 +98,11 @@ impl Layout {
     /// Writes the item into `buf` (at least `self.len` bytes long): `arrays` are the ones
     /// [`Layout::new`] was given, all copied.
     pub fn write(&self, buf: &mut [u8], skeleton: &[u8], arrays: &[&[u8]]) {
-        self.write_head_and_skeleton(buf, skeleton);
-        for (&(at, _), a) in self.table.iter().zip(arrays) {
-            let at = at as usize;
-            buf[at..at + a.len()].copy_from_slice(a);
-        }
+        let parts: Vec<Part<'_>> = arrays.iter().map(|&a| Part::Bytes(a)).collect();
+        self.write_parts(buf, skeleton, &parts);
     }
 
-    /// [`Layout::write`] for the parts [`lay_out`] made, copying only those not in the region.
+    /// Writes the item of the parts [`lay_out`] made, copying only those not in the region.
     pub fn write_parts(&self, buf: &mut [u8], skeleton: &[u8], parts: &[Part<'_>]) {
         self.write_head_and_skeleton(buf, skeleton);
         for (&(at, _), part) in self.table.iter().zip(parts) {
